@@ -1,0 +1,38 @@
+"""sparse-ops: structurally sparse lottery tickets, structured, converted and made fast."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="sparse-ops",
+    version="0.1.0",
+    description=(
+        "Structure lottery tickets (refill, regroup, elastic), convert them to Triton-backed "
+        "inference modules, and measure the speedup"
+    ),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(
+        include=["sparse_ops", "sparse_ops.*", "kernels", "kernels.*", "bench", "bench.*"]
+    ),
+    install_requires=[
+        # CPU machines: install the CPU wheel first (pip install torch==2.13.0); a bare
+        # "torch" may otherwise resolve to a multi-GB CUDA build.
+        "torch>=2.4",
+        "numpy>=1.24",
+        "safetensors>=0.4",
+        "triton>=3.0; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"],
+        "dev": ["ruff>=0.6"],
+    },
+    entry_points={"console_scripts": ["sparse-ops=sparse_ops.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

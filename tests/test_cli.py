@@ -1,0 +1,135 @@
+"""The ``sparse-ops`` command: output, JSON shape, and exit status 2 on bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from origin_formats import open_lth_level, structure_lth_run
+
+from sparse_ops import models
+from sparse_ops.cli import main
+
+
+@pytest.fixture(scope="module")
+def slth_checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("slth_cli")
+    torch.manual_seed(3)
+    ckpt = structure_lth_run("res20s", 4, directory)
+    return directory / "4checkpoint.pth.tar", ckpt
+
+
+def _expected_sparsity(ckpt) -> float:
+    masks = [v for k, v in ckpt["state_dict"].items() if k.endswith("weight_mask")]
+    return 1 - sum(float(m.sum()) for m in masks) / sum(m.numel() for m in masks)
+
+
+def test_inspect_prints_global_sparsity(slth_checkpoint, capsys):
+    path, ckpt = slth_checkpoint
+    assert main(["inspect", str(path), "--arch", "res20s"]) == 0
+    out = capsys.readouterr().out
+    expected = _expected_sparsity(ckpt)
+    assert abs(expected - 0.5904) < 1e-3  # 4 rounds of 20%
+    assert f"sparsity {100 * expected:.2f}%" in out
+    assert "over 18 masked layers" in out
+    assert "layer3.2.conv2.weight" in out and "64×64×3×3" in out
+    assert "unpruned conv/linear weights: conv1.weight, fc.weight" in out
+    assert "arch     res20s" in out
+
+
+def test_inspect_json(slth_checkpoint, capsys):
+    path, ckpt = slth_checkpoint
+    assert main(["inspect", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["global_density"] == pytest.approx(1 - _expected_sparsity(ckpt))
+    assert len(report["layers"]) == 18
+    layer = report["layers"][0]
+    assert {"name", "shape", "density", "structure"} <= set(layer)
+    assert layer["shape"] == [16, 16, 3, 3] and layer["structure"] == "unstructured"
+    assert report["source_format"] == "structure-lth"
+
+
+def test_inspect_open_lth_directory(tmp_path, capsys):
+    main_dir = open_lth_level("cifar_resnet_20", 2, tmp_path)
+    assert main(["inspect", str(main_dir), "--arch", "cifar_resnet_20", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["source_format"] == "open-lth-level"
+    assert report["global_density"] == pytest.approx(0.64, abs=1e-3)
+    assert report["unpruned_layers"] == []
+
+
+def test_inspect_dense_checkpoint(tmp_path, capsys):
+    torch.save(models.create("res20s").state_dict(), tmp_path / "dense.pth")
+    assert main(["inspect", str(tmp_path / "dense.pth")]) == 0
+    assert "no masked layers: the checkpoint is dense" in capsys.readouterr().out
+
+
+def test_models_table_and_json(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "res20s" in out and "269,722" in out and "cifar_vgg_16" in out
+    assert main(["models", "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    by_name = {m["name"]: m for m in listing["models"]}
+    assert set(by_name) == set(models.names())
+    assert by_name["res56s"]["params"] == 853_018
+    assert by_name["resnet50"]["params"] == 25_557_032
+    assert "cifar_resnet_{N}" in listing["patterns"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["inspect", "{missing}"], "no such file or directory"),
+        (["inspect", "{garbage}"], "unrecognised file format"),
+        (["inspect", "{ckpt}", "--arch", "res20"], "unknown architecture 'res20'; did you mean"),
+        (["inspect", "{ckpt}", "--arch", "res56s"], "ticket does not fit res56s"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(argv, fragment, slth_checkpoint, tmp_path, capsys):
+    path, _ = slth_checkpoint
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00\x01 not a checkpoint")
+    subs = {"{missing}": str(tmp_path / "missing.pt"), "{garbage}": str(garbage),
+            "{ckpt}": str(path)}  # fmt: skip
+    assert main([subs.get(a, a) for a in argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    err = captured.err.strip()
+    assert err.startswith("sparse-ops: error: ") and fragment in err
+    assert "\n" not in err and "Traceback" not in err
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["inspect"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["frobnicate"])
+    assert exc.value.code == 2
+
+
+def test_demo_runs_and_checks_itself(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "out"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["ok"] is True
+    assert summary["global_density"] == pytest.approx(summary["expected_density"], abs=1e-4)
+    assert {i["detected_as"] for i in summary["imports"]} == {
+        "structure-lth", "torch-prune", "open-lth-level", "zeros"
+    }  # fmt: skip
+    assert all(i["masks_equal"] and i["weights_equal"] for i in summary["imports"])
+    assert (tmp_path / "out" / "res20s_ticket.safetensors").is_file()
+    assert (tmp_path / "out" / "inspect.txt").read_text().startswith("ticket ")
+
+
+def test_module_entry_point():
+    result = subprocess.run(
+        [sys.executable, "-m", "sparse_ops", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout.startswith("sparse-ops ")

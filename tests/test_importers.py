@@ -1,0 +1,479 @@
+"""Importing checkpoints exactly as each origin code writes them, and every bad input."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from origin_formats import (
+    PrunedModelLike,
+    open_lth_level,
+    structure_lth_run,
+    structure_lth_targets,
+)
+from torch import nn
+from torch.nn.utils import prune
+
+from sparse_ops import Ticket, TicketFormatError, TicketMismatchError, load_ticket, models
+from sparse_ops.exporters import save_open_lth_level, save_structure_lth, to_prune_state
+
+# ---------------------------------------------------------------- Structure-LTH
+
+
+@pytest.fixture(scope="module")
+def slth_res20s(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("slth")
+    torch.manual_seed(1)
+    ckpt = structure_lth_run("res20s", 4, directory)
+    return directory, ckpt
+
+
+def test_structure_lth_checkpoint_keeps_trained_and_rewind(slth_res20s):
+    directory, ckpt = slth_res20s
+    t = load_ticket(directory / "4checkpoint.pth.tar", arch="res20s")
+    assert t.meta["source_format"] == "structure-lth"
+    assert t.meta["state"] == 4 and t.meta["best_sa"] == 91.25
+    sd = ckpt["state_dict"]
+    # masks are exactly their weight_mask buffers; stem and fc are not pruned
+    pruned = sorted(k[: -len("_mask")] for k in sd if k.endswith("weight_mask"))
+    assert sorted(t.masks) == pruned and "conv1.weight" not in t.masks
+    for name in pruned:
+        assert torch.equal(t.masks[name], sd[name + "_mask"].bool())
+        assert torch.equal(t.weights[name], sd[name + "_orig"])  # unmasked values kept
+        assert torch.equal(t.rewind[name], ckpt["init_weight"][name])
+    assert t.density == pytest.approx(0.8**4, abs=1e-4)
+    assert torch.equal(t.weights["fc.weight"], sd["fc.weight"])
+
+
+def test_structure_lth_round_zero_is_dense(slth_res20s):
+    directory, _ = slth_res20s
+    t = load_ticket(directory / "0checkpoint.pth.tar", arch="res20s")
+    assert t.masks == {} and t.density == 1.0
+    assert t.rewind is not None
+
+
+def test_structure_lth_vgg_stem_is_pruned(tmp_path):
+    # Exclusion by the literal name 'conv1' misses VGG's stem features.0.
+    ckpt = structure_lth_run("vgg16_bn", 1, tmp_path)
+    t = load_ticket(tmp_path / "1checkpoint.pth.tar", arch="vgg16_bn")
+    assert "features.0.weight" in t.masks
+    assert len(t.masks) == 13
+    assert torch.equal(t.weights["features.0.bias"], ckpt["state_dict"]["features.0.bias"])
+
+
+def test_structure_lth_res18_downsample_pruned(tmp_path):
+    structure_lth_run("res18", 1, tmp_path)
+    t = load_ticket(tmp_path / "1checkpoint.pth.tar", arch="res18")
+    assert "layer2.0.downsample.0.weight" in t.masks
+    assert t.density == pytest.approx(0.8, abs=1e-4)
+
+
+def test_structure_lth_with_numpy_scalars_loads(slth_res20s, tmp_path):
+    _, ckpt = slth_res20s
+    ckpt = dict(ckpt, best_sa=np.float64(91.5), result={"ta": np.array([1.0, 2.0])})
+    torch.save(ckpt, tmp_path / "np.pth.tar")
+    t = load_ticket(tmp_path / "np.pth.tar")
+    assert t.meta["source_format"] == "structure-lth"
+
+
+def test_dataparallel_prefix_stripped(slth_res20s, tmp_path):
+    _, ckpt = slth_res20s
+    wrapped = dict(ckpt, state_dict={"module." + k: v for k, v in ckpt["state_dict"].items()})
+    torch.save(wrapped, tmp_path / "dp.pth.tar")
+    t = load_ticket(tmp_path / "dp.pth.tar", arch="res20s")
+    assert t.meta["stripped_prefix"] == "module."
+    assert "layer1.0.conv1.weight" in t.masks
+
+
+def test_legacy_torch_serialisation(slth_res20s, tmp_path):
+    _, ckpt = slth_res20s
+    torch.save(ckpt["state_dict"], tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    t = load_ticket(tmp_path / "legacy.pth", arch="res20s")
+    assert t.meta["source_format"] == "torch-prune"
+    assert t.density == pytest.approx(0.8**4, abs=1e-4)
+
+
+# ---------------------------------------------------------------- torch.nn.utils.prune
+
+
+class UserNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 17, 3), nn.ReLU(), nn.Conv2d(17, 33, 1))
+        self.head = nn.Linear(33, 5)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def _user_pruned() -> UserNet:
+    net = UserNet()
+    prune.l1_unstructured(net.features[0], "weight", amount=0.3)
+    prune.random_unstructured(net.features[2], "weight", amount=0.5)
+    prune.ln_structured(net.head, "weight", amount=0.4, n=2, dim=0)
+    return net
+
+
+def test_user_prune_state_dict_file(tmp_path):
+    net = _user_pruned()
+    torch.save(net.state_dict(), tmp_path / "user.pt")
+    t = load_ticket(tmp_path / "user.pt")
+    assert t.meta["source_format"] == "torch-prune"
+    assert set(t.masks) == {"features.0.weight", "features.2.weight", "head.weight"}
+    assert torch.equal(t.masks["head.weight"], net.head.weight_mask.bool())
+    assert t.stats()["head.weight"].structure == "channel"
+    t.check_fits(UserNet())
+
+
+def test_live_module_with_prune_hooks():
+    net = _user_pruned()
+    t = load_ticket(net)
+    assert t.meta["source_format"] == "module-prune"
+    assert torch.equal(t.weights["features.2.weight"], net.features[2].weight_orig.detach())
+    x = torch.randn(2, 3, 9, 9)
+    clean = UserNet()
+    clean.load_state_dict(t.masked_weights())
+    torch.testing.assert_close(clean(x), net(x))
+
+
+def test_prune_pair_without_mask_rejected():
+    state = {"c.weight_orig": torch.ones(2, 2), "c.bias": torch.ones(2)}
+    state["d.weight_orig"] = torch.ones(2, 2)
+    state["d.weight_mask"] = torch.ones(2, 2)
+    with pytest.raises(TicketFormatError, match="'c.weight_orig' has no matching 'c.weight_mask'"):
+        load_ticket(state)
+
+
+def test_orphan_mask_rejected():
+    state = {"c.weight_mask": torch.ones(2, 2), "d.weight_orig": torch.ones(2, 2),
+             "d.weight_mask": torch.ones(2, 2)}  # fmt: skip
+    with pytest.raises(TicketFormatError, match="'c.weight_mask' has no matching 'c.weight_orig'"):
+        load_ticket(state)
+
+
+# ---------------------------------------------------------------- open_lth / E-LTH
+
+
+@pytest.fixture(scope="module")
+def open_lth_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("open_lth") / "lottery_abc" / "replicate_1"
+    torch.manual_seed(2)
+    main = open_lth_level("cifar_resnet_20", 3, root)
+    return root, main
+
+
+def test_open_lth_level_directory(open_lth_run):
+    _, main = open_lth_run
+    mask = torch.load(main / "mask.pth", weights_only=True)
+    t = load_ticket(main, arch="cifar_resnet_20")
+    assert t.meta["source_format"] == "open-lth-level"
+    assert set(t.masks) == set(mask)  # every conv and fc, stem included
+    assert "conv.weight" in t.masks and "fc.weight" in t.masks
+    assert "blocks.3.shortcut.0.weight" in t.masks
+    for k in mask:
+        assert torch.equal(t.masks[k], mask[k].bool())
+    rewind = torch.load(main / "model_ep0_it0.pth", weights_only=True)
+    trained = torch.load(main / "model_ep160_it0.pth", weights_only=True)
+    assert all(torch.equal(t.rewind[k], rewind[k]) for k in rewind)
+    assert all(torch.equal(t.weights[k], trained[k]) for k in trained)
+    assert t.meta["rewind_file"] == "model_ep0_it0.pth"
+    assert t.meta["weights_file"] == "model_ep160_it0.pth"
+    report = t.meta["sparsity_report"]
+    assert t.density == pytest.approx(report["unpruned"] / report["total"])
+    assert t.density == pytest.approx(report["sparsity_ratio"])
+
+
+def test_open_lth_level_dir_without_main_and_mask_file(open_lth_run):
+    root, main = open_lth_run
+    a = load_ticket(root / "level_3")
+    b = load_ticket(main / "mask.pth")
+    assert a.masks.keys() == b.masks.keys()
+    assert b.meta["source_format"] == "open-lth-level"
+
+
+def test_open_lth_replicate_dir_asks_for_a_level(open_lth_run):
+    root, _ = open_lth_run
+    with pytest.raises(TicketFormatError, match=r"several open_lth levels \(level_3\)"):
+        load_ticket(root)
+
+
+def test_open_lth_checkpoint(open_lth_run):
+    _, main = open_lth_run
+    t = load_ticket(main / "checkpoint.pth", arch="cifar_resnet_20")
+    level = load_ticket(main, arch="cifar_resnet_20")
+    assert t.meta["source_format"] == "open-lth-checkpoint"
+    assert t.meta["ep"] == 160
+    assert t.masks.keys() == level.masks.keys()
+    assert all(torch.equal(t.masks[k], level.masks[k]) for k in t.masks)
+    assert all(torch.equal(t.weights[k], level.weights[k]) for k in level.weights)
+
+
+def test_open_lth_checkpoint_key_naming():
+    # The naming rule itself: PrunedModel's buffers are mask_<a___b___weight>.
+    net = models.create("cifar_resnet_20")
+    mask = {"blocks.3.shortcut.0.weight": torch.ones(32, 16, 1, 1, dtype=torch.int32)}
+    sd = PrunedModelLike(net, mask).state_dict()
+    assert "mask_blocks___3___shortcut___0___weight" in sd and "model.conv.weight" in sd
+    t = load_ticket({"ep": 1, "it": 0, "model_state_dict": sd, "logger": ""})
+    assert list(t.masks) == ["blocks.3.shortcut.0.weight"]
+    t.check_fits("cifar_resnet_20")
+
+
+def test_open_lth_checkpoint_from_dataparallel(open_lth_run):
+    _, main = open_lth_run
+    ckpt = torch.load(main / "checkpoint.pth", weights_only=True)
+    ckpt["model_state_dict"] = {"module." + k: v for k, v in ckpt["model_state_dict"].items()}
+    t = load_ticket(ckpt, arch="cifar_resnet_20")
+    assert "fc.weight" in t.masks
+
+
+def test_open_lth_vgg_ignoring_fc(tmp_path):
+    main = open_lth_level("cifar_vgg_11", 2, tmp_path, ignore=("fc.weight",))
+    t = load_ticket(main, arch="cifar_vgg_11")
+    assert bool(t.masks["fc.weight"].all())  # present in mask.pth, all ones
+    assert t.stats()["fc.weight"].structure == "dense"
+    assert t.stats()["layers.10.conv.weight"].density < 1
+
+
+def test_open_lth_imagenet_resnet_under_model_prefix(tmp_path):
+    main = open_lth_level("imagenet_resnet_18", 1, tmp_path, num_classes=1000)
+    t = load_ticket(main)
+    assert "model.conv1.weight" in t.masks
+    exact = load_ticket(main, arch="imagenet_resnet_18")
+    assert exact.masks.keys() == t.masks.keys()
+    tv = load_ticket(main, arch="resnet18")  # torchvision names
+    assert "conv1.weight" in tv.masks and "layer4.1.conv2.weight" in tv.masks
+    assert tv.arch == "resnet18"
+
+
+def test_open_lth_single_model_file_is_the_start_point(tmp_path, open_lth_run):
+    _, main = open_lth_run
+    d = tmp_path / "level"
+    d.mkdir()
+    (d / "mask.pth").write_bytes((main / "mask.pth").read_bytes())
+    (d / "model_ep0_it0.pth").write_bytes((main / "model_ep0_it0.pth").read_bytes())
+    t = load_ticket(d)
+    assert t.weights is None and t.rewind is not None
+
+
+# ---------------------------------------------------------------- zeros, mask dicts
+
+
+def test_plain_state_dict_zeros_define_mask(tmp_path, slth_res20s):
+    _, ckpt = slth_res20s
+    ref = load_ticket(ckpt)
+    torch.save(ref.masked_weights(), tmp_path / "zeros.pth")
+    t = load_ticket(tmp_path / "zeros.pth", arch="res20s")
+    assert t.meta["source_format"] == "zeros"
+    assert t.masks.keys() == ref.masks.keys()
+    assert all(torch.equal(t.masks[k], ref.masks[k]) for k in t.masks)
+    assert "conv1.weight" in t.meta["unpruned_layers"] and "fc.weight" in t.meta["unpruned_layers"]
+
+
+def test_safetensors_state_dict_zeros(tmp_path):
+    from safetensors.torch import save_file
+
+    net = UserNet()
+    with torch.no_grad():
+        net.features[2].weight[:5] = 0
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "w.safetensors")
+    t = load_ticket(tmp_path / "w.safetensors")
+    assert t.meta["source_format"] == "zeros"
+    assert list(t.masks) == ["features.2.weight"]
+    assert t.stats()["features.2.weight"].empty_out == 5
+
+
+def test_bare_mask_dict(tmp_path):
+    torch.save({"a.weight": torch.tensor([[1, 0], [0, 1]], dtype=torch.int32)}, tmp_path / "m.pth")
+    t = load_ticket(tmp_path / "m.pth")
+    assert t.meta["source_format"] == "mask-dict" and t.weights is None
+    assert t.density == 0.5
+
+
+# ---------------------------------------------------------------- exporters
+
+
+def test_to_prune_state_matches_torch_prune(slth_res20s):
+    _, ckpt = slth_res20s
+    t = load_ticket(ckpt)
+    exported = to_prune_state(t)
+    assert exported.keys() == ckpt["state_dict"].keys()
+    assert all(torch.equal(exported[k], ckpt["state_dict"][k]) for k in exported)
+
+
+def test_structure_lth_export_round_trip(tmp_path, slth_res20s):
+    _, ckpt = slth_res20s
+    t = load_ticket(ckpt, arch="res20s")
+    back = load_ticket(save_structure_lth(t, tmp_path / "x.pth.tar", state=4), arch="res20s")
+    for section in ("masks", "weights", "rewind"):
+        a, b = getattr(t, section), getattr(back, section)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # and it loads into a model the way their scripts do (prune keys in state_dict)
+    model = models.create("res20s")
+    for module, name in structure_lth_targets(model):
+        prune.identity(module, name)
+    model.load_state_dict(torch.load(tmp_path / "x.pth.tar", weights_only=True)["state_dict"])
+
+
+def test_open_lth_export_matches_open_lth_layout(tmp_path, open_lth_run):
+    _, main = open_lth_run
+    t = load_ticket(main, arch="cifar_resnet_20")
+    out = save_open_lth_level(t, tmp_path / "level_3" / "main")
+    for name in ("mask.pth", "model_ep0_it0.pth", "model_ep160_it0.pth"):
+        ours = torch.load(out / name, weights_only=True)
+        theirs = torch.load(main / name, weights_only=True)
+        assert ours.keys() == theirs.keys(), name
+        for k in ours:
+            assert ours[k].dtype == theirs[k].dtype, (name, k)
+            assert torch.equal(ours[k], theirs[k]), (name, k)
+
+
+def test_open_lth_export_fills_unpruned_layers(tmp_path, slth_res20s):
+    _, ckpt = slth_res20s
+    t = load_ticket(ckpt, arch="res20s")
+    out = save_open_lth_level(t, tmp_path / "lvl")
+    mask = torch.load(out / "mask.pth", weights_only=True)
+    assert mask["conv1.weight"].dtype == torch.int32 and bool(mask["conv1.weight"].all())
+    assert "fc.weight" in mask and len(mask) == len(t.masks) + 2
+
+
+def test_open_lth_export_needs_a_start_point(tmp_path):
+    t = Ticket({"fc.weight": torch.ones(2, 2)}, {"fc.weight": torch.ones(2, 2)})
+    with pytest.raises(TicketMismatchError, match="no rewind weights.*start='weights'"):
+        save_open_lth_level(t, tmp_path / "x")
+    out = save_open_lth_level(t, tmp_path / "y", start="weights")
+    assert load_ticket(out).rewind is not None
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(TicketFormatError, match="no such file or directory"):
+        load_ticket(tmp_path / "nope.pth")
+
+
+def test_unknown_format_lists_recognised(tmp_path):
+    (tmp_path / "x.bin").write_bytes(b"hello, this is not a checkpoint at all")
+    with pytest.raises(
+        TicketFormatError, match="unrecognised file format.*Structure-LTH.*open_lth"
+    ):
+        load_ticket(tmp_path / "x.bin")
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(TicketFormatError, match="unrecognised file format"):
+        load_ticket(tmp_path / "empty.pth")
+
+
+def test_truncated_torch_file(tmp_path, slth_res20s):
+    directory, _ = slth_res20s
+    raw = (directory / "4checkpoint.pth.tar").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(TicketFormatError, match="cut.pth: truncated or corrupt torch file"):
+        load_ticket(tmp_path / "cut.pth")
+
+
+def test_truncated_safetensors(tmp_path):
+    path = Ticket({"fc.weight": torch.ones(40, 40)}, {"fc.weight": torch.ones(40, 40)}).save(
+        tmp_path / "t.safetensors"
+    )
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) - 100])
+    with pytest.raises(TicketFormatError, match="truncated or corrupt safetensors"):
+        load_ticket(path)
+
+
+class Payload:
+    """A class whose unpickling would run code."""
+
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_pickle_needing_code_refused(tmp_path, capsys):
+    torch.save({"state_dict": {"a.weight": torch.ones(2, 2)}, "evil": Payload()}, tmp_path / "e.pt")
+    with pytest.raises(TicketFormatError, match="refusing to load.*builtins.print"):
+        load_ticket(tmp_path / "e.pt")
+    assert "must never run" not in capsys.readouterr().out
+
+
+def test_custom_class_refused_naming_it(tmp_path):
+    torch.save({"model": UserNet()}, tmp_path / "whole_model.pt")
+    with pytest.raises(TicketFormatError, match=r"refusing to load.*test_importers\.UserNet"):
+        load_ticket(tmp_path / "whole_model.pt")
+
+
+def test_plain_pickle_refused(tmp_path):
+    with open(tmp_path / "p.pkl", "wb") as f:
+        pickle.dump({"a.weight": [[1.0]]}, f)
+    with pytest.raises(TicketFormatError, match="plain Python pickle"):
+        load_ticket(tmp_path / "p.pkl")
+
+
+def test_unrecognised_dict_lists_its_keys(tmp_path):
+    torch.save({"net": {"w": torch.ones(1)}, "acc": 0.5}, tmp_path / "odd.pt")
+    with pytest.raises(
+        TicketFormatError, match="unrecognised checkpoint dict with keys 'net', 'acc'"
+    ):
+        load_ticket(tmp_path / "odd.pt")
+
+
+def test_non_dict_checkpoint(tmp_path):
+    torch.save([torch.ones(1)], tmp_path / "list.pt")
+    with pytest.raises(TicketFormatError, match="holds a list"):
+        load_ticket(tmp_path / "list.pt")
+
+
+def test_not_a_ticket_directory(tmp_path):
+    with pytest.raises(TicketFormatError, match="not a ticket directory"):
+        load_ticket(tmp_path)
+
+
+def test_non_binary_mask_in_prune_checkpoint(tmp_path):
+    state = {"c.weight_orig": torch.ones(2, 2), "c.weight_mask": torch.tensor([[1.0, 0.3], [0, 1]])}
+    torch.save(state, tmp_path / "m.pt")
+    with pytest.raises(TicketMismatchError, match=r"m\.pt: mask 'c\.weight'.*other than 0/1"):
+        load_ticket(tmp_path / "m.pt")
+
+
+def test_nan_weights_in_checkpoint(tmp_path, slth_res20s):
+    _, ckpt = slth_res20s
+    sd = dict(ckpt["state_dict"])
+    sd["layer1.0.conv1.weight_orig"] = sd["layer1.0.conv1.weight_orig"].clone()
+    sd["layer1.0.conv1.weight_orig"][0, 0, 0, 0] = float("nan")
+    torch.save(dict(ckpt, state_dict=sd), tmp_path / "nan.pth.tar")
+    with pytest.raises(
+        TicketMismatchError, match="nan.pth.tar: weights tensor 'layer1.0.conv1.weight'"
+    ):
+        load_ticket(tmp_path / "nan.pth.tar")
+
+
+def test_wrong_architecture_lists_keys(slth_res20s):
+    directory, _ = slth_res20s
+    with pytest.raises(TicketMismatchError) as err:
+        load_ticket(directory / "4checkpoint.pth.tar", arch="res56s")
+    msg = str(err.value)
+    assert "4checkpoint.pth.tar: ticket does not fit res56s" in msg
+    assert "missing: 'layer1.3.conv1.weight'" in msg
+
+
+def test_open_lth_ticket_against_structure_lth_arch(open_lth_run):
+    _, main = open_lth_run
+    with pytest.raises(
+        TicketMismatchError, match="not conv/linear weights of res20s: 'conv.weight'"
+    ):
+        load_ticket(main, arch="res20s")
+
+
+def test_corrupt_sparsity_report(tmp_path, open_lth_run):
+    _, main = open_lth_run
+    d = tmp_path / "lvl"
+    d.mkdir()
+    (d / "mask.pth").write_bytes((main / "mask.pth").read_bytes())
+    (d / "sparsity_report.json").write_text("{oops")
+    with pytest.raises(TicketFormatError, match="sparsity_report.json: not valid JSON"):
+        load_ticket(d)
