@@ -304,9 +304,12 @@ def load_ticket(source: str | os.PathLike | nn.Module | Mapping, arch: str | Non
         )
     except TicketMismatchError as exc:
         raise TicketMismatchError(f"{where}: {exc}") from None
-    if arch is not None:
+    # A ticket that names a built-in architecture must fit it, even when the caller
+    # does not ask; a custom name (the user's own model) cannot be checked here.
+    check = arch if arch is not None else ticket.arch
+    if check is not None and (arch is not None or arch_registry.is_known(check)):
         try:
-            ticket = ticket.with_arch(arch)
+            ticket = ticket.with_arch(check)
         except TicketMismatchError as exc:
             raise TicketMismatchError(f"{where}: {exc}") from None
     return ticket

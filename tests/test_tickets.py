@@ -331,3 +331,19 @@ def test_from_module_without_hooks_reads_zeros():
     assert t.meta["source_format"] == "module-zeros"
     assert list(t.masks) == ["0.weight"]
     assert not t.masks["0.weight"][0].any() and t.masks["0.weight"][1:].all()
+
+
+def test_stored_arch_is_checked_on_load(tmp_path):
+    t = _random_ticket()
+    t.arch = "res56s"  # wrong on purpose: the weights are res20s's
+    path = t.save(tmp_path / "wrong_arch.safetensors")
+    with pytest.raises(
+        TicketMismatchError, match="wrong_arch.safetensors: ticket does not fit res56s"
+    ):
+        load_ticket(path)
+    assert load_ticket(path, arch="res20s").arch == "res20s"
+
+
+def test_custom_arch_name_is_kept_unchecked(tmp_path):
+    t = Ticket({"fc.weight": torch.ones(2, 2)}, arch="my_own_net")
+    assert load_ticket(t.save(tmp_path / "own.safetensors")).arch == "my_own_net"

@@ -35,7 +35,15 @@ from .resnet import LAYOUTS, OpenLTHImageNetResNet, ResNet
 from .vgg import PLANS, OpenLTHVGG, StructureLTHVGG
 from .wrn import WRN32
 
-__all__ = ["ArchInfo", "create", "info", "names", "parameter_count", "state_shapes"]
+__all__ = [
+    "ArchInfo",
+    "create",
+    "info",
+    "is_known",
+    "names",
+    "parameter_count",
+    "state_shapes",
+]
 
 
 @dataclass(frozen=True)
@@ -163,6 +171,15 @@ def info(name: str) -> ArchInfo:
         f"unknown architecture {name!r}{hint} (known: {', '.join(_CANONICAL)}; "
         f"patterns: {PATTERN_HELP})"
     )
+
+
+def is_known(name: str) -> bool:
+    """True when ``name`` is a canonical name or matches a registered pattern."""
+    try:
+        info(name)
+    except UnknownArchitectureError:
+        return False
+    return True
 
 
 def create(name: str, num_classes: int = 10) -> nn.Module:
