@@ -29,6 +29,7 @@ import functools
 import json
 import os
 from collections.abc import Mapping
+from contextlib import nullcontext as _nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -240,6 +241,15 @@ class Ticket:
         ticket.check_fits(info.name)
         ticket.arch = info.name
         return ticket
+
+    def create_model(self, device: torch.device | str | None = None) -> nn.Module:
+        """A fresh instance of the ticket's architecture, with the classifier width the
+        ticket's weights imply (``device="meta"`` for a shape-only model)."""
+        if self.arch is None:
+            raise TicketMismatchError("the ticket names no architecture; pass arch=...")
+        num_classes = _num_classes_for(self.arch, self)
+        with torch.device(device) if device is not None else _nullcontext():
+            return arch_registry.create(self.arch, num_classes)
 
     # ------------------------------------------------------------------ I/O
     def save(self, path: str | os.PathLike) -> Path:

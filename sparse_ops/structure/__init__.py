@@ -1,0 +1,28 @@
+"""Structuring tickets: masks in, masks out.
+
+* :func:`refill` — channel-wise (Refill, Refill+), :mod:`.refill`;
+* :func:`regroup` — group-wise dense blocks with disjoint rows, :mod:`.regroup`.
+
+Each returns a new :class:`~sparse_ops.Ticket` whose meta records the method, the
+parameters and a per-layer report (``meta["structure_report"]``).
+"""
+
+from .refill import CRITERIA, RefillError, kept_channels, refill, refill_mask
+from .regroup import Group, RegroupConfig, RegroupError, groups_to_mask, regroup, regroup_mask
+from .report import LayerChange, render_changes
+
+__all__ = [
+    "CRITERIA",
+    "Group",
+    "LayerChange",
+    "RefillError",
+    "RegroupConfig",
+    "RegroupError",
+    "groups_to_mask",
+    "kept_channels",
+    "refill",
+    "refill_mask",
+    "regroup",
+    "regroup_mask",
+    "render_changes",
+]
