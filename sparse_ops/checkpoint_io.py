@@ -19,7 +19,9 @@ import importlib
 import json
 import os
 import pickle
+import re
 import struct
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +35,10 @@ TORCH_LEGACY = "torch-legacy"
 PICKLE = "pickle"
 UNKNOWN = "unknown"
 
-# torch.save's legacy (pre-1.6) stream starts with the pickled magic number
-# 0x1950a86a20f9469cfc6c at protocol 2.
-_LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
+# torch.save's legacy (non-zip) stream starts with the pickled magic number
+# 0x1950a86a20f9469cfc6c: a LONG1 opcode after the protocol header (and, from
+# protocol 4 on, a FRAME opcode), whatever pickle_protocol the writer chose.
+_LEGACY_MAGIC_LONG = b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
 
 # Globals that rebuild numeric numpy data and nothing else. Object arrays are not in
 # the list: their elements would be arbitrary pickles.
@@ -56,12 +59,15 @@ _NUMPY_NUMERIC_DTYPES = {f"numpy.dtypes.{n}DType" for n in _NUMPY_NUMERIC_DTYPE_
 
 def sniff(path: str | os.PathLike) -> str:
     """Identify a file by its first bytes: one of the module-level format constants."""
-    with open(path, "rb") as f:
-        head = f.read(64)
-        size = os.fstat(f.fileno()).st_size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            size = os.fstat(f.fileno()).st_size
+    except OSError as exc:
+        raise TicketFormatError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if head.startswith(b"PK\x03\x04"):
         return TORCH_ZIP
-    if head.startswith(_LEGACY_MAGIC):
+    if head[:1] == b"\x80" and _LEGACY_MAGIC_LONG in head[:24]:
         return TORCH_LEGACY
     if len(head) >= 9 and head[8:9] == b"{":
         (header_len,) = struct.unpack("<Q", head[:8])
@@ -75,6 +81,11 @@ def sniff(path: str | os.PathLike) -> str:
 def load_torch(path: str | os.PathLike) -> Any:
     """``torch.load`` a file on the CPU without executing code; clear errors otherwise."""
     path = Path(path)
+    if _is_torchscript(path):
+        raise TicketFormatError(
+            f"{path}: a TorchScript archive (torch.jit.save), not a checkpoint; load it with "
+            "torch.jit.load and save its state_dict()"
+        )
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -82,8 +93,20 @@ def load_torch(path: str | os.PathLike) -> Any:
             if "Weights only load failed" not in str(exc):
                 raise
             needed = _unsafe_globals(path)
-            if not (needed and all(_is_numpy_data(g) for g in needed)):
-                raise _refusal(path, needed) from None
+            refused = [g for g in needed if not _is_numpy_data(g)]
+            if refused:
+                raise _refusal(path, refused) from None
+            if not needed:  # nothing unsafe named: an unsupported or damaged pickle
+                hint = ""
+                if sniff(path) == TORCH_LEGACY and "Unsupported operand" in str(exc):
+                    hint = (
+                        "; a legacy (non-zip) torch file written with pickle_protocol ≥ 4 "
+                        "cannot be read without running code: re-save it with torch.save's "
+                        "default format"
+                    )
+                raise TicketFormatError(
+                    f"{path}: unsupported or corrupt torch file ({_weights_only_reason(exc)}){hint}"
+                ) from None
             # The scan names the reconstructors; dtype classes show up only while loading.
             allowed = [_resolve(g) for g in sorted(set(needed) | _NUMPY_DATA_GLOBALS)
                        if _resolvable(g)] + _numeric_dtype_classes()  # fmt: skip
@@ -91,23 +114,36 @@ def load_torch(path: str | os.PathLike) -> Any:
                 try:
                     return torch.load(path, map_location="cpu", weights_only=True)
                 except pickle.UnpicklingError as again:
-                    if "Weights only load failed" in str(again):
-                        raise _refusal(path, needed) from None
-                    raise
+                    raise TicketFormatError(
+                        f"{path}: refusing to load: {_weights_only_reason(again)}"
+                    ) from None
     except TicketFormatError:
         raise
-    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, struct.error,
-            AttributeError, IndexError) as exc:  # fmt: skip
+    except Exception as exc:  # torch raises many types for damaged files
         raise TicketFormatError(
             f"{path}: truncated or corrupt torch file ({_first_line(exc)})"
         ) from None
 
 
-def _refusal(path: Path, needed: list[str]) -> TicketFormatError:
-    shown = ", ".join(needed) if needed else "objects outside tensors and plain containers"
+def _is_torchscript(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any(n.endswith(("/constants.pkl", "/code/__torch__.py")) or "/code/" in n for n in names)
+
+
+def _weights_only_reason(exc: BaseException) -> str:
+    """The unpickler's own explanation, without torch's generic advice around it."""
+    match = re.search(r"WeightsUnpickler error: (.+?)(?:\n\n|$)", str(exc), re.S)
+    return " ".join((match[1] if match else _first_line(exc)).split())[:300]
+
+
+def _refusal(path: Path, refused: list[str]) -> TicketFormatError:
     return TicketFormatError(
-        f"{path}: refusing to load: it pickles {shown}, and unpickling those would "
-        "execute code. Re-save it with only tensors, dicts, lists and numbers "
+        f"{path}: refusing to load: it pickles {', '.join(refused)}, and unpickling that "
+        "would execute code. Re-save it with only tensors, dicts, lists and numbers "
         "(e.g. torch.save(model.state_dict(), ...))"
     )
 
@@ -186,5 +222,8 @@ def _numeric_dtype_classes() -> list[type]:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
+    lines = str(exc).strip().splitlines()
+    if not lines:
+        return type(exc).__name__
+    line = lines[0]
+    return line if len(line) <= 300 else line[:299] + "…"

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
 from . import __version__, models
 from .errors import SparseOpsError
+from .progress import Progress
 from .tables import format_table, shape_text
+from .training import TrainConfig
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -56,6 +59,136 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parts(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or 'auto', got {text!r}") from None
+    return value
+
+
+def _t2(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+
+
+# (flag, option name, type, help); None defaults mean "the method's own default".
+_REFILL_ARGS = [
+    ("--extra", "extra", float, "refill+: share of the pruned channels refilled (default 0.1)"),
+    ("--criterion", "criterion", str, "channel ranking: l1 (default), l2, remain, "
+     "feature_l1, feature_l2, saliency"),
+]  # fmt: skip
+_REGROUP_ARGS = [
+    ("--parts", "parts", _parts, "partitions per layer: an int or 'auto' (default)"),
+    ("--group-rows", "group_rows", int, "auto parts: target rows per part (default 64)"),
+    ("--t1", "t1", float, "column growth threshold (default 1.5)"),
+    ("--t2", "t2", _t2, "columns this full within a part always join (default: off)"),
+    ("--b1", "b1", int, "rows per group (default 32)"),
+    ("--min-rows", "min_rows", int, "parts with fewer rows are dropped (default 16)"),
+    ("--b2", "b2", int, "blocks with fewer columns are dropped (default 1)"),
+    ("--partition-model", "model", str, "graph (default) or hypergraph"),
+    ("--regroup-seed", "seed", int, "partitioner seed (default 0)"),
+]
+
+
+def _add_structure_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("refill / refill+ options")
+    for flag, dest, kind, text in _REFILL_ARGS:
+        group.add_argument(flag, dest=f"opt_{dest}", type=kind, help=text)
+    group = parser.add_argument_group("regroup options")
+    for flag, dest, kind, text in _REGROUP_ARGS:
+        group.add_argument(flag, dest=f"opt_{dest}", type=kind, help=text)
+
+
+def _structure_options(args: argparse.Namespace, method: str) -> dict:
+    """Options given on the command line for ``method``; options of another method fail."""
+    own = _REFILL_ARGS if method.startswith("refill") else _REGROUP_ARGS
+    other = _REGROUP_ARGS if method.startswith("refill") else _REFILL_ARGS
+    stray = [flag for flag, dest, *_ in other if getattr(args, f"opt_{dest}") is not None]
+    if method == "refill" and args.opt_extra is not None:
+        stray.append("--extra (use --post/--method refill+)")
+    if stray and method != "none":
+        raise SparseOpsError(f"options not used by {method}: {', '.join(stray)}")
+    if method == "none":
+        given = [f for f, d, *_ in _REFILL_ARGS + _REGROUP_ARGS if getattr(args, f"opt_{d}")]
+        if given:
+            raise SparseOpsError(f"{', '.join(given)} need a post-processing method (--post)")
+        return {}
+    options = {dest: getattr(args, f"opt_{dest}") for _, dest, *_ in own}
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        rewind_epoch=args.rewind_epoch,
+        seed=args.seed,
+    )
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from .jobs import prune_job, render_prune
+
+    summary = prune_job(
+        args.arch,
+        args.out,
+        data=args.data,
+        data_dir=args.data_dir,
+        image_size=args.image_size,
+        rounds=args.rounds,
+        rate=args.rate,
+        scope=args.scope,
+        post=args.post,
+        post_options=_structure_options(args, args.post),
+        train=_train_config(args),
+        progress=Progress(),
+    )
+    if args.json:
+        _print_json(summary)
+    else:
+        print(render_prune(summary))
+    return 0
+
+
+def _cmd_restructure(args: argparse.Namespace) -> int:
+    from .jobs import restructure_job
+    from .structure import LayerChange, render_changes
+
+    batch = None
+    if args.data is not None:
+        from .data import load
+
+        dataset = load(args.data, args.data_dir, image_size=args.image_size)
+        batch = (dataset.train.images[: args.batch_size], dataset.train.labels[: args.batch_size])
+    _, summary = restructure_job(
+        args.ticket, args.output, args.method, arch=args.arch,
+        options=_structure_options(args, args.method), batch=batch,
+    )  # fmt: skip
+    if args.json:
+        _print_json(summary)
+        return 0
+    changes = [
+        LayerChange(**{k: v for k, v in layer.items() if not k.startswith("density")})
+        for layer in summary["layers"]
+    ]
+    extra = ("channels_kept",) if args.method.startswith("refill") else ("parts", "groups")
+    print(render_changes(changes, extra=extra))
+    print(
+        f"\n{summary['method']}: density {summary['density_before']:.4f} → "
+        f"{summary['density_after']:.4f}; written to {summary['output']}"
+    )
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -95,6 +228,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=_cmd_inspect)
 
+    p = sub.add_parser(
+        "prune",
+        help="iterative magnitude pruning, optionally with refill / regroup every round",
+        description="Train a built-in architecture, then prune RATE of the remaining weights "
+        "per round (stem conv and Linear layers excluded), post-process, rewind and retrain. "
+        "Writes one ticket per round (round0.safetensors is the dense network) and "
+        "summary.json to --out.",
+    )
+    p.add_argument("--arch", required=True, help="built-in architecture (sparse-ops models)")
+    p.add_argument(
+        "--data", default="digits", help="digits (default), cifar10, cifar100, synthetic"
+    )
+    p.add_argument("--data-dir", help="directory of the CIFAR binary release")
+    p.add_argument("--image-size", type=int, help="resize digits/synthetic images (default 32)")
+    p.add_argument("--rounds", type=int, default=4, help="pruning rounds (default 4)")
+    p.add_argument("--rate", type=float, default=0.2, help="share of remaining weights pruned")
+    p.add_argument("--scope", choices=["global", "layer"], default="global")
+    p.add_argument("--post", choices=["none", "refill", "refill+", "regroup"], default="none")
+    p.add_argument("--epochs", type=int, default=15, help="training epochs per round")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--rewind-epoch", type=int, default=0, help="rewind point (0: init)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_structure_args(p)
+    p.set_defaults(handler=_cmd_prune)
+
+    p = sub.add_parser(
+        "restructure",
+        help="apply refill, refill+ or regroup to an existing ticket",
+        description="Read a ticket in any recognised format, apply one structuring step and "
+        "write the result in our format.",
+    )
+    p.add_argument("ticket", help="ticket file or open_lth level directory")
+    p.add_argument("--arch", help="architecture to check the ticket against")
+    p.add_argument("--method", required=True, choices=["refill", "refill+", "regroup"])
+    p.add_argument("-o", "--output", required=True, help="output .safetensors file")
+    p.add_argument("--data", help="batch source for feature_* / saliency criteria")
+    p.add_argument("--data-dir", help="directory of the CIFAR binary release")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_structure_args(p)
+    p.set_defaults(handler=_cmd_restructure)
+
     p = sub.add_parser("demo", help="the main job on the embedded default (no downloads)")
     p.add_argument("--out", default="sparse-ops-out", help="output folder (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -108,6 +288,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except SparseOpsError as exc:
         print(f"sparse-ops: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into head & co: not an error
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keep interpreter exit quiet
+        return 0
+    except OSError as exc:  # an output path we cannot write, a full disk, ...
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"sparse-ops: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sparse-ops: interrupted", file=sys.stderr)

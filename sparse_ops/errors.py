@@ -1,8 +1,9 @@
 """Exception types.
 
-Every error a user can cause with bad input derives from :class:`SparseOpsError`
-(a ``ValueError``), carries a one-line message naming the file, key or layer at
-fault, and makes the ``sparse-ops`` CLI exit with status 2.
+Errors a user causes with bad input derive from :class:`SparseOpsError` (a
+``ValueError``) and carry a one-line message naming the file, key or layer at fault;
+the ``sparse-ops`` CLI prints that line and exits with status 2 (as it does for output
+paths it cannot write). Anything else escaping is a bug in sparse_ops.
 """
 
 from __future__ import annotations
@@ -22,3 +23,12 @@ class TicketMismatchError(SparseOpsError):
 
 class UnknownArchitectureError(SparseOpsError):
     """An architecture name the registry does not know."""
+
+
+def listing(items, limit: int = 8) -> str:
+    """``'a', 'b', 'c' and 12 more`` for error messages."""
+    items = [str(i) for i in items]
+    if not items:
+        return "(none)"
+    shown = ", ".join(repr(i) for i in items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")

@@ -36,22 +36,33 @@ def to_prune_state(ticket: Ticket, which: str = "weights") -> dict[str, torch.Te
     for key, value in state.items():
         if key in ticket.masks:
             out[key + "_orig"] = value
-            out[key + "_mask"] = ticket.masks[key].to(torch.float32)
+            # torch.nn.utils.prune keeps masks in the weight's dtype
+            out[key + "_mask"] = ticket.masks[key].to(value.dtype)
         else:
             out[key] = value
     return out
 
 
 def save_structure_lth(
-    ticket: Ticket, path: str | os.PathLike, *, epoch: int = 0, best_sa: float = 0.0, state: int = 0
+    ticket: Ticket,
+    path: str | os.PathLike,
+    *,
+    epoch: int | None = None,
+    best_sa: float | None = None,
+    state: int | None = None,
 ) -> Path:
-    """A checkpoint Structure-LTH's scripts accept as ``--pretrained`` / ``--mask_dir``."""
+    """A checkpoint Structure-LTH's scripts accept as ``--pretrained`` / ``--mask_dir``.
+
+    ``epoch``, ``best_sa`` and ``state`` (the IMP round) default to the ticket's meta
+    (``epoch``/``best_sa``/``state``, or ``round``), else 0.
+    """
+    meta = ticket.meta
     ckpt: dict = {
-        "state": state,
+        "state": state if state is not None else meta.get("state", meta.get("round", 0)),
         "result": {"train": [], "ta": [], "test_ta": []},
-        "epoch": epoch,
+        "epoch": epoch if epoch is not None else meta.get("epoch", 0),
         "state_dict": to_prune_state(ticket, "weights"),
-        "best_sa": best_sa,
+        "best_sa": best_sa if best_sa is not None else meta.get("best_sa", 0.0),
     }
     if ticket.rewind is not None:
         ckpt["init_weight"] = dict(ticket.rewind)
@@ -97,6 +108,8 @@ def save_open_lth_level(
             for k, v in reference.items()
             if is_conv_or_linear_weight(k, v)
         }
+    if not masks:
+        raise TicketMismatchError("nothing to export: the ticket has no masks and no weights")
     directory.mkdir(parents=True, exist_ok=True)
     torch.save({k: m.to(torch.int32) for k, m in masks.items()}, directory / "mask.pth")
     if has_weights:

@@ -30,6 +30,7 @@ the validated :class:`~sparse_ops.tickets.Ticket`. Layouts:
 from __future__ import annotations
 
 import json
+import numbers
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,8 +41,7 @@ import torch
 from torch import nn
 
 from .checkpoint_io import load_torch
-from .errors import TicketFormatError
-from .masks import is_binary
+from .errors import TicketFormatError, listing
 
 RECOGNISED = (
     "sparse-ops ticket (.safetensors with format metadata)",
@@ -91,26 +91,43 @@ def _tensor_dict(obj: Any, where: str) -> dict[str, torch.Tensor]:
     bad = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise TicketFormatError(
-            f"{where}: expected a dict of tensors; {_listing(bad)} hold non-tensor values"
+            f"{where}: expected a dict of tensors; {listing(bad)} hold non-tensor values"
         )
     return {str(k): v for k, v in obj.items()}
-
-
-def _listing(items: list[str], limit: int = 8) -> str:
-    shown = ", ".join(repr(i) for i in items[:limit])
-    more = f" and {len(items) - limit} more" if len(items) > limit else ""
-    return shown + more
 
 
 def _is_prune_state(state: Mapping[str, Any]) -> bool:
     return any(k.endswith("_orig") and k[:-5] + "_mask" in state for k in state)
 
 
-def _is_mask_dict(state: Mapping[str, torch.Tensor]) -> bool:
-    """Only conv/linear weight keys, all values 0/1: a mask file, not weights."""
-    return bool(state) and all(
-        k.endswith("weight") and v.dim() in (2, 4) and is_binary(v) for k, v in state.items()
-    )
+def _looks_binary(t: torch.Tensor) -> bool:
+    """A 0/1 tensor, or an integer/bool one, or ≥ 99% exact 0/1: a mask, not weights.
+
+    Near-binary floats count so that a corrupt mask file reaches the 0/1 check and is
+    reported, instead of being read as (strange) weights.
+    """
+    if t.dtype == torch.bool or not t.is_floating_point():
+        return True
+    if t.numel() == 0:
+        return False
+    return float(((t == 0) | (t == 1)).float().mean()) >= 0.99
+
+
+def _mask_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The masks of a bare mask file, or None if ``state`` is not one.
+
+    Two spellings: ``{name.weight: 0/1}`` (open_lth's ``mask.pth``) and
+    ``{name.weight_mask: 0/1}`` (Structure-LTH's ``extract_mask`` output).
+    """
+    if not state:
+        return None
+    if all(k.endswith("_mask") for k in state):
+        state = {k[: -len("_mask")]: v for k, v in state.items()}
+    if all(
+        k.endswith("weight") and v.dim() in (2, 4) and _looks_binary(v) for k, v in state.items()
+    ):
+        return dict(state)
+    return None
 
 
 def is_conv_or_linear_weight(name: str, t: torch.Tensor) -> bool:
@@ -121,11 +138,18 @@ def is_conv_or_linear_weight(name: str, t: torch.Tensor) -> bool:
 
 
 def from_prune_state(state: Mapping[str, torch.Tensor], where: str) -> Imported:
-    """``*_orig`` + ``*_mask`` keys → masks and unmasked weights."""
+    """``*_orig`` + ``*_mask`` keys → masks and unmasked weights.
+
+    A ``*_mask`` key without its ``*_orig`` is an ordinary buffer (``attn_mask``, ...).
+    Masks on anything but a conv/linear weight (a bias, a Conv1d/Conv3d weight) are
+    folded into the weight (``orig × mask``) and listed in ``meta["folded_masks"]``.
+    """
     masks: dict[str, torch.Tensor] = {}
     weights: dict[str, torch.Tensor] = {}
+    folded = []
+    pairs = {k[: -len("_orig")] for k in state if k.endswith("_orig")}
     for key, value in state.items():
-        if key.endswith("_orig"):
+        if key.endswith("_orig") and key[: -len("_orig")] in pairs:
             name = key[: -len("_orig")]
             mask_key = name + "_mask"
             if mask_key not in state:
@@ -134,16 +158,26 @@ def from_prune_state(state: Mapping[str, torch.Tensor], where: str) -> Imported:
                 raise TicketFormatError(
                     f"{where}: both {name!r} and the pruning pair {key!r}/{mask_key!r} present"
                 )
-            masks[name] = state[mask_key]
-            weights[name] = value
-        elif key.endswith("_mask"):
-            if key[: -len("_mask")] + "_orig" not in state:
+            mask = state[mask_key]
+            if tuple(mask.shape) != tuple(value.shape):
                 raise TicketFormatError(
-                    f"{where}: {key!r} has no matching {key[: -len('_mask')] + '_orig'!r}"
+                    f"{where}: {mask_key!r} has shape {tuple(mask.shape)} but {key!r} has "
+                    f"{tuple(value.shape)}"
                 )
+            if name.endswith("weight") and value.dim() in (2, 4):
+                masks[name] = mask
+                weights[name] = value
+            else:
+                weights[name] = value * mask.to(value.dtype)
+                folded.append(name)
+        elif key.endswith("_mask") and key[: -len("_mask")] in pairs:
+            continue
         else:
             weights[key] = value
-    return Imported(masks, weights, None, {"source_format": "torch-prune"})
+    meta: dict[str, Any] = {"source_format": "torch-prune"}
+    if folded:
+        meta["folded_masks"] = folded
+    return Imported(masks, weights, None, meta)
 
 
 def from_zeros_state(state: Mapping[str, torch.Tensor]) -> Imported:
@@ -173,10 +207,13 @@ def weights_without_masks(state: Mapping[str, torch.Tensor], where: str) -> dict
 def from_state_dict(state: Mapping[str, Any], where: str) -> Imported:
     """Any flat dict of tensors: prune pairs, a mask dict or a plain state dict."""
     tensors, prefix = strip_wrapper_prefix(_tensor_dict(state, where))
+    if not tensors:
+        raise TicketFormatError(f"{where}: holds no tensors")
+    masks = None if _is_prune_state(tensors) else _mask_dict(tensors)
     if _is_prune_state(tensors):
         imported = from_prune_state(tensors, where)
-    elif _is_mask_dict(tensors):
-        imported = Imported(tensors, None, None, {"source_format": "mask-dict"})
+    elif masks is not None:
+        imported = Imported(masks, None, None, {"source_format": "mask-dict"})
     else:
         imported = from_zeros_state(tensors)
     if prefix:
@@ -196,38 +233,55 @@ def from_structure_lth(ckpt: Mapping[str, Any], where: str) -> Imported:
     structure_lth = bool(signature & set(ckpt))
     imported.meta["source_format"] = "structure-lth" if structure_lth else "checkpoint-dict"
     imported.meta["weights_kind"] = "trained"
-    for key in ("epoch", "best_sa", "state"):
-        if isinstance(ckpt.get(key), int | float):
-            imported.meta[key] = ckpt[key]
+    imported.meta.update(_scalars(ckpt, ("epoch", "best_sa", "state")))
+    if structure_lth and imported.masks:
+        imported.meta.setdefault("method", "imp")
     return imported
 
 
+def is_open_lth_state(state: Mapping[str, Any]) -> bool:
+    """PrunedModel's layout: only ``mask_*`` buffers and ``model.*`` entries, both present."""
+    keys, _ = strip_wrapper_prefix(dict.fromkeys(state))
+    masks = [k for k in keys if k.startswith("mask_")]
+    wrapped = [k for k in keys if k.startswith("model.")]
+    return bool(masks) and bool(wrapped) and len(masks) + len(wrapped) == len(keys)
+
+
 def from_open_lth_checkpoint(ckpt: Mapping[str, Any], where: str) -> Imported:
-    """open_lth ``checkpoint.pth``: PrunedModel's ``mask_*`` buffers + ``model.*`` params."""
-    state, prefix = strip_wrapper_prefix(
-        _tensor_dict(ckpt["model_state_dict"], f"{where}['model_state_dict']")
-    )
-    mask_keys = [k for k in state if k.startswith("mask_")]
-    if not mask_keys:  # a dense pretraining checkpoint: no PrunedModel wrapper
+    """open_lth ``checkpoint.pth``: PrunedModel's ``mask_*`` buffers + ``model.*`` params.
+
+    A ``model_state_dict`` in any other layout (open_lth's dense pretraining checkpoint,
+    other training code) is read as a plain state dict.
+    """
+    inner = ckpt["model_state_dict"]
+    state, prefix = strip_wrapper_prefix(_tensor_dict(inner, f"{where}['model_state_dict']"))
+    if not is_open_lth_state(state):
         imported = from_state_dict(state, f"{where}['model_state_dict']")
     else:
-        stray = [k for k in state if not k.startswith(("mask_", "model."))]
-        if stray:
-            raise TicketFormatError(
-                f"{where}: model_state_dict mixes open_lth mask buffers with keys outside "
-                f"'model.': {_listing(stray)}"
-            )
-        masks = {k[len("mask_") :].replace("___", "."): state[k] for k in mask_keys}
+        masks = {k[len("mask_") :].replace("___", "."): v for k, v in state.items()
+                 if k.startswith("mask_")}  # fmt: skip
         weights = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
         imported = Imported(masks, weights, None, {})
     imported.meta["source_format"] = "open-lth-checkpoint"
     imported.meta["weights_kind"] = "trained"
     if prefix:
         imported.meta["stripped_prefix"] = prefix
-    for key in ("ep", "it"):
-        if isinstance(ckpt.get(key), int):
-            imported.meta[key] = ckpt[key]
+    imported.meta.update(_scalars(ckpt, ("ep", "it")))
     return imported
+
+
+def _scalars(ckpt: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, int | float]:
+    """Numeric entries (Python or numpy numbers) as plain Python numbers."""
+    out: dict[str, int | float] = {}
+    for key in keys:
+        value = ckpt.get(key)
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, numbers.Integral):
+            out[key] = int(value)
+        elif isinstance(value, numbers.Real):
+            out[key] = float(value)
+    return out
 
 
 def from_open_lth_level(directory: Path) -> Imported:
@@ -240,7 +294,7 @@ def from_open_lth_level(directory: Path) -> Imported:
         for p in directory.iterdir()
         if (m := _MODEL_FILE.fullmatch(p.name))
     )
-    meta: dict[str, Any] = {"source_format": "open-lth-level", "level_dir": str(directory)}
+    meta: dict[str, Any] = {"source_format": "open-lth-level", "method": "imp"}
     weights = rewind = None
     if steps:
         _, rewind_path = steps[0]
@@ -265,11 +319,14 @@ def _resolve_level_dir(directory: Path) -> Path:
         return directory
     if (directory / "main" / "mask.pth").is_file():
         return directory / "main"
-    levels = sorted(p.name for p in directory.glob("level_*") if p.is_dir())
+    levels = sorted(
+        (p.name for p in directory.glob("level_*") if p.is_dir()),
+        key=lambda n: (0, int(n[6:])) if n[6:].isdigit() else (1, n),
+    )
     if levels:
         raise TicketFormatError(
-            f"{directory}: holds several open_lth levels ({', '.join(levels)}); "
-            f"pass one of them, e.g. {directory / levels[-1]}"
+            f"{directory}: an open_lth replicate directory (levels: {', '.join(levels)}); "
+            f"pass one level, e.g. {directory / levels[-1]}"
         )
     if (directory / "checkpoint.pth").is_file():
         raise TicketFormatError(
@@ -285,11 +342,15 @@ def _resolve_level_dir(directory: Path) -> Path:
 def from_module(module: nn.Module) -> Imported:
     """A live module: pruning re-parametrisations if any, else its zeros."""
     state = {k: v.detach() for k, v in module.state_dict().items()}
-    imported = from_state_dict(state, f"<{type(module).__name__}>")
+    imported = from_state_dict(state, module_label(module))
     imported.meta["source_format"] = (
         "module-prune" if imported.meta["source_format"] == "torch-prune" else "module-zeros"
     )
     return imported
+
+
+def module_label(module: nn.Module) -> str:
+    return f"<{type(module).__name__} module>"
 
 
 def from_object(obj: Any, where: str) -> Imported:
@@ -307,6 +368,6 @@ def from_object(obj: Any, where: str) -> Imported:
         return from_state_dict(obj, where)
     keys = [str(k) for k in obj]
     raise TicketFormatError(
-        f"{where}: unrecognised checkpoint dict with keys {_listing(keys)} "
+        f"{where}: unrecognised checkpoint dict with keys {listing(keys)} "
         f"(recognised: {recognised_formats()})"
     )

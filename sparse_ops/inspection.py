@@ -6,6 +6,7 @@ import os
 from collections import Counter
 from typing import Any
 
+from . import models
 from .importers import is_conv_or_linear_weight
 from .masks import STRUCTURES
 from .tables import format_table, shape_text
@@ -14,7 +15,7 @@ from .tickets import Ticket, load_ticket, maskable_weights
 
 def unpruned_layers(ticket: Ticket) -> list[str]:
     """Conv/linear weights without a mask: from the architecture when known, else the weights."""
-    if ticket.arch is not None:
+    if ticket.arch is not None and models.is_known(ticket.arch):
         candidates = list(maskable_weights(ticket))
     else:
         state = ticket.weights if ticket.weights is not None else ticket.rewind or {}

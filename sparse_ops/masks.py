@@ -100,7 +100,7 @@ class MaskStats:
     nnz: int
     density: float
     empty_out: int  # output channels (GEMM rows) with no nonzero
-    empty_in: int  # input channels (every tap) with no nonzero
+    empty_in: int  # input channels (every tap) with no nonzero; per group for grouped convs
     structure: str  # one of STRUCTURES
     blocks: int  # distinct non-empty row patterns (dense blocks with disjoint rows)
     mean_block_rows: float  # non-empty rows / blocks (0 when empty)
@@ -116,7 +116,7 @@ def mask_stats(mask: torch.Tensor, *, min_block_rows: float = DEFAULT_MIN_BLOCK_
     shape = tuple(mask.shape)
     m = mask.detach().to("cpu", torch.bool)
     numel = m.numel()
-    nnz = int(m.sum())
+    nnz = int(torch.count_nonzero(m))
     in_any = m.any(dim=(0, 2, 3)) if m.dim() == 4 else m.any(dim=0)
     view = gemm_view(m).numpy()
     row_any = view.any(axis=1)

@@ -25,6 +25,7 @@ holds no pickle, so loading it cannot run code.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -40,7 +41,7 @@ from torch.nn.utils import prune
 
 from . import checkpoint_io, importers
 from . import models as arch_registry
-from .errors import TicketFormatError, TicketMismatchError
+from .errors import TicketFormatError, TicketMismatchError, listing
 from .masks import DEFAULT_MIN_BLOCK_ROWS, MaskStats, check_mask_shape, mask_stats
 
 FORMAT_NAME = "sparse-ops-ticket"
@@ -51,12 +52,6 @@ _SECTIONS = ("masks", "weights", "rewind")
 def _is_optional_key(key: str) -> bool:
     """State keys an architecture can supply itself when a checkpoint lacks them."""
     return key.endswith("num_batches_tracked") or key in ("normalize.mean", "normalize.std")
-
-
-def _listing(items, limit: int = 8) -> str:
-    items = list(items)
-    shown = ", ".join(repr(i) for i in items[:limit])
-    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 class Ticket:
@@ -71,6 +66,8 @@ class Ticket:
         *,
         rewind: Mapping[str, torch.Tensor] | None = None,
     ):
+        if arch is not None and not isinstance(arch, str):
+            raise TicketMismatchError(f"arch must be a name (str) or None, got {arch!r}")
         self.masks = _as_masks(masks)
         self.weights = _as_state(weights, "weights")
         self.rewind = _as_state(rewind, "rewind")
@@ -88,7 +85,7 @@ class Ticket:
                 if name not in state:
                     raise TicketMismatchError(
                         f"mask {name!r} has no weight in the ticket's {section} "
-                        f"(its keys include {_listing(sorted(state)[:4])})"
+                        f"(its keys: {listing(sorted(state), 4)})"
                     )
                 if tuple(state[name].shape) != tuple(mask.shape):
                     raise TicketMismatchError(
@@ -96,8 +93,8 @@ class Ticket:
                         f"tensor has shape {tuple(state[name].shape)}"
                     )
             for key, value in state.items():
-                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                    bad = int((~torch.isfinite(value)).sum())
+                bad = _non_finite(value)
+                if bad:
                     raise TicketMismatchError(
                         f"{section} tensor {key!r} {tuple(value.shape)} holds {bad} NaN/Inf "
                         "value(s)"
@@ -120,7 +117,7 @@ class Ticket:
         if not_maskable:
             errors.append(
                 f"masks for names that are not conv/linear weights of {label}: "
-                f"{_listing(not_maskable)}"
+                f"{listing(not_maskable)}"
             )
         mismatched = [
             f"{n} {tuple(m.shape)} vs {maskable[n]}"
@@ -141,9 +138,9 @@ class Ticket:
                 if k in shapes and tuple(v.shape) != shapes[k]
             ]
             if missing:
-                errors.append(f"{section}: keys of {label} missing: {_listing(missing)}")
+                errors.append(f"{section}: keys of {label} missing: {listing(missing)}")
             if unexpected:
-                errors.append(f"{section}: keys not in {label}: {_listing(unexpected)}")
+                errors.append(f"{section}: keys not in {label}: {listing(unexpected)}")
             if wrong:
                 errors.append(f"{section}: shapes differ from {label}'s: {', '.join(wrong[:6])}")
         if errors:
@@ -154,7 +151,7 @@ class Ticket:
     def density(self) -> float:
         """Kept fraction over all masked weights (1.0 when nothing is masked)."""
         total = sum(m.numel() for m in self.masks.values())
-        kept = sum(int(m.sum()) for m in self.masks.values())
+        kept = sum(int(torch.count_nonzero(m)) for m in self.masks.values())
         return kept / total if total else 1.0
 
     @property
@@ -167,14 +164,18 @@ class Ticket:
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready overview: global density and one entry per masked layer."""
-        layers = [{"name": n, **s.as_dict()} for n, s in self.stats().items()]
+        stats = self.stats()
+        layers = [{"name": n, **s.as_dict()} for n, s in stats.items()]
+        total = sum(s.numel for s in stats.values())
+        kept = sum(s.nnz for s in stats.values())
+        density = kept / total if total else 1.0
         return {
             "arch": self.arch,
             "source_format": self.meta.get("source_format"),
-            "global_density": self.density,
-            "global_sparsity": self.sparsity,
-            "masked_params": sum(m.numel() for m in self.masks.values()),
-            "kept_params": sum(int(m.sum()) for m in self.masks.values()),
+            "global_density": density,
+            "global_sparsity": 1.0 - density,
+            "masked_params": total,
+            "kept_params": kept,
             "has_weights": self.weights is not None,
             "has_rewind": self.rewind is not None,
             "layers": layers,
@@ -213,7 +214,7 @@ class Ticket:
         ]
         if already:
             raise TicketMismatchError(
-                f"model already carries pruning hooks (on {_listing(already)}); call "
+                f"model already carries pruning hooks (on {listing(already)}); call "
                 "torch.nn.utils.prune.remove on them first"
             )
         if weights is not None:
@@ -239,8 +240,20 @@ class Ticket:
         sig = _arch_signature(info.name, _num_classes_for(info.name, self))
         ticket = _align_model_prefix(self, set(sig.shapes))
         ticket.check_fits(info.name)
+        if ticket is self:
+            ticket = self.copy()
         ticket.arch = info.name
         return ticket
+
+    def copy(self) -> Ticket:
+        """A new Ticket sharing the tensors (masks, weights and meta dicts are copied)."""
+        return Ticket(
+            self.masks,
+            None if self.weights is None else dict(self.weights),
+            self.arch,
+            copy.deepcopy(self.meta),
+            rewind=None if self.rewind is None else dict(self.rewind),
+        )
 
     def create_model(self, device: torch.device | str | None = None) -> nn.Module:
         """A fresh instance of the ticket's architecture, with the classifier width the
@@ -253,9 +266,20 @@ class Ticket:
 
     # ------------------------------------------------------------------ I/O
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the ticket in our format (safetensors + JSON metadata); returns the path."""
+        """Write the ticket in our format (safetensors + JSON metadata); returns the path.
+
+        A ticket that names a built-in architecture is checked against it first, so a
+        file that could not be loaded back is never written.
+        """
+        path = Path(path)
+        if path.is_dir():
+            raise TicketFormatError(f"{path}: is a directory; give a file name to save to")
+        if self.arch is not None and arch_registry.is_known(self.arch):
+            self.check_fits(self.arch)
+        meta = {k: v for k, v in self.meta.items() if k != "source"}  # where it was read from
+        meta["sparsity"] = self.sparsity
         try:
-            meta_json = json.dumps(self.meta, sort_keys=True, allow_nan=False)
+            meta_json = json.dumps(meta, sort_keys=True, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise TicketFormatError(f"ticket meta is not JSON-serialisable: {exc}") from None
         tensors = {f"masks/{k}": v for k, v in self.masks.items()}
@@ -268,9 +292,8 @@ class Ticket:
             "format_version": str(FORMAT_VERSION),
             "arch": self.arch or "",
             "meta": meta_json,
-            "sections": ",".join(s for s in _SECTIONS if s == "masks" or getattr(self, s)),
+            "sections": ",".join(s for s in _SECTIONS if getattr(self, s) is not None),
         }
-        path = Path(path)
         checkpoint_io.write_safetensors(path, tensors, metadata)
         return path
 
@@ -303,11 +326,13 @@ def load_ticket(source: str | os.PathLike | nn.Module | Mapping, arch: str | Non
     """
     if isinstance(source, nn.Module):
         imported = importers.from_module(source)
+        where = importers.module_label(source)
     elif isinstance(source, Mapping):
         imported = importers.from_object(source, "<dict>")
+        where = "<dict>"
     else:
         imported = _import_path(Path(source))
-    where = imported.meta.get("source", "<object>")
+        where = str(source)
     try:
         ticket = Ticket(
             imported.masks, imported.weights, imported.arch, imported.meta, rewind=imported.rewind
@@ -360,9 +385,11 @@ def _read_ours(path: Path, tensors: dict, metadata: dict[str, str]) -> importers
     try:
         version = int(metadata.get("format_version", ""))
     except ValueError:
+        version = 0
+    if version < 1:
         raise TicketFormatError(
-            f"{path}: bad format_version {metadata.get('format_version')!r}"
-        ) from None
+            f"{path}: bad format_version {metadata.get('format_version')!r} in a ticket file"
+        )
     if version > FORMAT_VERSION:
         raise TicketFormatError(
             f"{path}: written by a newer sparse-ops (ticket format_version {version}; this "
@@ -372,13 +399,21 @@ def _read_ours(path: Path, tensors: dict, metadata: dict[str, str]) -> importers
         meta = json.loads(metadata.get("meta", "{}"))
     except json.JSONDecodeError as exc:
         raise TicketFormatError(f"{path}: corrupt meta JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise TicketFormatError(f"{path}: meta must be a JSON object, got {type(meta).__name__}")
     sections: dict[str, dict[str, torch.Tensor]] = {s: {} for s in _SECTIONS}
     for key, value in tensors.items():
         section, _, name = key.partition("/")
         if section not in sections or not name:
             raise TicketFormatError(f"{path}: unexpected tensor key {key!r} in a ticket file")
         sections[section][name] = value
-    present = set(metadata.get("sections", "masks").split(","))
+    # Declared sections may be empty; tensors in an undeclared section mean a damaged file.
+    declared = metadata.get("sections")
+    present = set(declared.split(",")) - {""} if declared is not None else set()
+    present |= {s for s, content in sections.items() if content}
+    undeclared = {s for s, content in sections.items() if content} - present
+    if declared is not None and undeclared:
+        raise TicketFormatError(f"{path}: tensors in undeclared sections {sorted(undeclared)}")
     # Keep where the ticket first came from; it now comes from our format.
     origin = meta.get("source_format")
     if origin and origin != "sparse-ops":
@@ -403,11 +438,18 @@ def _as_masks(masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for name, mask in masks.items():
         if not isinstance(mask, torch.Tensor):
             raise TicketMismatchError(f"mask {name!r} is a {type(mask).__name__}, not a tensor")
+        if mask.is_meta:
+            raise TicketMismatchError(f"mask {name!r} is on the meta device: it has no values")
+        if mask.layout != torch.strided:
+            mask = mask.to_dense()
         check_mask_shape(name, mask)
         if mask.dtype != torch.bool:
-            if mask.is_floating_point() and not bool(torch.isfinite(mask).all()):
+            values = mask.detach().cpu()
+            if values.is_floating_point() or values.is_complex():
+                values = values.to(torch.float64)  # fp8 and friends lack comparisons
+            if values.is_floating_point() and not bool(torch.isfinite(values).all()):
                 raise TicketMismatchError(f"mask {name!r} holds NaN/Inf values")
-            bad = mask[(mask != 0) & (mask != 1)]
+            bad = values[(values != 0) & (values != 1)]
             if bad.numel():
                 raise TicketMismatchError(
                     f"mask {name!r} {tuple(mask.shape)} holds values other than 0/1 "
@@ -417,6 +459,17 @@ def _as_masks(masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _non_finite(t: torch.Tensor) -> int:
+    """Number of NaN/Inf entries (0 for non-float tensors)."""
+    if not (t.is_floating_point() or t.is_complex()):
+        return 0
+    try:
+        finite = torch.isfinite(t)
+    except (NotImplementedError, RuntimeError):  # e.g. float8 on some builds
+        finite = torch.isfinite(t.to(torch.float32))
+    return int(finite.numel() - torch.count_nonzero(finite))
+
+
 def _as_state(state: Mapping[str, torch.Tensor] | None, section: str) -> dict | None:
     if state is None:
         return None
@@ -424,7 +477,7 @@ def _as_state(state: Mapping[str, torch.Tensor] | None, section: str) -> dict | 
         raise TicketMismatchError(f"{section} must be a state dict, got {type(state).__name__}")
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise TicketMismatchError(f"{section}: non-tensor values under {_listing(bad)}")
+        raise TicketMismatchError(f"{section}: non-tensor values under {listing(bad)}")
     return {str(k): v.detach().to("cpu") for k, v in state.items()}
 
 
@@ -452,9 +505,11 @@ def _module_signature(model: nn.Module, label: str | None = None) -> _Signature:
     maskable = {}
     classifier = None
     for mname, module in model.named_modules():
-        if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear):
+        if isinstance(module, nn.Conv2d | nn.Linear):
             key = f"{mname}.weight" if mname else "weight"
-            maskable[key] = tuple(state[key].shape)
+            # weight_orig under pruning; .weight is computed under parametrizations
+            weight = getattr(module, "weight_orig", None)
+            maskable[key] = tuple((weight if weight is not None else module.weight).shape)
             if isinstance(module, nn.Linear):
                 classifier = key
     return _Signature(
@@ -467,9 +522,7 @@ def _module_signature(model: nn.Module, label: str | None = None) -> _Signature:
 
 @functools.lru_cache(maxsize=64)
 def _arch_signature(arch: str, num_classes: int) -> _Signature:
-    with torch.device("meta"):
-        model = arch_registry.create(arch, num_classes)
-    return _module_signature(model, arch)
+    return _module_signature(arch_registry.shape_model(arch, num_classes), arch)
 
 
 def maskable_weights(ticket: Ticket) -> dict[str, tuple[int, ...]]:

@@ -133,3 +133,17 @@ def test_module_entry_point():
         check=True,
     )
     assert result.stdout.startswith("sparse-ops ")
+
+
+def test_output_folder_that_cannot_be_created(capsys):
+    assert main(["demo", "--out", "/dev/null/x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sparse-ops: error: /dev/null/x") and "\n" not in err
+
+
+def test_broken_pipe_is_quiet():
+    result = subprocess.run(
+        f"{sys.executable} -m sparse_ops models | head -1", shell=True, capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert result.stdout.startswith("name") and "Traceback" not in result.stderr

@@ -146,11 +146,25 @@ def test_prune_pair_without_mask_rejected():
         load_ticket(state)
 
 
-def test_orphan_mask_rejected():
-    state = {"c.weight_mask": torch.ones(2, 2), "d.weight_orig": torch.ones(2, 2),
+def test_buffers_ending_in_mask_are_not_prune_pairs():
+    state = {"attn_mask": torch.ones(2, 2), "d.weight_orig": torch.ones(2, 2),
              "d.weight_mask": torch.ones(2, 2)}  # fmt: skip
-    with pytest.raises(TicketFormatError, match="'c.weight_mask' has no matching 'c.weight_orig'"):
-        load_ticket(state)
+    t = load_ticket(state)
+    assert list(t.masks) == ["d.weight"] and "attn_mask" in t.weights
+
+
+def test_bias_and_conv1d_masks_are_folded_into_weights():
+    conv1d = nn.Conv1d(2, 3, 3)
+    lin = nn.Linear(4, 3)
+    model = nn.Sequential(conv1d, nn.Flatten(), lin)
+    prune.l1_unstructured(lin, "weight", amount=0.5)
+    prune.l1_unstructured(lin, "bias", amount=0.34)
+    prune.l1_unstructured(conv1d, "weight", amount=0.5)
+    t = load_ticket(model)
+    assert list(t.masks) == ["2.weight"]
+    assert sorted(t.meta["folded_masks"]) == ["0.weight", "2.bias"]
+    torch.testing.assert_close(t.weights["2.bias"], lin.bias.detach())
+    torch.testing.assert_close(t.weights["0.weight"], conv1d.weight.detach())
 
 
 # ---------------------------------------------------------------- open_lth / E-LTH
@@ -195,7 +209,7 @@ def test_open_lth_level_dir_without_main_and_mask_file(open_lth_run):
 
 def test_open_lth_replicate_dir_asks_for_a_level(open_lth_run):
     root, _ = open_lth_run
-    with pytest.raises(TicketFormatError, match=r"several open_lth levels \(level_3\)"):
+    with pytest.raises(TicketFormatError, match=r"replicate directory \(levels: level_3\)"):
         load_ticket(root)
 
 
@@ -477,3 +491,138 @@ def test_corrupt_sparsity_report(tmp_path, open_lth_run):
     (d / "sparsity_report.json").write_text("{oops")
     with pytest.raises(TicketFormatError, match="sparsity_report.json: not valid JSON"):
         load_ticket(d)
+
+
+# ---------------------------------------------------------------- found in review
+
+
+def test_structure_lth_mask_file_reads_as_masks(tmp_path):
+    # extract_mask(model.state_dict()) keeps the *_mask keys only
+    m = (torch.rand(16, 16, 3, 3) < 0.5).float()
+    torch.save({"layer1.0.conv1.weight_mask": m}, tmp_path / "mask.pt")
+    t = load_ticket(tmp_path / "mask.pt")
+    assert t.meta["source_format"] == "mask-dict"
+    assert torch.equal(t.masks["layer1.0.conv1.weight"], m.bool())
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float32])
+def test_non_binary_mask_file_is_reported(tmp_path, dtype):
+    bad = (torch.rand(16, 16, 3, 3) < 0.5).to(dtype)
+    bad[3, 2, 1, 0] = 2 if dtype == torch.int32 else 0.5
+    torch.save({"c.weight": bad}, tmp_path / "mask.pth")
+    with pytest.raises(TicketMismatchError, match="'c.weight'.*other than 0/1"):
+        load_ticket(tmp_path / "mask.pth")
+
+
+@pytest.mark.parametrize("obj", [{"state_dict": {}}, {"model_state_dict": {}}, {}])
+def test_empty_containers_are_refused(obj):
+    with pytest.raises(TicketFormatError):
+        load_ticket(obj)
+
+
+def test_empty_safetensors_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({}, tmp_path / "empty.safetensors")
+    with pytest.raises(TicketFormatError, match="holds no tensors"):
+        load_ticket(tmp_path / "empty.safetensors")
+
+
+def test_truncated_zip_prefix(tmp_path, slth_res20s):
+    directory, _ = slth_res20s
+    raw = (directory / "4checkpoint.pth.tar").read_bytes()
+    (tmp_path / "c.pt").write_bytes(raw[:5000])
+    with pytest.raises(TicketFormatError, match="truncated or corrupt"):
+        load_ticket(tmp_path / "c.pt")
+
+
+def test_damaged_legacy_file(tmp_path):
+    torch.save(
+        {"a.weight": torch.randn(8, 8)}, tmp_path / "l.pt", _use_new_zipfile_serialization=False
+    )
+    raw = (tmp_path / "l.pt").read_bytes()
+    (tmp_path / "l.pt").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(TicketFormatError, match="l.pt"):
+        load_ticket(tmp_path / "l.pt")
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_legacy_files_of_every_pickle_protocol(tmp_path, protocol):
+    sd = {"a.weight": torch.tensor([[0.0, 1.5], [2.0, 0.0]])}
+    path = tmp_path / f"p{protocol}.pt"
+    torch.save(sd, path, _use_new_zipfile_serialization=False, pickle_protocol=protocol)
+    if protocol <= 3:
+        t = load_ticket(path)
+        assert t.meta["source_format"] == "zeros" and t.density == 0.5
+    else:  # torch's weights-only unpickler does not speak protocol 4's FRAME opcode
+        with pytest.raises(TicketFormatError, match="pickle_protocol ≥ 4.*re-save"):
+            load_ticket(path)
+
+
+def test_unreadable_file(tmp_path):
+    with pytest.raises(TicketFormatError, match="cannot read"):
+        load_ticket("/proc/self/mem")
+
+
+def test_torchscript_archive(tmp_path):
+    torch.jit.save(torch.jit.script(nn.Linear(2, 2)), tmp_path / "ts.pt")
+    with pytest.raises(TicketFormatError, match="TorchScript archive"):
+        load_ticket(tmp_path / "ts.pt")
+
+
+def test_object_array_is_refused_naming_object(tmp_path):
+    torch.save({"state_dict": {"a.weight": torch.ones(1, 1)},
+                "junk": np.array([object()], dtype=object)}, tmp_path / "o.pt")  # fmt: skip
+    with pytest.raises(TicketFormatError, match="it pickles builtins.object,"):
+        load_ticket(tmp_path / "o.pt")
+
+
+def test_numpy_integer_epoch_kept(slth_res20s):
+    _, ckpt = slth_res20s
+    t = load_ticket(dict(ckpt, epoch=np.int64(77)))
+    assert t.meta["epoch"] == 77 and isinstance(t.meta["epoch"], int)
+
+
+def test_other_training_code_with_mask_token_is_not_open_lth():
+    sd = {"mask_token": torch.zeros(1, 4), "encoder.weight": torch.tensor([[0.0, 1.0]])}
+    t = load_ticket({"model_state_dict": sd})
+    assert list(t.masks) == ["encoder.weight"] and "mask_token" in t.weights
+
+
+def test_replicate_dir_lists_levels_numerically(tmp_path):
+    for level in (2, 10, 9):
+        (tmp_path / f"level_{level}" / "main").mkdir(parents=True)
+    with pytest.raises(
+        TicketFormatError,
+        match=r"levels: level_2, level_9, level_10\); pass one level, e.g. .*level_10",
+    ):
+        load_ticket(tmp_path)
+
+
+def test_fp8_weights_are_checked(tmp_path):
+    if not hasattr(torch, "float8_e4m3fn"):
+        pytest.skip("no float8 in this torch")
+    w = torch.tensor([[0.0, 1.0], [2.0, 0.5]]).to(torch.float8_e4m3fn)
+    t = load_ticket({"fc.weight": w})
+    assert t.density == 0.75
+
+
+def test_weight_norm_model_can_be_checked():
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(3, 2)))
+    t = Ticket({"0.weight": torch.ones(2, 3)})
+    t.check_fits(model)
+
+
+def test_open_lth_export_of_an_empty_ticket(tmp_path):
+    with pytest.raises(TicketMismatchError, match="nothing to export"):
+        save_open_lth_level(Ticket({}), tmp_path / "x")
+
+
+def test_structure_lth_export_keeps_meta_numbers(tmp_path, slth_res20s):
+    _, ckpt = slth_res20s
+    t = load_ticket(ckpt)
+    saved = torch.load(save_structure_lth(t, tmp_path / "s.pth.tar"), weights_only=True)
+    assert saved["epoch"] == ckpt["epoch"] and saved["best_sa"] == ckpt["best_sa"]
+    assert saved["state"] == ckpt["state"]
+    mask = saved["state_dict"]["layer1.0.conv1.weight_mask"]
+    assert mask.dtype == ckpt["state_dict"]["layer1.0.conv1.weight_orig"].dtype

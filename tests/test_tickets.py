@@ -334,9 +334,8 @@ def test_from_module_without_hooks_reads_zeros():
 
 
 def test_stored_arch_is_checked_on_load(tmp_path):
-    t = _random_ticket()
-    t.arch = "res56s"  # wrong on purpose: the weights are res20s's
-    path = t.save(tmp_path / "wrong_arch.safetensors")
+    path = _random_ticket().save(tmp_path / "wrong_arch.safetensors")
+    _rewrite_metadata(path, arch="res56s")  # wrong on purpose: the weights are res20s's
     with pytest.raises(
         TicketMismatchError, match="wrong_arch.safetensors: ticket does not fit res56s"
     ):
@@ -347,3 +346,89 @@ def test_stored_arch_is_checked_on_load(tmp_path):
 def test_custom_arch_name_is_kept_unchecked(tmp_path):
     t = Ticket({"fc.weight": torch.ones(2, 2)}, arch="my_own_net")
     assert load_ticket(t.save(tmp_path / "own.safetensors")).arch == "my_own_net"
+
+
+# ---------------------------------------------------------------- found in review
+
+
+def test_save_refuses_a_ticket_that_could_not_be_loaded_back(tmp_path):
+    t = _random_ticket()
+    partial = {k: v for k, v in t.weights.items() if not k.startswith("layer3")}
+    masks = {k: v for k, v in t.masks.items() if not k.startswith("layer3")}
+    with pytest.raises(TicketMismatchError, match="does not fit res20s"):
+        Ticket(masks, partial, "res20s").save(tmp_path / "p.safetensors")
+    assert not (tmp_path / "p.safetensors").exists()
+
+
+def test_sections_missing_from_metadata_are_inferred(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from sparse_ops.checkpoint_io import read_safetensors
+
+    path = _random_ticket().save(tmp_path / "t.safetensors")
+    _, metadata = read_safetensors(path)
+    del metadata["sections"]
+    save_file(load_file(str(path)), str(path), metadata=metadata)
+    back = load_ticket(path)
+    assert back.weights is not None and back.rewind is not None
+
+
+def test_empty_weights_round_trip(tmp_path):
+    t = Ticket({}, {})
+    assert load_ticket(t.save(tmp_path / "e.safetensors")).weights == {}
+
+
+@pytest.mark.parametrize("meta", ["[1]", "null", '"x"'])
+def test_meta_must_be_an_object(tmp_path, meta):
+    path = _random_ticket().save(tmp_path / "t.safetensors")
+    _rewrite_metadata(path, meta=meta)
+    with pytest.raises(TicketFormatError, match="meta must be a JSON object"):
+        load_ticket(path)
+
+
+@pytest.mark.parametrize("version", ["0", "-1", "x"])
+def test_bad_format_version(tmp_path, version):
+    path = _random_ticket().save(tmp_path / "t.safetensors")
+    _rewrite_metadata(path, format_version=version)
+    with pytest.raises(TicketFormatError, match="bad format_version"):
+        load_ticket(path)
+
+
+def test_with_arch_does_not_mutate():
+    t = Ticket({"fc.weight": torch.ones(10, 64)})
+    fitted = t.with_arch("res20s")
+    assert fitted is not t and t.arch is None and fitted.arch == "res20s"
+
+
+def test_inspect_ticket_with_custom_arch(tmp_path):
+    from sparse_ops.inspection import inspect_report
+
+    path = Ticket({"fc.weight": torch.ones(2, 2)}, arch="my_own_net").save(
+        tmp_path / "o.safetensors"
+    )
+    assert inspect_report(path)["arch"] == "my_own_net"
+
+
+def test_arch_must_be_a_name():
+    with pytest.raises(TicketMismatchError, match="arch must be a name"):
+        Ticket({}, arch=5)
+
+
+def test_save_to_a_directory(tmp_path):
+    with pytest.raises(TicketFormatError, match="is a directory"):
+        Ticket({}).save(tmp_path)
+
+
+def test_sparse_and_meta_masks():
+    dense = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert Ticket({"a.weight": dense.to_sparse()}).density == 0.5
+    with pytest.raises(TicketMismatchError, match="meta device"):
+        Ticket({"a.weight": torch.ones(2, 2, device="meta")})
+
+
+def test_saved_meta_drops_source_and_records_sparsity(tmp_path):
+    t = _random_ticket()
+    t.meta["source"] = "/somewhere/else.pth"
+    back = load_ticket(t.save(tmp_path / "t.safetensors"))
+    assert back.meta["source"] == str(tmp_path / "t.safetensors")
+    assert back.meta["sparsity"] == pytest.approx(t.sparsity)

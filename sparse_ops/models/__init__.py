@@ -21,6 +21,7 @@ and is how shapes and parameter counts are looked up without allocating weights.
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ __all__ = [
     "is_known",
     "names",
     "parameter_count",
+    "shape_model",
     "state_shapes",
 ]
 
@@ -146,7 +148,7 @@ _CANONICAL = [
 
 PATTERN_HELP = (
     "res{N}s, cifar_resnet_{N}[_{W}] (N = 6k+2), cifar_vgg_{11,13,16,19}[_{W}], "
-    "imagenet_resnet_{18,26,34,50,101,152}[_{W}], resnet{18,26,34,50,101,152}"
+    "imagenet_resnet_{18,26,34,50,101,152,200}[_{W}], resnet{18,26,34,50,101,152,200}"
 )
 
 
@@ -190,15 +192,21 @@ def create(name: str, num_classes: int = 10) -> nn.Module:
     return arch.build(num_classes)
 
 
-def state_shapes(name: str, num_classes: int = 10) -> dict[str, tuple[int, ...]]:
-    """``{state_dict key: shape}`` of architecture ``name``, built on the meta device."""
+@functools.lru_cache(maxsize=64)
+def shape_model(name: str, num_classes: int = 10) -> nn.Module:
+    """Architecture ``name`` built on the meta device: shapes only, no memory, cached.
+
+    Shared, so treat it as read-only.
+    """
     with torch.device("meta"):
-        model = create(name, num_classes)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        return create(name, num_classes)
+
+
+def state_shapes(name: str, num_classes: int = 10) -> dict[str, tuple[int, ...]]:
+    """``{state_dict key: shape}`` of architecture ``name``."""
+    return {k: tuple(v.shape) for k, v in shape_model(name, num_classes).state_dict().items()}
 
 
 def parameter_count(name: str, num_classes: int = 10) -> int:
     """Number of trainable parameters (no buffers)."""
-    with torch.device("meta"):
-        model = create(name, num_classes)
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in shape_model(name, num_classes).parameters())

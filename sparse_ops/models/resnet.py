@@ -64,6 +64,7 @@ LAYOUTS: dict[int, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
     50: (Bottleneck, (3, 4, 6, 3)),
     101: (Bottleneck, (3, 4, 23, 3)),
     152: (Bottleneck, (3, 8, 36, 3)),
+    200: (Bottleneck, (3, 24, 36, 3)),  # open_lth's imagenet_resnet_200
 }
 
 

@@ -12,16 +12,17 @@ order, see :mod:`sparse_ops.masks`):
    count inside the part, descending (ties: lower column first), and take them one at
    a time until every row ``r`` of the part satisfies ``width > t1 × uncovered_r``,
    where ``width`` is the number of columns taken and ``uncovered_r`` counts row
-   ``r``'s nonzeros outside them. Every column that is at least ``t2`` full within the
-   part (a *dense column*) also joins the block. Since the columns are sorted, the
+   ``r``'s nonzeros outside them. With ``t2`` set, every column at least ``t2`` full
+   within the part (a *dense column*) also joins. Since the columns are sorted, the
    block is simply the longer of the two prefixes.
 
-   Why ``t2``: the ``t1`` rule is a cost rule from a hybrid dense-block + sparse-residual
-   kernel (Rumi et al. 2020). On a perfectly dense block of ``W`` columns it stops
-   near ``0.6 W`` when t1 = 1.5, and Structure-LTH prunes what is left out. A column
-   at least half full never refills more entries than it keeps, so with the default
-   ``t2 = 0.5`` dense structure is kept whole. Random masks are barely affected: at
-   20% density the fullest column of a 64-row part is about 38% full.
+   The ``t1`` rule trades block width against nonzeros left out. At t1 = 1.5 it stops
+   a perfectly dense block of ``W`` columns near ``0.6 W``, and it cuts a layer of
+   density 0.8 to about half its columns. Inside IMP this is what moves sparsity
+   forward, so it is the default. ``t2`` (off by default) keeps dense structure whole:
+   with ``t2 = 0.5`` a planted block survives intact, because a column at least half
+   full never refills more entries than it keeps. At high density, though, ``t2``
+   keeps nearly every column, and IMP + regroup stops making progress.
 3. **Keep or drop the block.** A part with fewer than ``min_rows`` rows, or a block
    with fewer than ``b2`` columns, is dropped (its nonzeros are pruned). A kept block
    is cut into groups of at most ``b1`` rows (kernel tiles; the mask does not change).
@@ -72,7 +73,7 @@ class RegroupConfig:
     parts: int | str = "auto"  # an int, or "auto" (from group_rows)
     group_rows: int = 64  # auto: target rows per part
     t1: float = 1.5  # column growth: stop when width > t1 × every row's uncovered nonzeros
-    t2: float | None = 0.5  # columns this full within the part always join (None: off)
+    t2: float | None = None  # columns this full within the part always join (None: off)
     b1: int = 32  # rows per group (blocks are cut into groups this high)
     min_rows: int = 16  # parts with fewer rows are dropped
     b2: int = 1  # blocks with fewer columns are dropped

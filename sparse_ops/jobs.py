@@ -1,0 +1,151 @@
+"""Whole jobs behind CLI commands (and the demo): prune with IMP, restructure a ticket."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import data as datasets
+from . import imp, models
+from .progress import Progress
+from .tables import format_table
+from .tickets import Ticket, load_ticket
+from .training import TrainConfig, Trainer
+
+
+def prune_job(
+    arch: str,
+    out: str | Path,
+    *,
+    data: str = "digits",
+    data_dir: str | None = None,
+    image_size: int | None = None,
+    rounds: int = 4,
+    rate: float = 0.2,
+    scope: str = "global",
+    post: str = "none",
+    post_options: dict[str, Any] | None = None,
+    train: TrainConfig | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """IMP on a built-in architecture and dataset; one ticket file per round in ``out``.
+
+    Returns (and writes as ``summary.json``) ``{"rounds": [{"round", "density",
+    "accuracy", ...}], ...}`` with round 0 the dense network.
+    """
+    imp.resolve_post(post, post_options)  # bad options fail before any training
+    imp._check_rate(rate)
+    progress = progress or Progress()
+    train = train or TrainConfig()
+    info = models.info(arch)
+    dataset = datasets.load(data, data_dir, image_size=image_size, seed=train.seed)
+    progress.line(f"data: {dataset.describe()}")
+    torch.manual_seed(train.seed)
+    model = models.create(info.name, dataset.num_classes)
+    trainer = Trainer(dataset, train, progress=progress)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    example = dataset.test.images[:1]
+    rows: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    fits: dict[int, dict] = {}
+
+    def train_fn(m, ctx):
+        fits[ctx.round] = trainer.fit(m, ctx)
+
+    for ticket in imp.run(
+        model, rounds, train_fn, trainer.accuracy, rate=rate, scope=scope, post=post,
+        post_options=post_options, example_input=example, arch=info.name,
+    ):  # fmt: skip
+        r = ticket.meta["round"]
+        ticket.meta.update(data=data, train=train.as_dict())
+        path = ticket.save(out / f"round{r}.safetensors")
+        row = {
+            "round": r,
+            "density": ticket.density,
+            "sparsity": ticket.sparsity,
+            "imp_density": ticket.meta["imp_density"],
+            "accuracy": ticket.meta["accuracy"],
+            "val_accuracy": fits[r]["best_val"],
+            "best_epoch": fits[r]["best_epoch"],
+            "seconds": fits[r]["seconds"],
+            "ticket": str(path),
+        }
+        rows.append(row)
+        progress.line(
+            f"round {r}: density {row['density']:.4f} (sparsity {100 * row['sparsity']:.2f}%), "
+            f"test accuracy {row['accuracy']:.2f}% (val {row['val_accuracy']:.2f}%, "
+            f"epoch {row['best_epoch']}), {row['seconds']:.0f}s"
+        )
+    dense = rows[0]["accuracy"]
+    summary = {
+        "arch": info.name,
+        "data": data,
+        "post": post,
+        "post_options": post_options or {},
+        "rate": rate,
+        "scope": scope,
+        "train": train.as_dict(),
+        "dense_accuracy": dense,
+        "final": dict(rows[-1], accuracy_drop=dense - rows[-1]["accuracy"]),
+        "rounds": rows,
+        "seconds": time.perf_counter() - start,
+        "out": str(out),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def render_prune(summary: dict[str, Any]) -> str:
+    headers = ["round", "density", "sparsity", "test acc %", "val acc %", "IMP density", "time s"]
+    rows = [
+        [r["round"], r["density"], f"{100 * r['sparsity']:.2f}%", f"{r['accuracy']:.2f}",
+         f"{r['val_accuracy']:.2f}", r["imp_density"], f"{r['seconds']:.0f}"]
+        for r in summary["rounds"]
+    ]  # fmt: skip
+    final = summary["final"]
+    return (
+        f"IMP on {summary['arch']} / {summary['data']}, rate {summary['rate']}, "
+        f"post-processing: {summary['post']}\n"
+        + format_table(headers, rows, align="rrrrrrr")
+        + f"\n\nfinal: sparsity {100 * final['sparsity']:.2f}%, test accuracy "
+        f"{final['accuracy']:.2f}% ({final['accuracy_drop']:+.2f} points below dense)"
+        f"\ntickets and summary.json in {summary['out']}/"
+    )
+
+
+def restructure_job(
+    source: str | Path,
+    out: str | Path,
+    method: str,
+    *,
+    arch: str | None = None,
+    options: dict[str, Any] | None = None,
+    batch: tuple[torch.Tensor, ...] | None = None,
+) -> tuple[Ticket, dict[str, Any]]:
+    """Apply one structuring step to a ticket in any readable format; save ours."""
+    ticket = load_ticket(source, arch=arch)
+    options = dict(options or {})
+    if batch is not None and method.startswith("refill"):
+        options["batch"] = batch  # only refill's feature criteria read activations
+    post = imp.resolve_post(method, options)
+    if post is None:
+        raise imp.IMPError("restructure needs a method: refill, refill+ or regroup")
+    result = post(ticket, None)
+    path = result.save(out)
+    report = result.meta["structure_report"]
+    summary = {
+        "input": str(source),
+        "output": str(path),
+        "arch": result.arch,
+        "method": report["method"],
+        "params": report["params"],
+        "density_before": ticket.density,
+        "density_after": result.density,
+        "layers": report["layers"],
+    }
+    return result, summary
