@@ -25,6 +25,8 @@ setup(
         "numpy>=1.24",
         "safetensors>=0.4",
         "triton>=3.0; platform_system == 'Linux'",
+        "mtkahypar>=1.4",  # regroup's partitioner
+        "scikit-learn>=1.2",  # the embedded digits dataset (no download)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"],

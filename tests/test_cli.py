@@ -147,3 +147,98 @@ def test_broken_pipe_is_quiet():
         text=True,
     )  # fmt: skip
     assert result.stdout.startswith("name") and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------- prune / restructure
+
+
+@pytest.fixture(scope="module")
+def pruned_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prune")
+    argv = ["prune", "--arch", "res20s", "--data", "synthetic", "--image-size", "8",
+            "--rounds", "2", "--epochs", "1", "--post", "regroup", "--out", str(out),
+            "--json"]  # fmt: skip
+    return out, argv
+
+
+def test_prune_json_rounds_and_tickets(pruned_run, capsys):
+    out, argv = pruned_run
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    rounds = summary["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert rounds[0]["density"] == 1.0
+    assert all({"round", "density", "accuracy", "imp_density"} <= set(r) for r in rounds)
+    assert rounds[1]["imp_density"] == pytest.approx(0.8, abs=1e-3)
+    assert summary["post"] == "regroup" and summary["final"]["round"] == 2
+    from sparse_ops import load_ticket
+
+    ticket = load_ticket(out / "round2.safetensors")
+    assert ticket.arch == "res20s" and ticket.meta["method"] == "regroup"
+    assert ticket.density == pytest.approx(rounds[2]["density"])
+    assert (out / "summary.json").is_file()
+
+
+def test_restructure_refill_plus_json(pruned_run, tmp_path, capsys):
+    out, _ = pruned_run
+    if not (out / "round1.safetensors").exists():
+        pytest.skip("needs the prune run")
+    target = tmp_path / "refilled.safetensors"
+    argv = ["restructure", str(out / "round1.safetensors"), "--method", "refill+",
+            "--extra", "0.2", "--criterion", "remain", "-o", str(target), "--json"]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["method"] == "refill+" and summary["params"]["extra"] == 0.2
+    assert {layer["status"] for layer in summary["layers"]} <= {"refilled", "empty"}
+    assert target.is_file()
+
+
+def test_restructure_regroup_table(tmp_path, capsys):
+    from sparse_ops import Ticket
+
+    masks = {f"layer3.{i}.conv{j}.weight": torch.rand(64, 64 if i or j == 2 else 32, 3, 3) < 0.3
+             for i in range(3) for j in (1, 2)}  # fmt: skip
+    src = Ticket(masks).save(tmp_path / "in.safetensors")
+    assert main(["restructure", str(src), "--arch", "res20s", "--method", "regroup",
+                 "--parts", "2", "-o", str(tmp_path / "g.safetensors")]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "regrouped" in out and "layer3.2.conv2.weight" in out and "regroup: density" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["prune", "--arch", "res20s", "--rate", "1.2", "--out", "{tmp}"], "rate must be in"),
+        (["prune", "--arch", "res20s", "--rate", "0", "--out", "{tmp}"], "rate must be in"),
+        (["prune", "--arch", "res20s", "--post", "refill", "--t1", "2", "--out", "{tmp}"],
+         "options not used by refill: --t1"),
+        (["prune", "--arch", "res20s", "--parts", "4", "--out", "{tmp}"],
+         "--parts need a post-processing method"),
+        (["prune", "--arch", "res20s", "--data", "cifar10", "--data-dir", "{tmp}",
+          "--out", "{tmp}"], "missing data_batch_1.bin"),
+        (["prune", "--arch", "res21s", "--out", "{tmp}"], "unknown architecture 'res21s'"),
+        (["prune", "--arch", "res20s", "--post", "regroup", "--t2", "3", "--out", "{tmp}"],
+         "t2 must be in (0, 1] or None"),
+    ],
+)  # fmt: skip
+def test_prune_bad_input_exits_2(argv, fragment, tmp_path, capsys):
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and err.count("\n") == 0
+
+
+def test_restructure_ticket_that_does_not_fit(tmp_path, capsys):
+    from sparse_ops import Ticket
+
+    src = Ticket({"layer1.0.conv1.weight": torch.ones(16, 16, 3, 3)}).save(
+        tmp_path / "t.safetensors"
+    )
+    assert main(["restructure", str(src), "--arch", "res56s", "--method", "refill",
+                 "--criterion", "remain", "-o", str(tmp_path / "o.safetensors")]) == 0  # fmt: skip
+    capsys.readouterr()
+    bad = Ticket({"layer1.0.conv1.weight": torch.ones(16, 8, 3, 3)}).save(
+        tmp_path / "b.safetensors"
+    )
+    assert main(["restructure", str(bad), "--arch", "res20s", "--method", "refill",
+                 "-o", str(tmp_path / "o2.safetensors")]) == 2  # fmt: skip
+    assert "does not fit res20s" in capsys.readouterr().err
