@@ -1,0 +1,223 @@
+"""Group-wise block-sparse convolution: one launch over every dense group of a layer.
+
+Math. A layer's weight, seen as the GEMM matrix ``Cout × K`` (``K = kh·kw·Cin``, column
+``j = (ky·kw + kx)·Cin + c``), is a union of dense groups with disjoint rows: group
+``g`` owns output rows ``rows[g]`` and columns ``cols[g]``. For output pixel
+``m = (n, oh, ow)`` and row ``r`` of group ``g``:
+
+    acc[m, r] = Σ_{j ∈ cols[g]} x[n, oh·sh − ph + ky(j)·dh, ow·sw − pw + kx(j)·dw, c(j)]
+                               · values_g[r, j]                  (out-of-image taps: 0)
+    y[m, r] = cast( relu?( acc[m, r] + bias[r] + res[m, r] ) )
+
+Output rows in no group (``fill_idx``) get the epilogue of a zero accumulator.
+
+Schedule. The pack holds a flat list of tiles ``(group, BLOCK_N rows)`` — groups with
+the most columns first — followed by epilogue-only tiles. The grid is (pixel tiles,
+schedule tiles), pixel tiles varying fastest, so the longest K loops start first.
+Each tile's K loop walks its group's columns in blocks of ``BLOCK_K``, gathering
+``x`` at the decoded (ky, kx, c) of each column. The group's values are a dense,
+zero-padded ``[rows_pad, cols_pad]`` tile, so loading them needs no mask.
+
+Shapes and layout:
+    x         [N, Cin, H, W] logical, channels innermost (strides passed explicitly)
+    values    flat; group g's tile row-major at val_ptr[g], x's dtype
+    row_idx   int32, −1 padded per group to BLOCK_N · row_ptr [G+1]
+    col_idx   int32, −1 padded per group to k_pad · col_ptr [G+1]
+    tile_group, tile_row  int32 [T] · fill_idx int32 · bias [Cout] float32
+    res, y    [N, Cout, OH, OW] logical, channels innermost
+
+fp32 accumulation; int64 offsets; fp16, bf16 or fp32 (tf32 when allowed) inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import launch
+from .errors import KernelInputError
+
+SUPPORTED_FORMAT_VERSION = 1
+
+
+@triton.jit
+def group_conv_kernel(
+    x_ptr, val_ptr, bias_ptr, res_ptr, y_ptr,
+    row_idx_ptr, row_ptr_ptr, col_idx_ptr, col_ptr_ptr, vptr_ptr,
+    tile_group_ptr, tile_row_ptr, fill_idx_ptr,
+    M, H, W, OH, OW, C_IN, KW, N_FILL, NUM_TILES, MAX_COLS,
+    stride_xn, stride_xh, stride_xw, stride_xc,
+    stride_yn, stride_yh, stride_yw, stride_yc,
+    stride_rn, stride_rh, stride_rw, stride_rc,
+    STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, K_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    group = tl.load(tile_group_ptr + pid_t)
+    start = tl.load(tile_row_ptr + pid_t)
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = rm < M
+    ow = rm % OW
+    oh = (rm // OW) % OH
+    nb = (rm // OW) // OH
+    rr = tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    if group >= 0:
+        out_ch = tl.load(row_idx_ptr + start + rr)  # −1 marks padding rows
+        col_begin = tl.load(col_ptr_ptr + group)
+        col_end = tl.load(col_ptr_ptr + group + 1)
+        cols_pad = col_end - col_begin
+        row_in_group = start - tl.load(row_ptr_ptr + group)
+        v_base = tl.load(vptr_ptr + group) + row_in_group.to(tl.int64) * cols_pad
+        ih0 = oh * STRIDE_H - PAD_H
+        iw0 = ow * STRIDE_W - PAD_W
+        x_img = nb.to(tl.int64) * stride_xn
+        for k0 in range(0, cols_pad, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            col = tl.load(col_idx_ptr + col_begin + rk)  # −1 marks padding columns
+            c = col % C_IN
+            tap = col // C_IN
+            ky = tap // KW
+            kx = tap % KW
+            ih = ih0[:, None] + (ky * DIL_H)[None, :]
+            iw = iw0[:, None] + (kx * DIL_W)[None, :]
+            inside = (
+                m_mask[:, None] & (col >= 0)[None, :]
+                & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            )  # fmt: skip
+            a = tl.load(
+                x_ptr + x_img[:, None] + ih.to(tl.int64) * stride_xh
+                + iw.to(tl.int64) * stride_xw + c.to(tl.int64)[None, :] * stride_xc,
+                mask=inside,
+                other=0.0,
+            )  # fmt: skip
+            # Padded tiles: every (row, column) of the block exists, zero where padded.
+            b = tl.load(val_ptr + v_base + rr.to(tl.int64)[None, :] * cols_pad + rk[:, None])
+            acc += tl.dot(a, b, input_precision=INPUT_PRECISION)
+    else:
+        # Epilogue-only tile: output rows that belong to no group.
+        rf = start + rr
+        out_ch = tl.load(fill_idx_ptr + rf, mask=rf < N_FILL, other=-1)
+
+    col_mask = out_ch >= 0
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + out_ch, mask=col_mask, other=0.0)[None, :]
+    out_mask = m_mask[:, None] & col_mask[None, :]
+    ch64 = out_ch.to(tl.int64)[None, :]
+    if HAS_RES:
+        r_pix = (
+            nb.to(tl.int64) * stride_rn + oh.to(tl.int64) * stride_rh + ow.to(tl.int64) * stride_rw
+        )
+        res = tl.load(res_ptr + r_pix[:, None] + ch64 * stride_rc, mask=out_mask, other=0.0)
+        acc += res.to(tl.float32)
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    y_pix = nb.to(tl.int64) * stride_yn + oh.to(tl.int64) * stride_yh + ow.to(tl.int64) * stride_yw
+    tl.store(
+        y_ptr + y_pix[:, None] + ch64 * stride_yc, acc.to(y_ptr.dtype.element_ty), mask=out_mask
+    )
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """BLOCK_K must divide the pack's column padding (tiles are padded to K_PAD)."""
+    k_pad = kwargs.get("K_PAD", named_args.get("K_PAD"))
+    kept = [c for c in configs if k_pad % c.kwargs["BLOCK_K"] == 0]
+    return kept or configs[:1]
+
+
+# Autotuning (GPU only). BLOCK_N is the pack's row tile, fixed by the format; the key
+# holds every shape quantity and the pack's size class (tiles, widest group).
+CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=nw, num_stages=ns)
+    for bm, bk, nw, ns in [
+        (128, 32, 4, 3), (128, 64, 4, 3), (64, 32, 4, 4), (64, 64, 4, 3),
+        (256, 32, 8, 3), (128, 16, 4, 4), (64, 16, 2, 4), (256, 64, 8, 2),
+    ]
+]  # fmt: skip
+AUTOTUNE_KEY = ["M", "H", "W", "OH", "OW", "C_IN", "KW", "N_FILL", "NUM_TILES", "MAX_COLS",
+                "STRIDE_H", "STRIDE_W", "PAD_H", "PAD_W", "DIL_H", "DIL_W"]  # fmt: skip
+group_conv_tuned = triton.autotune(
+    configs=CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs}
+)(group_conv_kernel)
+
+INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_K": 16}
+
+_PACK_INDEX = ("row_idx", "row_ptr", "col_idx", "col_ptr", "tile_group", "tile_row", "fill_idx")
+
+
+def group_conv2d(
+    x: torch.Tensor,
+    pack,
+    *,
+    residual: torch.Tensor | None = None,
+    relu: bool = False,
+    out: torch.Tensor | None = None,
+    allow_tf32: bool | None = None,
+) -> torch.Tensor:
+    """Run a GroupPack-like ``pack`` on ``x`` ([N, Cin, H, W]); returns [N, Cout, OH, OW].
+
+    ``pack`` provides the fields of :class:`sparse_ops.formats.GroupPack` (values in
+    x's dtype, int32 indices, int64 ``val_ptr``, ``block_n``, ``k_pad``, geometry and
+    ``format_version``). The output is channels-last.
+    """
+    interpreted = launch.is_interpreted(group_conv_kernel)
+    what = "group_conv2d"
+    launch.check_format_version(pack, SUPPORTED_FORMAT_VERSION, f"{what}: pack")
+    launch.check_activation(x, f"{what}: input", interpreted)
+    launch.check_same(pack.values, x, f"{what}: pack values")
+    for name in _PACK_INDEX:
+        launch.check_same(getattr(pack, name), x, f"{what}: pack {name}", dtype=torch.int32)
+    launch.check_same(pack.val_ptr, x, f"{what}: pack val_ptr", dtype=torch.int64)
+    launch.check_same(pack.bias, x, f"{what}: pack bias", dtype=torch.float32)
+    n, c, h, w = (int(s) for s in x.shape)
+    if c != pack.in_channels:
+        raise KernelInputError(f"{what}: input has {c} channels, pack expects {pack.in_channels}")
+    block_n, k_pad = int(pack.block_n), int(pack.k_pad)
+    if block_n < 16 or block_n & (block_n - 1) or k_pad < 16 or k_pad & (k_pad - 1):
+        raise KernelInputError(
+            f"{what}: pack block_n={block_n} and k_pad={k_pad} must be powers of two ≥ 16 "
+            "(tensor-core tile edges)"
+        )
+    kh, kw = launch.pair(pack.kernel_size)
+    stride, padding, dilation = (launch.pair(v) for v in (pack.stride, pack.padding, pack.dilation))
+    oh, ow = launch.output_hw(h, w, (kh, kw), stride, padding, dilation, what)
+    shape = (n, pack.out_channels, oh, ow)
+    residual = launch.prepare_residual(residual, shape, x, what)
+    y = launch.prepare_output(out, shape, x, what)
+    x = launch.channels_last(x)
+    m, tiles = n * oh * ow, int(pack.tile_group.numel())
+    if m == 0 or tiles == 0:
+        return y
+    dummy = y  # pointers of disabled features are never read
+    max_cols = int(pack.max_cols) if hasattr(pack, "max_cols") else 0
+    args = [
+        x, pack.values, pack.bias if pack.bias is not None else dummy,
+        residual if residual is not None else dummy, y,
+        pack.row_idx, pack.row_ptr, pack.col_idx, pack.col_ptr, pack.val_ptr,
+        pack.tile_group, pack.tile_row, pack.fill_idx,
+        m, h, w, oh, ow, c, kw, int(pack.fill_idx.numel()), tiles, max_cols,
+        *launch.nhwc_strides(x), *launch.nhwc_strides(y),
+        *(launch.nhwc_strides(residual) if residual is not None else (0, 0, 0, 0)),
+        *stride, *padding, *dilation,
+    ]  # fmt: skip
+    flags = {
+        "HAS_BIAS": pack.bias is not None, "HAS_RES": residual is not None, "RELU": bool(relu),
+        "INPUT_PRECISION": launch.input_precision(x.dtype, allow_tf32), "K_PAD": k_pad,
+        "BLOCK_N": block_n,
+    }  # fmt: skip
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]), tiles)
+
+    if interpreted:
+        config = dict(INTERPRETER_CONFIG, BLOCK_K=min(INTERPRETER_CONFIG["BLOCK_K"], k_pad))
+        group_conv_kernel[grid(config)](*args, **flags, **config)
+    else:
+        group_conv_tuned[grid](*args, **flags)
+    return y

@@ -1,0 +1,439 @@
+"""Packed formats of structured convolution weights, as the kernels read them.
+
+Both formats describe one conv layer ``W[Cout, Cin, kh, kw]`` (under a mask) of the
+full input and output channel spaces. Channels a format does not compute still get the
+epilogue (bias, residual, ReLU), so a layer run from a format equals the masked dense
+conv in every output channel (:mod:`sparse_ops.reference`).
+
+**ChannelPlan** — a channel-structured mask ``M = keep_out ⊗ keep_in``:
+
+=============  ===================================================================
+``weight``     ``[Cout', kh, kw, Cin']`` compacted weight (kept rows, kept inputs)
+``in_idx``     ``[Cin']`` int32 sorted input channels read, or ``None`` = all
+``out_idx``    ``[Cout']`` int32 sorted output channels written, or ``None`` = all
+``fill_idx``   ``[Cout − Cout']`` int32 output channels with no kept weight
+``bias``       ``[Cout]`` float32, or ``None``
+=============  ===================================================================
+
+**GroupPack** — a union of dense blocks with disjoint rows on the GEMM view ``Cout × K``
+(``K = kh·kw·Cin``, columns in (ky, kx, c) order). Group ``g`` has output rows
+``rows[g]`` and columns ``cols[g]``:
+
+=============  ===================================================================
+``row_idx``    int32, each group's rows padded with −1 to a multiple of ``block_n``
+``row_ptr``    int32 ``[G+1]``: group ``g``'s rows are ``row_idx[row_ptr[g]:row_ptr[g+1]]``
+``col_idx``    int32, each group's columns padded with −1 to a multiple of ``k_pad``
+``col_ptr``    int32 ``[G+1]``
+``values``     flat; group ``g``'s dense tile ``[rows_pad_g, cols_pad_g]`` (row-major)
+               starts at ``val_ptr[g]``; padded entries are zero weights
+``val_ptr``    int64 ``[G+1]``
+``tile_group`` int32 ``[T]``: group of each schedule tile, −1 for an epilogue-only tile
+``tile_row``   int32 ``[T]``: first entry of the tile in ``row_idx`` (or ``fill_idx``)
+``fill_idx``   int32 output rows in no group (bias, residual and ReLU only)
+``bias``       ``[Cout]`` float32, or ``None``
+=============  ===================================================================
+
+One launch covers every group: tiles are ``(group, block_n rows)``, the groups with
+the most columns first (longest K loops start first), then the epilogue-only tiles.
+
+Both formats carry ``format_version``, because converted modules are saved and loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import SparseOpsError, listing
+from .masks import _row_groups, gemm_view
+
+FORMAT_VERSION = 1
+
+
+class FormatError(SparseOpsError):
+    """A weight/mask/layout that cannot be packed as asked."""
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    a, b = v
+    return (int(a), int(b))
+
+
+def _geometry(weight: torch.Tensor, stride, padding, dilation, name: str) -> dict[str, Any]:
+    if weight.dim() != 4:
+        raise FormatError(
+            f"{name}: expected a conv weight [Cout, Cin, kh, kw], got {tuple(weight.shape)}"
+        )
+    geometry = {
+        "stride": _pair(stride),
+        "padding": _pair(padding),
+        "dilation": _pair(dilation),
+    }
+    if min(geometry["stride"]) < 1 or min(geometry["dilation"]) < 1 or min(geometry["padding"]) < 0:
+        raise FormatError(
+            f"{name}: stride and dilation must be ≥ 1 and padding ≥ 0, got {geometry}"
+        )
+    return geometry
+
+
+def _check_mask(weight: torch.Tensor, mask: torch.Tensor | None, name: str) -> torch.Tensor:
+    if mask is None:
+        return torch.ones(weight.shape, dtype=torch.bool)
+    if tuple(mask.shape) != tuple(weight.shape):
+        raise FormatError(
+            f"{name}: mask shape {tuple(mask.shape)} ≠ weight shape {tuple(weight.shape)}"
+        )
+    return mask.detach().to("cpu").bool()
+
+
+def _check_bias(bias: torch.Tensor | None, cout: int, name: str) -> torch.Tensor | None:
+    if bias is None:
+        return None
+    if tuple(bias.shape) != (cout,):
+        raise FormatError(f"{name}: bias shape {tuple(bias.shape)} ≠ ({cout},)")
+    return bias.detach().to(torch.float32).contiguous()
+
+
+def _index(values) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(values, dtype=np.int32)).contiguous()
+
+
+class _Packed:
+    """Shared behaviour: device/dtype moves and a flat state for saving."""
+
+    _tensors: tuple[str, ...] = ()
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        """A copy on ``device`` with weights in ``dtype`` (indices stay int, bias fp32)."""
+        changes = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                if f.name in ("weight", "values") and dtype is not None:
+                    value = value.to(device=device, dtype=dtype)
+                else:
+                    value = value.to(device=device) if device is not None else value
+            changes[f.name] = value
+        return type(self)(**changes)
+
+    @property
+    def device(self) -> torch.device:
+        return self._weights().device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._weights().dtype
+
+    def _weights(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """``(tensors, json_meta)`` for saving; :meth:`from_state` inverts it."""
+        tensors, meta = {}, {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                tensors[f.name] = value
+            elif value is not None:
+                meta[f.name] = list(value) if isinstance(value, tuple) else value
+        meta["format"] = type(self).__name__
+        return tensors, meta
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]):
+        version = int(meta.get("format_version", -1))
+        if version > FORMAT_VERSION or version < 1:
+            raise FormatError(
+                f"{cls.__name__} format_version {version} is not readable by this sparse-ops "
+                f"(reads 1..{FORMAT_VERSION}); upgrade sparse-ops"
+            )
+        if meta.get("format") != cls.__name__:
+            raise FormatError(f"state is a {meta.get('format')}, not a {cls.__name__}")
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name in tensors:
+                kwargs[f.name] = tensors[f.name]
+            elif f.name in meta:
+                v = meta[f.name]
+                kwargs[f.name] = tuple(v) if isinstance(v, list) else v
+            else:
+                kwargs[f.name] = None
+        return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------- ChannelPlan
+
+
+@dataclass
+class ChannelPlan(_Packed):
+    weight: torch.Tensor  # [Cout', kh, kw, Cin']
+    bias: torch.Tensor | None  # [Cout] float32
+    in_idx: torch.Tensor | None  # [Cin'] int32
+    out_idx: torch.Tensor | None  # [Cout'] int32
+    fill_idx: torch.Tensor | None  # [Cout - Cout'] int32
+    in_channels: int
+    out_channels: int
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    format_version: int = FORMAT_VERSION
+
+    def _weights(self) -> torch.Tensor:
+        return self.weight
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return (int(self.weight.shape[1]), int(self.weight.shape[2]))
+
+    @classmethod
+    def from_weight(
+        cls,
+        weight: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        *,
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        name: str = "<layer>",
+    ) -> ChannelPlan:
+        """Compact ``weight`` under a channel-structured ``mask`` (None: dense)."""
+        geometry = _geometry(weight, stride, padding, dilation, name)
+        m = _check_mask(weight, mask, name)
+        cout, cin = int(weight.shape[0]), int(weight.shape[1])
+        keep_out = m.flatten(1).any(1)
+        keep_in = m.any(dim=(0, 2, 3))
+        product = keep_out[:, None, None, None] & keep_in[None, :, None, None]
+        if not torch.equal(product.expand_as(m), m):
+            partial = (product.expand_as(m) & ~m).flatten(1).any(1).nonzero().flatten().tolist()
+            raise FormatError(
+                f"{name}: mask is not channel-structured (kept output channels × kept input "
+                f"channels): output channels {listing(partial, 6)} keep only part of the "
+                "kept input channels' weights"
+            )
+        out_rows = keep_out.nonzero().flatten()
+        in_cols = keep_in.nonzero().flatten()
+        compact = weight.detach()[out_rows][:, in_cols]  # [Cout', Cin', kh, kw]
+        fill = (~keep_out).nonzero().flatten()
+        return cls(
+            weight=compact.permute(0, 2, 3, 1).contiguous(),
+            bias=_check_bias(bias, cout, name),
+            in_idx=None if bool(keep_in.all()) else _index(in_cols),
+            out_idx=None if bool(keep_out.all()) else _index(out_rows),
+            fill_idx=None if fill.numel() == 0 else _index(fill),
+            in_channels=cin,
+            out_channels=cout,
+            format_version=FORMAT_VERSION,
+            **geometry,
+        )
+
+    def dense_weight(self) -> torch.Tensor:
+        """The masked dense weight ``[Cout, Cin, kh, kw]`` this plan computes with."""
+        kh, kw = self.kernel_size
+        w = torch.zeros(self.out_channels, self.in_channels, kh, kw, dtype=self.weight.dtype)
+        rows = (
+            torch.arange(self.out_channels) if self.out_idx is None else self.out_idx.long().cpu()
+        )
+        cols = torch.arange(self.in_channels) if self.in_idx is None else self.in_idx.long().cpu()
+        w[rows[:, None], cols[None, :]] = self.weight.detach().cpu().permute(0, 3, 1, 2)
+        return w
+
+
+# ---------------------------------------------------------------------- GroupPack
+
+
+@dataclass
+class GroupPack(_Packed):
+    values: torch.Tensor  # flat, group tiles [rows_pad, cols_pad] row-major
+    val_ptr: torch.Tensor  # int64 [G+1]
+    row_idx: torch.Tensor  # int32, −1 padded
+    row_ptr: torch.Tensor  # int32 [G+1]
+    col_idx: torch.Tensor  # int32, −1 padded
+    col_ptr: torch.Tensor  # int32 [G+1]
+    tile_group: torch.Tensor  # int32 [T], −1 = epilogue-only tile
+    tile_row: torch.Tensor  # int32 [T]
+    fill_idx: torch.Tensor  # int32
+    bias: torch.Tensor | None  # [Cout] float32
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    block_n: int
+    k_pad: int
+    format_version: int = FORMAT_VERSION
+    groups_meta: dict = field(default_factory=dict)  # sizes, for reports and tuning keys
+
+    def _weights(self) -> torch.Tensor:
+        return self.values
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.row_ptr.numel()) - 1
+
+    @property
+    def num_tiles(self) -> int:
+        return int(self.tile_group.numel())
+
+    @property
+    def max_cols(self) -> int:
+        ptr = self.col_ptr.cpu()
+        return int((ptr[1:] - ptr[:-1]).max()) if self.num_groups else 0
+
+    @classmethod
+    def from_weight(
+        cls,
+        weight: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        layout: Sequence[dict | Any] | None = None,
+        bias: torch.Tensor | None = None,
+        *,
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        block_n: int = 32,
+        k_pad: int = 32,
+        name: str = "<layer>",
+    ) -> GroupPack:
+        """Pack ``weight`` as dense groups.
+
+        ``layout`` is a list of groups with ``rows`` and ``cols`` (flat (ky, kx, c)
+        columns), e.g. ``ticket.meta["groups"][name]``. Without it, the groups are read
+        off ``mask``: rows with identical column sets form one group. With both, every
+        nonzero of ``mask`` must lie inside a group. Entries inside a group that the mask
+        prunes become zero weights.
+        """
+        geometry = _geometry(weight, stride, padding, dilation, name)
+        if block_n < 1 or k_pad < 1:
+            raise FormatError(f"{name}: block_n and k_pad must be ≥ 1")
+        cout, cin, kh, kw = (int(s) for s in weight.shape)
+        k_total = kh * kw * cin
+        m = _check_mask(weight, mask, name)
+        view = gemm_view(m).numpy()
+        if layout is None:
+            if mask is None:
+                layout = [{"rows": list(range(cout)), "cols": list(range(k_total))}]
+            else:
+                rows, group_of_row = _row_groups(view)
+                layout = []
+                for g in range(int(group_of_row.max()) + 1 if rows.size else 0):
+                    members = rows[group_of_row == g]
+                    layout.append({"rows": members.tolist(),
+                                   "cols": np.flatnonzero(view[members[0]]).tolist()})  # fmt: skip
+        groups = _validated_groups(layout, cout, k_total, name)
+        covered = np.zeros_like(view)
+        for rows, cols in groups:
+            covered[np.ix_(rows, cols)] = True
+        outside = view & ~covered
+        if outside.any():
+            r, c = np.nonzero(outside)
+            raise FormatError(
+                f"{name}: mask is not the claimed group structure: {int(outside.sum())} nonzeros "
+                f"lie outside every group (e.g. row {int(r[0])}, column {int(c[0])} = "
+                f"(ky={int(c[0]) // cin // kw}, kx={int(c[0]) // cin % kw}, c={int(c[0]) % cin}))"
+            )
+
+        w_view = gemm_view(weight.detach() * m.to(weight.dtype))
+        row_idx, col_idx, values, row_ptr, col_ptr, val_ptr = [], [], [], [0], [0], [0]
+        sizes = []
+        for rows, cols in groups:
+            r_pad = -(-len(rows) // block_n) * block_n
+            c_pad = -(-len(cols) // k_pad) * k_pad
+            tile = torch.zeros(r_pad, c_pad, dtype=weight.dtype)
+            if len(rows) and len(cols):
+                tile[: len(rows), : len(cols)] = w_view[rows][:, cols]
+            values.append(tile.flatten())
+            row_idx += list(rows) + [-1] * (r_pad - len(rows))
+            col_idx += list(cols) + [-1] * (c_pad - len(cols))
+            row_ptr.append(len(row_idx))
+            col_ptr.append(len(col_idx))
+            val_ptr.append(val_ptr[-1] + r_pad * c_pad)
+            sizes.append((len(rows), len(cols)))
+        in_group = np.zeros(cout, dtype=bool)
+        for rows, _ in groups:
+            in_group[rows] = True
+        fill = np.flatnonzero(~in_group)
+
+        # Schedule: (group, row tile), most columns first; then epilogue-only tiles.
+        order = sorted(range(len(groups)), key=lambda g: (-(col_ptr[g + 1] - col_ptr[g]), g))
+        tile_group, tile_row = [], []
+        for g in order:
+            for start in range(row_ptr[g], row_ptr[g + 1], block_n):
+                tile_group.append(g)
+                tile_row.append(start)
+        for start in range(0, len(fill), block_n):
+            tile_group.append(-1)
+            tile_row.append(start)
+        return cls(
+            values=torch.cat(values) if values else torch.zeros(0, dtype=weight.dtype),
+            val_ptr=torch.tensor(val_ptr, dtype=torch.int64),
+            row_idx=_index(row_idx),
+            row_ptr=_index(row_ptr),
+            col_idx=_index(col_idx),
+            col_ptr=_index(col_ptr),
+            tile_group=_index(tile_group),
+            tile_row=_index(tile_row),
+            fill_idx=_index(fill),
+            bias=_check_bias(bias, cout, name),
+            in_channels=cin,
+            out_channels=cout,
+            kernel_size=(kh, kw),
+            block_n=int(block_n),
+            k_pad=int(k_pad),
+            format_version=FORMAT_VERSION,
+            groups_meta={"sizes": [list(s) for s in sizes]},
+            **geometry,
+        )
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dense weight ``[Cout, Cin, kh, kw]`` this pack computes with."""
+        kh, kw = self.kernel_size
+        k_total = kh * kw * self.in_channels
+        view = torch.zeros(self.out_channels, k_total, dtype=self.values.dtype)
+        values = self.values.detach().cpu()
+        row_idx, col_idx = self.row_idx.cpu().long(), self.col_idx.cpu().long()
+        row_ptr, col_ptr, val_ptr = self.row_ptr.cpu(), self.col_ptr.cpu(), self.val_ptr.cpu()
+        for g in range(self.num_groups):
+            rows = row_idx[row_ptr[g] : row_ptr[g + 1]]
+            cols = col_idx[col_ptr[g] : col_ptr[g + 1]]
+            tile = values[val_ptr[g] : val_ptr[g + 1]].view(rows.numel(), cols.numel())
+            keep_r, keep_c = rows >= 0, cols >= 0
+            view[rows[keep_r][:, None], cols[keep_c][None, :]] = tile[keep_r][:, keep_c]
+        return (
+            view.view(self.out_channels, kh, kw, self.in_channels).permute(0, 3, 1, 2).contiguous()
+        )
+
+
+def _validated_groups(layout, cout: int, k_total: int, name: str) -> list[tuple[list, list]]:
+    groups = []
+    owner: dict[int, int] = {}
+    for g, group in enumerate(layout):
+        rows = group["rows"] if isinstance(group, dict) else group.rows
+        cols = group["cols"] if isinstance(group, dict) else group.cols
+        rows = [int(r) for r in rows]
+        cols = [int(c) for c in cols]
+        bad_rows = [r for r in rows if not 0 <= r < cout]
+        bad_cols = [c for c in cols if not 0 <= c < k_total]
+        if bad_rows or bad_cols:
+            raise FormatError(
+                f"{name}: group {g} has indices out of range (rows must be in [0, {cout}), "
+                f"columns in [0, {k_total})): rows {listing(bad_rows, 4)}, "
+                f"columns {listing(bad_cols, 4)}"
+            )
+        if len(set(cols)) != len(cols):
+            raise FormatError(f"{name}: group {g} lists a column twice")
+        for r in rows:
+            if r in owner:
+                raise FormatError(
+                    f"{name}: rows shared by two groups: row {r} is in groups {owner[r]} and {g}"
+                )
+            owner[r] = g
+        groups.append((rows, sorted(cols)))
+    return groups
