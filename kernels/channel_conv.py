@@ -149,6 +149,7 @@ def channel_conv2d(
     relu: bool = False,
     out: torch.Tensor | None = None,
     allow_tf32: bool | None = None,
+    config: triton.Config | None = None,
 ) -> torch.Tensor:
     """Run a ChannelPlan-like ``plan`` on ``x`` ([N, Cin, H, W]); returns [N, Cout, OH, OW].
 
@@ -219,7 +220,12 @@ def channel_conv2d(
         tiles_n = triton.cdiv(c_out, meta["BLOCK_N"]) + triton.cdiv(n_fill, meta["BLOCK_N"])
         return (triton.cdiv(m, meta["BLOCK_M"]), tiles_n)
 
-    if interpreted:
+    if config is not None:
+        meta = dict(config.kwargs)
+        channel_conv_kernel[grid(meta)](
+            *args, **flags, **meta, num_warps=config.num_warps, num_stages=config.num_stages
+        )
+    elif interpreted:
         channel_conv_kernel[grid(INTERPRETER_CONFIG)](*args, **flags, **INTERPRETER_CONFIG)
     else:
         channel_conv_tuned[grid](*args, **flags)

@@ -159,6 +159,7 @@ def group_conv2d(
     relu: bool = False,
     out: torch.Tensor | None = None,
     allow_tf32: bool | None = None,
+    config: triton.Config | None = None,
 ) -> torch.Tensor:
     """Run a GroupPack-like ``pack`` on ``x`` ([N, Cin, H, W]); returns [N, Cout, OH, OW].
 
@@ -215,9 +216,16 @@ def group_conv2d(
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]), tiles)
 
-    if interpreted:
-        config = dict(INTERPRETER_CONFIG, BLOCK_K=min(INTERPRETER_CONFIG["BLOCK_K"], k_pad))
-        group_conv_kernel[grid(config)](*args, **flags, **config)
+    if config is not None:
+        meta = dict(config.kwargs)
+        if k_pad % meta["BLOCK_K"]:
+            raise KernelInputError(f"{what}: BLOCK_K={meta['BLOCK_K']} must divide k_pad={k_pad}")
+        group_conv_kernel[grid(meta)](
+            *args, **flags, **meta, num_warps=config.num_warps, num_stages=config.num_stages
+        )
+    elif interpreted:
+        meta = dict(INTERPRETER_CONFIG, BLOCK_K=min(INTERPRETER_CONFIG["BLOCK_K"], k_pad))
+        group_conv_kernel[grid(meta)](*args, **flags, **meta)
     else:
         group_conv_tuned[grid](*args, **flags)
     return y

@@ -308,37 +308,40 @@ class GroupPack(_Packed):
         columns), e.g. ``ticket.meta["groups"][name]``. Without it, the groups are read
         off ``mask``: rows with identical column sets form one group. With both, every
         nonzero of ``mask`` must lie inside a group. Entries inside a group that the mask
-        prunes become zero weights.
+        prunes become zero weights. With a layout and no mask, the layout is the mask.
         """
         geometry = _geometry(weight, stride, padding, dilation, name)
         if block_n < 1 or k_pad < 1:
             raise FormatError(f"{name}: block_n and k_pad must be ≥ 1")
         cout, cin, kh, kw = (int(s) for s in weight.shape)
         k_total = kh * kw * cin
-        m = _check_mask(weight, mask, name)
-        view = gemm_view(m).numpy()
-        if layout is None:
-            if mask is None:
-                layout = [{"rows": list(range(cout)), "cols": list(range(k_total))}]
-            else:
-                rows, group_of_row = _row_groups(view)
-                layout = []
-                for g in range(int(group_of_row.max()) + 1 if rows.size else 0):
-                    members = rows[group_of_row == g]
-                    layout.append({"rows": members.tolist(),
-                                   "cols": np.flatnonzero(view[members[0]]).tolist()})  # fmt: skip
+        if layout is None and mask is None:
+            layout = [{"rows": list(range(cout)), "cols": list(range(k_total))}]
+        elif layout is None:
+            view = gemm_view(_check_mask(weight, mask, name)).numpy()
+            rows, group_of_row = _row_groups(view)
+            layout = []
+            for g in range(int(group_of_row.max()) + 1 if rows.size else 0):
+                members = rows[group_of_row == g]
+                layout.append({"rows": members.tolist(),
+                               "cols": np.flatnonzero(view[members[0]]).tolist()})  # fmt: skip
         groups = _validated_groups(layout, cout, k_total, name)
-        covered = np.zeros_like(view)
+        covered = np.zeros((cout, k_total), dtype=bool)
         for rows, cols in groups:
             covered[np.ix_(rows, cols)] = True
-        outside = view & ~covered
-        if outside.any():
-            r, c = np.nonzero(outside)
-            raise FormatError(
-                f"{name}: mask is not the claimed group structure: {int(outside.sum())} nonzeros "
-                f"lie outside every group (e.g. row {int(r[0])}, column {int(c[0])} = "
-                f"(ky={int(c[0]) // cin // kw}, kx={int(c[0]) // cin % kw}, c={int(c[0]) % cin}))"
-            )
+        if mask is None:  # the layout defines the mask
+            m = torch.from_numpy(covered).view(cout, kh, kw, cin).permute(0, 3, 1, 2)
+        else:
+            m = _check_mask(weight, mask, name)
+            outside = gemm_view(m).numpy() & ~covered
+            if outside.any():
+                r, c = np.nonzero(outside)
+                raise FormatError(
+                    f"{name}: mask is not the claimed group structure: {int(outside.sum())} "
+                    f"nonzeros lie outside every group (e.g. row {int(r[0])}, column {int(c[0])}"
+                    f" = (ky={int(c[0]) // cin // kw}, kx={int(c[0]) // cin % kw}, "
+                    f"c={int(c[0]) % cin}))"
+                )
 
         w_view = gemm_view(weight.detach() * m.to(weight.dtype))
         row_idx, col_idx, values, row_ptr, col_ptr, val_ptr = [], [], [], [0], [0], [0]

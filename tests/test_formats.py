@@ -1,0 +1,148 @@
+"""ChannelPlan / GroupPack: packing, validation messages, schedule, saved state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_cases import channel_mask, conv_weight, group_layout
+
+from sparse_ops.formats import FORMAT_VERSION, ChannelPlan, FormatError, GroupPack
+from sparse_ops.masks import gemm_view
+from sparse_ops.structure import RegroupConfig, regroup_mask
+
+
+@pytest.fixture
+def g():
+    return torch.Generator().manual_seed(0)
+
+
+@pytest.mark.parametrize("mode", ["dense", "in", "out", "both", "empty"])
+def test_channel_plan_round_trip(g, mode):
+    weight = conv_weight(17, 9, 3, g)
+    mask = channel_mask(17, 9, 3, mode, g)
+    plan = ChannelPlan.from_weight(weight, mask, torch.randn(17), stride=2, padding=1)
+    expected = weight if mask is None else weight * mask
+    assert torch.equal(plan.dense_weight(), expected)
+    kept_out = 17 if plan.out_idx is None else plan.out_idx.numel()
+    fill = 0 if plan.fill_idx is None else plan.fill_idx.numel()
+    assert kept_out + fill == 17 and plan.weight.shape[0] == kept_out
+    assert plan.stride == (2, 2) and plan.kernel_size == (3, 3)
+    if mode == "dense":
+        assert plan.in_idx is None and plan.out_idx is None and plan.fill_idx is None
+
+
+def test_channel_plan_rejects_unstructured_mask(g):
+    weight = conv_weight(8, 4, 3, g)
+    mask = torch.ones(8, 4, 3, 3, dtype=torch.bool)
+    mask[5, 2, 1, 1] = False
+    with pytest.raises(FormatError, match=r"layer3.conv: mask is not channel-structured.*'5'"):
+        ChannelPlan.from_weight(weight, mask, name="layer3.conv")
+
+
+def test_channel_plan_checks_shapes(g):
+    weight = conv_weight(8, 4, 3, g)
+    with pytest.raises(FormatError, match=r"bias shape \(7,\) ≠ \(8,\)"):
+        ChannelPlan.from_weight(weight, None, torch.zeros(7))
+    with pytest.raises(FormatError, match="mask shape"):
+        ChannelPlan.from_weight(weight, torch.ones(8, 4, 1, 1))
+    with pytest.raises(FormatError, match="expected a conv weight"):
+        ChannelPlan.from_weight(torch.ones(8, 4))
+    with pytest.raises(FormatError, match="stride and dilation must be ≥ 1"):
+        ChannelPlan.from_weight(weight, stride=0)
+
+
+@pytest.mark.parametrize("mode", ["one-row", "no-groups", "dense", "mixed"])
+def test_group_pack_round_trip_and_padding(g, mode):
+    weight = conv_weight(45, 7, 3, g)
+    layout, mask = group_layout(45, 7, 3, mode, g)
+    pack = GroupPack.from_weight(weight, mask, layout, torch.randn(45), block_n=16, k_pad=32)
+    assert torch.equal(pack.dense_weight(), weight * mask)
+    assert (pack.row_ptr.diff() % 16 == 0).all() and (pack.col_ptr.diff() % 32 == 0).all()
+    in_group = {r for grp in layout for r in grp["rows"]}
+    assert sorted(pack.fill_idx.tolist()) == sorted(set(range(45)) - in_group)
+    assert pack.num_tiles == sum(int(x) // 16 for x in pack.row_ptr.diff()) + -(
+        -pack.fill_idx.numel() // 16
+    )
+
+
+def test_group_pack_from_mask_alone_and_from_regroup(g):
+    mask0 = torch.rand(64, 16, 3, 3, generator=g) < 0.3
+    mask, groups, _ = regroup_mask(mask0, RegroupConfig(parts=2))
+    weight = conv_weight(64, 16, 3, g)
+    by_layout = GroupPack.from_weight(weight, mask, [x.as_dict() for x in groups])
+    by_mask = GroupPack.from_weight(weight, mask)
+    assert torch.equal(by_layout.dense_weight(), by_mask.dense_weight())
+    assert torch.equal(by_mask.dense_weight(), weight * mask)
+
+
+def test_schedule_puts_widest_groups_first_then_fill(g):
+    weight = conv_weight(10, 4, 1, g)
+    layout = [{"rows": [0], "cols": [0]}, {"rows": [1, 2], "cols": [0, 1, 2, 3]},
+              {"rows": [3], "cols": [1, 2]}]  # fmt: skip
+    pack = GroupPack.from_weight(weight, None, layout, block_n=16, k_pad=16)
+    # all three groups pad to 16 columns; ties keep group order; then one fill tile
+    assert pack.tile_group.tolist() == [0, 1, 2, -1]
+    wide = [{"rows": [0], "cols": [0]}, {"rows": [1], "cols": list(range(20))}]
+    pack = GroupPack.from_weight(conv_weight(2, 20, 1, g), None, wide, block_n=16, k_pad=16)
+    assert pack.tile_group.tolist() == [1, 0]
+
+
+def test_group_pack_validation_messages(g):
+    weight = conv_weight(8, 2, 3, g)
+    with pytest.raises(
+        FormatError, match="conv9: rows shared by two groups: row 3 is in groups 0 and 1"
+    ):
+        shared = [{"rows": [1, 3], "cols": [0]}, {"rows": [3], "cols": [1]}]
+        GroupPack.from_weight(weight, None, shared, name="conv9")
+    with pytest.raises(
+        FormatError, match=r"group 0 has indices out of range.*rows '8'.*columns '18'"
+    ):
+        GroupPack.from_weight(weight, None, [{"rows": [8], "cols": [18]}])
+    with pytest.raises(FormatError, match="lists a column twice"):
+        GroupPack.from_weight(weight, None, [{"rows": [0], "cols": [1, 1]}])
+    mask = torch.zeros(8, 2, 3, 3, dtype=torch.bool)
+    mask[2, 1, 0, 2] = True  # column (ky=0, kx=2, c=1) = 5 of row 2, which no group owns
+    with pytest.raises(
+        FormatError, match=r"not the claimed group structure.*row 2, column 5 = \(ky=0, kx=2, c=1\)"
+    ):
+        GroupPack.from_weight(weight, mask, [{"rows": [0], "cols": [5]}])
+
+
+def test_zeros_inside_a_group_are_zero_weights(g):
+    weight = conv_weight(4, 2, 1, g)
+    mask = torch.zeros(4, 2, 1, 1, dtype=torch.bool)
+    mask[0, 0] = True  # group claims rows 0,1 × cols 0,1 but the mask keeps one entry
+    pack = GroupPack.from_weight(weight, mask, [{"rows": [0, 1], "cols": [0, 1]}])
+    assert torch.equal(pack.dense_weight(), weight * mask)
+
+
+@pytest.mark.parametrize("cls", [ChannelPlan, GroupPack])
+def test_state_round_trip_and_version(g, cls):
+    weight = conv_weight(12, 5, 3, g)
+    if cls is ChannelPlan:
+        packed = cls.from_weight(weight, channel_mask(12, 5, 3, "both", g), torch.randn(12))
+    else:
+        layout, mask = group_layout(12, 5, 3, "mixed", g)
+        packed = cls.from_weight(weight, mask, layout, torch.randn(12))
+    tensors, meta = packed.state()
+    back = cls.from_state(tensors, meta)
+    assert torch.equal(back.dense_weight(), packed.dense_weight())
+    meta["format_version"] = FORMAT_VERSION + 1
+    with pytest.raises(FormatError, match="format_version 2 is not readable"):
+        cls.from_state(tensors, meta)
+
+
+def test_to_moves_weights_only(g):
+    plan = ChannelPlan.from_weight(conv_weight(8, 4, 3, g), channel_mask(8, 4, 3, "both", g),
+                                   torch.randn(8))  # fmt: skip
+    half = plan.to(dtype=torch.float16)
+    assert half.weight.dtype == torch.float16 and half.bias.dtype == torch.float32
+    assert half.out_idx.dtype == torch.int32 and plan.weight.dtype == torch.float32
+
+
+def test_group_columns_are_ky_kx_c(g):
+    weight = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).view(2, 3, 2, 2)
+    layout = [{"rows": [0, 1], "cols": list(range(12))}]
+    pack = GroupPack.from_weight(weight, None, layout, block_n=16, k_pad=16)
+    tile = pack.values[: 16 * 16].view(16, 16)[:2, :12]
+    assert torch.equal(tile, gemm_view(weight))

@@ -1,0 +1,59 @@
+"""The torch paths of sparse_ops.ops against the reference (the CPU inference path)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_cases import (
+    SHAPES,
+    TOLERANCES,
+    channel_mask,
+    conv_weight,
+    expected,
+    group_layout,
+    shape_id,
+)
+
+from sparse_ops import ops
+from sparse_ops.errors import SparseOpsError
+from sparse_ops.formats import ChannelPlan, GroupPack
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("residual_on", [False, True])
+def test_torch_paths_match_reference(shape, residual_on):
+    n, cin, cout, h, w, k, s, p, d = shape
+    g = torch.Generator().manual_seed(SHAPES.index(shape))
+    weight = conv_weight(cout, cin, k, g)
+    bias = torch.randn(cout, generator=g)
+    x = torch.randn(n, cin, h, w, generator=g)
+    oh = (h + 2 * p - d * (k - 1) - 1) // s + 1
+    ow = (w + 2 * p - d * (k - 1) - 1) // s + 1
+    res = torch.randn(n, cout, oh, ow, generator=g) if residual_on else None
+    plan = ChannelPlan.from_weight(weight, channel_mask(cout, cin, k, "both", g), bias,
+                                   stride=s, padding=p, dilation=d)  # fmt: skip
+    y = ops.channel_conv(x, plan, residual=res, relu=True)
+    ref = expected(x, plan.dense_weight(), bias, (s, p, d), res, True)
+    torch.testing.assert_close(y.double(), ref, **TOLERANCES[torch.float32])
+    layout, mask = group_layout(cout, cin, k, "mixed", g)
+    pack = GroupPack.from_weight(weight, mask, layout, bias, stride=s, padding=p, dilation=d)
+    y = ops.group_conv(x, pack, residual=res, relu=True)
+    ref = expected(x, pack.dense_weight(), bias, (s, p, d), res, True)
+    torch.testing.assert_close(y.double(), ref, **TOLERANCES[torch.float32])
+
+
+def test_forced_triton_backend_matches_torch_on_cpu():
+    g = torch.Generator().manual_seed(0)
+    layout, mask = group_layout(20, 6, 3, "mixed", g)
+    pack = GroupPack.from_weight(conv_weight(20, 6, 3, g), mask, layout, padding=1)
+    x = torch.randn(2, 6, 5, 5, generator=g)
+    a = ops.group_conv(x, pack, backend="torch")
+    b = ops.group_conv(x, pack, backend="triton")  # the interpreter on this machine
+    torch.testing.assert_close(a, b.contiguous(), **TOLERANCES[torch.float32])
+
+
+def test_unknown_backend():
+    g = torch.Generator().manual_seed(0)
+    plan = ChannelPlan.from_weight(conv_weight(4, 2, 1, g))
+    with pytest.raises(SparseOpsError, match="backend must be one of"):
+        ops.channel_conv(torch.randn(1, 2, 3, 3), plan, backend="cudnn")
