@@ -5,11 +5,15 @@ channel ``out_idx[j]``):
 
     acc[m, j] = Σ_{ky, kx, i} x[n, oh·sh − ph + ky·dh, ow·sw − pw + kx·dw, in_idx[i]]
                              · w[j, ky, kx, i]                  (out-of-image taps: 0)
-    y[m, out_idx[j]] = cast( relu?( acc[m, j] + bias[out_idx[j]] + res[m, out_idx[j]] ) )
+    y[m, out_idx[j]] = cast( relu?( acc[m, j] + bias[out_idx[j]] + bmap[out_idx[j], oh, ow]
+                                    + res[m, out_idx[j]] ) )
 
 and every output channel in ``fill_idx`` (no kept weight) gets the same epilogue of a
-zero accumulator. With ``in_idx = out_idx = None`` this is a plain dense conv: the
-``triton-dense`` baseline.
+zero accumulator. ``bmap`` (optional, shared by the batch) is a position-dependent bias:
+the converter uses it for input channels that are constant and physically removed,
+whose contribution varies near the borders because of zero padding.
+With ``in_idx = out_idx = None`` this is a plain dense conv: the ``triton-dense``
+baseline.
 
 GEMM view. M = N·OH·OW pixels, N = Cout' compact rows, K = kh·kw·Cin' in (ky, kx, c)
 order, walked as nested loops over ky, kx and blocks of ``BLOCK_K`` input channels
@@ -19,7 +23,7 @@ miscompiled at num_warps=8 on some Triton versions).
 Shapes and layout:
     x        [N, Cin, H, W] logical, channels innermost (strides passed explicitly)
     w        [Cout', kh, kw, Cin'] contiguous: row j is output channel out_idx[j]
-    bias     [Cout] float32 (full output channel space)
+    bias     [Cout] float32 (full output channel space) · bmap [Cout, OH, OW] float32
     res, y   [N, Cout, OH, OW] logical, channels innermost
     in_idx   [Cin'] int32 · out_idx [Cout'] int32 · fill_idx [Cout − Cout'] int32
 
@@ -42,15 +46,17 @@ SUPPORTED_FORMAT_VERSION = 1
 
 @triton.jit
 def channel_conv_kernel(
-    x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr, in_idx_ptr, out_idx_ptr, fill_idx_ptr,
+    x_ptr, w_ptr, bias_ptr, bmap_ptr, res_ptr, y_ptr, in_idx_ptr, out_idx_ptr, fill_idx_ptr,
     M, H, W, OH, OW, C_IN, C_OUT, N_FILL,
     stride_xn, stride_xh, stride_xw, stride_xc,
     stride_yn, stride_yh, stride_yw, stride_yc,
     stride_rn, stride_rh, stride_rw, stride_rc,
+    stride_bc, stride_bh, stride_bw,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_IN_IDX: tl.constexpr, HAS_OUT_IDX: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_RES: tl.constexpr, RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_BIAS_MAP: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -111,6 +117,9 @@ def channel_conv_kernel(
         acc += tl.load(bias_ptr + out_ch, mask=col_mask, other=0.0)[None, :]
     out_mask = m_mask[:, None] & col_mask[None, :]
     ch64 = out_ch.to(tl.int64)[None, :]
+    if HAS_BIAS_MAP:
+        b_pix = oh.to(tl.int64) * stride_bh + ow.to(tl.int64) * stride_bw
+        acc += tl.load(bmap_ptr + b_pix[:, None] + ch64 * stride_bc, mask=out_mask, other=0.0)
     if HAS_RES:
         r_pix = (
             nb.to(tl.int64) * stride_rn + oh.to(tl.int64) * stride_rh + ow.to(tl.int64) * stride_rw
@@ -150,6 +159,7 @@ def channel_conv2d(
     out: torch.Tensor | None = None,
     allow_tf32: bool | None = None,
     config: triton.Config | None = None,
+    bias_map: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run a ChannelPlan-like ``plan`` on ``x`` ([N, Cin, H, W]); returns [N, Cout, OH, OW].
 
@@ -194,6 +204,12 @@ def channel_conv2d(
     oh, ow = launch.output_hw(h, w, (kh, kw), stride, padding, dilation, what)
     shape = (n, plan.out_channels, oh, ow)
     residual = launch.prepare_residual(residual, shape, x, what)
+    if bias_map is not None:
+        if tuple(bias_map.shape) != shape[1:]:
+            raise KernelInputError(
+                f"{what}: bias_map has shape {tuple(bias_map.shape)}, expected {shape[1:]}"
+            )
+        launch.check_same(bias_map, x, f"{what}: bias_map", dtype=torch.float32)
     y = launch.prepare_output(out, shape, x, what)
     x = launch.channels_last(x)
     m = n * oh * ow
@@ -202,17 +218,20 @@ def channel_conv2d(
     dummy = y  # any tensor: pointers of disabled features are never read
     args = [
         x, weight, plan.bias if plan.bias is not None else dummy,
+        bias_map if bias_map is not None else dummy,
         residual if residual is not None else dummy, y,
         in_idx if in_idx is not None else dummy, out_idx if out_idx is not None else dummy,
         fill_idx if fill_idx is not None else dummy,
         m, h, w, oh, ow, c_in, c_out, n_fill,
         *launch.nhwc_strides(x), *launch.nhwc_strides(y),
         *(launch.nhwc_strides(residual) if residual is not None else (0, 0, 0, 0)),
+        *(bias_map.stride() if bias_map is not None else (0, 0, 0)),
         *stride, *padding, *dilation,
     ]  # fmt: skip
     flags = {
         "KH": kh, "KW": kw, "HAS_IN_IDX": in_idx is not None, "HAS_OUT_IDX": out_idx is not None,
-        "HAS_BIAS": plan.bias is not None, "HAS_RES": residual is not None, "RELU": bool(relu),
+        "HAS_BIAS": plan.bias is not None, "HAS_BIAS_MAP": bias_map is not None,
+        "HAS_RES": residual is not None, "RELU": bool(relu),
         "INPUT_PRECISION": launch.input_precision(x.dtype, allow_tf32),
     }  # fmt: skip
 

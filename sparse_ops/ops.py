@@ -31,10 +31,16 @@ def _backend(x: torch.Tensor, backend: str) -> str:
 
 
 def _epilogue(
-    y: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None, relu: bool
+    y: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    relu: bool,
+    bias_map: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if bias is not None:
         y = y + bias.to(y.dtype).view(1, -1, 1, 1)
+    if bias_map is not None:
+        y = y + bias_map.to(y.dtype)
     if residual is not None:
         y = y + residual.to(y.dtype)
     return torch.relu(y) if relu else y
@@ -48,11 +54,15 @@ def channel_conv(
     relu: bool = False,
     backend: str = "auto",
     allow_tf32: bool | None = None,
+    bias_map: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """``bias_map`` ([Cout, OH, OW], optional) is added per position before the residual."""
     if _backend(x, backend) == "triton":
         from kernels.channel_conv import channel_conv2d
 
-        return channel_conv2d(x, plan, residual=residual, relu=relu, allow_tf32=allow_tf32)
+        return channel_conv2d(
+            x, plan, residual=residual, relu=relu, allow_tf32=allow_tf32, bias_map=bias_map
+        )
     inputs = x if plan.in_idx is None else x.index_select(1, plan.in_idx.long())
     weight = plan.weight.permute(0, 3, 1, 2).to(x.dtype)
     compact = F.conv2d(inputs, weight, None, plan.stride, plan.padding, plan.dilation)
@@ -62,7 +72,7 @@ def channel_conv(
         n, _, oh, ow = compact.shape
         y = compact.new_zeros(n, plan.out_channels, oh, ow)
         y[:, plan.out_idx.long()] = compact
-    return _epilogue(y, plan.bias, residual, relu)
+    return _epilogue(y, plan.bias, residual, relu, bias_map)
 
 
 def group_conv(

@@ -269,3 +269,26 @@ def test_offsets_beyond_two_to_the_31():
         torch.testing.assert_close(y[0, :, hh, ww], x[0, :, hh, ww])
     del x, y
     torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_bias_map_is_added_per_position(backend):
+    from sparse_ops import ops
+
+    g = torch.Generator().manual_seed(4)
+    weight = conv_weight(12, 6, 3, g)
+    mask = channel_mask(12, 6, 3, "both", g)
+    bias = torch.randn(12, generator=g)
+    plan = ChannelPlan.from_weight(weight, mask, bias, padding=1).to(DEVICE)
+    x = torch.randn(2, 6, 5, 4, generator=g)
+    bias_map = torch.randn(12, 5, 4, generator=g)
+    res = torch.randn(2, 12, 5, 4, generator=g)
+    ref = expected(x, plan.dense_weight(), bias, (1, 1, 1), res + bias_map, True)
+    if backend == "triton" or DEVICE == "cuda":
+        y = channel_conv2d(x.to(DEVICE), plan, residual=res.to(DEVICE), relu=True,
+                           bias_map=bias_map.to(DEVICE), allow_tf32=False)  # fmt: skip
+    else:
+        y = ops.channel_conv(x, plan, residual=res, relu=True, bias_map=bias_map, backend="torch")
+    assert_matches(y, ref, torch.float32)
+    with pytest.raises(KernelInputError, match=r"bias_map has shape \(12, 4, 4\)"):
+        channel_conv2d(x.to(DEVICE), plan, bias_map=torch.zeros(12, 4, 4, device=DEVICE))

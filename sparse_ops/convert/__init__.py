@@ -1,0 +1,229 @@
+"""Convert a network + ticket into an eval-only module running our kernels.
+
+    fast = sparse_ops.convert(model, ticket, mode="auto")
+    fast(x)  # == masked_model(model, ticket)(x), up to float rounding
+
+What happens (``docs/CONVERT.md`` has the details):
+
+* BatchNorm folded into the preceding conv; the ReLU and residual add after it fused
+  into the conv's epilogue, wherever the traced graph allows;
+* each conv becomes a ``ChannelPrunedConv2d`` (dense or channel-pruned), a
+  ``GroupSparseConv2d`` (group-wise) or a ``TorchConv2d`` (grouped/depthwise convs).
+  ``mode`` picks the representation: ``"channel"``, ``"group"`` or ``"auto"`` (the
+  cheapest per layer under :class:`CostModel`);
+* pruned channels are physically removed from activations where every consumer allows
+  it. Channels tied by residual adds share one layout, and constant channels feeding
+  a conv become its bias map;
+* masks the mode cannot run follow ``on_unstructured``: ``"error"``, ``"dense"``
+  (masked dense conv) or ``"regroup"`` (regrouped, plus an exact pack of leftovers).
+
+If torch.fx cannot trace the model, each masked conv is replaced in place (no folding,
+no fusion) and the report says so.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ..formats import ChannelPlan
+from ..nn import ChannelPrunedConv2d, TorchConv2d
+from ..tables import format_table
+from ..tickets import Ticket
+from .build import MODES, ON_UNSTRUCTURED, Builder, CostModel, LayerRow
+from .prepare import ConvertError, check_model, example_input, masked_model
+
+__all__ = [
+    "MODES",
+    "ON_UNSTRUCTURED",
+    "ConversionReport",
+    "ConvertError",
+    "CostModel",
+    "convert",
+    "masked_model",
+]
+
+
+@dataclass
+class ConversionReport:
+    mode: str
+    on_unstructured: str
+    traced: bool
+    input_shape: tuple[int, ...]
+    layers: list[LayerRow]
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def flops_dense(self) -> int:
+        return sum(r.flops_dense for r in self.layers)
+
+    @property
+    def flops_after(self) -> int:
+        return sum(r.flops_after for r in self.layers)
+
+    @property
+    def params_dense(self) -> int:
+        return sum(r.params_dense for r in self.layers)
+
+    @property
+    def params_after(self) -> int:
+        return sum(r.params_after for r in self.layers)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "on_unstructured": self.on_unstructured,
+            "traced": self.traced,
+            "input_shape": list(self.input_shape),
+            "flops_dense": self.flops_dense,
+            "flops_after": self.flops_after,
+            "flops_ratio": self.flops_after / self.flops_dense if self.flops_dense else 1.0,
+            "params_dense": self.params_dense,
+            "params_after": self.params_after,
+            "notes": self.notes,
+            "layers": [
+                {**{k: getattr(r, k) for k in r.__dataclass_fields__ if k != "detail"}, **r.detail}
+                for r in self.layers
+            ],
+        }
+
+    def render(self) -> str:
+        rows = [
+            [
+                r.name,
+                r.structure,
+                r.representation,
+                r.flops_dense / 1e6,
+                r.flops_after / 1e6,
+                r.params_dense,
+                r.params_after,
+            ]
+            for r in self.layers
+        ]
+        table = format_table(
+            ["layer", "mask", "runs as", "MFLOPs before", "after", "params before", "after"],
+            rows, align="lllrrrr",
+        )  # fmt: skip
+        ratio = self.flops_after / self.flops_dense if self.flops_dense else 1.0
+        lines = [
+            table,
+            "",
+            f"total: {self.flops_dense / 1e6:.1f} → {self.flops_after / 1e6:.1f} MFLOPs per "
+            f"input of shape {tuple(self.input_shape[1:])} ({100 * ratio:.1f}% of dense); "
+            f"{self.params_dense:,} → {self.params_after:,} conv/linear weights",
+        ]
+        counts = [f"{v} {k.replace('_', ' ')}" for k, v in self.notes.items() if isinstance(v, int)]
+        if counts:
+            lines.append("fused: " + ", ".join(counts))
+        if not self.traced:
+            lines.append(f"NOTE: {self.notes.get('fallback')}")
+        return "\n".join(lines)
+
+
+def convert(
+    model: nn.Module,
+    ticket: Ticket | None = None,
+    mode: str = "auto",
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    on_unstructured: str = "error",
+    *,
+    input_size: tuple[int, int, int] | None = None,
+    cost: CostModel | None = None,
+    return_report: bool = False,
+):
+    """Return an eval-only module computing ``masked_model(model, ticket)`` with our units.
+
+    ``model`` must be in eval mode. ``ticket`` supplies masks (and weights, if it has
+    any); without one, the model's own pruning hooks or zeros are used. ``input_size``
+    (C, H, W) is the input shape the conversion is sized for (bias maps are precomputed
+    for it; other sizes work too). It defaults to the architecture's, else 3×32×32.
+    With ``return_report=True`` returns ``(module, ConversionReport)``.
+    """
+    check_model(model)
+    if mode not in MODES:
+        raise ConvertError(f"mode must be one of {MODES}, got {mode!r}")
+    if on_unstructured not in ON_UNSTRUCTURED:
+        raise ConvertError(
+            f"on_unstructured must be one of {ON_UNSTRUCTURED}, got {on_unstructured!r}"
+        )
+    if ticket is None:
+        from ..tickets import load_ticket
+
+        ticket = load_ticket(model)
+    dense = masked_model(model, ticket).cpu().float()
+    example = example_input(dense, ticket.arch, input_size)
+    masks = {k: v for k, v in ticket.masks.items()}
+    layouts = {k.removesuffix(".weight"): v for k, v in ticket.meta.get("groups", {}).items()}
+    _check_masked_modules(dense, masks)
+    cost = cost or CostModel()
+    try:
+        traced = fx.symbolic_trace(dense)
+    except Exception as exc:  # tracing failed: fall back to per-module replacement
+        module, report = _replace_modules(dense, masks, mode, dtype, example, exc)
+    else:
+        builder = Builder(traced, example, masks, layouts, mode=mode,
+                          on_unstructured=on_unstructured, dtype=dtype, cost=cost)  # fmt: skip
+        module = builder.build()
+        notes = dict(builder.notes)
+        notes["narrowed_activations"] = sum(
+            1 for node, layout in builder.layout.items()
+            if node.op != "placeholder" and layout.numel() < builder.const[node].numel()
+        )  # fmt: skip
+        report = ConversionReport(mode, on_unstructured, True, tuple(example.shape), builder.rows,
+                                  notes)  # fmt: skip
+    if device is not None:
+        module = module.to(device)
+    module.eval()
+    return (module, report) if return_report else module
+
+
+def _check_masked_modules(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """A mask on a layer type we cannot run is an error naming it."""
+    modules = dict(model.named_modules())
+    bad = []
+    for name in masks:
+        module = modules.get(name.rpartition(".")[0])
+        if isinstance(module, nn.Conv2d):
+            if module.padding_mode != "zeros" or isinstance(module.padding, str):
+                bad.append(f"{name.rpartition('.')[0]} (Conv2d with padding={module.padding!r}, "
+                           f"padding_mode={module.padding_mode!r})")  # fmt: skip
+        elif not isinstance(module, nn.Linear):
+            bad.append(f"{name.rpartition('.')[0]} ({type(module).__name__})")
+    if bad:
+        raise ConvertError(f"pruned layers of a type the converter cannot run: {', '.join(bad)}")
+
+
+def _replace_modules(dense, masks, mode, dtype, example, exc):
+    """Fallback when fx cannot trace: each masked Conv2d replaced in place, nothing fused."""
+    model = copy.deepcopy(dense)
+    rows = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Conv2d) or f"{name}.weight" not in masks:
+            continue
+        w = module.weight.detach()
+        b = module.bias.detach().float() if module.bias is not None else None
+        geometry = {"stride": module.stride, "padding": module.padding, "dilation": module.dilation}
+        if module.groups != 1:
+            unit = TorchConv2d(w, b, groups=module.groups, name=name, **geometry)
+        else:
+            plan = ChannelPlan.from_weight(w, None, b, **geometry)
+            unit = ChannelPrunedConv2d(plan.to(dtype=dtype or w.dtype), name=name)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, unit)
+        kept = int((w != 0).sum())
+        row = LayerRow(name, "conv", "replaced", type(unit).__name__, module.in_channels,
+                       module.out_channels, 0, 0, w.numel(), kept)  # fmt: skip
+        rows.append(row)
+    if dtype is not None:
+        model = model.to(dtype)
+    reason = f"torch.fx could not trace the model ({type(exc).__name__}: {exc}); masked convs "
+    reason += "replaced in place, BatchNorm not folded, nothing fused"
+    report = ConversionReport(
+        mode, "dense", False, tuple(example.shape), rows, {"fallback": reason}
+    )
+    return model.eval(), report

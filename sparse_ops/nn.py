@@ -1,0 +1,413 @@
+"""Inference modules the converter emits (eval only).
+
+Each conv unit computes one conv layer with BatchNorm folded in and its epilogue fused:
+
+    y = relu?( conv(x, W) + bias [+ bias_map] [+ residual] )
+
+``ChannelPrunedConv2d``
+    a :class:`~sparse_ops.formats.ChannelPlan` (kept output channels × kept input
+    channels; others filled with their epilogue). ``bias_map`` carries the
+    contribution of input channels that are constant and were removed from the
+    activation. It varies near the borders because of zero padding, so it is a
+    per-position map, precomputed for the conversion's input size.
+``GroupSparseConv2d``
+    one :class:`~sparse_ops.formats.GroupPack`, optionally followed by a second pack of
+    leftover nonzeros (one-row groups) that keeps a regrouped layer exact.
+``TorchConv2d``
+    a plain (masked) conv run by torch: grouped / depthwise layers.
+``Relayout``
+    moves a tensor between channel layouts: gathers physical channels and fills
+    removed ones with their constant value.
+
+On CUDA tensors the conv units run the Triton kernels, on CPU tensors the torch paths
+of :mod:`sparse_ops.ops`. Both sit behind the custom ops ``sparse_ops::channel_conv`` and
+``sparse_ops::group_conv``, so ``torch.compile`` and CUDA-graph capture see one opaque
+op per layer instead of breaking the graph.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops
+from .formats import FORMAT_VERSION, ChannelPlan, GroupPack
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    # The kernels write channels-last; the CPU path returns standard contiguous tensors.
+    return torch.channels_last if x.is_cuda else torch.contiguous_format
+
+
+def _out_hw(h: int, w: int, k, stride, padding, dilation) -> tuple[int, int]:
+    return (
+        (h + 2 * padding[0] - dilation[0] * (k[0] - 1) - 1) // stride[0] + 1,
+        (w + 2 * padding[1] - dilation[1] * (k[1] - 1) - 1) // stride[1] + 1,
+    )
+
+
+# ---------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("sparse_ops::channel_conv", mutates_args=())
+def channel_conv_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    in_idx: Tensor | None,
+    out_idx: Tensor | None,
+    fill_idx: Tensor | None,
+    bias_map: Tensor | None,
+    residual: Tensor | None,
+    in_channels: int,
+    out_channels: int,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    relu: bool,
+) -> Tensor:
+    plan = ChannelPlan(weight, bias, in_idx, out_idx, fill_idx, in_channels, out_channels,
+                       tuple(stride), tuple(padding), tuple(dilation))  # fmt: skip
+    y = ops.channel_conv(x, plan, residual=residual, relu=relu, bias_map=bias_map)
+    return y.contiguous(memory_format=_memory_format(x))
+
+
+@channel_conv_op.register_fake
+def _(x, weight, bias, in_idx, out_idx, fill_idx, bias_map, residual, in_channels, out_channels,
+      stride, padding, dilation, relu):  # fmt: skip
+    oh, ow = _out_hw(x.shape[2], x.shape[3], weight.shape[1:3], stride, padding, dilation)
+    shape = (x.shape[0], out_channels, oh, ow)
+    return x.new_empty(shape).contiguous(memory_format=_memory_format(x))
+
+
+@torch.library.custom_op("sparse_ops::group_conv", mutates_args=())
+def group_conv_op(
+    x: Tensor,
+    values: Tensor,
+    val_ptr: Tensor,
+    row_idx: Tensor,
+    row_ptr: Tensor,
+    col_idx: Tensor,
+    col_ptr: Tensor,
+    tile_group: Tensor,
+    tile_row: Tensor,
+    fill_idx: Tensor,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    block_n: int,
+    k_pad: int,
+    relu: bool,
+) -> Tensor:
+    pack = GroupPack(values, val_ptr, row_idx, row_ptr, col_idx, col_ptr, tile_group, tile_row,
+                     fill_idx, bias, in_channels, out_channels, tuple(kernel_size), tuple(stride),
+                     tuple(padding), tuple(dilation), block_n, k_pad)  # fmt: skip
+    y = ops.group_conv(x, pack, residual=residual, relu=relu)
+    return y.contiguous(memory_format=_memory_format(x))
+
+
+@group_conv_op.register_fake
+def _(x, values, val_ptr, row_idx, row_ptr, col_idx, col_ptr, tile_group, tile_row, fill_idx,
+      bias, residual, in_channels, out_channels, kernel_size, stride, padding, dilation,
+      block_n, k_pad, relu):  # fmt: skip
+    oh, ow = _out_hw(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation)
+    shape = (x.shape[0], out_channels, oh, ow)
+    return x.new_empty(shape).contiguous(memory_format=_memory_format(x))
+
+
+# ---------------------------------------------------------------------- modules
+
+
+def _fp32(t: Tensor | None) -> Tensor | None:
+    """Biases stay fp32 for the kernels even after ``module.half()``."""
+    return t if t is None or t.dtype == torch.float32 else t.float()
+
+
+class _Unit(nn.Module):
+    """Shared plumbing: buffers that may be None, a JSON config, state for saving."""
+
+    _buffer_names: tuple[str, ...] = ()
+
+    def _set_buffers(self, tensors: dict[str, Tensor | None]) -> None:
+        for name in self._buffer_names:
+            value = tensors.get(name)
+            self.register_buffer(name, None if value is None else value.detach().clone())
+
+    def config(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        tensors = {n: getattr(self, n) for n in self._buffer_names if getattr(self, n) is not None}
+        return tensors, dict(self.config(), format_version=FORMAT_VERSION)
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, Tensor], config: dict[str, Any]):
+        raise NotImplementedError
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise RuntimeError(f"{type(self).__name__} is an inference module (eval only)")
+        return super().train(False)
+
+
+class ChannelPrunedConv2d(_Unit):
+    _buffer_names = ("weight", "bias", "in_idx", "out_idx", "fill_idx", "const_weight",
+                     "const_values", "bias_map")  # fmt: skip
+
+    def __init__(
+        self,
+        plan: ChannelPlan,
+        *,
+        relu: bool = False,
+        const_weight: Tensor | None = None,
+        const_values: Tensor | None = None,
+        input_hw: tuple[int, int] | None = None,
+        name: str = "",
+    ):
+        super().__init__()
+        self.in_channels, self.out_channels = plan.in_channels, plan.out_channels
+        self.stride, self.padding, self.dilation = plan.stride, plan.padding, plan.dilation
+        self.relu, self.name = bool(relu), name
+        self.input_hw = tuple(input_hw) if input_hw is not None else None
+        bias_map = None
+        if const_weight is not None and input_hw is not None:
+            bias_map = self._compute_bias_map(const_weight, const_values, *input_hw)
+        self._set_buffers({
+            "weight": plan.weight, "bias": plan.bias, "in_idx": plan.in_idx,
+            "out_idx": plan.out_idx, "fill_idx": plan.fill_idx, "const_weight": const_weight,
+            "const_values": const_values, "bias_map": bias_map,
+        })  # fmt: skip
+        self.eval()
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return (int(self.weight.shape[1]), int(self.weight.shape[2]))
+
+    @property
+    def plan(self) -> ChannelPlan:
+        return ChannelPlan(self.weight, self.bias, self.in_idx, self.out_idx, self.fill_idx,
+                           self.in_channels, self.out_channels, self.stride, self.padding,
+                           self.dilation)  # fmt: skip
+
+    def _compute_bias_map(
+        self, const_weight: Tensor, const_values: Tensor, h: int, w: int
+    ) -> Tensor:
+        """Contribution of removed constant input channels, per output position."""
+        image = const_values.to(torch.float32).view(1, -1, 1, 1).expand(1, -1, h, w)
+        kernel = const_weight.to(image.device, torch.float32)
+        return F.conv2d(image, kernel, None, self.stride, self.padding, self.dilation)[
+            0
+        ].contiguous()
+
+    def _bias_map_for(self, x: Tensor) -> Tensor | None:
+        if self.const_weight is None:
+            return None
+        if self.bias_map is not None and tuple(x.shape[2:]) == self.input_hw:
+            return self.bias_map
+        return self._compute_bias_map(self.const_weight, self.const_values, x.shape[2], x.shape[3])
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        bias_map = self._bias_map_for(x)
+        return channel_conv_op(
+            x, self.weight, _fp32(self.bias), self.in_idx, self.out_idx, self.fill_idx,
+            _fp32(bias_map), residual, self.in_channels, self.out_channels,
+            list(self.stride), list(self.padding), list(self.dilation), self.relu,
+        )  # fmt: skip
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "in_channels": self.in_channels, "out_channels": self.out_channels,
+            "stride": list(self.stride), "padding": list(self.padding),
+            "dilation": list(self.dilation), "relu": self.relu, "name": self.name,
+            "input_hw": list(self.input_hw) if self.input_hw else None,
+        }  # fmt: skip
+
+    @classmethod
+    def from_state(cls, tensors, config):
+        plan = ChannelPlan(tensors["weight"], tensors.get("bias"), tensors.get("in_idx"),
+                           tensors.get("out_idx"), tensors.get("fill_idx"),
+                           config["in_channels"], config["out_channels"],
+                           tuple(config["stride"]), tuple(config["padding"]),
+                           tuple(config["dilation"]))  # fmt: skip
+        unit = cls(plan, relu=config["relu"], const_weight=tensors.get("const_weight"),
+                   const_values=tensors.get("const_values"), input_hw=config.get("input_hw"),
+                   name=config.get("name", ""))  # fmt: skip
+        if "bias_map" in tensors:
+            unit.bias_map = tensors["bias_map"]
+        return unit
+
+    def extra_repr(self) -> str:
+        rows = self.weight.shape[0]
+        ins = self.weight.shape[3]
+        bits = [f"{ins}/{self.in_channels} in", f"{rows}/{self.out_channels} out",
+                f"k={self.kernel_size}", f"s={self.stride}", f"p={self.padding}"]  # fmt: skip
+        if self.dilation != (1, 1):
+            bits.append(f"d={self.dilation}")
+        if self.const_weight is not None:
+            bits.append(f"bias_map from {self.const_weight.shape[1]} constant channels")
+        if self.relu:
+            bits.append("relu")
+        return ", ".join(bits)
+
+
+_PACK_FIELDS = ("values", "val_ptr", "row_idx", "row_ptr", "col_idx", "col_ptr", "tile_group",
+                "tile_row", "fill_idx", "bias")  # fmt: skip
+
+
+class GroupSparseConv2d(_Unit):
+    _buffer_names = tuple(f"{p}_{f}" for p in ("main", "left") for f in _PACK_FIELDS)
+
+    def __init__(
+        self, pack: GroupPack, *, relu: bool = False, leftover: GroupPack | None = None, name=""
+    ):
+        super().__init__()
+        self.in_channels, self.out_channels = pack.in_channels, pack.out_channels
+        self.kernel_size, self.stride = pack.kernel_size, pack.stride
+        self.padding, self.dilation = pack.padding, pack.dilation
+        self.block_n, self.k_pad = pack.block_n, pack.k_pad
+        self.relu, self.name = bool(relu), name
+        self.has_leftover = leftover is not None
+        self.left_block = (leftover.block_n, leftover.k_pad) if leftover is not None else None
+        tensors = {f"main_{f}": getattr(pack, f) for f in _PACK_FIELDS}
+        if leftover is not None:
+            tensors.update({f"left_{f}": getattr(leftover, f) for f in _PACK_FIELDS})
+        self._set_buffers(tensors)
+        self.groups_meta = dict(pack.groups_meta)
+        self.eval()
+
+    def _run(self, x: Tensor, prefix: str, block: tuple[int, int], residual, relu) -> Tensor:
+        t = [getattr(self, f"{prefix}_{f}") for f in _PACK_FIELDS]
+        return group_conv_op(
+            x, *t[:-1], _fp32(t[-1]), residual, self.in_channels, self.out_channels,
+            list(self.kernel_size), list(self.stride), list(self.padding), list(self.dilation),
+            block[0], block[1], relu,
+        )  # fmt: skip
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        main_relu = self.relu and not self.has_leftover
+        y = self._run(x, "main", (self.block_n, self.k_pad), residual, main_relu)
+        if self.has_leftover:  # leftover nonzeros: y + leftover(x), then the ReLU
+            y = self._run(x, "left", self.left_block, y, self.relu)
+        return y
+
+    def pack(self, which: str = "main") -> GroupPack:
+        block = (self.block_n, self.k_pad) if which == "main" else self.left_block
+        return GroupPack(*[getattr(self, f"{which}_{f}") for f in _PACK_FIELDS],
+                         self.in_channels, self.out_channels, tuple(self.kernel_size),
+                         tuple(self.stride), tuple(self.padding), tuple(self.dilation),
+                         block[0], block[1])  # fmt: skip
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "in_channels": self.in_channels, "out_channels": self.out_channels,
+            "kernel_size": list(self.kernel_size), "stride": list(self.stride),
+            "padding": list(self.padding), "dilation": list(self.dilation),
+            "block_n": self.block_n, "k_pad": self.k_pad, "relu": self.relu, "name": self.name,
+            "leftover": list(self.left_block) if self.left_block else None,
+            "groups_meta": self.groups_meta,
+        }  # fmt: skip
+
+    @classmethod
+    def from_state(cls, tensors, config):
+        def pack(prefix, block):
+            return GroupPack(*[tensors.get(f"{prefix}_{f}") for f in _PACK_FIELDS],
+                             config["in_channels"], config["out_channels"],
+                             tuple(config["kernel_size"]), tuple(config["stride"]),
+                             tuple(config["padding"]), tuple(config["dilation"]), *block,
+                             groups_meta=config.get("groups_meta", {}))  # fmt: skip
+
+        leftover = pack("left", config["leftover"]) if config.get("leftover") else None
+        return cls(pack("main", (config["block_n"], config["k_pad"])), relu=config["relu"],
+                   leftover=leftover, name=config.get("name", ""))  # fmt: skip
+
+    def extra_repr(self) -> str:
+        groups = int(self.main_row_ptr.numel()) - 1
+        bits = [f"{self.in_channels}→{self.out_channels}", f"{groups} groups",
+                f"k={self.kernel_size}", f"s={self.stride}", f"p={self.padding}"]  # fmt: skip
+        if self.has_leftover:
+            bits.append("+ leftover nonzeros")
+        if self.relu:
+            bits.append("relu")
+        return ", ".join(bits)
+
+
+class TorchConv2d(_Unit):
+    """A conv torch runs (grouped/depthwise layers), BN folded, epilogue in torch."""
+
+    _buffer_names = ("weight", "bias")
+
+    def __init__(self, weight, bias, *, stride, padding, dilation, groups, relu=False, name=""):
+        super().__init__()
+        self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
+        self.groups, self.relu, self.name = int(groups), bool(relu), name
+        self._set_buffers({"weight": weight, "bias": bias})
+        self.eval()
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        y = F.conv2d(x, self.weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        if residual is not None:
+            y = y + residual
+        return torch.relu(y) if self.relu else y
+
+    def config(self) -> dict[str, Any]:
+        return {"stride": list(self.stride), "padding": list(self.padding),
+                "dilation": list(self.dilation), "groups": self.groups, "relu": self.relu,
+                "name": self.name}  # fmt: skip
+
+    @classmethod
+    def from_state(cls, tensors, config):
+        return cls(
+            tensors["weight"], tensors.get("bias"), stride=config["stride"],
+            padding=config["padding"], dilation=config["dilation"], groups=config["groups"],
+            relu=config["relu"], name=config.get("name", ""),
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        out, per_group = self.weight.shape[:2]
+        return f"{per_group * self.groups}→{out}, groups={self.groups}" + (
+            ", relu" if self.relu else ""
+        )
+
+
+class Relayout(_Unit):
+    """Channel re-layout: output channel j is input channel ``index[j]``, or the constant
+    ``fill[j]`` where ``index[j] < 0`` (a removed channel)."""
+
+    _buffer_names = ("index", "fill")
+
+    def __init__(self, index: Tensor, fill: Tensor, *, name: str = ""):
+        super().__init__()
+        self.name = name
+        self._set_buffers({"index": index.to(torch.int64), "fill": fill.to(torch.float32)})
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        gathered = x.index_select(1, self.index.clamp(min=0))
+        removed = (self.index < 0).view(shape)
+        return torch.where(removed, self.fill.to(x.dtype).view(shape), gathered)
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+    @classmethod
+    def from_state(cls, tensors, config):
+        return cls(tensors["index"], tensors["fill"], name=config.get("name", ""))
+
+    def extra_repr(self) -> str:
+        kept = int((self.index >= 0).sum())
+        return f"{kept} of {self.index.numel()} channels gathered, the rest constant"
+
+
+UNITS = {
+    cls.__name__: cls for cls in (ChannelPrunedConv2d, GroupSparseConv2d, TorchConv2d, Relayout)
+}
