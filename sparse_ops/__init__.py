@@ -4,6 +4,7 @@ Importing this package touches no GPU and does not import Triton.
 """
 
 from . import models
+from .convert import ConversionReport, convert, load_converted, masked_model, save_converted
 from .errors import (
     SparseOpsError,
     TicketFormatError,
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FORMAT_VERSION",
+    "ConversionReport",
     "MaskStats",
     "SparseOpsError",
     "Ticket",
@@ -24,8 +26,12 @@ __all__ = [
     "TicketMismatchError",
     "UnknownArchitectureError",
     "__version__",
+    "convert",
     "gemm_view",
+    "load_converted",
     "load_ticket",
     "mask_stats",
+    "masked_model",
     "models",
+    "save_converted",
 ]

@@ -189,6 +189,28 @@ def _cmd_restructure(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .jobs import convert_job
+
+    summary, report = convert_job(
+        args.ticket, args.output, arch=args.arch, mode=args.mode, dtype=args.dtype,
+        on_unstructured=args.on_unstructured,
+    )  # fmt: skip
+    if args.json:
+        _print_json(summary)
+        return 0
+    if args.report:
+        print(report.render())
+        print()
+    ratio = summary["report"]["flops_ratio"]
+    print(
+        f"converted {summary['arch']} ({summary['mode']} mode): {100 * ratio:.1f}% of dense "
+        f"FLOPs; max |converted − masked dense| = {summary['max_abs_diff']:.3g} on a random "
+        f"batch; written to {summary['output']}"
+    )
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -274,6 +296,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_structure_args(p)
     p.set_defaults(handler=_cmd_restructure)
+
+    p = sub.add_parser(
+        "convert",
+        help="convert a ticket into a fast inference module (saved, no pickle)",
+        description="Load a ticket (any recognised format), build its architecture, fold "
+        "BatchNorm, fuse ReLU/residual adds, run each conv as a channel-pruned, group-sparse "
+        "or dense unit, check the result against the masked dense network on a random batch, "
+        "and save it (load it back with sparse_ops.load_converted).",
+    )
+    p.add_argument("ticket", help="ticket file or open_lth level directory")
+    p.add_argument("--arch", help="architecture (default: the one the ticket names)")
+    p.add_argument("--mode", choices=["auto", "channel", "group"], default="auto")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
+    p.add_argument("--on-unstructured", choices=["error", "dense", "regroup"], default="error",
+                   help="layers whose mask the mode cannot run (default: error)")  # fmt: skip
+    p.add_argument("-o", "--output", required=True, help="output .safetensors file")
+    p.add_argument("--report", action="store_true", help="print the per-layer report")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=_cmd_convert)
 
     p = sub.add_parser("demo", help="the main job on the embedded default (no downloads)")
     p.add_argument("--out", default="sparse-ops-out", help="output folder (default: %(default)s)")

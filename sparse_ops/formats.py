@@ -325,10 +325,22 @@ class GroupPack(_Packed):
                 members = rows[group_of_row == g]
                 layout.append({"rows": members.tolist(),
                                "cols": np.flatnonzero(view[members[0]]).tolist()})  # fmt: skip
-        groups = _validated_groups(layout, cout, k_total, name)
+        rows_cat, cols_cat, n_rows, n_cols = _validated_groups(layout, cout, k_total, name)
+        n_groups = n_rows.size
+        # Every (row, column) entry of every group, vectorised: entry k of group g is
+        # (rows_g[k // cols_g], cols_g[k % cols_g]).
+        sizes = n_rows * n_cols
+        group_of = np.repeat(np.arange(n_groups), sizes)
+        first = np.repeat(np.cumsum(sizes) - sizes, sizes)
+        local = np.arange(int(sizes.sum())) - first
+        width = np.repeat(n_cols, sizes)
+        i_local, j_local = local // np.maximum(width, 1), local % np.maximum(width, 1)
+        row_start = np.cumsum(n_rows) - n_rows
+        col_start = np.cumsum(n_cols) - n_cols
+        entry_rows = rows_cat[row_start[group_of] + i_local]
+        entry_cols = cols_cat[col_start[group_of] + j_local]
         covered = np.zeros((cout, k_total), dtype=bool)
-        for rows, cols in groups:
-            covered[np.ix_(rows, cols)] = True
+        covered[entry_rows, entry_cols] = True
         if mask is None:  # the layout defines the mask
             m = torch.from_numpy(covered).view(cout, kh, kw, cin).permute(0, 3, 1, 2)
         else:
@@ -344,39 +356,35 @@ class GroupPack(_Packed):
                 )
 
         w_view = gemm_view(weight.detach() * m.to(weight.dtype))
-        row_idx, col_idx, values, row_ptr, col_ptr, val_ptr = [], [], [], [0], [0], [0]
-        sizes = []
-        for rows, cols in groups:
-            r_pad = -(-len(rows) // block_n) * block_n
-            c_pad = -(-len(cols) // k_pad) * k_pad
-            tile = torch.zeros(r_pad, c_pad, dtype=weight.dtype)
-            if len(rows) and len(cols):
-                tile[: len(rows), : len(cols)] = w_view[rows][:, cols]
-            values.append(tile.flatten())
-            row_idx += list(rows) + [-1] * (r_pad - len(rows))
-            col_idx += list(cols) + [-1] * (c_pad - len(cols))
-            row_ptr.append(len(row_idx))
-            col_ptr.append(len(col_idx))
-            val_ptr.append(val_ptr[-1] + r_pad * c_pad)
-            sizes.append((len(rows), len(cols)))
+        r_pad = -(-n_rows // block_n) * block_n
+        c_pad = -(-n_cols // k_pad) * k_pad
+        row_ptr = np.concatenate([[0], np.cumsum(r_pad)]).astype(np.int64)
+        col_ptr = np.concatenate([[0], np.cumsum(c_pad)]).astype(np.int64)
+        val_ptr = np.concatenate([[0], np.cumsum(r_pad * c_pad)]).astype(np.int64)
+        row_idx = np.full(int(row_ptr[-1]), -1, dtype=np.int64)
+        row_idx[row_ptr[np.repeat(np.arange(n_groups), n_rows)] + _ranks(n_rows)] = rows_cat
+        col_idx = np.full(int(col_ptr[-1]), -1, dtype=np.int64)
+        col_idx[col_ptr[np.repeat(np.arange(n_groups), n_cols)] + _ranks(n_cols)] = cols_cat
+        values = torch.zeros(int(val_ptr[-1]), dtype=weight.dtype)
+        if entry_rows.size:
+            flat = val_ptr[group_of] + i_local * np.repeat(c_pad, sizes) + j_local
+            values[torch.from_numpy(flat)] = w_view[torch.from_numpy(entry_rows),
+                                                    torch.from_numpy(entry_cols)]  # fmt: skip
         in_group = np.zeros(cout, dtype=bool)
-        for rows, _ in groups:
-            in_group[rows] = True
+        in_group[rows_cat] = True
         fill = np.flatnonzero(~in_group)
 
         # Schedule: (group, row tile), most columns first; then epilogue-only tiles.
-        order = sorted(range(len(groups)), key=lambda g: (-(col_ptr[g + 1] - col_ptr[g]), g))
-        tile_group, tile_row = [], []
-        for g in order:
-            for start in range(row_ptr[g], row_ptr[g + 1], block_n):
-                tile_group.append(g)
-                tile_row.append(start)
-        for start in range(0, len(fill), block_n):
-            tile_group.append(-1)
-            tile_row.append(start)
+        order = np.lexsort((np.arange(n_groups), -c_pad))
+        tiles_per = r_pad // block_n
+        tile_group = np.repeat(order, tiles_per[order])
+        tile_row = row_ptr[tile_group] + _ranks(tiles_per[order]) * block_n
+        fill_tiles = np.arange(0, fill.size, block_n)
+        tile_group = np.concatenate([tile_group, np.full(fill_tiles.size, -1)])
+        tile_row = np.concatenate([tile_row, fill_tiles])
         return cls(
-            values=torch.cat(values) if values else torch.zeros(0, dtype=weight.dtype),
-            val_ptr=torch.tensor(val_ptr, dtype=torch.int64),
+            values=values,
+            val_ptr=torch.from_numpy(val_ptr),
             row_idx=_index(row_idx),
             row_ptr=_index(row_ptr),
             col_idx=_index(col_idx),
@@ -391,52 +399,82 @@ class GroupPack(_Packed):
             block_n=int(block_n),
             k_pad=int(k_pad),
             format_version=FORMAT_VERSION,
-            groups_meta={"sizes": [list(s) for s in sizes]},
+            groups_meta={"sizes": np.stack([n_rows, n_cols], 1).tolist()},
             **geometry,
         )
+
+    def entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(rows, gemm_columns, values)`` of every stored (non-padding) weight."""
+        val_ptr = self.val_ptr.cpu()
+        row_ptr, col_ptr = self.row_ptr.cpu().long(), self.col_ptr.cpu().long()
+        sizes = val_ptr[1:] - val_ptr[:-1]
+        group_of = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
+        local = torch.arange(int(val_ptr[-1])) - val_ptr[:-1][group_of]
+        width = (col_ptr[1:] - col_ptr[:-1])[group_of]
+        i, j = local // width.clamp(min=1), local % width.clamp(min=1)
+        rows = self.row_idx.cpu().long()[row_ptr[:-1][group_of] + i]
+        cols = self.col_idx.cpu().long()[col_ptr[:-1][group_of] + j]
+        keep = (rows >= 0) & (cols >= 0)
+        return rows[keep], cols[keep], self.values.detach().cpu()[keep]
 
     def dense_weight(self) -> torch.Tensor:
         """The dense weight ``[Cout, Cin, kh, kw]`` this pack computes with."""
         kh, kw = self.kernel_size
-        k_total = kh * kw * self.in_channels
-        view = torch.zeros(self.out_channels, k_total, dtype=self.values.dtype)
-        values = self.values.detach().cpu()
-        row_idx, col_idx = self.row_idx.cpu().long(), self.col_idx.cpu().long()
-        row_ptr, col_ptr, val_ptr = self.row_ptr.cpu(), self.col_ptr.cpu(), self.val_ptr.cpu()
-        for g in range(self.num_groups):
-            rows = row_idx[row_ptr[g] : row_ptr[g + 1]]
-            cols = col_idx[col_ptr[g] : col_ptr[g + 1]]
-            tile = values[val_ptr[g] : val_ptr[g + 1]].view(rows.numel(), cols.numel())
-            keep_r, keep_c = rows >= 0, cols >= 0
-            view[rows[keep_r][:, None], cols[keep_c][None, :]] = tile[keep_r][:, keep_c]
+        view = torch.zeros(self.out_channels, kh * kw * self.in_channels, dtype=self.values.dtype)
+        rows, cols, values = self.entries()
+        view[rows, cols] = values
         return (
             view.view(self.out_channels, kh, kw, self.in_channels).permute(0, 3, 1, 2).contiguous()
         )
 
 
-def _validated_groups(layout, cout: int, k_total: int, name: str) -> list[tuple[list, list]]:
-    groups = []
-    owner: dict[int, int] = {}
-    for g, group in enumerate(layout):
+def _ranks(counts: np.ndarray) -> np.ndarray:
+    """``[0..c0), [0..c1), ...`` concatenated."""
+    counts = np.asarray(counts, dtype=np.int64)
+    return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
+def _validated_groups(layout, cout: int, k_total: int, name: str):
+    """Concatenated rows and (sorted) columns of every group, with per-group counts."""
+    rows_list, cols_list = [], []
+    for group in layout:
         rows = group["rows"] if isinstance(group, dict) else group.rows
         cols = group["cols"] if isinstance(group, dict) else group.cols
-        rows = [int(r) for r in rows]
-        cols = [int(c) for c in cols]
-        bad_rows = [r for r in rows if not 0 <= r < cout]
-        bad_cols = [c for c in cols if not 0 <= c < k_total]
-        if bad_rows or bad_cols:
-            raise FormatError(
-                f"{name}: group {g} has indices out of range (rows must be in [0, {cout}), "
-                f"columns in [0, {k_total})): rows {listing(bad_rows, 4)}, "
-                f"columns {listing(bad_cols, 4)}"
+        rows_list.append(np.asarray(rows, dtype=np.int64).reshape(-1))
+        cols_list.append(np.asarray(cols, dtype=np.int64).reshape(-1))
+    n_rows = np.array([r.size for r in rows_list], dtype=np.int64)
+    n_cols = np.array([c.size for c in cols_list], dtype=np.int64)
+    rows = np.concatenate(rows_list) if rows_list else np.zeros(0, dtype=np.int64)
+    cols = np.concatenate(cols_list) if cols_list else np.zeros(0, dtype=np.int64)
+    group_of_row = np.repeat(np.arange(n_rows.size), n_rows)
+    group_of_col = np.repeat(np.arange(n_cols.size), n_cols)
+    bad_r = (rows < 0) | (rows >= cout)
+    bad_c = (cols < 0) | (cols >= k_total)
+    if bad_r.any() or bad_c.any():
+        g = int(group_of_row[bad_r][0]) if bad_r.any() else int(group_of_col[bad_c][0])
+        raise FormatError(
+            f"{name}: group {g} has indices out of range (rows must be in [0, {cout}), "
+            f"columns in [0, {k_total})): rows {listing(rows[bad_r & (group_of_row == g)], 4)}, "
+            f"columns {listing(cols[bad_c & (group_of_col == g)], 4)}"
+        )
+    order = np.lexsort((cols, group_of_col))  # sort columns within each group
+    cols, group_of_col = cols[order], group_of_col[order]
+    repeated = (cols[1:] == cols[:-1]) & (group_of_col[1:] == group_of_col[:-1])
+    if repeated.any():
+        raise FormatError(
+            f"{name}: group {int(group_of_col[1:][repeated][0])} lists a column twice"
+        )
+    if rows.size:
+        by_row = np.lexsort((group_of_row, rows))
+        same = rows[by_row][1:] == rows[by_row][:-1]
+        if same.any():
+            k = int(np.flatnonzero(same)[0])
+            r, ga, gb = (
+                int(rows[by_row][k]),
+                int(group_of_row[by_row][k]),
+                int(group_of_row[by_row][k + 1]),
             )
-        if len(set(cols)) != len(cols):
-            raise FormatError(f"{name}: group {g} lists a column twice")
-        for r in rows:
-            if r in owner:
-                raise FormatError(
-                    f"{name}: rows shared by two groups: row {r} is in groups {owner[r]} and {g}"
-                )
-            owner[r] = g
-        groups.append((rows, sorted(cols)))
-    return groups
+            raise FormatError(
+                f"{name}: rows shared by two groups: row {r} is in groups {ga} and {gb}"
+            )
+    return rows, cols, n_rows, n_cols

@@ -149,3 +149,44 @@ def restructure_job(
         "layers": report["layers"],
     }
     return result, summary
+
+
+def convert_job(
+    source: str | Path,
+    out: str | Path,
+    *,
+    arch: str | None = None,
+    mode: str = "auto",
+    dtype: str | None = None,
+    on_unstructured: str = "error",
+    batch: int = 2,
+):
+    """Load a ticket, convert its architecture, check the result, save it."""
+    from .convert import convert, masked_model, save_converted
+    from .errors import SparseOpsError
+
+    ticket = load_ticket(source, arch=arch)
+    if ticket.arch is None or not models.is_known(ticket.arch):
+        raise SparseOpsError(f"{source}: the ticket names no built-in architecture; pass --arch")
+    model = ticket.create_model().eval()
+    torch_dtype = getattr(torch, dtype) if dtype else None
+    fast, report = convert(model, ticket, mode=mode, dtype=torch_dtype,
+                           on_unstructured=on_unstructured, return_report=True)  # fmt: skip
+    reference = masked_model(model, ticket)
+    x = torch.randn(batch, *report.input_shape[1:], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(x)
+        got = fast(x.to(torch_dtype) if torch_dtype else x).float()
+    path = save_converted(fast, out)
+    summary = {
+        "input": str(source),
+        "output": str(path),
+        "arch": ticket.arch,
+        "mode": mode,
+        "dtype": dtype or "float32",
+        "has_trained_weights": ticket.weights is not None,
+        "max_abs_diff": float((expected - got).abs().max()),
+        "max_abs_output": float(expected.abs().max()),
+        "report": report.as_dict(),
+    }
+    return summary, report

@@ -139,7 +139,12 @@ class _Unit(nn.Module):
     def _set_buffers(self, tensors: dict[str, Tensor | None]) -> None:
         for name in self._buffer_names:
             value = tensors.get(name)
-            self.register_buffer(name, None if value is None else value.detach().clone())
+            if value is not None:
+                # Canonical strides: a contiguous tensor may carry any stride on a size-1
+                # dimension, and CPU conv kernels pick different paths on that, so a module
+                # and its saved-and-loaded copy would round differently.
+                value = value.detach().clone(memory_format=torch.contiguous_format)
+            self.register_buffer(name, value)
 
     def config(self) -> dict[str, Any]:
         raise NotImplementedError

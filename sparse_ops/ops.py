@@ -7,11 +7,14 @@
 ``backend``:
     ``"auto"``    Triton for CUDA tensors, torch for CPU tensors;
     ``"triton"``  the Triton kernel (CPU tensors need ``TRITON_INTERPRET=1``);
-    ``"torch"``   the torch path: a smaller dense conv for a ChannelPlan, one GEMM
-                  per group on the unfolded input for a GroupPack.
+    ``"torch"``   the torch path: a smaller dense conv for a ChannelPlan; for a
+                  GroupPack, one dense GEMM per distinct column set on the unfolded
+                  input (one dense conv when there are very many sets).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -20,11 +23,31 @@ from .errors import SparseOpsError
 from .formats import ChannelPlan, GroupPack
 
 BACKENDS = ("auto", "triton", "torch")
+_MANY_SETS = 512  # beyond this many distinct column sets the CPU path runs one dense conv
+_forced: list[str] = []
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """Run every ``backend="auto"`` call inside the block on ``name``.
+
+    E.g. ``with ops.backend("triton"): converted(x)`` drives a whole converted model
+    through the Triton kernels (on CPU tensors: under ``TRITON_INTERPRET=1``).
+    """
+    if name not in BACKENDS:
+        raise SparseOpsError(f"backend must be one of {BACKENDS}, got {name!r}")
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()
 
 
 def _backend(x: torch.Tensor, backend: str) -> str:
     if backend not in BACKENDS:
         raise SparseOpsError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto" and _forced and _forced[-1] != "auto":
+        return _forced[-1]
     if backend == "auto":
         return "triton" if x.is_cuda else "torch"
     return backend
@@ -90,25 +113,49 @@ def group_conv(
         return group_conv2d(x, pack, residual=residual, relu=relu, allow_tf32=allow_tf32)
     n, cin, h, w = x.shape
     kh, kw = pack.kernel_size
+    column_sets = _column_sets(pack)
+    if column_sets is None:  # very many distinct column sets: one conv on the dense weight
+        rows, cols, values = pack.entries()
+        weight = torch.zeros(pack.out_channels, kh * kw * cin, dtype=x.dtype, device=x.device)
+        weight[rows.to(x.device), cols.to(x.device)] = values.to(x.device, x.dtype)
+        weight = weight.view(pack.out_channels, kh, kw, cin).permute(0, 3, 1, 2).contiguous()
+        y = F.conv2d(x, weight, None, pack.stride, pack.padding, pack.dilation)
+        return _epilogue(y, pack.bias, residual, relu)
     # unfold orders columns (c, ky, kx); the pack uses (ky, kx, c).
     columns = F.unfold(
         x, (kh, kw), dilation=pack.dilation, padding=pack.padding, stride=pack.stride
-    )
+    )  # [N, Cin·kh·kw, L]
     oh = (h + 2 * pack.padding[0] - pack.dilation[0] * (kh - 1) - 1) // pack.stride[0] + 1
     ow = (w + 2 * pack.padding[1] - pack.dilation[1] * (kw - 1) - 1) // pack.stride[1] + 1
-    y = x.new_zeros(n, pack.out_channels, oh * ow)
-    row_idx, col_idx = pack.row_idx.long(), pack.col_idx.long()
-    for g in range(pack.num_groups):
-        r0, r1 = int(pack.row_ptr[g]), int(pack.row_ptr[g + 1])
-        c0, c1 = int(pack.col_ptr[g]), int(pack.col_ptr[g + 1])
-        rows, cols = row_idx[r0:r1], col_idx[c0:c1]
-        keep_r, keep_c = rows >= 0, cols >= 0
-        if not bool(keep_c.any()):
-            continue
-        flat = cols[keep_c]
-        unfold_index = (flat % cin) * (kh * kw) + flat // cin
-        v0 = int(pack.val_ptr[g])
-        tile = pack.values[v0 : v0 + (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
-        weight = tile[keep_r][:, keep_c].to(x.dtype)
-        y[:, rows[keep_r]] = weight @ columns[:, unfold_index]
+    y = columns.new_zeros(n, pack.out_channels, columns.shape[2])
+    for rows, cols, tiles in column_sets:
+        unfold_index = (cols % cin) * (kh * kw) + cols // cin
+        block = torch.cat(tiles).to(x.device, x.dtype)
+        y[:, rows.to(x.device)] = block @ columns[:, unfold_index.to(x.device)]
     return _epilogue(y.view(n, pack.out_channels, oh, ow), pack.bias, residual, relu)
+
+
+def _column_sets(pack: GroupPack):
+    """Groups merged by identical column set (regroup cuts a block into b1-row groups):
+    ``[(rows, columns, weight tiles)]``, one dense GEMM each; None if there are more than
+    ``_MANY_SETS`` sets."""
+    row_idx, col_idx = pack.row_idx.cpu().long(), pack.col_idx.cpu().long()
+    row_ptr, col_ptr = pack.row_ptr.cpu().tolist(), pack.col_ptr.cpu().tolist()
+    val_ptr = pack.val_ptr.cpu().tolist()
+    values = pack.values
+    merged: dict[bytes, list] = {}
+    for g in range(pack.num_groups):
+        cols, rows = col_idx[col_ptr[g] : col_ptr[g + 1]], row_idx[row_ptr[g] : row_ptr[g + 1]]
+        keep_c, keep_r = cols >= 0, rows >= 0
+        if not bool(keep_c.any()) or not bool(keep_r.any()):
+            continue
+        tile = values[val_ptr[g] : val_ptr[g + 1]].view(rows.numel(), cols.numel())
+        tile = tile[keep_r.to(values.device)][:, keep_c.to(values.device)]
+        key = cols[keep_c].numpy().tobytes()
+        if key not in merged:
+            if len(merged) == _MANY_SETS:
+                return None
+            merged[key] = [[], cols[keep_c], []]
+        merged[key][0].append(rows[keep_r])
+        merged[key][2].append(tile)
+    return [(torch.cat(rs), cols, tiles) for rs, cols, tiles in merged.values()]

@@ -32,10 +32,12 @@ from torch import fx, nn
 
 from ..formats import ChannelPlan
 from ..nn import ChannelPrunedConv2d, TorchConv2d
+from ..structure.regroup import RegroupConfig
 from ..tables import format_table
 from ..tickets import Ticket
 from .build import MODES, ON_UNSTRUCTURED, Builder, CostModel, LayerRow
 from .prepare import ConvertError, check_model, example_input, masked_model
+from .serialize import SaveError, load_converted, save_converted
 
 __all__ = [
     "MODES",
@@ -43,8 +45,11 @@ __all__ = [
     "ConversionReport",
     "ConvertError",
     "CostModel",
+    "SaveError",
     "convert",
+    "load_converted",
     "masked_model",
+    "save_converted",
 ]
 
 
@@ -134,6 +139,7 @@ def convert(
     *,
     input_size: tuple[int, int, int] | None = None,
     cost: CostModel | None = None,
+    regroup: RegroupConfig | None = None,
     return_report: bool = False,
 ):
     """Return an eval-only module computing ``masked_model(model, ticket)`` with our units.
@@ -142,7 +148,8 @@ def convert(
     any); without one, the model's own pruning hooks or zeros are used. ``input_size``
     (C, H, W) is the input shape the conversion is sized for (bias maps are precomputed
     for it; other sizes work too). It defaults to the architecture's, else 3×32×32.
-    With ``return_report=True`` returns ``(module, ConversionReport)``.
+    ``regroup`` configures ``on_unstructured="regroup"``. With ``return_report=True``
+    returns ``(module, ConversionReport)``.
     """
     check_model(model)
     if mode not in MODES:
@@ -167,7 +174,8 @@ def convert(
         module, report = _replace_modules(dense, masks, mode, dtype, example, exc)
     else:
         builder = Builder(traced, example, masks, layouts, mode=mode,
-                          on_unstructured=on_unstructured, dtype=dtype, cost=cost)  # fmt: skip
+                          on_unstructured=on_unstructured, dtype=dtype, cost=cost,
+                          regroup=regroup)  # fmt: skip
         module = builder.build()
         notes = dict(builder.notes)
         notes["narrowed_activations"] = sum(
@@ -190,10 +198,10 @@ def _check_masked_modules(model: nn.Module, masks: dict[str, torch.Tensor]) -> N
         module = modules.get(name.rpartition(".")[0])
         if isinstance(module, nn.Conv2d):
             if module.padding_mode != "zeros" or isinstance(module.padding, str):
-                bad.append(f"{name.rpartition('.')[0]} (Conv2d with padding={module.padding!r}, "
+                bad.append(f"{name.rpartition('.')[0]!r} (Conv2d with padding={module.padding!r}, "
                            f"padding_mode={module.padding_mode!r})")  # fmt: skip
         elif not isinstance(module, nn.Linear):
-            bad.append(f"{name.rpartition('.')[0]} ({type(module).__name__})")
+            bad.append(f"{name.rpartition('.')[0]!r} ({type(module).__name__})")
     if bad:
         raise ConvertError(f"pruned layers of a type the converter cannot run: {', '.join(bad)}")
 

@@ -113,6 +113,10 @@ class _UnionFind:
 
 
 class Builder:
+    # Leftover rows are packed 16 at a time (the smallest tensor-core tile) sharing the
+    # union of their columns, so a leftover pack never exceeds the dense size of its rows.
+    LEFTOVER_ROWS = 16
+
     def __init__(
         self,
         gm: fx.GraphModule,
@@ -124,6 +128,7 @@ class Builder:
         on_unstructured: str,
         dtype: torch.dtype | None,
         cost: CostModel,
+        regroup: RegroupConfig | None = None,
     ):
         if mode not in MODES:
             raise ConvertError(f"mode must be one of {MODES}, got {mode!r}")
@@ -133,8 +138,16 @@ class Builder:
             )
         self.gm, self.masks, self.layouts = gm, masks, layouts
         self.mode, self.on_unstructured, self.dtype, self.cost = mode, on_unstructured, dtype, cost
+        self.regroup = regroup or RegroupConfig()
         self.modules = dict(gm.named_modules())
-        ShapeProp(gm).propagate(example)
+        try:
+            ShapeProp(gm).propagate(example)
+        except Exception as exc:
+            cause = exc.__cause__ or exc
+            raise ConvertError(
+                f"the model does not run on an input of shape {tuple(example.shape)} "
+                f"({type(cause).__name__}: {str(cause).splitlines()[0]}); pass input_size=(C, H, W)"
+            ) from None
         self.sites = patterns.find_sites(gm, self.shape)
         self.site_of: dict[fx.Node, patterns.Site] = {n: s for s in self.sites for n in s.nodes}
         self.folded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -201,12 +214,9 @@ class Builder:
         if self.on_unstructured == "dense":
             return Choice("channel", structure, note="masked dense (unstructured)")
         if self.on_unstructured == "regroup":
-            new_mask, groups, _ = regroup_mask(mask, RegroupConfig(), name=site.name)
+            new_mask, groups, _ = regroup_mask(mask, self.regroup, name=site.name)
             leftover_view = gemm_view(mask) & ~gemm_view(new_mask)
-            leftover = [
-                {"rows": [int(r)], "cols": torch.nonzero(leftover_view[r]).flatten().tolist()}
-                for r in torch.nonzero(leftover_view.any(1)).flatten().tolist()
-            ]
+            leftover = _leftover_groups(leftover_view, self.LEFTOVER_ROWS)
             note = f"regrouped, {int(leftover_view.sum())} leftover nonzeros"
             layout = [g.as_dict() for g in groups]
             return Choice("group", structure, layout, leftover or None, note=note)
@@ -542,7 +552,7 @@ class Builder:
         unit = GroupSparseConv2d(pack.to(dtype=dtype), relu=relu, leftover=leftover, name=site.name)
         spatial = self._spatial(site)
         nnz_groups = sum(len(g["rows"]) * len(g["cols"]) for g in choice.layout)
-        nnz_left = sum(len(g["cols"]) for g in (choice.leftover or []))
+        nnz_left = sum(len(g["rows"]) * len(g["cols"]) for g in (choice.leftover or []))
         row.flops_after = 2 * (nnz_groups + nnz_left) * spatial
         row.params_after = nnz_groups + nnz_left
         row.representation = "group+leftover" if leftover is not None else "group"
@@ -591,6 +601,16 @@ class Builder:
         row.detail["input_width"] = new.in_features
         self.rows.append(row)
         return new.eval()
+
+
+def _leftover_groups(view: torch.Tensor, rows_per_group: int) -> list[dict]:
+    """Rows holding leftover nonzeros, in chunks sharing the union of their columns."""
+    rows = torch.nonzero(view.any(1)).flatten()
+    groups = []
+    for chunk in rows.split(rows_per_group):
+        cols = torch.nonzero(view[chunk].any(0)).flatten()
+        groups.append({"rows": chunk.tolist(), "cols": cols.tolist()})
+    return groups
 
 
 def _fetch_attr(gm: fx.GraphModule, target: str):

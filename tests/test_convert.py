@@ -1,0 +1,311 @@
+"""The converter: converted module == masked dense network, for every built-in architecture."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from sparse_ops import Ticket, imp, models, ops, structure
+from sparse_ops.convert import (
+    ConvertError,
+    SaveError,
+    convert,
+    load_converted,
+    masked_model,
+    save_converted,
+)
+from sparse_ops.nn import ChannelPrunedConv2d, GroupSparseConv2d
+from sparse_ops.structure import RegroupConfig
+
+TOL = {"atol": 1e-4, "rtol": 1e-4}
+FAST_REGROUP = RegroupConfig(parts=1)  # the partitioner has its own tests; keep CI fast
+
+
+def _trained_like(arch: str, seed: int = 0) -> nn.Module:
+    """A model whose BatchNorm statistics are not the identity (so folding matters)."""
+    torch.manual_seed(seed)
+    model = models.create(arch)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.3)  # many pruned channels become nonzero constants
+    return model.eval()
+
+
+def _ticket(model: nn.Module, arch: str, kind: str, density: float = 0.4) -> Ticket:
+    names = imp.prunable(model)
+    state = imp.capture_state(model)
+    g = torch.Generator().manual_seed(1)
+    masks = {n: torch.rand(state[n].shape, generator=g) < density for n in names}
+    ticket = Ticket(masks, state, arch)
+    if kind == "refill":
+        return structure.refill(ticket)
+    if kind == "regroup":
+        return structure.regroup(ticket, FAST_REGROUP)
+    return ticket  # random unstructured
+
+
+CASES = [("refill", "error"), ("regroup", "error"), ("random", "regroup"), ("random", "dense")]
+
+
+@pytest.mark.parametrize(("kind", "policy"), CASES, ids=[f"{k}-{p}" for k, p in CASES])
+@pytest.mark.parametrize("arch", models.names())
+def test_converted_equals_masked_dense(arch, kind, policy):
+    model = _trained_like(arch)
+    ticket = _ticket(model, arch, kind)
+    options = {"input_size": (3, 32, 32), "regroup": FAST_REGROUP, "return_report": True}
+    fast, report = convert(model, ticket, mode="auto", on_unstructured=policy, **options)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), masked_model(model, ticket)(x), **TOL)
+    assert report.traced and report.flops_after <= report.flops_dense
+
+
+@pytest.mark.parametrize("mode", ["channel", "group", "auto"])
+def test_modes_on_res20s_with_default_regroup(mode):
+    model = _trained_like("res20s")
+    for kind in ("refill", "regroup"):
+        ticket = _ticket(model, "res20s", kind)
+        if kind == "regroup":
+            ticket = structure.regroup(Ticket(ticket.masks, ticket.weights, "res20s"))
+        fast = convert(model, ticket, mode=mode, on_unstructured="regroup")
+        x = torch.randn(3, 3, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), masked_model(model, ticket)(x), **TOL)
+
+
+def test_channel_mode_narrows_and_folds():
+    model = _trained_like("res20s")
+    ticket = _ticket(model, "res20s", "refill")
+    fast, report = convert(model, ticket, mode="channel", return_report=True)
+    assert report.notes["bn_folded"] == 19 and report.notes["residual_fused"] == 9
+    assert report.notes["narrowed_activations"] > 0
+    units = [m for m in fast.modules() if isinstance(m, ChannelPrunedConv2d)]
+    assert any(u.out_channels < 16 for u in units)  # a block's inner activation is narrow
+    assert any(u.const_weight is not None for u in units)  # removed constants → bias map
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+
+
+def test_res56s_refill_half_channels_flops():
+    model = _trained_like("res56s")
+    names = imp.prunable(model)
+    state = imp.capture_state(model)
+    masks = {n: torch.rand(state[n].shape) < 0.5 for n in names}
+    ticket = structure.refill(Ticket(masks, state, "res56s"), criterion="remain")
+    _, report = convert(model, ticket, mode="channel", return_report=True)
+    ratio = report.flops_after / report.flops_dense
+    assert ratio <= 0.55, ratio
+
+
+def test_group_mode_uses_group_units_and_ticket_layouts():
+    model = _trained_like("vgg16_bn")
+    ticket = _ticket(model, "vgg16_bn", "regroup")
+    fast, report = convert(model, ticket, mode="group", return_report=True)
+    units = [m for m in fast.modules() if isinstance(m, GroupSparseConv2d)]
+    assert len(units) == 12  # every pruned conv (the stem is not pruned)
+    assert {r.representation for r in report.layers if r.kind == "conv"} >= {"group"}
+
+
+def test_through_triton_kernels_under_the_interpreter():
+    # 8×8 inputs keep the interpreter fast; every layer type still runs (stride 2 included)
+    model = _trained_like("res20s")
+    x = torch.randn(1, 3, 8, 8)
+    for kind, policy in [("refill", "error"), ("random", "regroup")]:
+        ticket = _ticket(model, "res20s", kind)
+        fast = convert(model, ticket, mode="auto", on_unstructured=policy, regroup=FAST_REGROUP,
+                       input_size=(3, 8, 8))  # fmt: skip
+        with torch.no_grad(), ops.backend("triton"):
+            got = fast(x)
+        with torch.no_grad():
+            torch.testing.assert_close(got.contiguous(), masked_model(model, ticket)(x), **TOL)
+
+
+def test_save_and_load_give_identical_outputs(tmp_path):
+    model = _trained_like("mobilenet")
+    for kind, policy in [("refill", "error"), ("random", "regroup")]:
+        ticket = _ticket(model, "mobilenet", kind)
+        fast = convert(model, ticket, on_unstructured=policy, regroup=FAST_REGROUP)
+        back = load_converted(save_converted(fast, tmp_path / f"{kind}.safetensors"))
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            assert torch.equal(fast(x), back(x))
+
+
+def test_saved_file_from_a_newer_version(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from sparse_ops.checkpoint_io import read_safetensors
+
+    model = _trained_like("res20s")
+    path = save_converted(convert(model, _ticket(model, "res20s", "refill")), tmp_path / "c.st")
+    _, metadata = read_safetensors(path)
+    save_file(load_file(str(path)), str(path), metadata={**metadata, "format_version": "9"})
+    with pytest.raises(SaveError, match="newer sparse-ops.*format_version 9"):
+        load_converted(path)
+
+
+def test_loading_refuses_functions_outside_the_allowlist(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from sparse_ops.checkpoint_io import read_safetensors
+
+    model = _trained_like("res20s")
+    path = save_converted(convert(model, _ticket(model, "res20s", "refill")), tmp_path / "c.st")
+    _, metadata = read_safetensors(path)
+    graph = json.loads(metadata["graph"])
+    graph[3]["op"], graph[3]["target"] = "call_function", "os.system"
+    metadata["graph"] = json.dumps(graph)
+    save_file(load_file(str(path)), str(path), metadata=metadata)
+    with pytest.raises(SaveError, match="function 'os.system' is not allowed"):
+        load_converted(path)
+
+
+def test_model_in_training_mode():
+    with pytest.raises(ConvertError, match="training mode: call model.eval"):
+        convert(models.create("res20s").train(), Ticket({}))
+
+
+def test_hooks_we_cannot_honour():
+    model = _trained_like("res20s")
+    model.layer1[0].conv1.register_forward_hook(lambda *a: None)
+    with pytest.raises(ConvertError, match="'layer1.0.conv1' carry forward/backward hooks"):
+        convert(model, Ticket({}))
+
+
+def test_ticket_that_does_not_fit():
+    model = _trained_like("res20s")
+    bad = Ticket({"layer1.0.conv1.weight": torch.ones(16, 8, 3, 3)})
+    with pytest.raises(
+        ConvertError, match=r"does not fit.*layer1\.0\.conv1\.weight \(16, 8, 3, 3\)"
+    ):
+        convert(model, bad)
+
+
+def test_unstructured_masks_error_lists_layers():
+    model = _trained_like("res20s")
+    with pytest.raises(ConvertError, match=r"cannot run: 'layer1\.0\.conv1 \(unstructured\)'"):
+        convert(model, _ticket(model, "res20s", "random"), mode="channel")
+
+
+def test_unsupported_layer_type_in_a_pruned_path():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.ReLU()).eval()
+    ticket = Ticket({"0.weight": torch.rand(4, 3, 3, 3) < 0.5})
+    with pytest.raises(
+        ConvertError, match=r"'0' \(Conv2d with padding=\(1, 1\), padding_mode='reflect'\)"
+    ):
+        convert(model, ticket)
+
+
+def test_input_size_the_model_cannot_run():
+    model = _trained_like("cifar_vgg_11")
+    with pytest.raises(ConvertError, match=r"does not run on an input of shape \(1, 3, 64, 64\)"):
+        convert(model, _ticket(model, "cifar_vgg_11", "refill"), input_size=(3, 64, 64))
+
+
+def test_bad_mode_and_policy():
+    model = _trained_like("res20s")
+    with pytest.raises(ConvertError, match="mode must be one of"):
+        convert(model, Ticket({}), mode="fast")
+    with pytest.raises(ConvertError, match="on_unstructured must be one of"):
+        convert(model, Ticket({}), on_unstructured="ignore")
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if y.sum() > 0:
+            return torch.relu(y)
+        return y
+
+
+def test_fallback_when_tracing_fails():
+    torch.manual_seed(0)
+    model = Untraceable().eval()
+    ticket = Ticket({"conv.weight": torch.rand(8, 3, 3, 3) < 0.5})
+    fast, report = convert(model, ticket, return_report=True)
+    assert not report.traced and "could not trace" in report.notes["fallback"]
+    assert isinstance(fast.conv, ChannelPrunedConv2d)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), masked_model(model, ticket)(x), **TOL)
+    with pytest.raises(SaveError, match="only traced conversions can be saved"):
+        save_converted(fast, "/tmp/never.safetensors")
+
+
+def test_torch_compile_sees_no_graph_break():
+    model = _trained_like("res20s")
+    for kind, mode in [("refill", "channel"), ("regroup", "group")]:
+        fast = convert(model, _ticket(model, "res20s", kind), mode=mode)
+        compiled = torch.compile(fast, backend="eager", fullgraph=True)
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), fast(x))
+
+
+def test_converted_module_is_eval_only():
+    fast = convert(_trained_like("res20s"), Ticket({}))
+    with pytest.raises(RuntimeError, match="inference module"):
+        fast.train()
+
+
+def test_report_is_json_ready():
+    model = _trained_like("res20s")
+    _, report = convert(model, _ticket(model, "res20s", "refill"), return_report=True)
+    d = json.loads(json.dumps(report.as_dict()))
+    assert d["flops_after"] < d["flops_dense"] and d["layers"][0]["name"] == "conv1"
+    assert "MFLOPs" in report.render()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "vgg16_bn", "mobilenet_v2"])
+def test_torchvision_models(name):
+    tv = pytest.importorskip("torchvision.models")
+    model = getattr(tv, name)(num_classes=10)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 2.0)
+                m.bias.normal_(0, 0.3)
+    model.eval()
+    ticket = _ticket(model, None, "refill")
+    fast = convert(model, ticket, mode="auto", input_size=(3, 64, 64))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), masked_model(model, ticket)(x), **TOL)
+
+
+# ---------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+def test_gpu_path_cuda_graphs_and_inductor():
+    model = _trained_like("res20s")
+    ticket = _ticket(model, "res20s", "refill")
+    fast = convert(model, ticket, mode="channel", dtype=torch.float16, device="cuda")
+    ref = masked_model(model, ticket).cuda().half()
+    x = torch.randn(8, 3, 32, 32, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        expected = ref(x)
+        torch.testing.assert_close(fast(x), expected, atol=2e-2, rtol=2e-2)
+        compiled = torch.compile(fast, fullgraph=True)
+        torch.testing.assert_close(compiled(x), expected, atol=2e-2, rtol=2e-2)
+        static_x = x.clone()
+        fast(static_x)  # warm up (autotuning happens outside the capture)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = fast(static_x)
+        static_x.copy_(torch.randn_like(static_x))
+        graph.replay()
+        torch.testing.assert_close(static_y, ref(static_x), atol=2e-2, rtol=2e-2)
