@@ -25,6 +25,14 @@ class UnknownArchitectureError(SparseOpsError):
     """An architecture name the registry does not know."""
 
 
+class ElasticError(SparseOpsError):
+    """An elastic (E-LTH) depth transform that cannot be done: other family, width, ..."""
+
+
+class BlockMappingError(ElasticError):
+    """A block mapping that cannot be parsed or does not fit the stages it is applied to."""
+
+
 def listing(items, limit: int = 8) -> str:
     """``'a', 'b', 'c' and 12 more`` for error messages."""
     items = [str(i) for i in items]

@@ -86,16 +86,49 @@ def channel_conv(
         return channel_conv2d(
             x, plan, residual=residual, relu=relu, allow_tf32=allow_tf32, bias_map=bias_map
         )
+    # Channels-last on the CPU too: the plan's [Cout', kh, kw, Cin'] weight permuted to
+    # [Cout', Cin', kh, kw] is a channels-last tensor, which oneDNN then uses without a
+    # per-call reorder.
+    x = x.contiguous(memory_format=torch.channels_last)
     inputs = x if plan.in_idx is None else x.index_select(1, plan.in_idx.long())
     weight = plan.weight.permute(0, 3, 1, 2).to(x.dtype)
+    if plan.out_idx is None:  # every output channel computed: bias fused into the conv
+        bias = None if plan.bias is None else plan.bias.to(x.dtype)
+        y = F.conv2d(inputs, weight, bias, plan.stride, plan.padding, plan.dilation)
+        return _epilogue_inplace(y, None, residual, relu, bias_map)
     compact = F.conv2d(inputs, weight, None, plan.stride, plan.padding, plan.dilation)
-    if plan.out_idx is None:
-        y = compact
+    n, _, oh, ow = compact.shape
+    # Start from what every channel gets (bias, residual), then add the computed rows.
+    if residual is not None:
+        y = residual.to(x.dtype).contiguous(memory_format=torch.channels_last).clone()
+        if plan.bias is not None:
+            y.add_(plan.bias.to(x.dtype).view(1, -1, 1, 1))
+    elif plan.bias is not None:
+        y = plan.bias.to(x.dtype).view(1, -1, 1, 1).expand(n, -1, oh, ow)
+        y = y.contiguous(memory_format=torch.channels_last)
     else:
-        n, _, oh, ow = compact.shape
-        y = compact.new_zeros(n, plan.out_channels, oh, ow)
-        y[:, plan.out_idx.long()] = compact
-    return _epilogue(y, plan.bias, residual, relu, bias_map)
+        y = compact.new_zeros(n, plan.out_channels, oh, ow).contiguous(
+            memory_format=torch.channels_last
+        )
+    y.index_add_(1, plan.out_idx.long(), compact)
+    return _epilogue_inplace(y, None, None, relu, bias_map)
+
+
+def _epilogue_inplace(
+    y: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    relu: bool,
+    bias_map: torch.Tensor | None,
+) -> torch.Tensor:
+    """The epilogue on a freshly made ``y`` (not aliased: safe to update in place)."""
+    if bias is not None:
+        y.add_(bias.to(y.dtype).view(1, -1, 1, 1))
+    if bias_map is not None:
+        y.add_(bias_map.to(y.dtype))
+    if residual is not None:
+        y.add_(residual.to(y.dtype))
+    return y.relu_() if relu else y
 
 
 def group_conv(
