@@ -27,12 +27,20 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
         "mtkahypar>=1.4",  # regroup's partitioner
         "scikit-learn>=1.2",  # the embedded digits dataset (no download)
+        "matplotlib>=3.5",  # the plots of `sparse-ops bench` and `sparse-ops demo`
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"],
         "dev": ["ruff>=0.6"],
     },
-    entry_points={"console_scripts": ["sparse-ops=sparse_ops.cli:main"]},
+    entry_points={
+        "console_scripts": ["sparse-ops=sparse_ops.cli:main"],
+        # Subcommands that live in bench/ (sparse_ops never imports bench).
+        "sparse_ops.commands": [
+            "bench = bench.cli:register_bench",
+            "demo = bench.cli:register_demo",
+        ],
+    },
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

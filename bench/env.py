@@ -55,7 +55,32 @@ def environment() -> dict:
         "commit": git_commit(),
     }
     if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
         env["gpu"] = torch.cuda.get_device_name()
+        env["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        env["gpu_sm_count"] = props.multi_processor_count
+        env["compute_capability"] = f"{props.major}.{props.minor}"
+        env["driver"] = nvidia_driver()
         env["cuda"] = torch.version.cuda
         env["cudnn"] = torch.backends.cudnn.version()
     return env
+
+
+def nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, check=True, timeout=20,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.strip().splitlines()[0] if out.strip() else None
+
+
+def device_slug(device: torch.device | str) -> str:
+    """A folder name for results: ``cpu`` or the GPU's name (``nvidia-h100-80gb-hbm3``)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device)
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")

@@ -1,11 +1,14 @@
-"""CPU time of the structuring steps (regroup, refill) and of reading a ticket.
+"""CPU time of the CPU-side work: structuring (regroup, refill), packing, conversion.
 
     python -m bench.structure_speed [--repeats 3] [--out bench/results/cpu/structure_speed.json]
 
 Workloads: one 512×4608 conv mask (512×512×3×3) at 80% random sparsity, the hardest
 case for the partitioner (no structure to find); and a whole CIFAR ResNet-18 ticket
-at 80% global magnitude sparsity. Reports the median of ``--repeats`` wall-clock runs
-(time.perf_counter) with every sample, and the environment.
+at 80% global magnitude sparsity; packing a regroup-shaped 512×4608 layer into a
+GroupPack; converting ``res56s`` (Refill ticket, channel mode) and ``res18`` (regroup-
+shaped ticket, auto mode) end to end (trace, fold, layouts, packing). Reports the
+median of ``--repeats`` wall-clock runs (time.perf_counter) with every sample, and the
+environment.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ from pathlib import Path
 
 import torch
 
-from sparse_ops import Ticket, imp, models, structure
+from sparse_ops import Ticket, convert, imp, models, structure
+from sparse_ops.formats import GroupPack
 from sparse_ops.tables import format_table
 
+from . import tickets
 from .env import environment
 
 
@@ -46,6 +51,9 @@ WORKLOADS = (
     "regroup ResNet-18 ticket, 80% sparse",
     "refill ResNet-18 ticket (l1)",
     "inspect ResNet-18 ticket",
+    "pack 512x4608 regroup layer into a GroupPack",
+    "convert res56s refill ticket (channel)",
+    "convert res18 regroup ticket (auto)",
 )
 
 
@@ -53,11 +61,20 @@ def workloads() -> dict[str, Callable[[], object]]:
     """Workload name → a call doing it once (inputs are built here, not timed)."""
     layer = random_mask((512, 512, 3, 3), 0.2)
     ticket = resnet18_ticket()
+    weight = torch.randn(512, 512, 3, 3)
+    group_mask, layout = tickets.group_mask(tuple(weight.shape), 0.2, torch.Generator())
+    res56s = models.create("res56s").eval()
+    res56s_ticket = tickets.make_ticket(res56s, "refill", 0.5)
+    res18 = models.create("res18").eval()
+    res18_ticket = tickets.make_ticket(res18, "regroup", 0.8)
     calls = [
         lambda: structure.regroup_mask(layer),
         lambda: structure.regroup(ticket),
         lambda: structure.refill(ticket),
         lambda: ticket.summary(),
+        lambda: GroupPack.from_weight(weight, group_mask, layout, padding=1),
+        lambda: convert(res56s, res56s_ticket, mode="channel"),
+        lambda: convert(res18, res18_ticket, mode="auto"),
     ]
     return dict(zip(WORKLOADS, calls, strict=True))
 

@@ -11,12 +11,15 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 
 from . import __version__, models
 from .errors import SparseOpsError
 from .progress import Progress
 from .tables import format_table, shape_text
 from .training import TrainConfig
+
+COMMAND_GROUP = "sparse_ops.commands"  # subcommands other packages (bench/) contribute
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -189,6 +192,28 @@ def _cmd_restructure(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_transform(args: argparse.Namespace) -> int:
+    from .structure.elastic import transform
+    from .tickets import load_ticket
+
+    if args.seed is not None and not args.random_extra:
+        raise SparseOpsError("--seed only applies with --random-extra")
+    ticket = load_ticket(args.ticket, arch=args.src)
+    if args.src is None and ticket.arch is None:
+        raise SparseOpsError(f"{args.ticket}: the ticket names no architecture; pass --from")
+    result, report = transform(
+        ticket, args.src, args.dst, args.mapping, random_extra=args.random_extra,
+        seed=args.seed or 0, return_report=True,
+    )  # fmt: skip
+    path = result.save(args.output)
+    if args.json:
+        _print_json({"input": str(args.ticket), "output": str(path), **report.to_dict()})
+        return 0
+    print(report.render())
+    print(f"\nwritten to {path}")
+    return 0
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .jobs import convert_job
 
@@ -211,18 +236,22 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
-    summary = run_demo(args.out, quiet=args.json)
-    if args.json:
-        _print_json(summary)
-    return 0 if summary["ok"] else 1
-
-
 def _print_json(obj: object) -> None:
     json.dump(obj, sys.stdout, indent=2, sort_keys=False)
     sys.stdout.write("\n")
+
+
+def _command_plugins() -> list:
+    plugins = []
+    for ep in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
+        try:
+            plugins.append(ep.load())
+        except ImportError as exc:
+            raise SystemExit(
+                f"sparse-ops: error: the {ep.name!r} command ({ep.value}) cannot be loaded: "
+                f"{exc}; reinstall with `pip install -e .`"
+            ) from None
+    return plugins
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -298,6 +327,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_restructure)
 
     p = sub.add_parser(
+        "transform",
+        help="stretch or squeeze a ticket to another depth of its family (E-LTH)",
+        description="Elastic Lottery Ticket transform: copy a ticket's masks and weights "
+        "(trained and rewind, BN statistics included) block by block into a deeper or "
+        "shallower network of the same family. Stem, classifier and each stage's first "
+        "block are copied unchanged. Writes our ticket format.",
+    )
+    p.add_argument("ticket", help="ticket file or open_lth level directory")
+    p.add_argument(
+        "--from",
+        dest="src",
+        metavar="ARCH",
+        help="the ticket's architecture (default: the one the ticket names)",
+    )
+    p.add_argument(
+        "--to",
+        dest="dst",
+        metavar="ARCH",
+        required=True,
+        help="target architecture, same family at another depth",
+    )
+    p.add_argument(
+        "--mapping",
+        default="interpolate",
+        help="interpolate (default), append, drop-last, drop-interleaved, "
+        "drop-first, or blocks as 'src:tgt[,tgt];...' (one per stage joined "
+        "by '|' where stages differ)",
+    )
+    p.add_argument(
+        "--random-extra",
+        action="store_true",
+        help="shuffle the masks of extra copies within each layer (control)",
+    )
+    p.add_argument("--seed", type=int, help="seed of --random-extra (default 0)")
+    p.add_argument("-o", "--output", required=True, help="output .safetensors file")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=_cmd_transform)  # fmt: skip
+
+    p = sub.add_parser(
         "convert",
         help="convert a ticket into a fast inference module (saved, no pickle)",
         description="Load a ticket (any recognised format), build its architecture, fold "
@@ -316,10 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=_cmd_convert)
 
-    p = sub.add_parser("demo", help="the main job on the embedded default (no downloads)")
-    p.add_argument("--out", default="sparse-ops-out", help="output folder (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(handler=_cmd_demo)
+    # `bench` and `demo` live in bench/ (sparse_ops never imports it): they register
+    # themselves through the "sparse_ops.commands" entry points declared in setup.py.
+    for register in _command_plugins():
+        register(sub)
     return parser
 
 

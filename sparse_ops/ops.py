@@ -24,6 +24,7 @@ from .formats import ChannelPlan, GroupPack
 
 BACKENDS = ("auto", "triton", "torch")
 _MANY_SETS = 512  # beyond this many distinct column sets the CPU path runs one dense conv
+_GEMM_PENALTY = 2  # column gather + GEMM vs a dense conv, per useful multiply-add
 _forced: list[str] = []
 
 
@@ -154,18 +155,59 @@ def group_conv(
         weight = weight.view(pack.out_channels, kh, kw, cin).permute(0, 3, 1, 2).contiguous()
         y = F.conv2d(x, weight, None, pack.stride, pack.padding, pack.dilation)
         return _epilogue(y, pack.bias, residual, relu)
-    # unfold orders columns (c, ky, kx); the pack uses (ky, kx, c).
-    columns = F.unfold(
-        x, (kh, kw), dilation=pack.dilation, padding=pack.padding, stride=pack.stride
-    )  # [N, Cin·kh·kw, L]
     oh = (h + 2 * pack.padding[0] - pack.dilation[0] * (kh - 1) - 1) // pack.stride[0] + 1
     ow = (w + 2 * pack.padding[1] - pack.dilation[1] * (kw - 1) - 1) // pack.stride[1] + 1
-    y = columns.new_zeros(n, pack.out_channels, columns.shape[2])
+    y = x.new_zeros(n, pack.out_channels, oh, ow).contiguous(memory_format=torch.channels_last)
+    y_nhwc = y.permute(0, 2, 3, 1)  # a view: writes land in y
+    x_nhwc = None
     for rows, cols, tiles in column_sets:
-        unfold_index = (cols % cin) * (kh * kw) + cols // cin
-        block = torch.cat(tiles).to(x.device, x.dtype)
-        y[:, rows.to(x.device)] = block @ columns[:, unfold_index.to(x.device)]
-    return _epilogue(y.view(n, pack.out_channels, oh, ow), pack.bias, residual, relu)
+        block = torch.cat(tiles).to(x.device, x.dtype)  # [rows, cols]
+        rows, cols = rows.to(x.device), cols.to(x.device)
+        channels = torch.unique(cols % cin)
+        # A dense conv over the set's input channels (zeros at unused taps) runs at
+        # oneDNN/cuDNN speed but multiplies the zeros too; gathering just the set's
+        # columns and one GEMM does only the useful work, at a per-column copy.
+        if _GEMM_PENALTY * cols.numel() < channels.numel() * kh * kw:
+            if x_nhwc is None:
+                padded = F.pad(x, (pack.padding[1], pack.padding[1], pack.padding[0],
+                                   pack.padding[0]))  # fmt: skip
+                x_nhwc = padded.permute(0, 2, 3, 1)
+            order = torch.argsort(cols)  # taps contiguous, as the gather produces them
+            columns = _gather_columns(x_nhwc, cols[order], cin, kw, pack, (oh, ow))
+            part = columns @ block[:, order].t()  # [N, oh, ow, rows]
+            if len(column_sets) == 1 and torch.equal(rows, _arange(pack.out_channels, rows)):
+                y = part.permute(0, 3, 1, 2)  # every row, in order: already the output
+                break
+            y_nhwc.index_copy_(3, rows, part.to(y.dtype))
+        else:
+            position = torch.full((cin,), -1, dtype=torch.long, device=x.device)
+            position[channels] = torch.arange(channels.numel(), device=x.device)
+            weight = block.new_zeros(rows.numel(), kh * kw, channels.numel())
+            weight[:, cols // cin, position[cols % cin]] = block
+            weight = weight.view(rows.numel(), kh, kw, -1).permute(0, 3, 1, 2)
+            inputs = x.index_select(1, channels).contiguous(memory_format=torch.channels_last)
+            part = F.conv2d(inputs, weight, None, pack.stride, pack.padding, pack.dilation)
+            y.index_copy_(1, rows, part.to(y.dtype))
+    return _epilogue_inplace(y, pack.bias, residual, relu, None)
+
+
+def _arange(n: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.arange(n, device=like.device, dtype=like.dtype)
+
+
+def _gather_columns(x_nhwc, cols, cin, kw, pack, out_hw) -> torch.Tensor:
+    """``[N, OH, OW, len(cols)]``: the implicit-GEMM input columns ``cols`` ((ky, kx, c)
+    order, sorted) read straight from the zero-padded NHWC input, one slice per tap."""
+    oh, ow = out_hw
+    (sh, sw), (dh, dw) = pack.stride, pack.dilation
+    taps = cols // cin
+    pieces = []
+    for tap in torch.unique_consecutive(taps).tolist():
+        ky, kx = divmod(tap, kw)
+        window = x_nhwc[:, ky * dh : ky * dh + (oh - 1) * sh + 1 : sh,
+                        kx * dw : kx * dw + (ow - 1) * sw + 1 : sw]  # fmt: skip
+        pieces.append(window.index_select(3, cols[taps == tap] % cin))
+    return torch.cat(pieces, dim=3)
 
 
 def _column_sets(pack: GroupPack):

@@ -112,17 +112,31 @@ def test_usage_errors_exit_2(capsys):
     assert exc.value.code == 2
 
 
-def test_demo_runs_and_checks_itself(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "out"), "--json"]) == 0
+def test_demo_quick_runs_the_whole_pipeline_and_checks_itself(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["demo", "--quick", "--device", "cpu", "--out", str(out), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["ok"] is True
-    assert summary["global_density"] == pytest.approx(summary["expected_density"], abs=1e-4)
-    assert {i["detected_as"] for i in summary["imports"]} == {
-        "structure-lth", "torch-prune", "open-lth-level", "zeros"
-    }  # fmt: skip
-    assert all(i["masks_equal"] and i["weights_equal"] for i in summary["imports"])
-    assert (tmp_path / "out" / "res20s_ticket.safetensors").is_file()
-    assert (tmp_path / "out" / "inspect.txt").read_text().startswith("ticket ")
+    assert set(summary["imp"]) == {"refill", "regroup"}
+    for method, check in summary["conversion"].items():
+        assert check["same_predictions"] and check["max_abs_diff"] < 1e-3, method
+        assert check["accuracy_converted"] == check["accuracy_masked"]
+        assert check["flops_ratio"] < 1.0
+    assert "channel" in summary["conversion"]["refill"]["representations"]
+    assert "group" in summary["conversion"]["regroup"]["representations"]
+    for rows in summary["latency"].values():
+        assert {r["provider"] for r in rows} == {"dense", "masked", "narrow", "ours"}
+        assert all(r["status"] == "ok" and r["samples_ms"] for r in rows)
+    for name in (
+        "summary.json",
+        "results.md",
+        "accuracy.png",
+        "latency.png",
+        "res20s_refill.safetensors",
+        "res20s_regroup_converted.safetensors",
+    ):
+        assert (out / name).is_file(), name  # fmt: skip
+    assert "ours vs dense" in (out / "results.md").read_text()
 
 
 def test_module_entry_point():
@@ -242,3 +256,39 @@ def test_restructure_ticket_that_does_not_fit(tmp_path, capsys):
     assert main(["restructure", str(bad), "--arch", "res20s", "--method", "refill",
                  "-o", str(tmp_path / "o2.safetensors")]) == 2  # fmt: skip
     assert "does not fit res20s" in capsys.readouterr().err
+
+
+def test_convert_command_writes_a_module_equal_to_the_masked_network(
+    slth_checkpoint, tmp_path, capsys
+):
+    from sparse_ops import load_converted, load_ticket, masked_model, structure
+
+    path, _ = slth_checkpoint
+    refilled = structure.refill(load_ticket(path, arch="res20s"))
+    ticket_path = refilled.save(tmp_path / "refill.safetensors")
+    out = tmp_path / "fast.safetensors"
+    argv = ["convert", str(ticket_path), "--mode", "channel", "-o", str(out), "--json"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["arch"] == "res20s" and summary["mode"] == "channel"
+    assert summary["max_abs_diff"] <= 1e-4 * max(1.0, summary["max_abs_output"])
+    assert summary["report"]["flops_ratio"] < 1.0
+    fast = load_converted(out)
+    model = models.create("res20s").eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), masked_model(model, refilled)(x), rtol=1e-4,
+                                   atol=1e-4)  # fmt: skip
+
+    assert main(["convert", str(ticket_path), "--mode", "channel", "-o", str(out),
+                 "--report"]) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    assert "layer1.0.conv1" in text and "% of dense FLOPs" in text
+
+
+def test_convert_command_lists_unstructured_layers(slth_checkpoint, tmp_path, capsys):
+    path, _ = slth_checkpoint
+    assert main(["convert", str(path), "--arch", "res20s", "-o", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sparse-ops: error: ") and "unstructured" in err
+    assert "layer1.0.conv1" in err and "\n" not in err

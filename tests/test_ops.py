@@ -57,3 +57,21 @@ def test_unknown_backend():
     plan = ChannelPlan.from_weight(conv_weight(4, 2, 1, g))
     with pytest.raises(SparseOpsError, match="backend must be one of"):
         ops.channel_conv(torch.randn(1, 2, 3, 3), plan, backend="cudnn")
+
+
+@pytest.mark.parametrize("shape", SHAPES[:5], ids=shape_id)
+@pytest.mark.parametrize("layout_kind", ["no-groups", "dense", "one-row", "mixed"])
+@pytest.mark.parametrize("gemm_penalty", [0.0, 1e9], ids=["gather-gemm", "conv"])
+def test_group_torch_path_both_strategies(shape, layout_kind, gemm_penalty, monkeypatch):
+    """Each column set runs either as a gathered GEMM or as a conv over its channels."""
+    monkeypatch.setattr(ops, "_GEMM_PENALTY", gemm_penalty)
+    n, cin, cout, h, w, k, s, p, d = shape
+    g = torch.Generator().manual_seed(7 + SHAPES.index(shape))
+    weight = conv_weight(cout, cin, k, g)
+    bias = torch.randn(cout, generator=g)
+    x = torch.randn(n, cin, h, w, generator=g)
+    layout, mask = group_layout(cout, cin, k, layout_kind, g)
+    pack = GroupPack.from_weight(weight, mask, layout, bias, stride=s, padding=p, dilation=d)
+    y = ops.group_conv(x, pack, relu=False)
+    ref = expected(x, pack.dense_weight(), bias, (s, p, d), None, False)
+    torch.testing.assert_close(y.double(), ref, **TOLERANCES[torch.float32])

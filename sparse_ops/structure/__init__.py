@@ -1,28 +1,47 @@
 """Structuring tickets: masks in, masks out.
 
 * :func:`refill` — channel-wise (Refill, Refill+), :mod:`.refill`;
-* :func:`regroup` — group-wise dense blocks with disjoint rows, :mod:`.regroup`.
+* :func:`regroup` — group-wise dense blocks with disjoint rows, :mod:`.regroup`;
+* :func:`transform` — elastic (E-LTH) stretch/squeeze to another depth, :mod:`.elastic`.
 
 Each returns a new :class:`~sparse_ops.Ticket` whose meta records the method, the
 parameters and a per-layer report (``meta["structure_report"]``).
 """
 
+from .elastic import (
+    STRATEGIES,
+    ElasticReport,
+    StageMapping,
+    arch_layout,
+    named_mapping,
+    parse_mapping,
+    resolve_mapping,
+    transform,
+)
 from .refill import CRITERIA, RefillError, kept_channels, refill, refill_mask
 from .regroup import Group, RegroupConfig, RegroupError, groups_to_mask, regroup, regroup_mask
 from .report import LayerChange, render_changes
 
 __all__ = [
     "CRITERIA",
+    "STRATEGIES",
+    "ElasticReport",
     "Group",
     "LayerChange",
     "RefillError",
     "RegroupConfig",
     "RegroupError",
+    "StageMapping",
+    "arch_layout",
     "groups_to_mask",
     "kept_channels",
+    "named_mapping",
+    "parse_mapping",
     "refill",
     "refill_mask",
     "regroup",
     "regroup_mask",
     "render_changes",
+    "resolve_mapping",
+    "transform",
 ]

@@ -1,0 +1,7 @@
+"""``python -m bench``: the benchmark command line (same as ``sparse-ops bench``)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

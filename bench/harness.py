@@ -1,0 +1,268 @@
+"""Run a benchmark preset: build every case, check every provider's output, time it.
+
+    result = run("cifar", device="cuda", dtype="float16", out="bench/results/<gpu>")
+
+The result (also written as ``results.json`` when ``out`` is given) holds the
+environment, the settings, and one row per (case, provider) with the raw samples.
+``bench.report`` renders it as a Markdown table and plots.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparse_ops import masked_model, models
+from sparse_ops.progress import Progress
+
+from . import BenchError
+from . import presets as preset_defs
+from .env import device_slug, environment
+from .providers import (
+    PROVIDERS,
+    Case,
+    baseline_provider,
+    check_providers,
+    default_providers,
+    unweighted,
+)
+from .providers import tolerance as tolerance_for
+from .tickets import make_ticket
+from .timing import time_call
+
+SCHEMA = "sparse-ops-bench/1"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class SingleConv(nn.Module):
+    """One conv layer alone, for per-layer timing."""
+
+    def __init__(self, shape: preset_defs.LayerShape):
+        super().__init__()
+        self.conv = nn.Conv2d(shape.in_channels, shape.out_channels, shape.kernel_size,
+                              shape.stride, shape.padding, bias=False)  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def _cases(
+    preset: preset_defs.Preset, wanted: list[str] | None
+) -> Iterator[tuple[dict[str, Any], nn.Module, tuple[int, ...], list[str] | None]]:
+    """(description, fp32 eval model, input shape, names to mask or None for IMP's)."""
+    for spec in preset_defs.filter_models(preset, wanted):
+        if isinstance(spec, preset_defs.ModelSpec):
+            info = models.info(spec.arch)
+            torch.manual_seed(0)
+            model = models.create(info.name).eval()
+            _randomize_bn(model)
+            desc = {"kind": "model", "arch": spec.arch, "layer": None, "count": 1}
+            yield desc, model, (spec.batch, *spec.input_size), None
+        else:
+            for shape in preset_defs.distinct_convs(spec.arch, spec.kernel_sizes):
+                torch.manual_seed(0)
+                model = SingleConv(shape).eval()
+                desc = {"kind": "layer", "arch": spec.arch, "layer": shape.source,
+                        "count": shape.count, "shape": asdict(shape)}  # fmt: skip
+                x_shape = (spec.batch, shape.in_channels, spec.hw, spec.hw)
+                yield desc, model, x_shape, ["conv.weight"]
+
+
+def _randomize_bn(model: nn.Module) -> None:
+    """Trained-looking BatchNorm statistics, so folded biases are not all zero."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+
+
+def _relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    y = y.float()
+    return float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+
+
+def run(
+    preset: str | preset_defs.Preset,
+    *,
+    models_wanted: list[str] | None = None,
+    providers: list[str] | None = None,
+    methods: list[str] | None = None,
+    sparsities: list[float] | None = None,
+    dtype: str = "float32",
+    device: str | torch.device | None = None,
+    repeats: int | None = None,
+    warmup: int | None = None,
+    graph: bool = False,
+    out: str | Path | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Benchmark ``preset``; returns the result dict (see the module docstring)."""
+    preset = preset_defs.PRESETS[preset] if isinstance(preset, str) else preset
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype not in DTYPES:
+        raise BenchError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    torch_dtype = DTYPES[dtype]
+    providers = check_providers(list(providers or default_providers(device)), device)
+    methods = list(methods or preset.methods)
+    sparsities = list(sparsities or preset.sparsities)
+    progress = progress or Progress()
+    timing = {"warmup": warmup if warmup is not None else preset.warmup,
+              "repeats": repeats if repeats is not None else preset.repeats}  # fmt: skip
+    if device.type == "cuda":
+        # The dense baseline at its best: cuDNN picks its fastest algorithm per shape.
+        torch.backends.cudnn.benchmark = True
+        timing |= {"flush_l2": True, "graph": graph}
+    cases = list(_cases(preset, models_wanted))
+    if not cases:
+        raise BenchError(f"preset {preset.name!r} has no case for models {models_wanted}")
+    total = len(cases) * len(methods) * len(sparsities)
+    rows: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    done = 0
+    for desc, model, input_shape, names in cases:
+        x = torch.randn(input_shape, generator=torch.Generator().manual_seed(2))
+        dense_ref = _reference(model, None, x, device)
+        for method in methods:
+            for sparsity in sparsities:
+                done += 1
+                label = desc["arch"] + (f" {desc['layer']}" if desc["layer"] else "")
+                progress.line(f"[{done}/{total}] {label} {method} {sparsity:.0%} "
+                              f"(t={time.perf_counter() - start:.0f}s)")  # fmt: skip
+                ticket = make_ticket(model, method, sparsity, names=names, arch=None)
+                common = desc | {"method": method, "sparsity": sparsity,
+                                 "density": ticket.density, "input": list(input_shape)}  # fmt: skip
+                measured = measure_case(model, ticket, x, providers, dtype=torch_dtype,
+                                        device=device, timing=timing, dense_ref=dense_ref,
+                                        progress=progress)  # fmt: skip
+                rows.extend(common | row for row in measured)
+                _free()
+    result = {
+        "schema": SCHEMA,
+        "preset": preset.name,
+        "device": device.type,
+        "dtype": dtype,
+        "layout": "channels_last",
+        "providers": providers,
+        "baseline": baseline_provider(device),
+        "methods": methods,
+        "sparsities": sparsities,
+        "timing": timing,
+        "environment": environment() | {"dtype": dtype, "layout": "channels_last"},
+        "seconds": time.perf_counter() - start,
+        "rows": rows,
+    }
+    _add_speedups(result)
+    if out is not None:
+        write(result, out)
+    return result
+
+
+def measure_case(
+    model: nn.Module,
+    ticket,
+    x: torch.Tensor,
+    providers: list[str],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device,
+    timing: dict[str, Any],
+    dense_ref: torch.Tensor | None = None,
+    progress: Progress | None = None,
+) -> list[dict[str, Any]]:
+    """One row per provider for ``model`` (eval, fp32, CPU) + ``ticket`` on input ``x``.
+
+    Every provider runs ``model``'s own weights under the ticket's masks (the ticket's
+    stored weights, if any, are not loaded): speed does not depend on the values.
+    """
+    ticket = unweighted(ticket)
+    refs = {
+        "dense": dense_ref if dense_ref is not None else _reference(model, None, x, device),
+        "masked": _reference(model, ticket, x, device),
+    }
+    case = Case(model, ticket, tuple(x.shape), dtype, device)
+    rows = []
+    for name in providers:
+        if progress is not None:
+            progress.update(f"      {name} ...")
+        rows.append({"input": list(x.shape)} | _measure(name, case, x, refs, timing))
+    return rows
+
+
+def _reference(model: nn.Module, ticket, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The fp32 output of the dense (ticket None) or masked network, on ``device``."""
+    reference = masked_model(model, ticket).to(device)
+    with torch.inference_mode():
+        prev = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = False  # the reference is full fp32
+        try:
+            return reference(x.to(device)).float()
+        finally:
+            torch.backends.cudnn.allow_tf32 = prev
+
+
+def _measure(name: str, case: Case, x: torch.Tensor, refs: dict, timing: dict) -> dict[str, Any]:
+    provider = PROVIDERS[name]
+    row: dict[str, Any] = {"provider": name}
+    try:
+        built = provider.build(case)
+        xd = x.to(case.device, case.dtype).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            y = built.run(xd)
+        error = _relative_error(y, refs[built.computes])
+        row |= {"computes": built.computes, "rel_error": error, "note": built.note}
+        if not error <= tolerance_for(case.dtype):
+            row["status"] = (f"wrong output: max|y-ref|/max|ref| = {error:.2e} > "
+                             f"{tolerance_for(case.dtype):.0e}")  # fmt: skip
+            return row
+        row |= time_call(lambda: built.run(xd), case.device, **timing)
+        row["status"] = "ok"
+    except Exception as exc:  # one provider failing must not lose the others' rows
+        row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+    return row
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _add_speedups(result: dict[str, Any]) -> None:
+    """speedup = t_baseline / t, saving = 1 − t / t_baseline, per case."""
+    base = result["baseline"]
+    key = ("kind", "arch", "layer", "method", "sparsity")
+    baseline = {tuple(r[k] for k in key): r.get("median_ms") for r in result["rows"]
+                if r["provider"] == base and r["status"] == "ok"}  # fmt: skip
+    for r in result["rows"]:
+        t0 = baseline.get(tuple(r[k] for k in key))
+        if r["status"] == "ok" and t0:
+            r["speedup"] = t0 / r["median_ms"]
+            r["saving"] = 1.0 - r["median_ms"] / t0
+
+
+def write(result: dict[str, Any], out: str | Path) -> dict[str, Path]:
+    """``results.json``, ``results.md`` and the plots, in ``out``."""
+    from . import report
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{result['preset']}_{result['dtype']}"
+    paths = {"json": out / f"{stem}.json", "markdown": out / f"{stem}.md"}
+    paths["json"].write_text(json.dumps(result, indent=1) + "\n")
+    paths["markdown"].write_text(report.markdown(result) + "\n")
+    paths |= report.plots(result, out, stem)
+    return paths
+
+
+def default_out(device: str | torch.device | None) -> Path:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return Path("bench") / "results" / device_slug(device)

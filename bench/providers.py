@@ -1,0 +1,164 @@
+"""What a benchmark compares: one way each of running a network (or one conv layer).
+
+``cudnn``         the dense network on cuDNN (``benchmark=True``), channels-last. CUDA.
+``dense``         the dense network on oneDNN, channels-last: the CPU's ``cudnn``.
+``masked``        torch.nn.utils.prune hooks (``W_orig ⊙ M`` every call), channels-last:
+                  what a prune user runs. Masked function.
+``narrow``        converted in channel mode, run on the torch path (cuDNN / oneDNN):
+                  pruned channels physically removed, other masks as masked dense convs.
+                  Masked function.
+``compile``       ``torch.compile(mode="max-autotune")`` of the dense network. CUDA by
+                  default; on the CPU only when asked (needs a C++ toolchain).
+``triton-dense``  the dense network through our channel kernel, every channel kept. CUDA.
+``ours``          ``convert(mode="auto", on_unstructured="regroup")``: our kernels on
+                  CUDA, the torch paths of our units on the CPU. Masked function.
+
+Every provider runs in the benchmark's dtype. Before any timing, each provider's output
+is compared with the function it claims to compute (the dense or the masked network in
+fp32), so a fast wrong answer is reported as an error, never as a speedup.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sparse_ops import Ticket, convert, ops
+
+from . import BenchError
+
+CHANNELS_LAST = torch.channels_last
+
+
+@dataclass(frozen=True)
+class Case:
+    """One network (or single conv) + ticket + input, on a device, in a dtype."""
+
+    model: nn.Module  # eval mode, fp32, CPU: providers copy it
+    ticket: Ticket
+    input_shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+
+@dataclass
+class Built:
+    run: Callable[[torch.Tensor], torch.Tensor]
+    computes: str  # "dense" or "masked"
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    devices: tuple[str, ...]
+    build: Callable[[Case], Built]
+    description: str
+    default: bool = True  # in the default provider list of a device it supports
+
+
+def _dense_copy(case: Case) -> nn.Module:
+    model = copy.deepcopy(case.model)
+    return model.to(case.device, case.dtype, memory_format=CHANNELS_LAST).eval()
+
+
+def _dense(case: Case) -> Built:
+    model = _dense_copy(case)
+    return Built(model, "dense")
+
+
+def _masked(case: Case) -> Built:
+    model = copy.deepcopy(case.model)
+    case.ticket.apply(model, None, hooks=True)  # weights are the model's: same as the others
+    model = model.to(case.device, case.dtype, memory_format=CHANNELS_LAST).eval()
+    return Built(model, "masked")
+
+
+def _on_backend(name: str, module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with ops.backend(name):
+            return module(x)
+
+    return run
+
+
+def _narrow(case: Case) -> Built:
+    fast = convert(case.model, unweighted(case.ticket), mode="channel", dtype=case.dtype,
+                   device=case.device, on_unstructured="dense",
+                   input_size=case.input_shape[1:])  # fmt: skip
+    return Built(_on_backend("torch", fast), "masked")
+
+
+def _ours(case: Case) -> Built:
+    fast, report = convert(case.model, unweighted(case.ticket), mode="auto", dtype=case.dtype,
+                           device=case.device, on_unstructured="regroup",
+                           input_size=case.input_shape[1:], return_report=True)  # fmt: skip
+    kinds = sorted({r.representation for r in report.layers if r.kind == "conv"})
+    note = f"{'/'.join(kinds)}; FLOPs {100 * report.flops_after / report.flops_dense:.1f}%"
+    return Built(fast, "masked", note)
+
+
+def _triton_dense(case: Case) -> Built:
+    dense_ticket = Ticket({}, None, case.ticket.arch)
+    fast = convert(case.model, dense_ticket, mode="channel", dtype=case.dtype, device=case.device,
+                   input_size=case.input_shape[1:])  # fmt: skip
+    return Built(_on_backend("triton", fast), "dense")
+
+
+def _compile(case: Case) -> Built:
+    model = _dense_copy(case)
+    return Built(torch.compile(model, mode="max-autotune"), "dense", "max-autotune")
+
+
+def unweighted(ticket: Ticket) -> Ticket:
+    """The ticket's masks over the model's own weights (every provider uses the same ones)."""
+    return Ticket(ticket.masks, None, ticket.arch, meta=ticket.meta)
+
+
+PROVIDERS: dict[str, Provider] = {
+    p.name: p
+    for p in (
+        Provider("cudnn", ("cuda",), _dense, "dense network on cuDNN (benchmark=True)"),
+        Provider("dense", ("cpu",), _dense, "dense network on oneDNN"),
+        Provider("masked", ("cuda", "cpu"), _masked, "torch.nn.utils.prune hooks"),
+        Provider("narrow", ("cuda", "cpu"), _narrow, "channel-narrowed network on torch convs"),
+        Provider("compile", ("cuda", "cpu"), _compile, "torch.compile max-autotune, dense"),
+        Provider("triton-dense", ("cuda",), _triton_dense, "dense network on our channel kernel"),
+        Provider("ours", ("cuda", "cpu"), _ours, "converted: our kernels"),
+    )
+}
+# torch.compile on the CPU needs a C++ toolchain and minutes per model: opt-in there.
+_CPU_DEFAULT = ("dense", "masked", "narrow", "ours")
+_CUDA_DEFAULT = ("cudnn", "masked", "narrow", "compile", "triton-dense", "ours")
+
+
+def default_providers(device: torch.device) -> tuple[str, ...]:
+    return _CUDA_DEFAULT if device.type == "cuda" else _CPU_DEFAULT
+
+
+def baseline_provider(device: torch.device) -> str:
+    """The dense baseline every speedup is relative to."""
+    return "cudnn" if device.type == "cuda" else "dense"
+
+
+def check_providers(names: list[str], device: torch.device) -> list[str]:
+    unknown = [n for n in names if n not in PROVIDERS]
+    if unknown:
+        raise BenchError(f"unknown providers {unknown}; known: {sorted(PROVIDERS)}")
+    wrong = [n for n in names if device.type not in PROVIDERS[n].devices]
+    if wrong:
+        raise BenchError(f"providers {wrong} do not run on {device.type}")
+    return names
+
+
+@functools.cache
+def tolerance(dtype: torch.dtype) -> float:
+    """Largest accepted max|y − ref| / max|ref| against the fp32 reference."""
+    # tf32 convs (cuDNN's default) and fp16/bf16 storage bound the error; the relative
+    # measure keeps deep networks with large activations comparable to single layers.
+    return {torch.float32: 5e-3, torch.float16: 2e-2, torch.bfloat16: 8e-2}[dtype]
