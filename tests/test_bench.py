@@ -143,3 +143,18 @@ def test_paper_preset_layers_are_distinct_3x3_convs():
     assert len(keys) == len(layers)
     assert (64, 64, 1) in keys and (256, 512, 2) in keys
     assert sum(s.count for s in layers) == 16  # 8 BasicBlocks × two 3×3 convs; stem excluded
+
+
+def test_kernel_floor_script_runs_its_cases_under_the_interpreter():
+    """The GPU kernel microbenchmark's code path, on tiny shapes (no speed claimed)."""
+    from bench import kernel_floors
+
+    rows = kernel_floors.run(torch.float32, 1, torch.device("cpu"),
+                             {"warmup": 0, "repeats": 1}, scale=16)  # fmt: skip
+    kinds = {r["kind"] for r in rows}
+    assert kinds == {"channel", "group"}
+    assert {r["arch"] for r in rows if r["kind"] == "group"} == set(kernel_floors.GROUP_ARCHS)
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["speedup"] > 0 and isinstance(r["meets_floor"], bool)
+        assert len(r["ours"]["samples_ms"]) == 1

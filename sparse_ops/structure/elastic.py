@@ -46,6 +46,7 @@ from .. import models
 from ..errors import BlockMappingError, ElasticError, TicketMismatchError
 from ..tables import format_table, shape_text
 from ..tickets import Ticket
+from .report import DensityChange
 
 __all__ = [
     "STRATEGIES",
@@ -581,7 +582,7 @@ def _compare(
 
 
 @dataclass(frozen=True)
-class LayerCopy:
+class LayerCopy(DensityChange):
     """Where one masked layer of the target ticket came from."""
 
     name: str
@@ -594,14 +595,6 @@ class LayerCopy:
     nnz_before: int  # in the source layer
     nnz_after: int
     numel: int
-
-    @property
-    def density_before(self) -> float:
-        return self.nnz_before / self.numel if self.numel else 0.0
-
-    @property
-    def density_after(self) -> float:
-        return self.nnz_after / self.numel if self.numel else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {

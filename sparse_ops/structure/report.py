@@ -10,8 +10,24 @@ import torch
 from ..tables import format_table, shape_text
 
 
+class DensityChange:
+    """``density_before`` / ``density_after`` of a layer from its ``nnz_*`` and ``numel``."""
+
+    nnz_before: int
+    nnz_after: int
+    numel: int
+
+    @property
+    def density_before(self) -> float:
+        return self.nnz_before / self.numel if self.numel else 0.0
+
+    @property
+    def density_after(self) -> float:
+        return self.nnz_after / self.numel if self.numel else 0.0
+
+
 @dataclass
-class LayerChange:
+class LayerChange(DensityChange):
     """What one structuring step did to one layer's mask."""
 
     name: str
@@ -23,14 +39,6 @@ class LayerChange:
     refilled: int  # pruned before, kept after
     numel: int
     detail: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def density_before(self) -> float:
-        return self.nnz_before / self.numel if self.numel else 0.0
-
-    @property
-    def density_after(self) -> float:
-        return self.nnz_after / self.numel if self.numel else 0.0
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -1,0 +1,182 @@
+"""Kernel microbenchmark: our two kernels against cuDNN on single layers (GPU).
+
+    python -m bench.kernel_floors [--dtype float16] [--batch 64] [--out FILE.json]
+    python -m bench.kernel_floors --smoke        # tiny shapes, CPU, Triton interpreter
+
+Two comparisons, each on every distinct 3×3 conv of the CIFAR networks, at the
+spatial size the layer sees in the network on 32×32 inputs, batch 64, channels-last:
+
+``channel``  a layer compacted to 50% of its input and output channels: our channel
+             kernel on the compacted weight vs cuDNN running the same compacted conv.
+             Floor (issue 5): ours ≥ 0.8× cuDNN's speed (ResNet-18 / ResNet-50).
+``group``    a layer with ≥ 256 output channels at 80% block sparsity (regroup-shaped
+             blocks of 32 rows): our group kernel vs cuDNN on the dense layer.
+             Floor (issue 5): ≥ 2.5× faster (VGG-16 / ResNet-18).
+
+Each pair's outputs are compared before timing (fp32 accumulate on both sides;
+tolerance by dtype). Timing: :func:`bench.timing.time_cuda` (CUDA events, warm-up, L2
+flushed, median of ``--repeats``). ``--smoke`` runs the same code on tiny shapes on
+the CPU under ``TRITON_INTERPRET=1`` (perf_counter), to check the script, not speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from sparse_ops import models
+from sparse_ops.formats import ChannelPlan, GroupPack
+
+from .env import environment
+from .presets import distinct_convs
+from .tickets import group_mask
+from .timing import time_call
+
+CHANNEL_ARCHS = ("res18", "res50")
+GROUP_ARCHS = ("vgg16_bn", "res18")
+CHANNEL_FLOOR = 0.8  # ours / cuDNN speed on the same compacted conv
+GROUP_FLOOR = 2.5  # speedup over dense cuDNN at 80% block sparsity
+TOLERANCE = {torch.float32: 5e-3, torch.float16: 2e-2, torch.bfloat16: 8e-2}
+
+
+def conv_input_sizes(arch: str, hw: int = 32) -> dict[str, int]:
+    """Input height of every conv of ``arch`` on ``hw``×``hw`` images (square inputs)."""
+    model = models.create(arch).eval()
+    sizes: dict[str, int] = {}
+
+    def record(name: str):
+        def hook(module, args) -> None:  # returning a value would replace the input
+            sizes.setdefault(name, args[0].shape[-1])
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(name)) for name, m in model.named_modules()
+             if isinstance(m, torch.nn.Conv2d)]  # fmt: skip
+    with torch.no_grad():
+        model(torch.zeros(1, 3, hw, hw))
+    for h in hooks:
+        h.remove()
+    return sizes
+
+
+def _layers(archs, min_out: int = 0):
+    for arch in archs:
+        sizes = conv_input_sizes(arch)
+        for shape in distinct_convs(arch, (3,)):
+            if shape.out_channels >= min_out:
+                yield arch, shape, sizes[shape.source]
+
+
+def _relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    y, ref = y.float(), ref.float()
+    return float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+
+
+def _checked(ours_fn, reference_fn, dtype: torch.dtype) -> dict[str, Any]:
+    with torch.inference_mode():
+        error = _relative_error(ours_fn(), reference_fn())
+    if error <= TOLERANCE[dtype]:
+        return {"rel_error": error, "status": "ok"}
+    return {"rel_error": error, "status": f"wrong output: {error:.2e} > {TOLERANCE[dtype]:.0e}"}
+
+
+def _timed(row: dict[str, Any], ours_fn, cudnn_fn, device, timing) -> dict[str, Any]:
+    if row["status"] == "ok":
+        row["ours"] = time_call(ours_fn, device, **timing)
+        row["cudnn"] = time_call(cudnn_fn, device, **timing)
+        row["speedup"] = row["cudnn"]["median_ms"] / row["ours"]["median_ms"]
+    return row
+
+
+def run(dtype: torch.dtype, batch: int, device: torch.device, timing: dict, scale: int = 1):
+    """``scale`` > 1 divides channels and spatial sizes (the CPU smoke run)."""
+    from kernels.channel_conv import channel_conv2d
+    from kernels.group_conv import group_conv2d
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for arch, s, hw in _layers(CHANNEL_ARCHS):
+        cin, cout = max(1, s.in_channels // (2 * scale)), max(1, s.out_channels // (2 * scale))
+        hw = max(4, hw // scale)
+        x = torch.randn(batch, cin, hw, hw, generator=g).to(device, dtype)
+        x = x.contiguous(memory_format=torch.channels_last)
+        w = torch.randn(cout, cin, 3, 3, generator=g) / (cin * 9) ** 0.5
+        plan = ChannelPlan.from_weight(w, None, None, stride=s.stride, padding=s.padding)
+        plan = plan.to(device, dtype)
+        wd = w.to(device, dtype).contiguous(memory_format=torch.channels_last)
+        ours = lambda x=x, plan=plan: channel_conv2d(x, plan)  # noqa: E731
+        cudnn = lambda x=x, wd=wd, s=s: F.conv2d(x, wd, None, s.stride, s.padding)  # noqa: E731
+        row = _timed(_checked(ours, cudnn, dtype), ours, cudnn, device, timing)
+        rows.append({"kind": "channel", "arch": arch, "layer": s.source, "in_channels": cin,
+                     "out_channels": cout, "hw": hw, "stride": s.stride, "batch": batch,
+                     "floor": CHANNEL_FLOOR, **row})  # fmt: skip
+    for arch, s, hw in _layers(GROUP_ARCHS, min_out=256):
+        cin, cout = max(1, s.in_channels // scale), max(1, s.out_channels // scale)
+        hw = max(4, hw // scale)
+        x = torch.randn(batch, cin, hw, hw, generator=g).to(device, dtype)
+        x = x.contiguous(memory_format=torch.channels_last)
+        w = torch.randn(cout, cin, 3, 3, generator=g) / (cin * 9 * 0.2) ** 0.5
+        mask, layout = group_mask(tuple(w.shape), 0.2, g)
+        pack = GroupPack.from_weight(w, mask, layout, None, stride=s.stride, padding=s.padding)
+        pack = pack.to(device, dtype)
+        wd = (w * mask).to(device, dtype).contiguous(memory_format=torch.channels_last)
+        dense = w.to(device, dtype).contiguous(memory_format=torch.channels_last)
+        ours = lambda x=x, pack=pack: group_conv2d(x, pack)  # noqa: E731
+        masked = lambda x=x, wd=wd, s=s: F.conv2d(x, wd, None, s.stride, s.padding)  # noqa: E731
+        # Checked against the masked layer, timed against the *dense* one: what pruning saves.
+        cudnn = lambda x=x, d=dense, s=s: F.conv2d(x, d, None, s.stride, s.padding)  # noqa: E731
+        row = _timed(_checked(ours, masked, dtype), ours, cudnn, device, timing)
+        rows.append({"kind": "group", "arch": arch, "layer": s.source, "in_channels": cin,
+                     "out_channels": cout, "hw": hw, "stride": s.stride, "batch": batch,
+                     "block_density": float(mask.float().mean()), "floor": GROUP_FLOOR,
+                     **row})  # fmt: skip
+    for r in rows:
+        r["meets_floor"] = r["status"] == "ok" and r["speedup"] >= r["floor"]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=25)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, CPU, interpreter")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    if args.smoke:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            sys.exit("--smoke needs TRITON_INTERPRET=1 in the environment (set before start)")
+        device, batch, scale = torch.device("cpu"), 1, 16
+        timing = {"warmup": 0, "repeats": 1}
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("kernel_floors measures GPU kernels: no CUDA device here (try --smoke)")
+        device, batch, scale = torch.device("cuda"), args.batch, 1
+        torch.backends.cudnn.benchmark = True
+        timing = {"warmup": args.warmup, "repeats": args.repeats, "flush_l2": True}
+    rows = run(dtype, batch, device, timing, scale)
+    for r in rows:
+        speed = f"{r['speedup']:.2f}×" if "speedup" in r else r["status"]
+        print(f"{r['kind']:8} {r['arch']:9} {r['layer']:18} {r['in_channels']:4}→"
+              f"{r['out_channels']:<4} {r['hw']:3}px  {speed:>8}  floor {r['floor']}×  "
+              f"{'ok' if r['meets_floor'] else 'BELOW'}")  # fmt: skip
+    result = {"benchmark": "kernel_floors", "dtype": args.dtype, "smoke": args.smoke,
+              "timing": timing, "environment": environment(), "rows": rows}  # fmt: skip
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
