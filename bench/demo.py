@@ -226,10 +226,20 @@ def render(summary: dict[str, Any]) -> str:
     env = summary["environment"]
     where = env.get("gpu") or f"{env.get('cpu')}, {env.get('torch_threads')} threads"
     first = next(iter(summary["latency"].values()))[0]
+    # FLOPs are those of the conversion checked above (channel / group units); `ours`
+    # is timed as `convert(mode="auto")` prices it for the timing device.
+    notes = [
+        f"- ours for {method}: {r['note']}"
+        for method, rows_ in summary["latency"].items()
+        for r in rows_
+        if r["provider"] == "ours" and r.get("note")
+    ]
     return (
         f"{summary['config']['arch']} on {summary['data']}; dense accuracy {dense_acc:.2f}%.\n"
         f"Latency: median ms at input {tuple(first['input'])} on {where}.\n\n"
         + format_table(head, rows, markdown=True)
+        + "\n\nFLOPs: the refill ticket as channel units, the regroup ticket as group units. "
+        "`ours` is timed as convert(mode='auto') builds it for this device:\n" + "\n".join(notes)
     )
 
 

@@ -309,3 +309,23 @@ def test_gpu_path_cuda_graphs_and_inductor():
         static_x.copy_(torch.randn_like(static_x))
         graph.replay()
         torch.testing.assert_close(static_y, ref(static_x), atol=2e-2, rtol=2e-2)
+
+
+def test_auto_mode_prices_group_units_for_the_target_device():
+    """On a CPU a group unit is slower than the dense conv (docs/CONVERT.md): auto avoids it."""
+    from bench.tickets import make_ticket
+    from sparse_ops.convert import CostModel
+
+    model = models.create("res20s").eval()
+    ticket = make_ticket(model, "regroup", 0.8)
+    assert CostModel.for_device("cpu").group_overhead > CostModel.for_device(None).group_overhead
+    x = torch.randn(2, 3, 32, 32)
+    kinds = {}
+    for device in (None, "cpu"):
+        fast, report = convert(model, ticket, mode="auto", device=device, return_report=True)
+        kinds[device] = {r.representation for r in report.layers if r.kind == "conv"}
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), masked_model(model, ticket)(x), rtol=1e-4,
+                                       atol=1e-4)  # fmt: skip
+    assert "group" in kinds[None]
+    assert "group" not in kinds["cpu"]

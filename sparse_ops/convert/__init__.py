@@ -148,8 +148,11 @@ def convert(
     any); without one, the model's own pruning hooks or zeros are used. ``input_size``
     (C, H, W) is the input shape the conversion is sized for (bias maps are precomputed
     for it; other sizes work too). It defaults to the architecture's, else 3×32×32.
-    ``regroup`` configures ``on_unstructured="regroup"``. With ``return_report=True``
-    returns ``(module, ConversionReport)``.
+    ``regroup`` configures ``on_unstructured="regroup"``. ``cost`` prices the
+    representations for ``mode="auto"``; by default :meth:`CostModel.for_device` of
+    ``device``, and without a device the GPU's, because a converted module is usually
+    moved to the GPU afterwards (pass ``device="cpu"`` for CPU inference). With
+    ``return_report=True`` returns ``(module, ConversionReport)``.
     """
     check_model(model)
     if mode not in MODES:
@@ -167,7 +170,7 @@ def convert(
     masks = {k: v for k, v in ticket.masks.items()}
     layouts = {k.removesuffix(".weight"): v for k, v in ticket.meta.get("groups", {}).items()}
     _check_masked_modules(dense, masks)
-    cost = cost or CostModel()
+    cost = cost or CostModel.for_device(device)
     try:
         traced = fx.symbolic_trace(dense)
     except Exception as exc:  # tracing failed: fall back to per-module replacement

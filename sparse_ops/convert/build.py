@@ -53,11 +53,25 @@ class CostModel:
              (ky, kx, c) gathers and tile padding cost about this much over a dense GEMM
              of the same size (a starting value; calibrate with bench/ results).
     The cheaper one is used; a channel-structured mask nearly always picks channel.
+
+    The overhead depends on where the module runs (:meth:`for_device`): 1.3 for the
+    Triton group kernel on a GPU (a starting value until GPU measurements calibrate
+    it), 20 for the CPU torch path, measured on this project's CPU machine
+    (``bench/``: 64–512-channel 3×3 layers at block densities 0.5–0.05 ran 1.1–3.5×
+    slower than oneDNN's *dense* conv, 5–32× per useful multiply-add), so on a CPU
+    ``auto`` keeps group layers as compacted dense convs unless they are very sparse.
     """
 
     group_overhead: float = 1.3
     block_n: int = 32
     k_pad: int = 32
+
+    @classmethod
+    def for_device(cls, device: torch.device | str | None) -> CostModel:
+        """The cost model for modules that run on ``device`` (None: a GPU)."""
+        if device is not None and torch.device(device).type == "cpu":
+            return cls(group_overhead=20.0)
+        return cls()
 
 
 @dataclass
