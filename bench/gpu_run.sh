@@ -1,44 +1,68 @@
 #!/usr/bin/env bash
 # One GPU session in one call: the GPU tests, the kernel floors, the cifar and paper
-# presets. Everything lands in "${OUT:-bench/results}/<gpu>/" (JSON with the environment
-# and raw samples, Markdown, PNG) plus the logs; commit that folder.
+# presets (eager and CUDA-graph replay). Everything lands in "${OUT:-bench/results}/<gpu>/"
+# (JSON with the environment and raw samples, Markdown, PNG, one log per step); commit
+# that folder.
 #
-#     OUT=/some/dir bash bench/gpu_run.sh [--quick]
+#     OUT=/some/dir [PYTHON=python3] bash bench/gpu_run.sh [--quick]
 #
-# --quick: fewer cases (one network per preset, two sparsities), for a device budget
-# of a few minutes. Needs CUDA, not an install (runs from the checkout) nor internet.
+# --quick: one network per preset and two sparsities, for a device budget of minutes.
+# Needs CUDA; runs from the checkout (no install, no internet). Exit status 1 if any
+# step failed or any benchmark output was wrong.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+unset TRITON_INTERPRET  # kernels must compile for the GPU, not run in the interpreter
 
+PY=${PYTHON:-python}
 quick=0
 [[ "${1:-}" == "--quick" ]] && quick=1
-python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || {
+$PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || {
     echo "no CUDA device: nothing to do" >&2
     exit 2
 }
-slug=$(python -c "from bench.env import device_slug; print(device_slug('cuda'))")
+slug=$($PY -c "from bench.env import device_slug; print(device_slug('cuda'))")
+[[ -n "$slug" ]] || { echo "cannot name the GPU" >&2; exit 2; }
 dest="${OUT:-bench/results}/${slug}"
 mkdir -p "$dest"
 status=0
 
-echo "== GPU tests" | tee "$dest/gpu_tests.log"
-env -u TRITON_INTERPRET python -m pytest -q -m gpu tests/ 2>&1 | tail -40 | tee -a "$dest/gpu_tests.log"
-status=$((status | PIPESTATUS[0]))
+# Random (unstructured) tickets are regrouped on the fly, which needs Mt-KaHyPar.
+methods=(refill regroup random)
+$PY -c "import mtkahypar" 2>/dev/null || {
+    echo "mtkahypar missing: random tickets skipped" | tee "$dest/notes.log"
+    methods=(refill regroup)
+}
 
-echo "== kernel floors"
-python -m bench.kernel_floors --dtype float16 --out "$dest/kernel_floors_float16.json" \
-    2>&1 | tee "$dest/kernel_floors.log"
+step() {  # step NAME COMMAND...: full log in $dest/NAME.log, its tail on stdout
+    local name=$1
+    shift
+    echo "== $name"
+    "$@" >"$dest/$name.log" 2>&1
+    local rc=$?
+    tail -40 "$dest/$name.log"
+    [[ $rc == 0 ]] || { echo "!! $name exited $rc"; status=1; }
+}
+
+step gpu_tests $PY -m pytest -q -m gpu tests/
+step kernel_floors $PY -m bench.kernel_floors --dtype float16 \
+    --out "$dest/kernel_floors_float16.json"
 
 if [[ $quick == 1 ]]; then
-    python -m bench --preset cifar --models res18 --sparsities 0.5 0.8 --dtype float16 \
-        --providers cudnn masked narrow triton-dense ours --out "$dest" 2>&1 | tail -60
-    python -m bench --preset paper --models res18 --sparsities 0.5 0.8 --dtype float16 \
-        --providers cudnn narrow ours --out "$dest" 2>&1 | tail -60
+    common=(--sparsities 0.5 0.8 --dtype float16 --methods refill regroup)
+    step cifar_res18 $PY -m bench --preset cifar --models res18 "${common[@]}" \
+        --providers cudnn folded masked narrow triton-dense ours --out "$dest"
+    step cifar_res18_graph $PY -m bench --preset cifar --models res18 "${common[@]}" \
+        --providers cudnn folded narrow triton-dense ours --graph --out "$dest/graph"
+    step paper_res18 $PY -m bench --preset paper --models res18 "${common[@]}" \
+        --providers cudnn narrow ours --out "$dest"
 else
     for dtype in float16 bfloat16; do
-        python -m bench --preset cifar --dtype "$dtype" --out "$dest" 2>&1 | tail -80
-        python -m bench --preset paper --dtype "$dtype" --out "$dest" 2>&1 | tail -80
+        step "cifar_$dtype" $PY -m bench --preset cifar --dtype "$dtype" \
+            --methods "${methods[@]}" --out "$dest"
+        step "cifar_${dtype}_graph" $PY -m bench --preset cifar --dtype "$dtype" \
+            --methods refill regroup --graph --out "$dest/graph"
+        step "paper_$dtype" $PY -m bench --preset paper --dtype "$dtype" --out "$dest"
     done
 fi
-echo "results in $dest"
+echo "results in $dest (status $status)"
 exit $status

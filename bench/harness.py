@@ -9,6 +9,7 @@ environment, the settings, and one row per (case, provider) with the raw samples
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import time
@@ -118,12 +119,61 @@ def run(
     timing = {"warmup": warmup if warmup is not None else preset.warmup,
               "repeats": repeats if repeats is not None else preset.repeats}  # fmt: skip
     if device.type == "cuda":
-        # The dense baseline at its best: cuDNN picks its fastest algorithm per shape.
-        torch.backends.cudnn.benchmark = True
         timing |= {"flush_l2": True, "graph": graph}
     cases = list(_cases(preset, models_wanted))
     if not cases:
         raise BenchError(f"preset {preset.name!r} has no case for models {models_wanted}")
+    # The dense baseline at its best: cuDNN picks its fastest algorithm per shape.
+    partial = None
+    if out is not None:  # rows so far, in case a time limit kills a long preset
+        Path(out).mkdir(parents=True, exist_ok=True)
+        partial = Path(out) / f"{preset.name}_{dtype}.partial.json"
+    with _cudnn_benchmark(device.type == "cuda"):
+        rows, seconds = _run_cases(cases, methods, sparsities, providers, torch_dtype, device,
+                                   timing, progress, partial)  # fmt: skip
+    result = {
+        "schema": SCHEMA,
+        "preset": preset.name,
+        "device": device.type,
+        "dtype": dtype,
+        "layout": "channels_last",
+        "providers": providers,
+        "baseline": baseline_provider(device),
+        "methods": methods,
+        "sparsities": sparsities,
+        "timing": timing,
+        "environment": environment() | {"dtype": dtype, "layout": "channels_last"},
+        "seconds": seconds,
+        "rows": rows,
+    }
+    _add_speedups(result)
+    if out is not None:
+        write(result, out)
+        partial.unlink(missing_ok=True)
+    return result
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark(enabled: bool):
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled or previous
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
+def _run_cases(
+    cases,
+    methods,
+    sparsities,
+    providers,
+    torch_dtype,
+    device,
+    timing,
+    progress,
+    partial: Path | None,
+):
     total = len(cases) * len(methods) * len(sparsities)
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
@@ -144,26 +194,10 @@ def run(
                                         device=device, timing=timing, dense_ref=dense_ref,
                                         progress=progress)  # fmt: skip
                 rows.extend(common | row for row in measured)
+                if partial is not None:
+                    partial.write_text(json.dumps({"schema": SCHEMA, "rows": rows}) + "\n")
                 _free()
-    result = {
-        "schema": SCHEMA,
-        "preset": preset.name,
-        "device": device.type,
-        "dtype": dtype,
-        "layout": "channels_last",
-        "providers": providers,
-        "baseline": baseline_provider(device),
-        "methods": methods,
-        "sparsities": sparsities,
-        "timing": timing,
-        "environment": environment() | {"dtype": dtype, "layout": "channels_last"},
-        "seconds": time.perf_counter() - start,
-        "rows": rows,
-    }
-    _add_speedups(result)
-    if out is not None:
-        write(result, out)
-    return result
+    return rows, time.perf_counter() - start
 
 
 def measure_case(
@@ -201,12 +235,13 @@ def _reference(model: nn.Module, ticket, x: torch.Tensor, device: torch.device) 
     """The fp32 output of the dense (ticket None) or masked network, on ``device``."""
     reference = masked_model(model, ticket).to(device)
     with torch.inference_mode():
-        prev = torch.backends.cudnn.allow_tf32
-        torch.backends.cudnn.allow_tf32 = False  # the reference is full fp32
+        prev = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        # The reference is full fp32: no TF32 in its convs nor in its Linear layers.
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
         try:
             return reference(x.to(device)).float()
         finally:
-            torch.backends.cudnn.allow_tf32 = prev
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = prev
 
 
 def _measure(name: str, case: Case, x: torch.Tensor, refs: dict, timing: dict) -> dict[str, Any]:
@@ -239,11 +274,14 @@ def _free() -> None:
 def _add_speedups(result: dict[str, Any]) -> None:
     """speedup = t_baseline / t, saving = 1 − t / t_baseline, per case."""
     base = result["baseline"]
-    key = ("kind", "arch", "layer", "method", "sparsity")
-    baseline = {tuple(r[k] for k in key): r.get("median_ms") for r in result["rows"]
+
+    def case(r: dict[str, Any]) -> tuple:  # the input shape separates batch 1 from 64
+        return (r["kind"], r["arch"], r["layer"], r["method"], r["sparsity"], tuple(r["input"]))
+
+    baseline = {case(r): r.get("median_ms") for r in result["rows"]
                 if r["provider"] == base and r["status"] == "ok"}  # fmt: skip
     for r in result["rows"]:
-        t0 = baseline.get(tuple(r[k] for k in key))
+        t0 = baseline.get(case(r))
         if r["status"] == "ok" and t0:
             r["speedup"] = t0 / r["median_ms"]
             r["saving"] = 1.0 - r["median_ms"] / t0

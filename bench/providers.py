@@ -7,7 +7,11 @@
 ``narrow``        converted in channel mode, run on the torch path (cuDNN / oneDNN):
                   pruned channels physically removed, other masks as masked dense convs.
                   Masked function.
-``compile``       ``torch.compile(mode="max-autotune")`` of the dense network. CUDA by
+``folded``        the dense network with BatchNorm folded into the convs, on the torch
+                  path (cuDNN / oneDNN): the fair dense baseline for fusion, since
+                  ``ours`` folds BatchNorm too. Dense function.
+``compile``       ``torch.compile(mode="max-autotune-no-cudagraphs")`` of the dense
+                  network (graph replay is ``--graph``'s job, for all alike). CUDA by
                   default; on the CPU only when asked (needs a C++ toolchain).
 ``triton-dense``  the dense network through our channel kernel, every channel kept. CUDA.
 ``ours``          ``convert(mode="auto", on_unstructured="regroup")``: our kernels on
@@ -110,9 +114,19 @@ def _triton_dense(case: Case) -> Built:
     return Built(_on_backend("triton", fast), "dense")
 
 
+def _folded(case: Case) -> Built:
+    dense_ticket = Ticket({}, None, case.ticket.arch)
+    fast = convert(case.model, dense_ticket, mode="channel", dtype=case.dtype, device=case.device,
+                   input_size=case.input_shape[1:])  # fmt: skip
+    return Built(_on_backend("torch", fast), "dense")
+
+
 def _compile(case: Case) -> Built:
     model = _dense_copy(case)
-    return Built(torch.compile(model, mode="max-autotune"), "dense", "max-autotune")
+    # "max-autotune" would also turn on CUDA graphs for this provider alone; graph replay
+    # is the harness's choice (--graph), the same for every provider.
+    compiled = torch.compile(model, mode="max-autotune-no-cudagraphs")
+    return Built(compiled, "dense", "max-autotune-no-cudagraphs")
 
 
 def unweighted(ticket: Ticket) -> Ticket:
@@ -125,6 +139,7 @@ PROVIDERS: dict[str, Provider] = {
     for p in (
         Provider("cudnn", ("cuda",), _dense, "dense network on cuDNN (benchmark=True)"),
         Provider("dense", ("cpu",), _dense, "dense network on oneDNN"),
+        Provider("folded", ("cuda", "cpu"), _folded, "dense network, BatchNorm folded"),
         Provider("masked", ("cuda", "cpu"), _masked, "torch.nn.utils.prune hooks"),
         Provider("narrow", ("cuda", "cpu"), _narrow, "channel-narrowed network on torch convs"),
         Provider("compile", ("cuda", "cpu"), _compile, "torch.compile max-autotune, dense"),
@@ -133,8 +148,8 @@ PROVIDERS: dict[str, Provider] = {
     )
 }
 # torch.compile on the CPU needs a C++ toolchain and minutes per model: opt-in there.
-_CPU_DEFAULT = ("dense", "masked", "narrow", "ours")
-_CUDA_DEFAULT = ("cudnn", "masked", "narrow", "compile", "triton-dense", "ours")
+_CPU_DEFAULT = ("dense", "folded", "masked", "narrow", "ours")
+_CUDA_DEFAULT = ("cudnn", "folded", "masked", "narrow", "compile", "triton-dense", "ours")
 
 
 def default_providers(device: torch.device) -> tuple[str, ...]:

@@ -39,6 +39,13 @@ def _case_label(r: dict[str, Any]) -> str:
     return f"{r['arch']} (b{r['input'][0]}, {r['input'][2]}×{r['input'][3]})"
 
 
+def _timer_text(result: dict[str, Any]) -> str:
+    if result["device"] != "cuda":
+        return "perf_counter"
+    replay = "CUDA-graph replays" if result["timing"].get("graph") else "eager launches"
+    return f"CUDA events, L2 flushed, {replay}"
+
+
 def markdown(result: dict[str, Any]) -> str:
     """One row per (case, method, sparsity); one column per provider (median ms)."""
     env = result["environment"]
@@ -48,7 +55,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"torch {env['versions'].get('torch')} · triton {env['versions'].get('triton')} · "
         f"commit {env.get('commit')}\n\n"
         f"Median latency in ms over {result['timing']['repeats']} runs "
-        f"({'CUDA events, L2 flushed' if result['device'] == 'cuda' else 'perf_counter'}"
+        f"({_timer_text(result)}"
         f"{', ' + str(env.get('torch_threads')) + ' threads' if result['device'] != 'cuda' else ''}"
         f"); **speedup** = {result['baseline']} / ours.\n"
     )
@@ -81,11 +88,22 @@ def markdown(result: dict[str, Any]) -> str:
 Series = tuple[list[float], list[float], list[float], list[float]]
 
 
-def _series(rows: list[dict], provider: str) -> Series:
-    """(sparsity, median, p20, p80) summed over layers × their multiplicity."""
+def _series(rows: list[dict], provider: str, against: str | None = None) -> Series:
+    """(sparsity, median, p20, p80) summed over layers × their multiplicity.
+
+    A sparsity counts only where every layer has a timed row for ``provider`` (and for
+    ``against``): a sum missing a failed layer would flatter that provider.
+    """
+    wanted = {provider} if against is None else {provider, against}
+    ok = {(r["layer"], r["sparsity"], r["provider"]) for r in rows if r["status"] == "ok"}
+    layers: dict[float, set] = defaultdict(set)
+    for r in rows:
+        layers[r["sparsity"]].add(r["layer"])
+    complete = {s for s, names in layers.items()
+                if all((n, s, p) in ok for n in names for p in wanted)}  # fmt: skip
     acc: dict[float, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
     for r in rows:
-        if r["provider"] != provider or r["status"] != "ok":
+        if r["provider"] != provider or r["status"] != "ok" or r["sparsity"] not in complete:
             continue
         a = acc[r["sparsity"]]
         for i, k in enumerate(("median_ms", "p20_ms", "p80_ms")):
@@ -132,10 +150,10 @@ def plots(result: dict[str, Any], out: Path, stem: str) -> dict[str, Path]:
                                     capsize=2, label=p)  # fmt: skip
                 ax.set_ylabel("latency (ms" + (", Σ layers)" if scope == "layers" else ")"))
             else:
-                xb, tb, _, _ = _series(rows, base)
-                t0 = dict(zip(xb, tb, strict=True))
                 for p in ("ours", "narrow"):
-                    xs, med, _, _ = _series(rows, p)
+                    xb, tb, _, _ = _series(rows, base, p)
+                    t0 = dict(zip(xb, tb, strict=True))
+                    xs, med, _, _ = _series(rows, p, base)
                     pts = [(100 * s, 100 * (1 - m / t0[s])) for s, m in zip(xs, med, strict=True)
                            if s in t0]  # fmt: skip
                     if pts:
@@ -176,8 +194,8 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     """One line per model/layer set and method: ours' speedup range over sparsities."""
     lines = []
     for (arch, scope, method), rows in _panels(result).items():
-        xs, med, _, _ = _series(rows, "ours")
-        xb, tb, _, _ = _series(rows, result["baseline"])
+        xs, med, _, _ = _series(rows, "ours", result["baseline"])
+        xb, tb, _, _ = _series(rows, result["baseline"], "ours")
         t0 = dict(zip(xb, tb, strict=True))
         parts = [f"{100 * s:.0f}%: {t0[s] / m:.2f}×"
                  for s, m in zip(xs, med, strict=True) if s in t0]  # fmt: skip

@@ -80,7 +80,7 @@ def time_cuda(
             cuda_graph = torch.cuda.CUDAGraph()
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm the capture stream's allocator pool
+            with torch.cuda.stream(stream):  # side-stream warm-up before capture (lazy inits)
                 fn()
             torch.cuda.current_stream().wait_stream(stream)
             with torch.cuda.graph(cuda_graph):

@@ -140,8 +140,11 @@ CONFIGS = [
         (256, 32, 8, 3), (128, 16, 4, 4), (64, 16, 2, 4), (256, 64, 8, 2),
     ]
 ]  # fmt: skip
+# K_PAD and BLOCK_N are in the key because _prune_configs depends on them: a config
+# tuned for one pack's column padding must never be reused for another's.
 AUTOTUNE_KEY = ["M", "H", "W", "OH", "OW", "C_IN", "KW", "N_FILL", "NUM_TILES", "MAX_COLS",
-                "STRIDE_H", "STRIDE_W", "PAD_H", "PAD_W", "DIL_H", "DIL_W"]  # fmt: skip
+                "STRIDE_H", "STRIDE_W", "PAD_H", "PAD_W", "DIL_H", "DIL_W", "K_PAD",
+                "BLOCK_N"]  # fmt: skip
 group_conv_tuned = triton.autotune(
     configs=CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs}
 )(group_conv_kernel)
@@ -196,6 +199,7 @@ def group_conv2d(
     if m == 0 or tiles == 0:
         return y
     dummy = y  # pointers of disabled features are never read
+    # A pack records max_cols on the host (groups_meta); reading col_ptr would sync.
     max_cols = int(pack.max_cols) if hasattr(pack, "max_cols") else 0
     args = [
         x, pack.values, pack.bias if pack.bias is not None else dummy,

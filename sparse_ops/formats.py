@@ -284,6 +284,11 @@ class GroupPack(_Packed):
 
     @property
     def max_cols(self) -> int:
+        """Widest group (padded columns). Read from ``groups_meta`` when recorded there,
+        because computing it reads ``col_ptr`` back from the device: a sync per launch,
+        which CUDA-graph capture forbids."""
+        if "max_cols" in self.groups_meta:
+            return int(self.groups_meta["max_cols"])
         ptr = self.col_ptr.cpu()
         return int((ptr[1:] - ptr[:-1]).max()) if self.num_groups else 0
 
@@ -399,7 +404,10 @@ class GroupPack(_Packed):
             block_n=int(block_n),
             k_pad=int(k_pad),
             format_version=FORMAT_VERSION,
-            groups_meta={"sizes": np.stack([n_rows, n_cols], 1).tolist()},
+            groups_meta={
+                "sizes": np.stack([n_rows, n_cols], 1).tolist(),
+                "max_cols": int(np.diff(col_ptr).max()) if col_ptr.size > 1 else 0,
+            },
             **geometry,
         )
 

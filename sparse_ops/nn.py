@@ -105,11 +105,14 @@ def group_conv_op(
     dilation: list[int],
     block_n: int,
     k_pad: int,
+    max_cols: int,
     relu: bool,
 ) -> Tensor:
+    # max_cols comes from the host: deriving it from col_ptr would sync with the device.
     pack = GroupPack(values, val_ptr, row_idx, row_ptr, col_idx, col_ptr, tile_group, tile_row,
                      fill_idx, bias, in_channels, out_channels, tuple(kernel_size), tuple(stride),
-                     tuple(padding), tuple(dilation), block_n, k_pad)  # fmt: skip
+                     tuple(padding), tuple(dilation), block_n, k_pad,
+                     groups_meta={"max_cols": max_cols})  # fmt: skip
     y = ops.group_conv(x, pack, residual=residual, relu=relu)
     return y.contiguous(memory_format=_memory_format(x))
 
@@ -117,7 +120,7 @@ def group_conv_op(
 @group_conv_op.register_fake
 def _(x, values, val_ptr, row_idx, row_ptr, col_idx, col_ptr, tile_group, tile_row, fill_idx,
       bias, residual, in_channels, out_channels, kernel_size, stride, padding, dilation,
-      block_n, k_pad, relu):  # fmt: skip
+      block_n, k_pad, max_cols, relu):  # fmt: skip
     oh, ow = _out_hw(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation)
     shape = (x.shape[0], out_channels, oh, ow)
     return x.new_empty(shape).contiguous(memory_format=_memory_format(x))
@@ -286,6 +289,9 @@ class GroupSparseConv2d(_Unit):
             tensors.update({f"left_{f}": getattr(leftover, f) for f in _PACK_FIELDS})
         self._set_buffers(tensors)
         self.groups_meta = dict(pack.groups_meta)
+        # Host-side ints, so a forward never reads index arrays back from the GPU.
+        self.max_cols = {"main": pack.max_cols,
+                         "left": leftover.max_cols if leftover is not None else 0}  # fmt: skip
         self.eval()
 
     def _run(self, x: Tensor, prefix: str, block: tuple[int, int], residual, relu) -> Tensor:
@@ -293,7 +299,7 @@ class GroupSparseConv2d(_Unit):
         return group_conv_op(
             x, *t[:-1], _fp32(t[-1]), residual, self.in_channels, self.out_channels,
             list(self.kernel_size), list(self.stride), list(self.padding), list(self.dilation),
-            block[0], block[1], relu,
+            block[0], block[1], self.max_cols[prefix], relu,
         )  # fmt: skip
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
@@ -308,7 +314,8 @@ class GroupSparseConv2d(_Unit):
         return GroupPack(*[getattr(self, f"{which}_{f}") for f in _PACK_FIELDS],
                          self.in_channels, self.out_channels, tuple(self.kernel_size),
                          tuple(self.stride), tuple(self.padding), tuple(self.dilation),
-                         block[0], block[1])  # fmt: skip
+                         block[0], block[1],
+                         groups_meta={"max_cols": self.max_cols[which]})  # fmt: skip
 
     def config(self) -> dict[str, Any]:
         return {
@@ -397,7 +404,7 @@ class Relayout(_Unit):
 
     def forward(self, x: Tensor) -> Tensor:
         shape = [1, -1] + [1] * (x.dim() - 2)
-        gathered = x.index_select(1, self.index.clamp(min=0))
+        gathered = ops.select_channels(x, self.index.clamp(min=0))
         removed = (self.index < 0).view(shape)
         return torch.where(removed, self.fill.to(x.dtype).view(shape), gathered)
 

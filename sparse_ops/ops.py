@@ -91,7 +91,7 @@ def channel_conv(
     # [Cout', Cin', kh, kw] is a channels-last tensor, which oneDNN then uses without a
     # per-call reorder.
     x = x.contiguous(memory_format=torch.channels_last)
-    inputs = x if plan.in_idx is None else x.index_select(1, plan.in_idx.long())
+    inputs = x if plan.in_idx is None else select_channels(x, plan.in_idx.long())
     weight = plan.weight.permute(0, 3, 1, 2).to(x.dtype)
     if plan.out_idx is None:  # every output channel computed: bias fused into the conv
         bias = None if plan.bias is None else plan.bias.to(x.dtype)
@@ -185,10 +185,20 @@ def group_conv(
             weight = block.new_zeros(rows.numel(), kh * kw, channels.numel())
             weight[:, cols // cin, position[cols % cin]] = block
             weight = weight.view(rows.numel(), kh, kw, -1).permute(0, 3, 1, 2)
-            inputs = x.index_select(1, channels).contiguous(memory_format=torch.channels_last)
+            inputs = select_channels(x.contiguous(memory_format=torch.channels_last), channels)
             part = F.conv2d(inputs, weight, None, pack.stride, pack.padding, pack.dilation)
             y.index_copy_(1, rows, part.to(y.dtype))
     return _epilogue_inplace(y, pack.bias, residual, relu, None)
+
+
+def select_channels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[:, index]`` that stays channels-last for a channels-last 4-D ``x``.
+
+    ``index_select`` on dim 1 returns NCHW, which would make the next conv transpose it
+    back (or a kernel read it with a strided channel axis)."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).index_select(3, index).permute(0, 3, 1, 2)
+    return x.index_select(1, index)
 
 
 def _arange(n: int, like: torch.Tensor) -> torch.Tensor:

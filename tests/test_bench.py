@@ -69,6 +69,7 @@ def tiny_result(tmp_path_factory):
 def test_tiny_preset_json_has_every_field(tiny_result):
     result, out = tiny_result
     saved = json.loads((out / "tiny_float32.json").read_text())
+    assert not (out / "tiny_float32.partial.json").exists()
     assert saved["rows"] == json.loads(json.dumps(result["rows"]))
     assert saved["schema"] == harness.SCHEMA and saved["preset"] == "tiny"
     assert saved["dtype"] == "float32" and saved["layout"] == "channels_last"
@@ -158,3 +159,29 @@ def test_kernel_floor_script_runs_its_cases_under_the_interpreter():
         assert r["status"] == "ok", r
         assert r["speedup"] > 0 and isinstance(r["meets_floor"], bool)
         assert len(r["ours"]["samples_ms"]) == 1
+
+
+def test_speedups_pair_each_row_with_the_baseline_of_the_same_input():
+    def row(provider, batch, ms):
+        return {"kind": "model", "arch": "resnet18", "layer": None, "method": "refill",
+                "sparsity": 0.5, "input": [batch, 3, 224, 224], "provider": provider,
+                "status": "ok", "median_ms": ms}  # fmt: skip
+
+    result = {"baseline": "cudnn",
+              "rows": [row("cudnn", 1, 2.0), row("ours", 1, 1.0), row("cudnn", 64, 40.0),
+                       row("ours", 64, 10.0)]}  # fmt: skip
+    harness._add_speedups(result)
+    assert [r["speedup"] for r in result["rows"]] == [1.0, 2.0, 1.0, 4.0]
+
+
+def test_layer_sums_skip_a_sparsity_where_a_layer_failed():
+    def row(provider, layer, sparsity, ms, status="ok"):
+        return {"provider": provider, "layer": layer, "sparsity": sparsity, "status": status,
+                "median_ms": ms, "p20_ms": ms, "p80_ms": ms, "count": 2}  # fmt: skip
+
+    rows = [row("dense", "a", 0.5, 1.0), row("dense", "b", 0.5, 1.0),
+            row("ours", "a", 0.5, 0.2), row("ours", "b", 0.5, 0.0, "error: x"),
+            row("dense", "a", 0.8, 1.0), row("dense", "b", 0.8, 1.0),
+            row("ours", "a", 0.8, 0.5), row("ours", "b", 0.8, 0.5)]  # fmt: skip
+    xs, med, _, _ = report._series(rows, "ours", "dense")
+    assert xs == [0.8] and med == [2.0]

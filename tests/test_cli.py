@@ -125,7 +125,7 @@ def test_demo_quick_runs_the_whole_pipeline_and_checks_itself(tmp_path, capsys):
     assert "channel" in summary["conversion"]["refill"]["representations"]
     assert "group" in summary["conversion"]["regroup"]["representations"]
     for rows in summary["latency"].values():
-        assert {r["provider"] for r in rows} == {"dense", "masked", "narrow", "ours"}
+        assert {r["provider"] for r in rows} == {"dense", "folded", "masked", "narrow", "ours"}
         assert all(r["status"] == "ok" and r["samples_ms"] for r in rows)
     for name in (
         "summary.json",

@@ -146,3 +146,18 @@ def test_group_columns_are_ky_kx_c(g):
     pack = GroupPack.from_weight(weight, None, layout, block_n=16, k_pad=16)
     tile = pack.values[: 16 * 16].view(16, 16)[:2, :12]
     assert torch.equal(tile, gemm_view(weight))
+
+
+def test_group_pack_records_its_widest_group_on_the_host():
+    """max_cols must not need col_ptr back from the device (a sync; breaks graph capture)."""
+    from sparse_ops.nn import GroupSparseConv2d
+
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(40, 12, 3, 3, generator=g)
+    layout, mask = group_layout(40, 12, 3, "mixed", g)
+    pack = GroupPack.from_weight(weight, mask, layout, None, padding=1)
+    ptr = pack.col_ptr.long()
+    assert pack.groups_meta["max_cols"] == int((ptr[1:] - ptr[:-1]).max())
+    unit = GroupSparseConv2d(pack)
+    assert unit.max_cols["main"] == pack.max_cols
+    assert unit.pack().groups_meta["max_cols"] == pack.max_cols
