@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from . import launch
+from .epilogue import store_with_epilogue
 from .errors import KernelInputError
 
 SUPPORTED_FORMAT_VERSION = 1
@@ -113,25 +114,11 @@ def channel_conv_kernel(
         col_mask = rf < N_FILL
         out_ch = tl.load(fill_idx_ptr + rf, mask=col_mask, other=0)
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + out_ch, mask=col_mask, other=0.0)[None, :]
-    out_mask = m_mask[:, None] & col_mask[None, :]
-    ch64 = out_ch.to(tl.int64)[None, :]
-    if HAS_BIAS_MAP:
-        b_pix = oh.to(tl.int64) * stride_bh + ow.to(tl.int64) * stride_bw
-        acc += tl.load(bmap_ptr + b_pix[:, None] + ch64 * stride_bc, mask=out_mask, other=0.0)
-    if HAS_RES:
-        r_pix = (
-            nb.to(tl.int64) * stride_rn + oh.to(tl.int64) * stride_rh + ow.to(tl.int64) * stride_rw
-        )
-        res = tl.load(res_ptr + r_pix[:, None] + ch64 * stride_rc, mask=out_mask, other=0.0)
-        acc += res.to(tl.float32)
-    if RELU:
-        acc = tl.maximum(acc, 0.0)
-    y_pix = nb.to(tl.int64) * stride_yn + oh.to(tl.int64) * stride_yh + ow.to(tl.int64) * stride_yw
-    tl.store(
-        y_ptr + y_pix[:, None] + ch64 * stride_yc, acc.to(y_ptr.dtype.element_ty), mask=out_mask
-    )
+    store_with_epilogue(
+        acc, y_ptr, bias_ptr, bmap_ptr, res_ptr, out_ch, col_mask, m_mask, nb, oh, ow,
+        stride_yn, stride_yh, stride_yw, stride_yc, stride_rn, stride_rh, stride_rw, stride_rc,
+        stride_bc, stride_bh, stride_bw, HAS_BIAS, HAS_BIAS_MAP, HAS_RES, RELU,
+    )  # fmt: skip
 
 
 # Autotuning (GPU only). The key holds every shape quantity of the problem.

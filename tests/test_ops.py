@@ -75,3 +75,18 @@ def test_group_torch_path_both_strategies(shape, layout_kind, gemm_penalty, monk
     y = ops.group_conv(x, pack, relu=False)
     ref = expected(x, pack.dense_weight(), bias, (s, p, d), None, False)
     torch.testing.assert_close(y.double(), ref, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("shape", [(1, 7, 5, 3), (3, 16, 4, 9), (2, 5, 1, 1), (0, 6, 3, 3)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_select_channels_gathers_and_keeps_the_layout(shape, layout):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(*shape, generator=g)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    index = torch.randperm(shape[1], generator=g)[: max(1, shape[1] // 2)]
+    index = torch.cat([index, index[:1]])  # a repeated channel, out of order
+    y = ops.select_channels(x, index)
+    torch.testing.assert_close(y, x[:, index], rtol=0, atol=0)
+    if layout == "channels_last" and shape[0] > 0:
+        assert y.is_contiguous(memory_format=torch.channels_last)
