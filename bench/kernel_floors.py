@@ -9,6 +9,10 @@ spatial size the layer sees in the network on 32×32 inputs, batch 64, channels-
 ``channel``  a layer compacted to 50% of its input and output channels: our channel
              kernel on the compacted weight vs cuDNN running the same compacted conv.
              Floor (issue 5): ours ≥ 0.8× cuDNN's speed (ResNet-18 / ResNet-50).
+``channel-indexed``  the same layer as a converted network with residual-tied channels
+             runs it: full-width input read through ``in_idx``, output written
+             through ``out_idx``, pruned channels filled in the same launch, vs cuDNN
+             on the compacted conv alone (input gathered beforehand). Same floor.
 ``group``    a layer with ≥ 256 output channels at 80% block sparsity (regroup-shaped
              blocks of 32 rows): our group kernel vs cuDNN on the dense layer.
              Floor (issue 5): ≥ 2.5× faster (VGG-16 / ResNet-18).
@@ -95,6 +99,38 @@ def _timed(row: dict[str, Any], ours_fn, cudnn_fn, device, timing) -> dict[str, 
     return row
 
 
+def _indexed_channel_row(arch, s, hw, scale, batch, device, dtype, timing, g) -> dict:
+    """The layer as a converted network runs it when its channels are tied by residual
+    adds: full-width activations read through ``in_idx`` and written through ``out_idx``
+    (50% of each, scattered), pruned output channels filled in the same launch. cuDNN
+    runs only the compacted conv on an input gathered beforehand (gather not timed)."""
+    from kernels.channel_conv import channel_conv2d
+
+    cin, cout = max(2, s.in_channels // scale), max(2, s.out_channels // scale)
+    hw = max(4, hw // scale)
+    keep_in = torch.randperm(cin, generator=g)[: cin // 2].sort().values
+    keep_out = torch.randperm(cout, generator=g)[: cout // 2].sort().values
+    w = torch.randn(cout, cin, 3, 3, generator=g) / (cin * 4.5) ** 0.5
+    mask = torch.zeros(cout, cin, 3, 3, dtype=torch.bool)
+    mask[keep_out[:, None], keep_in[None, :]] = True
+    plan = ChannelPlan.from_weight(w, mask, None, stride=s.stride, padding=s.padding)
+    plan = plan.to(device, dtype)
+    x = torch.randn(batch, cin, hw, hw, generator=g).to(device, dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    x_compact = x[:, keep_in.to(device)].contiguous(memory_format=torch.channels_last)
+    w_compact = w[keep_out][:, keep_in].to(device, dtype)
+    w_compact = w_compact.contiguous(memory_format=torch.channels_last)
+    out_rows = keep_out.to(device)
+    ours = lambda x=x, plan=plan: channel_conv2d(x, plan)  # noqa: E731
+    cudnn = lambda: F.conv2d(x_compact, w_compact, None, s.stride, s.padding)  # noqa: E731
+    check = _checked(lambda: ours()[:, out_rows], cudnn, dtype)
+    row = _timed(check, ours, cudnn, device, timing)
+    return {"kind": "channel-indexed", "arch": arch, "layer": s.source, "in_channels": cin,
+            "out_channels": cout, "kept_in": int(keep_in.numel()),
+            "kept_out": int(keep_out.numel()), "hw": hw, "stride": s.stride, "batch": batch,
+            "floor": CHANNEL_FLOOR, **row}  # fmt: skip
+
+
 def run(dtype: torch.dtype, batch: int, device: torch.device, timing: dict, scale: int = 1):
     """``scale`` > 1 divides channels and spatial sizes (the CPU smoke run)."""
     from kernels.channel_conv import channel_conv2d
@@ -117,6 +153,7 @@ def run(dtype: torch.dtype, batch: int, device: torch.device, timing: dict, scal
         rows.append({"kind": "channel", "arch": arch, "layer": s.source, "in_channels": cin,
                      "out_channels": cout, "hw": hw, "stride": s.stride, "batch": batch,
                      "floor": CHANNEL_FLOOR, **row})  # fmt: skip
+        rows.append(_indexed_channel_row(arch, s, hw, scale, batch, device, dtype, timing, g))
     for arch, s, hw in _layers(GROUP_ARCHS, min_out=256):
         cin, cout = max(1, s.in_channels // scale), max(1, s.out_channels // scale)
         hw = max(4, hw // scale)
@@ -166,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(dtype, batch, device, timing, scale)
     for r in rows:
         speed = f"{r['speedup']:.2f}×" if "speedup" in r else r["status"]
-        print(f"{r['kind']:8} {r['arch']:9} {r['layer']:18} {r['in_channels']:4}→"
+        print(f"{r['kind']:15} {r['arch']:9} {r['layer']:18} {r['in_channels']:4}→"
               f"{r['out_channels']:<4} {r['hw']:3}px  {speed:>8}  floor {r['floor']}×  "
               f"{'ok' if r['meets_floor'] else 'BELOW'}")  # fmt: skip
     result = {"benchmark": "kernel_floors", "dtype": args.dtype, "smoke": args.smoke,

@@ -153,7 +153,7 @@ def test_kernel_floor_script_runs_its_cases_under_the_interpreter():
     rows = kernel_floors.run(torch.float32, 1, torch.device("cpu"),
                              {"warmup": 0, "repeats": 1}, scale=16)  # fmt: skip
     kinds = {r["kind"] for r in rows}
-    assert kinds == {"channel", "group"}
+    assert kinds == {"channel", "channel-indexed", "group"}
     assert {r["arch"] for r in rows if r["kind"] == "group"} == set(kernel_floors.GROUP_ARCHS)
     for r in rows:
         assert r["status"] == "ok", r
