@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, help="timed runs per provider (preset default)")
     p.add_argument("--warmup", type=int, help="untimed runs first (preset default)")
     p.add_argument("--graph", action="store_true", help="GPU: time CUDA-graph replays")
-    p.add_argument("--out", help="output folder (default: bench/results/<device>)")
+    p.add_argument("--out", help="output folder (default: sparse-ops-bench/<device>)")
     p.add_argument("--json", action="store_true", help="print the result JSON")  # fmt: skip
 
 

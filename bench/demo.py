@@ -38,7 +38,7 @@ from sparse_ops.tickets import Ticket
 from sparse_ops.training import TrainConfig, Trainer
 
 from . import harness
-from .env import environment
+from .env import environment, resolve_device
 from .providers import baseline_provider, default_providers
 
 
@@ -70,10 +70,10 @@ def run_demo(
     config: DemoConfig = DemoConfig(),
     device: str | None = None,
 ) -> dict[str, Any]:
+    device_ = resolve_device(device)  # a bad device fails now, not after the training
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     progress = Progress(enabled=not quiet)
-    device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     start = time.perf_counter()
 
     def step(i: int, text: str) -> None:
@@ -130,10 +130,10 @@ def run_demo(
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     summary["plots"] = [str(p) for p in _plots(summary, out)]
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    progress.line("")
-    progress.line(table)
     verdict = "all checks passed" if summary["ok"] else "CHECKS FAILED"
-    progress.line(f"\n{verdict} in {time.perf_counter() - start:.0f}s; outputs in {out}/")
+    if not quiet:  # the result on stdout (progress went to stderr), so it can be piped
+        print(f"\n{table}\n\n{verdict} in {time.perf_counter() - start:.0f}s; "
+              f"outputs in {out}/", flush=True)  # fmt: skip
     return summary
 
 

@@ -84,3 +84,26 @@ def device_slug(device: torch.device | str) -> str:
         return "cpu"
     name = torch.cuda.get_device_name(device)
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to measure on: ``device`` checked, or CUDA when there is one, else CPU.
+
+    Raises :class:`bench.BenchError` for a name torch does not know or a device this
+    machine lacks, before any work starts."""
+    from . import BenchError
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise BenchError(f"unknown device {device!r}: use cpu or cuda (cuda:N)") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BenchError(f"device {device!r}: no CUDA device here (use --device cpu)")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise BenchError(f"device {device!r}: only {torch.cuda.device_count()} CUDA devices")
+    elif resolved.type != "cpu":
+        raise BenchError(f"device {device!r}: only cpu and cuda are supported")
+    return resolved

@@ -26,7 +26,7 @@ from sparse_ops.progress import Progress
 
 from . import BenchError
 from . import presets as preset_defs
-from .env import device_slug, environment
+from .env import device_slug, environment, resolve_device
 from .providers import (
     PROVIDERS,
     Case,
@@ -64,9 +64,10 @@ def _cases(
             info = models.info(spec.arch)
             torch.manual_seed(0)
             model = models.create(info.name).eval()
-            _randomize_bn(model)
+            input_shape = (spec.batch, *spec.input_size)
+            _calibrate_bn(model, input_shape)
             desc = {"kind": "model", "arch": spec.arch, "layer": None, "count": 1}
-            yield desc, model, (spec.batch, *spec.input_size), None
+            yield desc, model, input_shape, None
         else:
             for shape in preset_defs.distinct_convs(spec.arch, spec.kernel_sizes):
                 torch.manual_seed(0)
@@ -77,13 +78,31 @@ def _cases(
                 yield desc, model, x_shape, ["conv.weight"]
 
 
-def _randomize_bn(model: nn.Module) -> None:
-    """Trained-looking BatchNorm statistics, so folded biases are not all zero."""
+def _calibrate_bn(model: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """Trained-looking BatchNorm: random affine terms, running statistics measured on
+    the benchmark's input distribution (one train-mode pass over 8 inputs).
+
+    Fixed statistics on an untrained deep ResNet let activations grow block after block
+    (past fp16's 65504 in res56s); measured ones keep every dtype in range, as training
+    does. Nonzero means and shifts also keep the folded biases from being all zero."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
     g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=g))
-            m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+    with torch.no_grad():
+        for m in norms:
+            if m.affine:
+                m.weight.copy_(0.8 + 0.4 * torch.rand(m.num_features, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.num_features, generator=g))
+            m.reset_running_stats()
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.momentum = None  # cumulative average: exact statistics of the batch
+        model.train()
+        model(torch.randn((8, *input_shape[1:]), generator=g))
+        model.eval()
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
 
 
 def _relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -108,7 +127,7 @@ def run(
 ) -> dict[str, Any]:
     """Benchmark ``preset``; returns the result dict (see the module docstring)."""
     preset = preset_defs.PRESETS[preset] if isinstance(preset, str) else preset
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     if dtype not in DTYPES:
         raise BenchError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     torch_dtype = DTYPES[dtype]
@@ -118,6 +137,9 @@ def run(
     progress = progress or Progress()
     timing = {"warmup": warmup if warmup is not None else preset.warmup,
               "repeats": repeats if repeats is not None else preset.repeats}  # fmt: skip
+    if timing["repeats"] < 1 or timing["warmup"] < 0:
+        raise BenchError(f"need repeats ≥ 1 and warmup ≥ 0, got {timing['repeats']} and "
+                         f"{timing['warmup']}")  # fmt: skip
     if device.type == "cuda":
         timing |= {"flush_l2": True, "graph": graph}
     cases = list(_cases(preset, models_wanted))
@@ -302,5 +324,6 @@ def write(result: dict[str, Any], out: str | Path) -> dict[str, Path]:
 
 
 def default_out(device: str | torch.device | None) -> Path:
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return Path("bench") / "results" / device_slug(device)
+    """``sparse-ops-bench/<device>``: never a folder named ``bench`` in the working
+    directory, which would shadow this package for ``python -m`` runs started there."""
+    return Path("sparse-ops-bench") / device_slug(resolve_device(device))

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .errors import TicketFormatError
+from .errors import OutputPathError, TicketFormatError
 
 SAFETENSORS = "safetensors"
 TORCH_ZIP = "torch-zip"
@@ -167,20 +167,50 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
 def write_safetensors(
     path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
 ) -> None:
-    """Write atomically (temp file + rename) so an interrupted save never leaves half a file."""
+    """Write atomically (temp file + rename) so an interrupted save never leaves half a file.
+
+    Raises :class:`OutputPathError` naming ``path`` when it cannot hold a file."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_output_file(path)
     # safetensors refuses views and shared storage: give it one compact copy of each.
     owned = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(owned, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())  # the temp file is private; the result is not
         os.replace(tmp, path)
+    except (SafetensorError, OSError) as exc:
+        raise OutputPathError(f"{path}: cannot write ({_first_line(exc)})") from None
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def check_output_file(path: Path) -> None:
+    """Make ``path``'s folders; refuse a path that is a folder, a device or below a file."""
+    if path.is_dir():
+        raise OutputPathError(f"{path}: is a directory; give a file name to save to")
+    if path.exists() and not path.is_file():
+        raise OutputPathError(f"{path}: exists and is not a regular file; not replacing it")
+    parent = path.parent
+    for ancestor in (parent, *parent.parents):
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise OutputPathError(f"{path}: {ancestor} is a file, not a directory")
+            break
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputPathError(f"{path}: cannot create {parent} ({_first_line(exc)})") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _unsafe_globals(path: Path) -> list[str]:

@@ -7,6 +7,7 @@ input prints one line, ``sparse-ops: error: ...``, on stderr and exits with stat
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -16,6 +17,8 @@ from importlib.metadata import entry_points
 from . import __version__, models
 from .errors import SparseOpsError
 from .progress import Progress
+from .structure.partition import MODELS as PARTITION_MODELS
+from .structure.refill import CRITERIA
 from .tables import format_table, shape_text
 from .training import TrainConfig
 
@@ -85,8 +88,10 @@ def _t2(text: str) -> float | None:
 _REFILL_ARGS = [
     ("--extra", "extra", float, "refill+: share of the pruned channels refilled (default 0.1)"),
     ("--criterion", "criterion", str, "channel ranking: l1 (default), l2, remain, "
-     "feature_l1, feature_l2, saliency"),
+     "feature_l1, feature_l2, saliency (the last three read activations: need --data)"),
 ]  # fmt: skip
+_CHOICES = {"criterion": CRITERIA, "model": PARTITION_MODELS}
+_ACTIVATION_CRITERIA = ("feature_l1", "feature_l2", "saliency")
 _REGROUP_ARGS = [
     ("--parts", "parts", _parts, "partitions per layer: an int or 'auto' (default)"),
     ("--group-rows", "group_rows", int, "auto parts: target rows per part (default 64)"),
@@ -103,10 +108,12 @@ _REGROUP_ARGS = [
 def _add_structure_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("refill / refill+ options")
     for flag, dest, kind, text in _REFILL_ARGS:
-        group.add_argument(flag, dest=f"opt_{dest}", type=kind, help=text)
+        group.add_argument(flag, dest=f"opt_{dest}", type=kind, help=text,
+                           choices=_CHOICES.get(dest))  # fmt: skip
     group = parser.add_argument_group("regroup options")
     for flag, dest, kind, text in _REGROUP_ARGS:
-        group.add_argument(flag, dest=f"opt_{dest}", type=kind, help=text)
+        group.add_argument(flag, dest=f"opt_{dest}", type=kind, help=text,
+                           choices=_CHOICES.get(dest))  # fmt: skip
 
 
 def _structure_options(args: argparse.Namespace, method: str) -> dict:
@@ -167,6 +174,11 @@ def _cmd_restructure(args: argparse.Namespace) -> int:
     from .structure import LayerChange, render_changes
 
     batch = None
+    if args.data is None and args.opt_criterion in _ACTIVATION_CRITERIA:
+        raise SparseOpsError(
+            f"--criterion {args.opt_criterion} ranks channels by activations: pass --data "
+            "(digits, cifar10, cifar100 or synthetic) for the batch to measure them on"
+        )
     if args.data is not None:
         from .data import load
 
@@ -219,7 +231,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     summary, report = convert_job(
         args.ticket, args.output, arch=args.arch, mode=args.mode, dtype=args.dtype,
-        on_unstructured=args.on_unstructured,
+        on_unstructured=args.on_unstructured, target=args.target,
     )  # fmt: skip
     if args.json:
         _print_json(summary)
@@ -229,7 +241,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         print()
     ratio = summary["report"]["flops_ratio"]
     print(
-        f"converted {summary['arch']} ({summary['mode']} mode): {100 * ratio:.1f}% of dense "
+        f"converted {summary['arch']} ({summary['mode']} mode, for {summary['target']}): "
+        f"{100 * ratio:.1f}% of dense "
         f"FLOPs; max |converted − masked dense| = {summary['max_abs_diff']:.3g} on a random "
         f"batch; written to {summary['output']}"
     )
@@ -249,9 +262,23 @@ def _command_plugins() -> list:
         except ImportError as exc:
             raise SystemExit(
                 f"sparse-ops: error: the {ep.name!r} command ({ep.value}) cannot be loaded: "
-                f"{exc}; reinstall with `pip install -e .`"
+                f"{exc}; {_import_advice(ep.value.partition(':')[0].partition('.')[0])}"
             ) from None
     return plugins
+
+
+def _import_advice(package: str) -> str:
+    """Why ``package`` may not import: a folder of that name without ``__init__.py`` on
+    the path (typically in the working directory) hides the installed one."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.origin is None and spec.submodule_search_locations:
+        where = ", ".join(str(p) for p in spec.submodule_search_locations)
+        return (f"the folder {where} hides the installed {package!r} package; run from "
+                "another directory or rename that folder")  # fmt: skip
+    return "reinstall with `pip install -e .`"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -376,6 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ticket", help="ticket file or open_lth level directory")
     p.add_argument("--arch", help="architecture (default: the one the ticket names)")
     p.add_argument("--mode", choices=["auto", "channel", "group"], default="auto")
+    p.add_argument(
+        "--target", choices=["cuda", "cpu"], default="cuda",
+        help="the device the module will run on: --mode auto prices each layer's "
+        "representations for it (default: %(default)s; the saved file runs on either)",
+    )  # fmt: skip
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
     p.add_argument("--on-unstructured", choices=["error", "dense", "regroup"], default="error",
                    help="layers whose mask the mode cannot run (default: error)")  # fmt: skip

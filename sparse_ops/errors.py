@@ -25,6 +25,10 @@ class UnknownArchitectureError(SparseOpsError):
     """An architecture name the registry does not know."""
 
 
+class OutputPathError(SparseOpsError):
+    """A path a result cannot be written to: a directory, a device, a missing parent."""
+
+
 class ElasticError(SparseOpsError):
     """An elastic (E-LTH) depth transform that cannot be done: other family, width, ..."""
 

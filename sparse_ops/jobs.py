@@ -113,7 +113,7 @@ def render_prune(summary: dict[str, Any]) -> str:
         f"post-processing: {summary['post']}\n"
         + format_table(headers, rows, align="rrrrrrr")
         + f"\n\nfinal: sparsity {100 * final['sparsity']:.2f}%, test accuracy "
-        f"{final['accuracy']:.2f}% ({final['accuracy_drop']:+.2f} points below dense)"
+        f"{final['accuracy']:.2f}% ({_versus_dense(final['accuracy_drop'])})"
         f"\ntickets and summary.json in {summary['out']}/"
     )
 
@@ -159,10 +159,12 @@ def convert_job(
     mode: str = "auto",
     dtype: str | None = None,
     on_unstructured: str = "error",
+    target: str = "cuda",
     batch: int = 2,
 ):
-    """Load a ticket, convert its architecture, check the result, save it."""
-    from .convert import convert, masked_model, save_converted
+    """Load a ticket, convert its architecture, check the result, save it. ``target``
+    (cuda or cpu) is the device ``mode="auto"`` prices the layers for."""
+    from .convert import CostModel, convert, masked_model, save_converted
     from .errors import SparseOpsError
 
     ticket = load_ticket(source, arch=arch)
@@ -171,7 +173,8 @@ def convert_job(
     model = ticket.create_model().eval()
     torch_dtype = getattr(torch, dtype) if dtype else None
     fast, report = convert(model, ticket, mode=mode, dtype=torch_dtype,
-                           on_unstructured=on_unstructured, return_report=True)  # fmt: skip
+                           on_unstructured=on_unstructured, return_report=True,
+                           cost=CostModel.for_device(target))  # fmt: skip
     reference = masked_model(model, ticket)
     x = torch.randn(batch, *report.input_shape[1:], generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -183,6 +186,7 @@ def convert_job(
         "output": str(path),
         "arch": ticket.arch,
         "mode": mode,
+        "target": target,
         "dtype": dtype or "float32",
         "has_trained_weights": ticket.weights is not None,
         "max_abs_diff": float((expected - got).abs().max()),
@@ -190,3 +194,10 @@ def convert_job(
         "report": report.as_dict(),
     }
     return summary, report
+
+
+def _versus_dense(drop: float) -> str:
+    """``drop`` = dense accuracy − ticket accuracy, in words (a ticket may beat dense)."""
+    if round(drop, 2) == 0:
+        return "same as dense"
+    return f"{abs(drop):.2f} points {'below' if drop > 0 else 'above'} dense"

@@ -45,6 +45,8 @@ from .errors import TicketFormatError, TicketMismatchError, listing
 from .masks import DEFAULT_MIN_BLOCK_ROWS, MaskStats, check_mask_shape, mask_stats
 
 FORMAT_NAME = "sparse-ops-ticket"
+# Written by sparse_ops.save_converted; named here so load_ticket can point to the loader.
+CONVERTED_FORMAT_NAME = "sparse-ops-converted"
 FORMAT_VERSION = 1
 _SECTIONS = ("masks", "weights", "rewind")
 
@@ -361,6 +363,11 @@ def _import_path(path: Path) -> importers.Imported:
             tensors, metadata = checkpoint_io.read_safetensors(path)
             if metadata.get("format") == FORMAT_NAME:
                 imported = _read_ours(path, tensors, metadata)
+            elif metadata.get("format") == CONVERTED_FORMAT_NAME:
+                raise TicketFormatError(
+                    f"{path}: a converted module, not a ticket; load it with "
+                    "sparse_ops.load_converted (its masks are compiled into packed layers)"
+                )
             else:
                 imported = importers.from_state_dict(tensors, str(path))
         elif kind in (checkpoint_io.TORCH_ZIP, checkpoint_io.TORCH_LEGACY):
@@ -483,6 +490,26 @@ def _as_state(state: Mapping[str, torch.Tensor] | None, section: str) -> dict | 
 
 def _has_pruning_hook(module: nn.Module) -> bool:
     return any(isinstance(h, prune.BasePruningMethod) for h in module._forward_pre_hooks.values())
+
+
+def unpruned_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every torch.nn.utils.prune re-parametrisation made
+    permanent (``weight = weight_orig × weight_mask`` as a plain parameter).
+
+    torch.nn.utils.prune keeps ``weight`` as a plain attribute computed with autograd on,
+    a non-leaf tensor that ``copy.deepcopy`` refuses; it is recomputed from
+    ``weight_orig`` and the mask, so a detached copy of it is exact."""
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    plain = copy.deepcopy(model, memo)
+    for module in plain.modules():
+        for hook in list(module._forward_pre_hooks.values()):
+            if isinstance(hook, prune.BasePruningMethod):
+                prune.remove(module, hook._tensor_name)
+    return plain
 
 
 def _get(model: nn.Module, name: str) -> nn.Module:

@@ -185,3 +185,52 @@ def test_layer_sums_skip_a_sparsity_where_a_layer_failed():
             row("ours", "a", 0.8, 0.5), row("ours", "b", 0.8, 0.5)]  # fmt: skip
     xs, med, _, _ = report._series(rows, "ours", "dense")
     assert xs == [0.8] and med == [2.0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["bench", "--device", "gpu"], "unknown device 'gpu'"),
+        (["bench", "--device", "cpu", "--repeats", "0"], "repeats ≥ 1"),
+        (["bench", "--device", "cpu", "--warmup", "-1"], "warmup ≥ 0"),
+        (["demo", "--device", "mps"], "only cpu and cuda"),
+    ],
+)
+def test_bad_device_and_timing_options_fail_before_any_work(argv, message, capsys, tmp_path):
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sparse-ops: error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_cuda_requested_without_a_gpu_is_refused(capsys, tmp_path):
+    assert main(["demo", "--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert "no CUDA device here" in capsys.readouterr().err
+
+
+def test_default_output_folder_cannot_shadow_the_bench_package():
+    out = harness.default_out("cpu")
+    assert out.parts[0] != "bench" and out.name == "cpu"
+
+
+def test_bench_models_stay_in_half_precision_range():
+    """An untrained deep ResNet with fixed BatchNorm statistics overflows fp16; the
+    harness calibrates them on its own input distribution."""
+    from bench import presets
+
+    preset = presets.PRESETS["cifar"]
+    (_, model, shape, _), *_ = harness._cases(preset, ["res56s"])
+    peaks = []
+    hooks = [m.register_forward_hook(lambda m, a, y: peaks.append(float(y.abs().max())))
+             for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]  # fmt: skip
+    with torch.no_grad():
+        model(torch.randn(2, *shape[1:], generator=torch.Generator().manual_seed(0)))
+    for h in hooks:
+        h.remove()
+    assert len(peaks) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert max(peaks) < 1e3  # fp16 tops out at 65504
+    assert not model.training
+    folded_means = [m.running_mean.abs().max() for m in model.modules()
+                    if isinstance(m, torch.nn.BatchNorm2d)]  # fmt: skip
+    assert all(float(v) > 0 for v in folded_means)

@@ -80,6 +80,10 @@ def test_models_table_and_json(capsys):
     assert "cifar_resnet_{N}" in listing["patterns"]
 
 
+def _words(command: str) -> list[str]:
+    return command.split()
+
+
 @pytest.mark.parametrize(
     ("argv", "fragment"),
     [
@@ -87,6 +91,19 @@ def test_models_table_and_json(capsys):
         (["inspect", "{garbage}"], "unrecognised file format"),
         (["inspect", "{ckpt}", "--arch", "res20"], "unknown architecture 'res20'; did you mean"),
         (["inspect", "{ckpt}", "--arch", "res56s"], "ticket does not fit res56s"),
+        (
+            _words("restructure {ckpt} --method refill --criterion saliency -o {garbage}.t"),
+            "--criterion saliency ranks channels by activations: pass --data",
+        ),
+        (
+            _words("convert {ckpt} --arch res20s --on-unstructured dense -o {garbage}/x.st"),
+            "garbage.pt is a file, not a directory",
+        ),
+        (
+            _words("convert {ckpt} --arch res20s --on-unstructured dense -o {tmp}"),
+            "is a directory; give a file name",
+        ),
+        (["inspect", "{converted}"], "a converted module, not a ticket"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(argv, fragment, slth_checkpoint, tmp_path, capsys):
@@ -94,8 +111,15 @@ def test_bad_input_exits_2_with_one_line(argv, fragment, slth_checkpoint, tmp_pa
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\x00\x01 not a checkpoint")
     subs = {"{missing}": str(tmp_path / "missing.pt"), "{garbage}": str(garbage),
-            "{ckpt}": str(path)}  # fmt: skip
-    assert main([subs.get(a, a) for a in argv]) == 2
+            "{ckpt}": str(path), "{tmp}": str(tmp_path),
+            "{converted}": str(tmp_path / "converted.safetensors")}  # fmt: skip
+    if "{converted}" in argv:
+        from sparse_ops import Ticket, convert, save_converted
+
+        dense = convert(models.create("res20s").eval(), Ticket({}, None, "res20s"))
+        save_converted(dense, subs["{converted}"])
+    argv = [subs.get(a, a).replace("{garbage}", str(garbage)) for a in argv]
+    assert main(argv) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     err = captured.err.strip()
@@ -292,3 +316,43 @@ def test_convert_command_lists_unstructured_layers(slth_checkpoint, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert err.startswith("sparse-ops: error: ") and "unstructured" in err
     assert "layer1.0.conv1" in err and "\n" not in err
+
+
+def test_a_folder_named_like_a_command_package_is_named_in_the_error(tmp_path, monkeypatch):
+    from sparse_ops.cli import _import_advice
+
+    # What `sparse-ops bench --out bench/...` run in a user's folder used to leave behind:
+    # a folder without __init__.py, which imports as an empty namespace package.
+    (tmp_path / "cmdpkg" / "results").mkdir(parents=True)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    advice = _import_advice("cmdpkg")
+    assert str(tmp_path / "cmdpkg") in advice and "hides the installed 'cmdpkg'" in advice
+    assert "reinstall" in _import_advice("no_such_package_here")
+
+
+@pytest.mark.parametrize(("drop", "words"), [(4.72, "4.72 points below dense"),
+                                             (-4.72, "4.72 points above dense"),
+                                             (0.001, "same as dense")])  # fmt: skip
+def test_prune_summary_says_which_side_of_dense(drop, words):
+    from sparse_ops.jobs import _versus_dense
+
+    assert _versus_dense(drop) == words
+
+
+def test_convert_target_prices_auto_mode_for_that_device(slth_checkpoint, tmp_path, capsys):
+    from sparse_ops import load_ticket, structure
+    from sparse_ops.structure import RegroupConfig
+
+    path, _ = slth_checkpoint
+    regrouped = structure.regroup(load_ticket(path, arch="res20s"), RegroupConfig(parts=1))
+    ticket_path = regrouped.save(tmp_path / "regroup.safetensors")
+    kinds = {}
+    for target in ("cuda", "cpu"):
+        argv = ["convert", str(ticket_path), "--target", target, "-o",
+                str(tmp_path / f"{target}.safetensors"), "--json"]  # fmt: skip
+        assert main(argv) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["target"] == target
+        kinds[target] = {row["representation"] for row in summary["report"]["layers"]}
+    # Group units pay on the GPU's kernel; on the CPU they lose to dense oneDNN convs.
+    assert "group" in kinds["cuda"] and "group" not in kinds["cpu"]

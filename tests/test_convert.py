@@ -329,3 +329,19 @@ def test_auto_mode_prices_group_units_for_the_target_device():
                                        atol=1e-4)  # fmt: skip
     assert "group" in kinds[None]
     assert "group" not in kinds["cpu"]
+
+
+def test_a_model_pruned_by_ticket_apply_converts():
+    """The README flow: ticket.apply (torch.nn.utils.prune hooks, ``weight`` a non-leaf
+    tensor) then convert, on the model itself and with the ticket."""
+    model = _trained_like("res20s")
+    ticket = _ticket(model, "res20s", "refill")
+    pruned = ticket.apply(models.create("res20s"), "weights").eval()
+    assert not pruned.layer1[0].conv1.weight.is_leaf  # what copy.deepcopy refuses
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    fast = convert(pruned, ticket)  # before any forward: weight still non-leaf
+    reference = masked_model(pruned)
+    with torch.no_grad():
+        expected = pruned(x)
+        torch.testing.assert_close(fast(x), expected, **TOL)
+        torch.testing.assert_close(reference(x), expected, **TOL)

@@ -253,3 +253,11 @@ def test_meta_build_allocates_nothing():
     with torch.device("meta"):
         model = models.create("resnet152")
     assert all(p.is_meta for p in model.parameters())
+
+
+@pytest.mark.parametrize(("name", "first"), [("resnet20", "res20s, cifar_resnet_20"),
+                                             ("vgg16", "vgg16_bn, cifar_vgg_16"),
+                                             ("mobilenetv1", "mobilenet")])  # fmt: skip
+def test_unknown_names_suggest_the_same_depth_first(name, first):
+    with pytest.raises(UnknownArchitectureError, match=f"did you mean {first}"):
+        models.info(name)

@@ -432,3 +432,48 @@ def test_saved_meta_drops_source_and_records_sparsity(tmp_path):
     back = load_ticket(t.save(tmp_path / "t.safetensors"))
     assert back.meta["source"] == str(tmp_path / "t.safetensors")
     assert back.meta["sparsity"] == pytest.approx(t.sparsity)
+
+
+def _tiny_ticket() -> Ticket:
+    return Ticket({"fc.weight": torch.tensor([[True, False], [False, True]])})
+
+
+def test_save_refuses_paths_that_cannot_hold_a_file(tmp_path):
+    import os
+
+    from sparse_ops.errors import OutputPathError
+
+    blocker = tmp_path / "results.md"
+    blocker.write_text("a file")
+    with pytest.raises(OutputPathError, match=r"results.md is a file, not a directory"):
+        _tiny_ticket().save(blocker / "sub" / "t.safetensors")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(OutputPathError, match="not a regular file"):
+        _tiny_ticket().save(fifo)
+    assert not fifo.is_file()  # left as it was
+    if os.path.isdir("/proc/self"):  # a folder no one, root included, can create files in
+        with pytest.raises(OutputPathError, match=r"/proc/t.safetensors: cannot write"):
+            _tiny_ticket().save("/proc/t.safetensors")
+    assert not list(tmp_path.glob("**/.t.safetensors.tmp-*"))
+
+
+def test_saved_files_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        path = _tiny_ticket().save(tmp_path / "t.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_a_converted_module_file_is_not_read_as_a_ticket(tmp_path):
+    from sparse_ops import convert, save_converted
+
+    ticket = Ticket({}, None, "res20s")
+    path = save_converted(convert(models.create("res20s").eval(), ticket), tmp_path / "c.st")
+    with pytest.raises(TicketFormatError, match="a converted module, not a ticket.*load_converted"):
+        load_ticket(path)

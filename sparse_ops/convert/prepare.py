@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 from torch.nn.utils import prune
 
 from ..errors import SparseOpsError, listing
-from ..tickets import Ticket
+from ..tickets import Ticket, unpruned_copy
 
 
 class ConvertError(SparseOpsError):
@@ -48,11 +46,7 @@ def masked_model(model: nn.Module, ticket: Ticket | None = None) -> nn.Module:
     ``model`` are folded (``weight = weight_orig × weight_mask``). With a ticket, its
     trained weights are loaded (if it has any) and its masks applied.
     """
-    dense = copy.deepcopy(model)
-    for module in dense.modules():
-        for hook in list(module._forward_pre_hooks.values()):
-            if _is_prune_hook(hook):
-                prune.remove(module, hook._tensor_name)
+    dense = unpruned_copy(model)
     if ticket is not None:
         try:
             ticket.apply(dense, "weights" if ticket.weights is not None else None, hooks=False)

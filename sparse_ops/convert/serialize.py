@@ -24,8 +24,9 @@ from torch import fx, nn
 from .. import checkpoint_io
 from ..errors import SparseOpsError
 from ..nn import UNITS
+from ..tickets import CONVERTED_FORMAT_NAME
 
-FORMAT_NAME = "sparse-ops-converted"
+FORMAT_NAME = CONVERTED_FORMAT_NAME
 FORMAT_VERSION = 1
 
 

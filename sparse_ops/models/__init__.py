@@ -167,7 +167,11 @@ def info(name: str) -> ArchInfo:
         found = pattern.match(name)
         if found is not None:
             return found
-    close = difflib.get_close_matches(name, _CANONICAL, n=3, cutoff=0.6)
+    # Same depth first ("resnet20" → res20s, cifar_resnet_20), then spelling neighbours.
+    depth = re.findall(r"\d+", name)[:1]
+    same_depth = [c for c in _CANONICAL if depth and re.findall(r"\d+", c)[:1] == depth]
+    spelled = difflib.get_close_matches(name, _CANONICAL, n=3, cutoff=0.6)
+    close = list(dict.fromkeys(same_depth + spelled))[:3]
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise UnknownArchitectureError(
         f"unknown architecture {name!r}{hint} (known: {', '.join(_CANONICAL)}; "

@@ -32,17 +32,15 @@ channel. Ours sums per channel over batch and space.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import prune
 
 from ..errors import SparseOpsError
-from ..tickets import Ticket
+from ..tickets import Ticket, unpruned_copy
 from .layers import LINEAR, layer_kinds, select
 from .report import LayerChange
 
@@ -166,14 +164,7 @@ def _feature_scores(
 
 def _scoring_model(ticket: Ticket, model: nn.Module | None) -> nn.Module:
     """A private copy of the network carrying the ticket's masked trained weights."""
-    if model is None:
-        net = ticket.create_model()
-    else:
-        net = copy.deepcopy(model)
-        for module in net.modules():
-            for hook in list(module._forward_pre_hooks.values()):
-                if isinstance(hook, prune.BasePruningMethod):
-                    prune.remove(module, hook._tensor_name)
+    net = ticket.create_model() if model is None else unpruned_copy(model)
     ticket.apply(net, "weights", hooks=False)
     return net.eval()
 
