@@ -10,19 +10,22 @@
 # Needs CUDA; runs from the checkout (no install, no internet). Exit status 1 if any
 # step failed or any benchmark output was wrong.
 set -uo pipefail
+out_root=${OUT:-}
+[[ -n "$out_root" && "$out_root" != /* ]] && out_root="$PWD/$out_root"  # caller's folder
 cd "$(dirname "$0")/.."
 unset TRITON_INTERPRET  # kernels must compile for the GPU, not run in the interpreter
 
 PY=${PYTHON:-python}
 quick=0
 [[ "${1:-}" == "--quick" ]] && quick=1
+$PY -c "import torch" || { echo "$PY cannot import torch (set PYTHON=...)" >&2; exit 2; }
 $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || {
     echo "no CUDA device: nothing to do" >&2
     exit 2
 }
 slug=$($PY -c "from bench.env import device_slug; print(device_slug('cuda'))")
 [[ -n "$slug" ]] || { echo "cannot name the GPU" >&2; exit 2; }
-dest="${OUT:-bench/results}/${slug}"
+dest="${out_root:-bench/results}/${slug}"
 mkdir -p "$dest"
 status=0
 

@@ -98,11 +98,13 @@ def _calibrate_bn(model: nn.Module, input_shape: tuple[int, ...]) -> None:
         momenta = [m.momentum for m in norms]
         for m in norms:
             m.momentum = None  # cumulative average: exact statistics of the batch
-        model.train()
-        model(torch.randn((8, *input_shape[1:]), generator=g))
-        model.eval()
-        for m, momentum in zip(norms, momenta, strict=True):
-            m.momentum = momentum
+        try:
+            model.train()
+            model(torch.randn((8, *input_shape[1:]), generator=g))
+        finally:
+            model.eval()
+            for m, momentum in zip(norms, momenta, strict=True):
+                m.momentum = momentum
 
 
 def _relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:

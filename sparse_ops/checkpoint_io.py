@@ -208,7 +208,16 @@ def check_output_file(path: Path) -> None:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process umask, read without setting it (os.umask would change it for a moment,
+    under any thread creating files meanwhile) where /proc allows."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o077)
     os.umask(mask)
     return mask
 

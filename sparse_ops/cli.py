@@ -18,7 +18,7 @@ from . import __version__, models
 from .errors import SparseOpsError
 from .progress import Progress
 from .structure.partition import MODELS as PARTITION_MODELS
-from .structure.refill import CRITERIA
+from .structure.refill import ACTIVATION_CRITERIA, CRITERIA
 from .tables import format_table, shape_text
 from .training import TrainConfig
 
@@ -91,7 +91,6 @@ _REFILL_ARGS = [
      "feature_l1, feature_l2, saliency (the last three read activations: need --data)"),
 ]  # fmt: skip
 _CHOICES = {"criterion": CRITERIA, "model": PARTITION_MODELS}
-_ACTIVATION_CRITERIA = ("feature_l1", "feature_l2", "saliency")
 _REGROUP_ARGS = [
     ("--parts", "parts", _parts, "partitions per layer: an int or 'auto' (default)"),
     ("--group-rows", "group_rows", int, "auto parts: target rows per part (default 64)"),
@@ -174,7 +173,7 @@ def _cmd_restructure(args: argparse.Namespace) -> int:
     from .structure import LayerChange, render_changes
 
     batch = None
-    if args.data is None and args.opt_criterion in _ACTIVATION_CRITERIA:
+    if args.data is None and args.opt_criterion in ACTIVATION_CRITERIA:
         raise SparseOpsError(
             f"--criterion {args.opt_criterion} ranks channels by activations: pass --data "
             "(digits, cifar10, cifar100 or synthetic) for the batch to measure them on"

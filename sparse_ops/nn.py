@@ -289,6 +289,7 @@ class GroupSparseConv2d(_Unit):
             tensors.update({f"left_{f}": getattr(leftover, f) for f in _PACK_FIELDS})
         self._set_buffers(tensors)
         self.groups_meta = dict(pack.groups_meta)
+        self.left_groups_meta = dict(leftover.groups_meta) if leftover is not None else {}
         # Host-side ints, so a forward never reads index arrays back from the GPU.
         self.max_cols = {"main": pack.max_cols,
                          "left": leftover.max_cols if leftover is not None else 0}  # fmt: skip
@@ -324,20 +325,23 @@ class GroupSparseConv2d(_Unit):
             "padding": list(self.padding), "dilation": list(self.dilation),
             "block_n": self.block_n, "k_pad": self.k_pad, "relu": self.relu, "name": self.name,
             "leftover": list(self.left_block) if self.left_block else None,
-            "groups_meta": self.groups_meta,
+            "groups_meta": self.groups_meta, "left_groups_meta": self.left_groups_meta,
         }  # fmt: skip
 
     @classmethod
     def from_state(cls, tensors, config):
-        def pack(prefix, block):
+        def pack(prefix, block, meta):
+            # Files without a pack's meta (older writers) get max_cols read off col_ptr.
             return GroupPack(*[tensors.get(f"{prefix}_{f}") for f in _PACK_FIELDS],
                              config["in_channels"], config["out_channels"],
                              tuple(config["kernel_size"]), tuple(config["stride"]),
                              tuple(config["padding"]), tuple(config["dilation"]), *block,
-                             groups_meta=config.get("groups_meta", {}))  # fmt: skip
+                             groups_meta=meta)  # fmt: skip
 
-        leftover = pack("left", config["leftover"]) if config.get("leftover") else None
-        return cls(pack("main", (config["block_n"], config["k_pad"])), relu=config["relu"],
+        leftover = (pack("left", config["leftover"], config.get("left_groups_meta", {}))
+                    if config.get("leftover") else None)  # fmt: skip
+        main = pack("main", (config["block_n"], config["k_pad"]), config.get("groups_meta", {}))
+        return cls(main, relu=config["relu"],
                    leftover=leftover, name=config.get("name", ""))  # fmt: skip
 
     def extra_repr(self) -> str:

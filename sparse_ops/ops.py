@@ -105,8 +105,11 @@ def channel_conv(
         if plan.bias is not None:
             y.add_(plan.bias.to(x.dtype).view(1, -1, 1, 1))
     elif plan.bias is not None:
-        y = plan.bias.to(x.dtype).view(1, -1, 1, 1).expand(n, -1, oh, ow)
-        y = y.contiguous(memory_format=torch.channels_last)
+        # A fresh tensor, never a view of the bias: y is updated in place below (an
+        # expanded [1, C, 1, 1] view already counts as channels-last contiguous).
+        y = torch.empty(n, plan.out_channels, oh, ow, dtype=compact.dtype,
+                        device=compact.device, memory_format=torch.channels_last)  # fmt: skip
+        y.copy_(plan.bias.to(x.dtype).view(1, -1, 1, 1).expand_as(y))
     else:
         y = compact.new_zeros(n, plan.out_channels, oh, ow).contiguous(
             memory_format=torch.channels_last
@@ -159,6 +162,7 @@ def group_conv(
     ow = (w + 2 * pack.padding[1] - pack.dilation[1] * (kw - 1) - 1) // pack.stride[1] + 1
     y = x.new_zeros(n, pack.out_channels, oh, ow).contiguous(memory_format=torch.channels_last)
     x_nhwc = None
+    x_cl = x.contiguous(memory_format=torch.channels_last)  # once, not per column set
     for rows, cols, tiles in column_sets:
         block = torch.cat(tiles).to(x.device, x.dtype)  # [rows, cols]
         rows, cols = rows.to(x.device), cols.to(x.device)
@@ -184,7 +188,7 @@ def group_conv(
             weight = block.new_zeros(rows.numel(), kh * kw, channels.numel())
             weight[:, cols // cin, position[cols % cin]] = block
             weight = weight.view(rows.numel(), kh, kw, -1).permute(0, 3, 1, 2)
-            inputs = select_channels(x.contiguous(memory_format=torch.channels_last), channels)
+            inputs = select_channels(x_cl, channels)
             part = F.conv2d(inputs, weight, None, pack.stride, pack.padding, pack.dilation)
             scatter_channels_(y, rows, part, add=False)
     return _epilogue_inplace(y, pack.bias, residual, relu, None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from kernel_cases import channel_mask, conv_weight, group_layout
@@ -161,3 +163,14 @@ def test_group_pack_records_its_widest_group_on_the_host():
     unit = GroupSparseConv2d(pack)
     assert unit.max_cols["main"] == pack.max_cols
     assert unit.pack().groups_meta["max_cols"] == pack.max_cols
+    # A leftover pack of one-column groups keeps its own width through save and load.
+    rows = [{"rows": [r], "cols": [r % 12]} for r in range(0, 40, 3)]
+    leftover_mask = torch.zeros(40, 12, 3, 3, dtype=torch.bool)
+    leftover_mask[torch.arange(0, 40, 3), torch.arange(0, 40, 3) % 12, 0, 0] = True
+    leftover = GroupPack.from_weight(weight, leftover_mask, rows, None, padding=1)
+    unit = GroupSparseConv2d(pack, leftover=leftover)
+    tensors, config = unit.state()
+    loaded = GroupSparseConv2d.from_state(tensors, json.loads(json.dumps(config)))
+    assert leftover.max_cols < pack.max_cols  # padded widths: 32 vs 96 here
+    assert loaded.max_cols == unit.max_cols == {"main": pack.max_cols, "left": leftover.max_cols}
+    assert loaded.pack("left").max_cols == leftover.max_cols

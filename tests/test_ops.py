@@ -90,3 +90,22 @@ def test_select_channels_gathers_and_keeps_the_layout(shape, layout):
     torch.testing.assert_close(y, x[:, index], rtol=0, atol=0)
     if layout == "channels_last" and shape[0] > 0:
         assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_channel_path_never_writes_into_the_plan_bias():
+    """Batch 1 at a 1×1 output: the expanded bias view is already channels-last
+    contiguous, so starting y from it would alias the plan's bias."""
+    g = torch.Generator().manual_seed(11)
+    weight = conv_weight(6, 5, 1, g)
+    mask = torch.zeros(6, 5, 1, 1, dtype=torch.bool)
+    mask[[0, 2, 5]] = True  # output channels 1, 3, 4 empty: an out_idx scatter
+    bias = torch.randn(6, generator=g)
+    plan = ChannelPlan.from_weight(weight, mask, bias)
+    kept_bias = plan.bias.clone()
+    x = torch.randn(1, 5, 1, 1, generator=g)
+    ref = expected(x, plan.dense_weight(), bias, (1, 0, 1), None, True)
+    for _ in range(3):
+        y = ops.channel_conv(x, plan, relu=True)
+        torch.testing.assert_close(y.double(), ref, **TOLERANCES[torch.float32])
+        assert y.untyped_storage().data_ptr() != plan.bias.untyped_storage().data_ptr()
+    torch.testing.assert_close(plan.bias, kept_bias, rtol=0, atol=0)

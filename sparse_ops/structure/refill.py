@@ -45,7 +45,7 @@ from .layers import LINEAR, layer_kinds, select
 from .report import LayerChange
 
 CRITERIA = ("l1", "l2", "remain", "feature_l1", "feature_l2", "saliency")
-_FEATURE_CRITERIA = ("feature_l1", "feature_l2", "saliency")
+ACTIVATION_CRITERIA = ("feature_l1", "feature_l2", "saliency")
 
 
 class RefillError(SparseOpsError):
