@@ -21,6 +21,7 @@ import os
 import pickle
 import re
 import struct
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,12 @@ def write_safetensors(
 
     path = Path(path)
     check_output_file(path)
+    if path.suffix.lower() in _TORCH_SUFFIXES:
+        warnings.warn(
+            f"{path}: written as safetensors; a {path.suffix} name suggests a torch.save file, "
+            "which torch.load cannot read this as (sparse-ops reads it by content)",
+            stacklevel=3,
+        )
     # safetensors refuses views and shared storage: give it one compact copy of each.
     owned = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -187,6 +194,9 @@ def write_safetensors(
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+_TORCH_SUFFIXES = (".pt", ".pth", ".tar", ".ckpt", ".bin")
 
 
 def check_output_file(path: Path) -> None:

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 
@@ -422,10 +423,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line, like errors: the source line means nothing to a CLI user."""
+    print(f"sparse-ops: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.handler(args)
+        with warnings.catch_warnings():  # restores the global hook on the way out
+            warnings.showwarning = _show_warning
+            return args.handler(args)
     except SparseOpsError as exc:
         print(f"sparse-ops: error: {exc}", file=sys.stderr)
         return 2

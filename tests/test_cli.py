@@ -356,3 +356,14 @@ def test_convert_target_prices_auto_mode_for_that_device(slth_checkpoint, tmp_pa
         kinds[target] = {row["representation"] for row in summary["report"]["layers"]}
     # Group units pay on the GPU's kernel; on the CPU they lose to dense oneDNN convs.
     assert "group" in kinds["cuda"] and "group" not in kinds["cpu"]
+
+
+def test_warnings_print_as_one_line(slth_checkpoint, tmp_path, capsys):
+    path, _ = slth_checkpoint
+    out = tmp_path / "fast.pth"
+    argv = ["convert", str(path), "--arch", "res20s", "--on-unstructured", "dense", "-o", str(out)]
+    assert main(argv) == 0
+    err = capsys.readouterr().err.strip()
+    assert err == (f"sparse-ops: warning: {out}: written as safetensors; a .pth name suggests a "
+                   "torch.save file, which torch.load cannot read this as (sparse-ops reads it "
+                   "by content)")  # fmt: skip

@@ -477,3 +477,9 @@ def test_a_converted_module_file_is_not_read_as_a_ticket(tmp_path):
     path = save_converted(convert(models.create("res20s").eval(), ticket), tmp_path / "c.st")
     with pytest.raises(TicketFormatError, match="a converted module, not a ticket.*load_converted"):
         load_ticket(path)
+
+
+def test_saving_under_a_torch_file_name_warns(tmp_path):
+    with pytest.warns(UserWarning, match=r"t.pth: written as safetensors"):
+        path = _tiny_ticket().save(tmp_path / "t.pth")
+    assert load_ticket(path).masks.keys() == {"fc.weight"}  # read by content
