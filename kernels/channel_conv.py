@@ -40,7 +40,6 @@ import triton.language as tl
 
 from . import launch
 from .epilogue import store_with_epilogue
-from .errors import KernelInputError
 
 SUPPORTED_FORMAT_VERSION = 1
 
@@ -155,48 +154,15 @@ def channel_conv2d(
     ``stride``, ``padding``, ``dilation`` and ``format_version`` (see
     :class:`sparse_ops.formats.ChannelPlan`). The output is channels-last.
     """
-    interpreted = launch.is_interpreted(channel_conv_kernel)
     what = "channel_conv2d"
-    launch.check_format_version(plan, SUPPORTED_FORMAT_VERSION, f"{what}: plan")
-    launch.check_activation(x, f"{what}: input", interpreted)
-    weight = plan.weight
-    if weight.dim() != 4:
-        raise KernelInputError(
-            f"{what}: plan weight must be [Cout', kh, kw, Cin'], got {tuple(weight.shape)}"
-        )
-    launch.check_same(weight, x, f"{what}: plan weight")
+    interpreted = launch.is_interpreted(channel_conv_kernel)
+    call = launch.check_channel_call(x, plan, residual, bias_map, what,
+                                     SUPPORTED_FORMAT_VERSION, interpreted)  # fmt: skip
+    weight, in_idx, out_idx, fill_idx = plan.weight, plan.in_idx, plan.out_idx, plan.fill_idx
     c_out, kh, kw, c_in = (int(s) for s in weight.shape)
-    n, c, h, w = (int(s) for s in x.shape)
-    if c != plan.in_channels:
-        raise KernelInputError(f"{what}: input has {c} channels, plan expects {plan.in_channels}")
-    in_idx, out_idx, fill_idx = plan.in_idx, plan.out_idx, plan.fill_idx
-    if in_idx is None and c_in != c:
-        raise KernelInputError(f"{what}: plan weight has {c_in} input channels, input {c}")
-    if out_idx is None and c_out != plan.out_channels:
-        raise KernelInputError(
-            f"{what}: plan weight has {c_out} rows, out_channels {plan.out_channels}"
-        )
-    for t, name, length in ((in_idx, "in_idx", c_in), (out_idx, "out_idx", c_out)):
-        if t is not None and (t.dtype != torch.int32 or t.numel() != length):
-            raise KernelInputError(f"{what}: plan {name} must be int32 of length {length}")
-        launch.check_same(t, x, f"{what}: plan {name}", dtype=torch.int32)
+    n, h, w, oh, ow = call.n, call.h, call.w, call.oh, call.ow
+    stride, padding, dilation, shape = call.stride, call.padding, call.dilation, call.out_shape
     n_fill = 0 if fill_idx is None else int(fill_idx.numel())
-    launch.check_same(fill_idx, x, f"{what}: plan fill_idx", dtype=torch.int32)
-    if c_out + n_fill != plan.out_channels:
-        raise KernelInputError(
-            f"{what}: {c_out} computed + {n_fill} filled ≠ {plan.out_channels} channels"
-        )
-    launch.check_same(plan.bias, x, f"{what}: plan bias", dtype=torch.float32)
-    stride, padding, dilation = (launch.pair(v) for v in (plan.stride, plan.padding, plan.dilation))
-    oh, ow = launch.output_hw(h, w, (kh, kw), stride, padding, dilation, what)
-    shape = (n, plan.out_channels, oh, ow)
-    residual = launch.prepare_residual(residual, shape, x, what)
-    if bias_map is not None:
-        if tuple(bias_map.shape) != shape[1:]:
-            raise KernelInputError(
-                f"{what}: bias_map has shape {tuple(bias_map.shape)}, expected {shape[1:]}"
-            )
-        launch.check_same(bias_map, x, f"{what}: bias_map", dtype=torch.float32)
     y = launch.prepare_output(out, shape, x, what)
     x = launch.channels_last(x)
     m = n * oh * ow

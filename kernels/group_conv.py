@@ -142,8 +142,6 @@ group_conv_tuned = triton.autotune(
 
 INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_K": 16}
 
-_PACK_INDEX = ("row_idx", "row_ptr", "col_idx", "col_ptr", "tile_group", "tile_row", "fill_idx")
-
 
 def group_conv2d(
     x: torch.Tensor,
@@ -161,29 +159,20 @@ def group_conv2d(
     x's dtype, int32 indices, int64 ``val_ptr``, ``block_n``, ``k_pad``, geometry and
     ``format_version``). The output is channels-last.
     """
-    interpreted = launch.is_interpreted(group_conv_kernel)
     what = "group_conv2d"
-    launch.check_format_version(pack, SUPPORTED_FORMAT_VERSION, f"{what}: pack")
-    launch.check_activation(x, f"{what}: input", interpreted)
-    launch.check_same(pack.values, x, f"{what}: pack values")
-    for name in _PACK_INDEX:
-        launch.check_same(getattr(pack, name), x, f"{what}: pack {name}", dtype=torch.int32)
-    launch.check_same(pack.val_ptr, x, f"{what}: pack val_ptr", dtype=torch.int64)
-    launch.check_same(pack.bias, x, f"{what}: pack bias", dtype=torch.float32)
+    interpreted = launch.is_interpreted(group_conv_kernel)
+    call = launch.check_group_call(x, pack, residual, what, SUPPORTED_FORMAT_VERSION,
+                                   interpreted)  # fmt: skip
     n, c, h, w = (int(s) for s in x.shape)
-    if c != pack.in_channels:
-        raise KernelInputError(f"{what}: input has {c} channels, pack expects {pack.in_channels}")
     block_n, k_pad = int(pack.block_n), int(pack.k_pad)
     if block_n < 16 or block_n & (block_n - 1) or k_pad < 16 or k_pad & (k_pad - 1):
         raise KernelInputError(
             f"{what}: pack block_n={block_n} and k_pad={k_pad} must be powers of two ≥ 16 "
             "(tensor-core tile edges)"
         )
-    kh, kw = launch.pair(pack.kernel_size)
-    stride, padding, dilation = (launch.pair(v) for v in (pack.stride, pack.padding, pack.dilation))
-    oh, ow = launch.output_hw(h, w, (kh, kw), stride, padding, dilation, what)
-    shape = (n, pack.out_channels, oh, ow)
-    residual = launch.prepare_residual(residual, shape, x, what)
+    kw = call.kernel[1]
+    oh, ow, shape = call.oh, call.ow, call.out_shape
+    stride, padding, dilation = call.stride, call.padding, call.dilation
     y = launch.prepare_output(out, shape, x, what)
     x = launch.channels_last(x)
     m, tiles = n * oh * ow, int(pack.tile_group.numel())

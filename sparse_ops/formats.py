@@ -42,7 +42,7 @@ Both formats carry ``format_version``, because converted modules are saved and l
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import InitVar, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -167,6 +167,15 @@ class _Packed:
         return cls(**kwargs)
 
 
+def _check_range(t: torch.Tensor | None, low: int, high: int, what: str) -> None:
+    """Every value of ``t`` in [low, high) (None and empty pass)."""
+    if t is None or t.numel() == 0:
+        return
+    lo, hi = int(t.min()), int(t.max())
+    if lo < low or hi >= high:
+        raise FormatError(f"{what}: values must lie in [{low}, {high}), found {lo}..{hi}")
+
+
 # ---------------------------------------------------------------------- ChannelPlan
 
 
@@ -183,6 +192,30 @@ class ChannelPlan(_Packed):
     padding: tuple[int, int]
     dilation: tuple[int, int]
     format_version: int = FORMAT_VERSION
+    validate: InitVar[bool] = True
+
+    def __post_init__(self, validate: bool) -> None:
+        if validate:
+            self.check_indices()
+
+    def check_indices(self) -> None:
+        """Index values in range and each output channel written once: what the kernels
+        trust. Checked for CPU tensors only (plans are built and loaded there; reading
+        GPU tensors back here would sync the device)."""
+        tensors = (self.in_idx, self.out_idx, self.fill_idx)
+        if any(t is not None and t.device.type != "cpu" for t in tensors):
+            return
+        _check_range(self.in_idx, 0, self.in_channels, "ChannelPlan in_idx")
+        _check_range(self.out_idx, 0, self.out_channels, "ChannelPlan out_idx")
+        _check_range(self.fill_idx, 0, self.out_channels, "ChannelPlan fill_idx")
+        written = [t.long() for t in (self.out_idx, self.fill_idx) if t is not None]
+        if written and self.out_idx is not None:
+            every = torch.cat(written)
+            if every.numel() != self.out_channels or every.unique().numel() != every.numel():
+                raise FormatError(
+                    f"ChannelPlan: out_idx and fill_idx must together name each of the "
+                    f"{self.out_channels} output channels once"
+                )
 
     def _weights(self) -> torch.Tensor:
         return self.weight
@@ -270,6 +303,51 @@ class GroupPack(_Packed):
     k_pad: int
     format_version: int = FORMAT_VERSION
     groups_meta: dict = field(default_factory=dict)  # sizes, for reports and tuning keys
+    validate: InitVar[bool] = True
+
+    def __post_init__(self, validate: bool) -> None:
+        if validate:
+            self.check_indices()
+
+    def check_indices(self) -> None:
+        """Pointers, indices and tile sizes consistent with each other and in range: what
+        the kernel trusts. CPU tensors only (see :meth:`ChannelPlan.check_indices`)."""
+        index = (self.val_ptr, self.row_idx, self.row_ptr, self.col_idx, self.col_ptr,
+                 self.tile_group, self.tile_row, self.fill_idx)  # fmt: skip
+        if any(t.device.type != "cpu" for t in index):
+            return
+        groups = int(self.row_ptr.numel()) - 1
+        ptrs = {"row_ptr": self.row_ptr, "col_ptr": self.col_ptr, "val_ptr": self.val_ptr}
+        for name, ptr in ptrs.items():
+            if int(ptr.numel()) != groups + 1 or bool((ptr[1:] < ptr[:-1]).any()):
+                raise FormatError(f"GroupPack {name}: must be {groups + 1} non-decreasing offsets")
+        rows = (self.row_ptr[1:] - self.row_ptr[:-1]).long()
+        cols = (self.col_ptr[1:] - self.col_ptr[:-1]).long()
+        tiles = self.val_ptr[1:] - self.val_ptr[:-1]
+        if groups and (not torch.equal(tiles, rows * cols)
+                       or int(self.val_ptr[-1]) > self.values.numel()):  # fmt: skip
+            raise FormatError(
+                f"GroupPack values: {self.values.numel()} values do not hold the "
+                "rows × columns tiles val_ptr points to"
+            )
+        if int(self.row_ptr[-1]) > self.row_idx.numel() or (
+            int(self.col_ptr[-1]) > self.col_idx.numel()
+        ):
+            raise FormatError("GroupPack: row_ptr/col_ptr point past row_idx/col_idx")
+        k = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        _check_range(self.row_idx, -1, self.out_channels, "GroupPack row_idx")
+        _check_range(self.col_idx, -1, k, "GroupPack col_idx")
+        _check_range(self.fill_idx, 0, self.out_channels, "GroupPack fill_idx")
+        _check_range(self.tile_group, -1, max(groups, 0), "GroupPack tile_group")
+        if self.tile_row.numel() != self.tile_group.numel():
+            raise FormatError("GroupPack: tile_group and tile_row differ in length")
+        in_group = self.tile_group >= 0
+        if bool(in_group.any()):
+            g = self.tile_group[in_group].long()
+            start = self.tile_row[in_group].long()
+            if bool(((start < self.row_ptr[g]) | (start + self.block_n > self.row_ptr[g + 1]))
+                    .any()):  # fmt: skip
+                raise FormatError("GroupPack tile_row: a tile reaches outside its group's rows")
 
     def _weights(self) -> torch.Tensor:
         return self.values

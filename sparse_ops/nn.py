@@ -42,13 +42,6 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.channels_last
 
 
-def _out_hw(h: int, w: int, k, stride, padding, dilation) -> tuple[int, int]:
-    return (
-        (h + 2 * padding[0] - dilation[0] * (k[0] - 1) - 1) // stride[0] + 1,
-        (w + 2 * padding[1] - dilation[1] * (k[1] - 1) - 1) // stride[1] + 1,
-    )
-
-
 # ---------------------------------------------------------------------- custom ops
 
 
@@ -69,8 +62,9 @@ def channel_conv_op(
     dilation: list[int],
     relu: bool,
 ) -> Tensor:
+    # Indices were checked when the unit was built or loaded: not again on every call.
     plan = ChannelPlan(weight, bias, in_idx, out_idx, fill_idx, in_channels, out_channels,
-                       tuple(stride), tuple(padding), tuple(dilation))  # fmt: skip
+                       tuple(stride), tuple(padding), tuple(dilation), validate=False)  # fmt: skip
     y = ops.channel_conv(x, plan, residual=residual, relu=relu, bias_map=bias_map)
     return y.contiguous(memory_format=_memory_format(x))
 
@@ -78,7 +72,8 @@ def channel_conv_op(
 @channel_conv_op.register_fake
 def _(x, weight, bias, in_idx, out_idx, fill_idx, bias_map, residual, in_channels, out_channels,
       stride, padding, dilation, relu):  # fmt: skip
-    oh, ow = _out_hw(x.shape[2], x.shape[3], weight.shape[1:3], stride, padding, dilation)
+    kernel = weight.shape[1:3]
+    oh, ow = ops.conv_output_size(x.shape[2], x.shape[3], kernel, stride, padding, dilation)
     shape = (x.shape[0], out_channels, oh, ow)
     return x.new_empty(shape).contiguous(memory_format=_memory_format(x))
 
@@ -112,7 +107,7 @@ def group_conv_op(
     pack = GroupPack(values, val_ptr, row_idx, row_ptr, col_idx, col_ptr, tile_group, tile_row,
                      fill_idx, bias, in_channels, out_channels, tuple(kernel_size), tuple(stride),
                      tuple(padding), tuple(dilation), block_n, k_pad,
-                     groups_meta={"max_cols": max_cols})  # fmt: skip
+                     groups_meta={"max_cols": max_cols}, validate=False)  # fmt: skip
     y = ops.group_conv(x, pack, residual=residual, relu=relu)
     return y.contiguous(memory_format=_memory_format(x))
 
@@ -121,7 +116,7 @@ def group_conv_op(
 def _(x, values, val_ptr, row_idx, row_ptr, col_idx, col_ptr, tile_group, tile_row, fill_idx,
       bias, residual, in_channels, out_channels, kernel_size, stride, padding, dilation,
       block_n, k_pad, max_cols, relu):  # fmt: skip
-    oh, ow = _out_hw(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation)
+    oh, ow = ops.conv_output_size(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation)
     shape = (x.shape[0], out_channels, oh, ow)
     return x.new_empty(shape).contiguous(memory_format=_memory_format(x))
 

@@ -19,8 +19,10 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from kernels import launch
+
 from .errors import SparseOpsError
-from .formats import ChannelPlan, GroupPack
+from .formats import FORMAT_VERSION, ChannelPlan, GroupPack
 
 BACKENDS = ("auto", "triton", "torch")
 _MANY_SETS = 512  # beyond this many distinct column sets the CPU path runs one dense conv
@@ -87,17 +89,31 @@ def channel_conv(
         return channel_conv2d(
             x, plan, residual=residual, relu=relu, allow_tf32=allow_tf32, bias_map=bias_map
         )
+    # The launcher's checks, so both backends refuse the same inputs with the same words.
+    launch.check_channel_call(x, plan, residual, bias_map, "channel_conv", FORMAT_VERSION, None)
     # Channels-last on the CPU too: the plan's [Cout', kh, kw, Cin'] weight permuted to
     # [Cout', Cin', kh, kw] is a channels-last tensor, which oneDNN then uses without a
     # per-call reorder.
     x = x.contiguous(memory_format=torch.channels_last)
     inputs = x if plan.in_idx is None else select_channels(x, plan.in_idx.long())
     weight = plan.weight.permute(0, 3, 1, 2).to(x.dtype)
-    if plan.out_idx is None:  # every output channel computed: bias fused into the conv
+    if weight.numel() == 0:  # every weight pruned: oneDNN refuses empty convs
+        kernel = weight.shape[2:]
+        oh, ow = conv_output_size(x.shape[2], x.shape[3], kernel, plan.stride, plan.padding,
+                                  plan.dilation)  # fmt: skip
+        compact = x.new_zeros(x.shape[0], weight.shape[0], oh, ow)
+        compact = compact.contiguous(memory_format=torch.channels_last)
+    elif plan.out_idx is None:  # every output channel computed: bias fused into the conv
         bias = None if plan.bias is None else plan.bias.to(x.dtype)
         y = F.conv2d(inputs, weight, bias, plan.stride, plan.padding, plan.dilation)
         return _epilogue_inplace(y, None, residual, relu, bias_map)
-    compact = F.conv2d(inputs, weight, None, plan.stride, plan.padding, plan.dilation)
+    else:
+        compact = F.conv2d(inputs, weight, None, plan.stride, plan.padding, plan.dilation)
+    if plan.out_idx is None:  # no weight, every output channel kept: the epilogue alone
+        y = compact.clone()
+        if plan.bias is not None:
+            y.add_(plan.bias.to(x.dtype).view(1, -1, 1, 1))
+        return _epilogue_inplace(y, None, residual, relu, bias_map)
     n, _, oh, ow = compact.shape
     # Start from what every channel gets (bias, residual), then add the computed rows.
     if residual is not None:
@@ -148,6 +164,7 @@ def group_conv(
         from kernels.group_conv import group_conv2d
 
         return group_conv2d(x, pack, residual=residual, relu=relu, allow_tf32=allow_tf32)
+    launch.check_group_call(x, pack, residual, "group_conv", FORMAT_VERSION, None)
     n, cin, h, w = x.shape
     kh, kw = pack.kernel_size
     column_sets = _column_sets(pack)
@@ -158,8 +175,7 @@ def group_conv(
         weight = weight.view(pack.out_channels, kh, kw, cin).permute(0, 3, 1, 2).contiguous()
         y = F.conv2d(x, weight, None, pack.stride, pack.padding, pack.dilation)
         return _epilogue(y, pack.bias, residual, relu)
-    oh = (h + 2 * pack.padding[0] - pack.dilation[0] * (kh - 1) - 1) // pack.stride[0] + 1
-    ow = (w + 2 * pack.padding[1] - pack.dilation[1] * (kw - 1) - 1) // pack.stride[1] + 1
+    oh, ow = conv_output_size(h, w, pack.kernel_size, pack.stride, pack.padding, pack.dilation)
     y = x.new_zeros(n, pack.out_channels, oh, ow).contiguous(memory_format=torch.channels_last)
     x_nhwc = None
     x_cl = x.contiguous(memory_format=torch.channels_last)  # once, not per column set
@@ -192,6 +208,14 @@ def group_conv(
             part = F.conv2d(inputs, weight, None, pack.stride, pack.padding, pack.dilation)
             scatter_channels_(y, rows, part, add=False)
     return _epilogue_inplace(y, pack.bias, residual, relu, None)
+
+
+def conv_output_size(h: int, w: int, kernel, stride, padding, dilation) -> tuple[int, int]:
+    """``(OH, OW)`` of a zero-padded conv."""
+    return (
+        (h + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1,
+        (w + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1,
+    )
 
 
 def select_channels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

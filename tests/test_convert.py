@@ -196,9 +196,7 @@ def test_unstructured_masks_error_lists_layers():
 def test_unsupported_layer_type_in_a_pruned_path():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.ReLU()).eval()
     ticket = Ticket({"0.weight": torch.rand(4, 3, 3, 3) < 0.5})
-    with pytest.raises(
-        ConvertError, match=r"'0' \(Conv2d with padding=\(1, 1\), padding_mode='reflect'\)"
-    ):
+    with pytest.raises(ConvertError, match=r"'0' \(padding=\(1, 1\), padding_mode='reflect'\)"):
         convert(model, ticket)
 
 
@@ -345,3 +343,62 @@ def test_a_model_pruned_by_ticket_apply_converts():
         expected = pruned(x)
         torch.testing.assert_close(fast(x), expected, **TOL)
         torch.testing.assert_close(reference(x), expected, **TOL)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_an_unpruned_conv_with_another_padding_mode_is_refused(mode):
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode=mode), nn.BatchNorm2d(8),
+                        nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval()  # fmt: skip
+    mask = torch.zeros(8, 8, 3, 3, dtype=torch.bool)
+    mask[:4] = True
+    with pytest.raises(ConvertError, match=rf"'0' \(padding=\(1, 1\), padding_mode='{mode}'\)"):
+        convert(net, Ticket({"3.weight": mask}), input_size=(3, 8, 8))
+
+
+def test_same_and_valid_padding_run_as_the_integers_they_mean():
+    torch.manual_seed(0)
+    same = nn.Conv2d(3, 8, 5, padding="same", dilation=2)
+    net = nn.Sequential(same, nn.ReLU(), nn.Conv2d(8, 8, 3, padding="valid"),
+                        nn.Conv2d(8, 6, 3, padding=1)).eval()  # fmt: skip
+    mask = torch.ones(6, 8, 3, 3, dtype=torch.bool)
+    mask[0] = False  # one output channel pruned
+    ticket = Ticket({"3.weight": mask})
+    x = torch.randn(2, 3, 11, 9)
+    fast = convert(net, ticket, input_size=(3, 11, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), masked_model(net, ticket)(x), **TOL)
+    uneven = nn.Sequential(nn.Conv2d(3, 4, 2, padding="same")).eval()  # pads 0 left, 1 right
+    with pytest.raises(ConvertError, match=r"'0' \(padding='same'"):
+        convert(uneven, Ticket({}), input_size=(3, 8, 8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_save_and_load_keep_a_half_precision_module_whole(dtype, tmp_path):
+    model = _trained_like("res20s")
+    fast = convert(model, _ticket(model, "res20s", "refill"), dtype=dtype)
+    back = load_converted(save_converted(fast, tmp_path / "half.safetensors"))
+    assert {p.dtype for p in back.parameters()} == {dtype}
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4)).to(dtype)
+    with torch.no_grad():
+        assert torch.equal(fast(x), back(x))
+
+
+def test_bad_dtype_and_cost_model_are_convert_errors():
+    from sparse_ops.convert import CostModel
+
+    model = models.create("res20s").eval()
+    for dtype in (torch.int8, "float16", torch.float64):
+        with pytest.raises(ConvertError, match="dtype must be torch.float32"):
+            convert(model, Ticket({}, None, "res20s"), dtype=dtype)
+    with pytest.raises(ConvertError, match="group_overhead must be > 0, got -1"):
+        CostModel(group_overhead=-1)
+    with pytest.raises(ConvertError, match="block_n must be a power of two ≥ 16, got 24"):
+        CostModel(block_n=24)
+
+
+def test_regroup_names_the_partitioning_model_keyword():
+    from sparse_ops.structure import RegroupError
+
+    ticket = _ticket(models.create("res20s"), "res20s", "random")
+    with pytest.raises(RegroupError, match=r"RegroupConfig\(model='hypergraph'\)"):
+        structure.regroup(ticket, model="hypergraph")

@@ -174,3 +174,36 @@ def test_group_pack_records_its_widest_group_on_the_host():
     assert leftover.max_cols < pack.max_cols  # padded widths: 32 vs 96 here
     assert loaded.max_cols == unit.max_cols == {"main": pack.max_cols, "left": leftover.max_cols}
     assert loaded.pack("left").max_cols == leftover.max_cols
+
+
+def test_hand_built_plans_and_packs_are_checked_where_they_are_made():
+    """What the kernels trust (index ranges, tile sizes) is checked on construction, for
+    CPU tensors: a wrong index would be an out-of-bounds read on the GPU."""
+    g = torch.Generator().manual_seed(3)
+    weight = conv_weight(8, 6, 3, g)
+    mask = channel_mask(8, 6, 3, "both", g)
+    plan = ChannelPlan.from_weight(weight, mask, None)
+    fields_ = dict(vars(plan))
+    bad_in = fields_["in_idx"].clone()
+    bad_in[-1] = 9
+    with pytest.raises(FormatError, match=r"in_idx: values must lie in \[0, 6\), found .*9"):
+        ChannelPlan(**{**fields_, "in_idx": bad_in})
+    twice = fields_["out_idx"].clone()
+    twice[-1] = twice[0]
+    with pytest.raises(FormatError, match="name each of the 8 output channels once"):
+        ChannelPlan(**{**fields_, "out_idx": twice})
+    ChannelPlan(**{**fields_, "in_idx": bad_in}, validate=False)  # the hot path's opt-out
+
+    layout, gmask = group_layout(40, 12, 3, "mixed", g)
+    pack = GroupPack.from_weight(conv_weight(40, 12, 3, g), gmask, layout, None)
+    parts = dict(vars(pack))
+    with pytest.raises(FormatError, match="values do not hold the rows × columns tiles"):
+        GroupPack(**{**parts, "values": parts["values"][:10]})
+    col_idx = parts["col_idx"].clone()
+    col_idx[0] = 12 * 9
+    with pytest.raises(FormatError, match=r"col_idx: values must lie in \[-1, 108\)"):
+        GroupPack(**{**parts, "col_idx": col_idx})
+    tile_row = parts["tile_row"].clone()
+    tile_row[0] += 1
+    with pytest.raises(FormatError, match="a tile reaches outside its group's rows"):
+        GroupPack(**{**parts, "tile_row": tile_row})

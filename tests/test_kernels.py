@@ -152,7 +152,7 @@ def _plan(dtype=torch.float32, **kw):
 
 
 def test_launcher_rejects_dtype_mismatch():
-    with pytest.raises(KernelInputError, match=r"plan weight dtype torch.float32 ≠ torch.float16"):
+    with pytest.raises(KernelInputError, match=r"plan weight dtype torch.float32 ≠ input dtype"):
         channel_conv2d(torch.randn(1, 4, 5, 5, dtype=torch.float16, device=DEVICE), _plan())
 
 
@@ -171,6 +171,67 @@ def test_launcher_rejects_wrong_channels_and_shapes():
         channel_conv2d(torch.ones(1, 4, 5, 5, dtype=torch.int64, device=DEVICE), plan)
 
 
+def _channel_entry(backend):
+    """The launcher, or the torch path of sparse_ops.ops (same checks, same messages)."""
+    if backend == "triton":
+        return channel_conv2d
+    from sparse_ops import ops
+
+    return lambda x, plan, **kw: ops.channel_conv(x, plan, backend="torch", **kw)
+
+
+def _group_entry(backend):
+    if backend == "triton":
+        return group_conv2d
+    from sparse_ops import ops
+
+    return lambda x, pack, **kw: ops.group_conv(x, pack, backend="torch", **kw)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_both_backends_refuse_the_same_bad_calls(backend):
+    conv = _channel_entry(backend)
+    plan = _plan()
+    x = torch.randn(1, 4, 5, 5, device=DEVICE)
+    with pytest.raises(KernelInputError, match="input has 16 channels, plan expects 4"):
+        conv(torch.randn(1, 16, 5, 5, device=DEVICE), plan)
+    with pytest.raises(KernelInputError, match=r"must be a 4-D tensor"):
+        conv(torch.randn(4, 5, 5, device=DEVICE), plan)
+    with pytest.raises(KernelInputError, match="dtype torch.int32 not supported"):
+        conv(torch.ones(1, 4, 5, 5, dtype=torch.int32, device=DEVICE), plan)
+    with pytest.raises(KernelInputError, match=r"residual has shape \(1, 8, 4, 4\)"):
+        conv(x, plan, residual=torch.randn(1, 8, 4, 4, device=DEVICE))
+    with pytest.raises(KernelInputError, match="too small"):
+        conv(torch.randn(1, 4, 1, 1, device=DEVICE), _plan(dilation=3))
+    short_bias = ChannelPlan(**{**vars(plan), "bias": torch.zeros(3, device=DEVICE)})
+    with pytest.raises(KernelInputError, match=r"plan bias must have shape \(8,\), got \(3,\)"):
+        conv(x, short_bias)
+    # Built by hand from a permuted (non-contiguous) weight: would be read with wrong strides.
+    w = torch.randn(8, 4, 3, 3, device=DEVICE)
+    by_hand = ChannelPlan(**{**vars(plan), "weight": w.permute(0, 2, 3, 1)})
+    with pytest.raises(KernelInputError, match="plan weight must be contiguous"):
+        conv(x, by_hand)
+    old = ChannelPlan(**{**vars(plan), "format_version": 99})
+    with pytest.raises(KernelInputError, match="format_version 99"):
+        conv(x, old)
+
+    g = torch.Generator().manual_seed(0)
+    layout, mask = group_layout(20, 6, 3, "mixed", g)
+    pack = GroupPack.from_weight(conv_weight(20, 6, 3, g), mask, layout).to(DEVICE)
+    with pytest.raises(KernelInputError, match="input has 16 channels, pack expects 6"):
+        _group_entry(backend)(torch.randn(2, 16, 5, 5, device=DEVICE), pack)
+    with pytest.raises(KernelInputError, match=r"residual has shape \(2, 20, 5, 6\)"):
+        _group_entry(backend)(torch.randn(2, 6, 5, 5, device=DEVICE), pack,
+                              residual=torch.randn(2, 20, 5, 6, device=DEVICE))  # fmt: skip
+
+
+def test_launcher_refuses_an_overlapping_out():
+    plan = _plan()
+    out = torch.zeros(1, 8, 1, 1, device=DEVICE).expand(2, 8, 5, 5)
+    with pytest.raises(KernelInputError, match="out must be contiguous"):
+        channel_conv2d(torch.randn(2, 4, 5, 5, device=DEVICE), plan, out=out)
+
+
 def test_launcher_rejects_format_version():
     plan = _plan()
     plan.format_version = 99
@@ -186,7 +247,7 @@ def test_group_launcher_checks_pack():
     with pytest.raises(KernelInputError, match="block_n=24 and k_pad=32 must be powers of two"):
         group_conv2d(torch.randn(1, 4, 5, 5, device=DEVICE), pack)
     pack = GroupPack.from_weight(weight, mask, layout).to(DEVICE)
-    with pytest.raises(KernelInputError, match="pack values dtype torch.float32 ≠ torch.float16"):
+    with pytest.raises(KernelInputError, match="pack values dtype torch.float32 ≠ input dtype"):
         group_conv2d(torch.randn(1, 4, 5, 5, device=DEVICE, dtype=torch.float16), pack)
     pack.format_version = 0
     with pytest.raises(KernelInputError, match="format_version 0"):

@@ -109,3 +109,21 @@ def test_channel_path_never_writes_into_the_plan_bias():
         torch.testing.assert_close(y.double(), ref, **TOLERANCES[torch.float32])
         assert y.untyped_storage().data_ptr() != plan.bias.untyped_storage().data_ptr()
     torch.testing.assert_close(plan.bias, kept_bias, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_channel_path_runs_a_fully_pruned_layer(with_bias, with_residual):
+    """Every weight pruned: oneDNN refuses a conv with no filters; the output is the
+    epilogue of zero (bias, residual, ReLU)."""
+    g = torch.Generator().manual_seed(12)
+    weight = conv_weight(6, 5, 3, g)
+    mask = torch.zeros(6, 5, 3, 3, dtype=torch.bool)
+    bias = torch.randn(6, generator=g) if with_bias else None
+    plan = ChannelPlan.from_weight(weight, mask, bias, stride=2, padding=1)
+    x = torch.randn(2, 5, 7, 9, generator=g)
+    res = torch.randn(2, 6, 4, 5, generator=g) if with_residual else None
+    y = ops.channel_conv(x, plan, residual=res, relu=True)
+    ref = expected(x, plan.dense_weight(), bias, (2, 1, 1), res, True)
+    assert y.shape == (2, 6, 4, 5)
+    torch.testing.assert_close(y.double(), ref, **TOLERANCES[torch.float32])

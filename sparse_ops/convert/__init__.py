@@ -161,6 +161,10 @@ def convert(
         raise ConvertError(
             f"on_unstructured must be one of {ON_UNSTRUCTURED}, got {on_unstructured!r}"
         )
+    if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ConvertError(
+            f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}"
+        )
     if ticket is None:
         from ..tickets import load_ticket
 
@@ -194,19 +198,37 @@ def convert(
 
 
 def _check_masked_modules(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
-    """A mask on a layer type we cannot run is an error naming it."""
+    """A mask on a layer type we cannot run is an error naming it, and so is any conv
+    (pruned or not: every conv becomes one of our units) whose padding we cannot run."""
     modules = dict(model.named_modules())
     bad = []
     for name in masks:
         module = modules.get(name.rpartition(".")[0])
-        if isinstance(module, nn.Conv2d):
-            if module.padding_mode != "zeros" or isinstance(module.padding, str):
-                bad.append(f"{name.rpartition('.')[0]!r} (Conv2d with padding={module.padding!r}, "
-                           f"padding_mode={module.padding_mode!r})")  # fmt: skip
-        elif not isinstance(module, nn.Linear):
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
             bad.append(f"{name.rpartition('.')[0]!r} ({type(module).__name__})")
     if bad:
         raise ConvertError(f"pruned layers of a type the converter cannot run: {', '.join(bad)}")
+    for name, module in modules.items():
+        if type(module) is nn.Conv2d:
+            _explicit_padding(module)
+            if module.padding_mode != "zeros" or isinstance(module.padding, str):
+                bad.append(f"{name!r} (padding={module.padding!r}, "
+                           f"padding_mode={module.padding_mode!r})")  # fmt: skip
+    if bad:
+        raise ConvertError(
+            f"convs the converter cannot run (zero padding of fixed size only): {', '.join(bad)}"
+        )
+
+
+def _explicit_padding(conv: nn.Conv2d) -> None:
+    """``padding='valid'``/``'same'`` as the equal integer padding it means, where there is
+    one (``'same'`` pads ``d·(k−1)`` in all, split unevenly when that is odd)."""
+    if conv.padding == "valid":
+        conv.padding = (0, 0)
+    elif conv.padding == "same":
+        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+        if all(t % 2 == 0 for t in totals):
+            conv.padding = tuple(t // 2 for t in totals)
 
 
 def _replace_modules(dense, masks, mode, dtype, example, exc):

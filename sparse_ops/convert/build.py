@@ -66,6 +66,14 @@ class CostModel:
     block_n: int = 32
     k_pad: int = 32
 
+    def __post_init__(self) -> None:
+        if not self.group_overhead > 0:
+            raise ConvertError(f"CostModel.group_overhead must be > 0, got {self.group_overhead}")
+        for name in ("block_n", "k_pad"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 16 or value & (value - 1):
+                raise ConvertError(f"CostModel.{name} must be a power of two ≥ 16, got {value!r}")
+
     @classmethod
     def for_device(cls, device: torch.device | str | None) -> CostModel:
         """The cost model for modules that run on ``device`` (None: a GPU)."""

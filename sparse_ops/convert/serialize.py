@@ -228,7 +228,8 @@ def load_converted(path: str | os.PathLike) -> fx.GraphModule:
         elif kind in TORCH_MODULES:
             cls, _ = TORCH_MODULES[kind]
             module = cls(**_decode(config, {}))
-            module.load_state_dict(state)
+            # assign=True keeps the saved dtype (a half-precision Linear stays half)
+            module.load_state_dict(state, assign=True)
             root[target] = module
         else:
             raise SaveError(f"{path}: module {target} has a type that is not allowed: {kind!r}")

@@ -244,6 +244,11 @@ def regroup(
     """
     if config is not None and params:
         raise TypeError("pass a RegroupConfig or keyword parameters, not both")
+    if isinstance(model, str):  # the partitioner's model, passed where the network goes
+        raise RegroupError(
+            f"model= is the network (an nn.Module) whose layers the ticket masks; the "
+            f"partitioning model goes in RegroupConfig(model={model!r})"
+        )
     config = config or RegroupConfig(**params)
     kinds = layer_kinds(ticket, model)
     masks = dict(ticket.masks)
