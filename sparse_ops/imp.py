@@ -30,6 +30,7 @@ rewinding). Without that call the rewind point is the state before round 0.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -269,17 +270,35 @@ def resolve_post(post: str | PostFn | None, options: dict[str, Any] | None = Non
         return post
     from . import structure
 
-    if post == "refill":
-        return lambda t, m: structure.refill(t, model=m, **options)
-    if post == "refill+":
-        options.setdefault("extra", 0.1)
-        if options["extra"] <= 0:
-            raise IMPError("refill+ needs extra > 0 (the share of pruned channels refilled)")
+    if post in ("refill", "refill+"):
+        if post == "refill+":
+            options.setdefault("extra", 0.1)
+            if options["extra"] <= 0:
+                raise IMPError("refill+ needs extra > 0 (the share of pruned channels refilled)")
+        _check_refill_options(options)
         return lambda t, m: structure.refill(t, model=m, **options)
     if post == "regroup":
         config = structure.RegroupConfig(**options)
         return lambda t, m: structure.regroup(t, config, model=m)
     raise IMPError(f"unknown post-processing {post!r}; choose from none, {', '.join(POSTS)}")
+
+
+def _check_refill_options(options: dict[str, Any]) -> None:
+    """Refill's options checked before any training, not after round 0's."""
+    from .structure.refill import ACTIVATION_CRITERIA, CRITERIA, refill
+
+    allowed = set(inspect.signature(refill).parameters) - {"ticket", "model"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise IMPError(f"unknown refill options {unknown}; refill takes {sorted(allowed)}")
+    criterion = options.get("criterion", "l1")
+    if criterion not in CRITERIA:
+        raise IMPError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    if criterion in ACTIVATION_CRITERIA and options.get("batch") is None:
+        raise IMPError(
+            f"criterion {criterion!r} ranks channels by activations: pass "
+            "post_options={'batch': (inputs, targets)}"
+        )
 
 
 def run(
@@ -329,6 +348,8 @@ def run(
             imp_density = _density(masks)
             if post_fn is not None:
                 structured = post_fn(Ticket(masks, trained, arch, rewind=rewind["state"]), model)
+                if not isinstance(structured, Ticket):
+                    raise IMPError(f"post must return a Ticket, got {type(structured).__name__}")
                 masks = _checked_post_masks(structured, masks)
                 structure_meta = {
                     k: structured.meta[k]
@@ -339,6 +360,9 @@ def run(
             set_masks(model, masks)
         train_fn(model, RoundContext(r, rounds, capture))
         result = eval_fn(model)
+        if isinstance(result, bool) or not isinstance(result, (int, float, dict)):
+            raise IMPError(f"eval_fn must return an accuracy (a number) or a dict of metrics, "
+                           f"got {type(result).__name__}")  # fmt: skip
         metrics = dict(result) if isinstance(result, dict) else {"accuracy": float(result)}
         masks = current_masks(model, names)
         meta = dict(

@@ -37,12 +37,21 @@ def prune_job(
     Returns (and writes as ``summary.json``) ``{"rounds": [{"round", "density",
     "accuracy", ...}], ...}`` with round 0 the dense network.
     """
-    imp.resolve_post(post, post_options)  # bad options fail before any training
-    imp._check_rate(rate)
+    from .structure.refill import ACTIVATION_CRITERIA
+
+    post_options = dict(post_options or {})
+    # Activation criteria rank channels on a training batch, which this job supplies.
+    needs_batch = (post.startswith("refill") and "batch" not in post_options
+                   and post_options.get("criterion") in ACTIVATION_CRITERIA)  # fmt: skip
+    imp.resolve_post(post, {**post_options, "batch": ()} if needs_batch else post_options)
+    imp._check_rate(rate)  # bad options fail before any training
     progress = progress or Progress()
     train = train or TrainConfig()
     info = models.info(arch)
     dataset = datasets.load(data, data_dir, image_size=image_size, seed=train.seed)
+    if needs_batch:
+        size = train.batch_size
+        post_options["batch"] = (dataset.train.images[:size], dataset.train.labels[:size])
     progress.line(f"data: {dataset.describe()}")
     torch.manual_seed(train.seed)
     model = models.create(info.name, dataset.num_classes)
@@ -86,7 +95,7 @@ def prune_job(
         "arch": info.name,
         "data": data,
         "post": post,
-        "post_options": post_options or {},
+        "post_options": {k: v for k, v in post_options.items() if k != "batch"},
         "rate": rate,
         "scope": scope,
         "train": train.as_dict(),

@@ -367,3 +367,16 @@ def test_warnings_print_as_one_line(slth_checkpoint, tmp_path, capsys):
     assert err == (f"sparse-ops: warning: {out}: written as safetensors; a .pth name suggests a "
                    "torch.save file, which torch.load cannot read this as (sparse-ops reads it "
                    "by content)")  # fmt: skip
+
+
+def test_prune_ranks_refill_channels_by_activations_on_a_training_batch(tmp_path, capsys):
+    argv = ["prune", "--arch", "res20s", "--data", "synthetic", "--image-size", "8",
+            "--rounds", "1", "--epochs", "1", "--post", "refill", "--criterion", "feature_l1",
+            "--out", str(tmp_path), "--json"]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["post_options"] == {"criterion": "feature_l1"}
+    from sparse_ops import load_ticket
+
+    final = load_ticket(tmp_path / "round1.safetensors")
+    assert final.meta["method"] == "refill" and final.sparsity > 0

@@ -196,6 +196,29 @@ def test_custom_post_and_bad_post():
         list(imp.run(Net(), -1, _fake_training({}), lambda m: 1.0))
 
 
+@pytest.mark.parametrize(
+    ("post_options", "message"),
+    [
+        ({"extr": 0.1}, r"unknown refill options \['extr'\]"),
+        ({"criterion": "l3"}, "criterion must be one of"),
+        ({"criterion": "feature_l1"}, "ranks channels by activations"),
+    ],
+)
+def test_bad_refill_options_fail_before_any_training(post_options, message):
+    trained = []
+    with pytest.raises(imp.IMPError, match=message):
+        next(imp.run(Net(), 1, lambda m, ctx: trained.append(ctx.round), lambda m: 1.0,
+                     post="refill", post_options=post_options))  # fmt: skip
+    assert trained == []
+
+
+def test_bad_eval_and_post_results_are_named():
+    with pytest.raises(imp.IMPError, match="eval_fn must return an accuracy .* got NoneType"):
+        next(imp.run(Net(), 1, _fake_training({}), lambda m: None))
+    with pytest.raises(imp.IMPError, match="post must return a Ticket, got dict"):
+        list(imp.run(Net(), 1, _fake_training({}), lambda m: 1.0, post=lambda t, m: {}))
+
+
 def test_capture_and_restore_state_round_trip():
     torch.manual_seed(0)
     model = Net()
