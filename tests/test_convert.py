@@ -402,3 +402,16 @@ def test_regroup_names_the_partitioning_model_keyword():
     ticket = _ticket(models.create("res20s"), "res20s", "random")
     with pytest.raises(RegroupError, match=r"RegroupConfig\(model='hypergraph'\)"):
         structure.regroup(ticket, model="hypergraph")
+
+
+def test_report_names_a_pruned_linear_layers_structure():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(48, 32)).eval()
+    mask = torch.rand(32, 48, generator=torch.Generator().manual_seed(0)) < 0.5
+    fast, report = convert(net, Ticket({"1.weight": mask}), input_size=(3, 4, 4),
+                           return_report=True)  # fmt: skip
+    (row,) = report.layers
+    assert (row.kind, row.structure, row.representation) == ("linear", "unstructured", "linear")
+    assert row.detail["kept_weights"] == int(mask.sum())
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), masked_model(net, Ticket({"1.weight": mask}))(x))

@@ -603,8 +603,14 @@ class Builder:
         bias = (old.bias.detach().double() if old.bias is not None
                 else torch.zeros(old.out_features, dtype=torch.float64))  # fmt: skip
         dtype = self.dtype or old.weight.dtype
-        row = LayerRow(node.target, "linear", "dense", "linear", c, old.out_features,
+        mask = self.masks.get(f"{node.target}.weight")
+        # A pruned Linear stays a dense Linear (its zeros kept): the structure is reported,
+        # the FLOPs and parameters are those it runs with.
+        structure = "dense" if mask is None else mask_stats(mask).structure
+        row = LayerRow(node.target, "linear", structure, "linear", c, old.out_features,
                        2 * c * old.out_features, 0, old.weight.numel(), 0)  # fmt: skip
+        if mask is not None:
+            row.detail["kept_weights"] = int(mask.sum())
         if layout is None or layout.numel() == c:
             new = nn.Linear(c, old.out_features, bias=old.bias is not None)
             new.weight.data = old.weight.detach().to(dtype).clone()
