@@ -76,11 +76,18 @@ def nhwc_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return (t.stride(0), t.stride(2), t.stride(3), t.stride(1))
 
 
+def conv_output_size(h: int, w: int, kernel, stride, padding, dilation) -> tuple[int, int]:
+    """``(OH, OW)`` of a zero-padded conv (no check)."""
+    return (
+        (h + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1,
+        (w + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1,
+    )
+
+
 def output_hw(
     h: int, w: int, kernel: tuple[int, int], stride, padding, dilation, what: str
 ) -> tuple[int, int]:
-    oh = (h + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
-    ow = (w + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    oh, ow = conv_output_size(h, w, kernel, stride, padding, dilation)
     if oh < 1 or ow < 1:
         raise KernelInputError(
             f"{what}: input {h}×{w} is too small for kernel {kernel}, stride {stride}, "

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels import launch
+
 from . import ops
 from .formats import FORMAT_VERSION, ChannelPlan, GroupPack
 
@@ -73,7 +75,7 @@ def channel_conv_op(
 def _(x, weight, bias, in_idx, out_idx, fill_idx, bias_map, residual, in_channels, out_channels,
       stride, padding, dilation, relu):  # fmt: skip
     kernel = weight.shape[1:3]
-    oh, ow = ops.conv_output_size(x.shape[2], x.shape[3], kernel, stride, padding, dilation)
+    oh, ow = launch.conv_output_size(x.shape[2], x.shape[3], kernel, stride, padding, dilation)
     shape = (x.shape[0], out_channels, oh, ow)
     return x.new_empty(shape).contiguous(memory_format=_memory_format(x))
 
@@ -116,7 +118,7 @@ def group_conv_op(
 def _(x, values, val_ptr, row_idx, row_ptr, col_idx, col_ptr, tile_group, tile_row, fill_idx,
       bias, residual, in_channels, out_channels, kernel_size, stride, padding, dilation,
       block_n, k_pad, max_cols, relu):  # fmt: skip
-    oh, ow = ops.conv_output_size(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation)
+    oh, ow = launch.conv_output_size(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation)
     shape = (x.shape[0], out_channels, oh, ow)
     return x.new_empty(shape).contiguous(memory_format=_memory_format(x))
 

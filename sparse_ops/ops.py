@@ -90,7 +90,8 @@ def channel_conv(
             x, plan, residual=residual, relu=relu, allow_tf32=allow_tf32, bias_map=bias_map
         )
     # The launcher's checks, so both backends refuse the same inputs with the same words.
-    launch.check_channel_call(x, plan, residual, bias_map, "channel_conv", FORMAT_VERSION, None)
+    call = launch.check_channel_call(x, plan, residual, bias_map, "channel_conv",
+                                     FORMAT_VERSION, None)  # fmt: skip
     # Channels-last on the CPU too: the plan's [Cout', kh, kw, Cin'] weight permuted to
     # [Cout', Cin', kh, kw] is a channels-last tensor, which oneDNN then uses without a
     # per-call reorder.
@@ -98,10 +99,7 @@ def channel_conv(
     inputs = x if plan.in_idx is None else select_channels(x, plan.in_idx.long())
     weight = plan.weight.permute(0, 3, 1, 2).to(x.dtype)
     if weight.numel() == 0:  # every weight pruned: oneDNN refuses empty convs
-        kernel = weight.shape[2:]
-        oh, ow = conv_output_size(x.shape[2], x.shape[3], kernel, plan.stride, plan.padding,
-                                  plan.dilation)  # fmt: skip
-        compact = x.new_zeros(x.shape[0], weight.shape[0], oh, ow)
+        compact = x.new_zeros(call.n, weight.shape[0], call.oh, call.ow)
         compact = compact.contiguous(memory_format=torch.channels_last)
     elif plan.out_idx is None:  # every output channel computed: bias fused into the conv
         bias = None if plan.bias is None else plan.bias.to(x.dtype)
@@ -164,8 +162,8 @@ def group_conv(
         from kernels.group_conv import group_conv2d
 
         return group_conv2d(x, pack, residual=residual, relu=relu, allow_tf32=allow_tf32)
-    launch.check_group_call(x, pack, residual, "group_conv", FORMAT_VERSION, None)
-    n, cin, h, w = x.shape
+    call = launch.check_group_call(x, pack, residual, "group_conv", FORMAT_VERSION, None)
+    n, cin = x.shape[:2]
     kh, kw = pack.kernel_size
     column_sets = _column_sets(pack)
     if column_sets is None:  # very many distinct column sets: one conv on the dense weight
@@ -175,7 +173,7 @@ def group_conv(
         weight = weight.view(pack.out_channels, kh, kw, cin).permute(0, 3, 1, 2).contiguous()
         y = F.conv2d(x, weight, None, pack.stride, pack.padding, pack.dilation)
         return _epilogue(y, pack.bias, residual, relu)
-    oh, ow = conv_output_size(h, w, pack.kernel_size, pack.stride, pack.padding, pack.dilation)
+    oh, ow = call.oh, call.ow
     y = x.new_zeros(n, pack.out_channels, oh, ow).contiguous(memory_format=torch.channels_last)
     x_nhwc = None
     x_cl = x.contiguous(memory_format=torch.channels_last)  # once, not per column set
@@ -208,14 +206,6 @@ def group_conv(
             part = F.conv2d(inputs, weight, None, pack.stride, pack.padding, pack.dilation)
             scatter_channels_(y, rows, part, add=False)
     return _epilogue_inplace(y, pack.bias, residual, relu, None)
-
-
-def conv_output_size(h: int, w: int, kernel, stride, padding, dilation) -> tuple[int, int]:
-    """``(OH, OW)`` of a zero-padded conv."""
-    return (
-        (h + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1,
-        (w + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1,
-    )
 
 
 def select_channels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

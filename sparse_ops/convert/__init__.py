@@ -173,6 +173,9 @@ def convert(
     example = example_input(dense, ticket.arch, input_size)
     masks = {k: v for k, v in ticket.masks.items()}
     layouts = {k.removesuffix(".weight"): v for k, v in ticket.meta.get("groups", {}).items()}
+    for conv in dense.modules():  # dense is our private copy: safe to rewrite
+        if type(conv) is nn.Conv2d:
+            _explicit_padding(conv)
     _check_masked_modules(dense, masks)
     cost = cost or CostModel.for_device(device)
     try:
@@ -199,7 +202,8 @@ def convert(
 
 def _check_masked_modules(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     """A mask on a layer type we cannot run is an error naming it, and so is any conv
-    (pruned or not: every conv becomes one of our units) whose padding we cannot run."""
+    (pruned or not: every conv becomes one of our units) whose padding we cannot run
+    (after :func:`_explicit_padding`)."""
     modules = dict(model.named_modules())
     bad = []
     for name in masks:
@@ -209,11 +213,11 @@ def _check_masked_modules(model: nn.Module, masks: dict[str, torch.Tensor]) -> N
     if bad:
         raise ConvertError(f"pruned layers of a type the converter cannot run: {', '.join(bad)}")
     for name, module in modules.items():
-        if type(module) is nn.Conv2d:
-            _explicit_padding(module)
-            if module.padding_mode != "zeros" or isinstance(module.padding, str):
-                bad.append(f"{name!r} (padding={module.padding!r}, "
-                           f"padding_mode={module.padding_mode!r})")  # fmt: skip
+        if type(module) is nn.Conv2d and (
+            module.padding_mode != "zeros" or isinstance(module.padding, str)
+        ):
+            bad.append(f"{name!r} (padding={module.padding!r}, "
+                       f"padding_mode={module.padding_mode!r})")  # fmt: skip
     if bad:
         raise ConvertError(
             f"convs the converter cannot run (zero padding of fixed size only): {', '.join(bad)}"
