@@ -130,10 +130,79 @@ CONFIGS = [
 ]  # fmt: skip
 AUTOTUNE_KEY = ["M", "H", "W", "OH", "OW", "C_IN", "C_OUT", "N_FILL",
                 "STRIDE_H", "STRIDE_W", "PAD_H", "PAD_W", "DIL_H", "DIL_W"]  # fmt: skip
-channel_conv_tuned = triton.autotune(configs=CONFIGS, key=AUTOTUNE_KEY)(channel_conv_kernel)
+
+
+def candidate_configs(dtype: torch.dtype, constexprs: dict) -> list[triton.Config]:
+    """The configs the autotuner may pick for a launch with these feature flags."""
+    return list(CONFIGS)
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    return candidate_configs(named_args["x_ptr"].dtype, kwargs)
+
+
+channel_conv_tuned = triton.autotune(
+    configs=CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs}
+)(channel_conv_kernel)
 
 # Under the interpreter (CPU) one small config: tuning there would only cost time.
 INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}
+
+
+INTERPRETED = launch.is_interpreted(channel_conv_kernel)
+
+
+def channel_conv_launch(
+    x: torch.Tensor,
+    plan,
+    *,
+    residual: torch.Tensor | None = None,
+    relu: bool = False,
+    out: torch.Tensor | None = None,
+    allow_tf32: bool | None = None,
+    bias_map: torch.Tensor | None = None,
+    check_device: bool = True,
+) -> launch.KernelLaunch:
+    """Check a call and build its launch (nothing runs). ``check_device=False`` accepts
+    tensors on any device: ``bench.kernel_static`` builds launches from CPU tensors to
+    compile them for a GPU target."""
+    what = "channel_conv2d"
+    call = launch.check_channel_call(x, plan, residual, bias_map, what, SUPPORTED_FORMAT_VERSION,
+                                     INTERPRETED if check_device else None)  # fmt: skip
+    weight, in_idx, out_idx, fill_idx = plan.weight, plan.in_idx, plan.out_idx, plan.fill_idx
+    c_out, kh, kw, c_in = weight.shape
+    n, h, w, oh, ow = call.n, call.h, call.w, call.oh, call.ow
+    n_fill = 0 if fill_idx is None else fill_idx.numel()
+    y = launch.prepare_output(out, call.out_shape, x, what)
+    x = launch.channels_last(x)
+    m = n * oh * ow
+    dummy = y  # any tensor: pointers of disabled features are never read
+    args = (
+        x, weight, plan.bias if plan.bias is not None else dummy,
+        bias_map if bias_map is not None else dummy,
+        residual if residual is not None else dummy, y,
+        in_idx if in_idx is not None else dummy, out_idx if out_idx is not None else dummy,
+        fill_idx if fill_idx is not None else dummy,
+        m, h, w, oh, ow, c_in, c_out, n_fill,
+        *launch.nhwc_strides(x), *launch.nhwc_strides(y),
+        *(launch.nhwc_strides(residual) if residual is not None else (0, 0, 0, 0)),
+        *(bias_map.stride() if bias_map is not None else (0, 0, 0)),
+        *call.stride, *call.padding, *call.dilation,
+    )  # fmt: skip
+    flags = {
+        "KH": kh, "KW": kw, "HAS_IN_IDX": in_idx is not None, "HAS_OUT_IDX": out_idx is not None,
+        "HAS_BIAS": plan.bias is not None, "HAS_BIAS_MAP": bias_map is not None,
+        "HAS_RES": residual is not None, "RELU": bool(relu),
+        "INPUT_PRECISION": launch.input_precision(x.dtype, allow_tf32),
+    }  # fmt: skip
+
+    def grid(meta):
+        block_n = meta["BLOCK_N"]
+        return (launch.cdiv(m, meta["BLOCK_M"]), launch.cdiv(c_out, block_n)
+                + launch.cdiv(n_fill, block_n))  # fmt: skip
+
+    return launch.KernelLaunch(channel_conv_kernel, channel_conv_tuned, args, flags, grid,
+                               INTERPRETER_CONFIG, y, m == 0)  # fmt: skip
 
 
 def channel_conv2d(
@@ -152,53 +221,9 @@ def channel_conv2d(
     ``plan`` provides ``weight`` ([Cout', kh, kw, Cin'], x's dtype), ``bias``,
     ``in_idx``, ``out_idx``, ``fill_idx``, ``in_channels``, ``out_channels``,
     ``stride``, ``padding``, ``dilation`` and ``format_version`` (see
-    :class:`sparse_ops.formats.ChannelPlan`). The output is channels-last.
+    :class:`sparse_ops.formats.ChannelPlan`). The output is channels-last. ``config``
+    forces one ``triton.Config`` instead of autotuning.
     """
-    what = "channel_conv2d"
-    interpreted = launch.is_interpreted(channel_conv_kernel)
-    call = launch.check_channel_call(x, plan, residual, bias_map, what,
-                                     SUPPORTED_FORMAT_VERSION, interpreted)  # fmt: skip
-    weight, in_idx, out_idx, fill_idx = plan.weight, plan.in_idx, plan.out_idx, plan.fill_idx
-    c_out, kh, kw, c_in = (int(s) for s in weight.shape)
-    n, h, w, oh, ow = call.n, call.h, call.w, call.oh, call.ow
-    stride, padding, dilation, shape = call.stride, call.padding, call.dilation, call.out_shape
-    n_fill = 0 if fill_idx is None else int(fill_idx.numel())
-    y = launch.prepare_output(out, shape, x, what)
-    x = launch.channels_last(x)
-    m = n * oh * ow
-    if m == 0:
-        return y
-    dummy = y  # any tensor: pointers of disabled features are never read
-    args = [
-        x, weight, plan.bias if plan.bias is not None else dummy,
-        bias_map if bias_map is not None else dummy,
-        residual if residual is not None else dummy, y,
-        in_idx if in_idx is not None else dummy, out_idx if out_idx is not None else dummy,
-        fill_idx if fill_idx is not None else dummy,
-        m, h, w, oh, ow, c_in, c_out, n_fill,
-        *launch.nhwc_strides(x), *launch.nhwc_strides(y),
-        *(launch.nhwc_strides(residual) if residual is not None else (0, 0, 0, 0)),
-        *(bias_map.stride() if bias_map is not None else (0, 0, 0)),
-        *stride, *padding, *dilation,
-    ]  # fmt: skip
-    flags = {
-        "KH": kh, "KW": kw, "HAS_IN_IDX": in_idx is not None, "HAS_OUT_IDX": out_idx is not None,
-        "HAS_BIAS": plan.bias is not None, "HAS_BIAS_MAP": bias_map is not None,
-        "HAS_RES": residual is not None, "RELU": bool(relu),
-        "INPUT_PRECISION": launch.input_precision(x.dtype, allow_tf32),
-    }  # fmt: skip
-
-    def grid(meta):
-        tiles_n = triton.cdiv(c_out, meta["BLOCK_N"]) + triton.cdiv(n_fill, meta["BLOCK_N"])
-        return (triton.cdiv(m, meta["BLOCK_M"]), tiles_n)
-
-    if config is not None:
-        meta = dict(config.kwargs)
-        channel_conv_kernel[grid(meta)](
-            *args, **flags, **meta, num_warps=config.num_warps, num_stages=config.num_stages
-        )
-    elif interpreted:
-        channel_conv_kernel[grid(INTERPRETER_CONFIG)](*args, **flags, **INTERPRETER_CONFIG)
-    else:
-        channel_conv_tuned[grid](*args, **flags)
-    return y
+    spec = channel_conv_launch(x, plan, residual=residual, relu=relu, out=out,
+                               allow_tf32=allow_tf32, bias_map=bias_map)  # fmt: skip
+    return launch.run(spec, config, INTERPRETED)

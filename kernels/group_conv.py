@@ -115,13 +115,6 @@ def group_conv_kernel(
     )  # fmt: skip
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """BLOCK_K must divide the pack's column padding (tiles are padded to K_PAD)."""
-    k_pad = kwargs.get("K_PAD", named_args.get("K_PAD"))
-    kept = [c for c in configs if k_pad % c.kwargs["BLOCK_K"] == 0]
-    return kept or configs[:1]
-
-
 # Autotuning (GPU only). BLOCK_N is the pack's row tile, fixed by the format; the key
 # holds every shape quantity and the pack's size class (tiles, widest group).
 CONFIGS = [
@@ -136,11 +129,82 @@ CONFIGS = [
 AUTOTUNE_KEY = ["M", "H", "W", "OH", "OW", "C_IN", "KW", "N_FILL", "NUM_TILES", "MAX_COLS",
                 "STRIDE_H", "STRIDE_W", "PAD_H", "PAD_W", "DIL_H", "DIL_W", "K_PAD",
                 "BLOCK_N"]  # fmt: skip
+
+
+def candidate_configs(dtype: torch.dtype, constexprs: dict) -> list[triton.Config]:
+    """The configs the autotuner may pick for a launch with these flags: BLOCK_K must
+    divide the pack's column padding (tiles are padded to K_PAD)."""
+    k_pad = constexprs["K_PAD"]
+    kept = [c for c in CONFIGS if k_pad % c.kwargs["BLOCK_K"] == 0]
+    return kept or CONFIGS[:1]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    return candidate_configs(named_args["x_ptr"].dtype, kwargs)
+
+
 group_conv_tuned = triton.autotune(
     configs=CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs}
 )(group_conv_kernel)
 
 INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_K": 16}
+
+
+INTERPRETED = launch.is_interpreted(group_conv_kernel)
+
+
+def group_conv_launch(
+    x: torch.Tensor,
+    pack,
+    *,
+    residual: torch.Tensor | None = None,
+    relu: bool = False,
+    out: torch.Tensor | None = None,
+    allow_tf32: bool | None = None,
+    check_device: bool = True,
+) -> launch.KernelLaunch:
+    """Check a call and build its launch (nothing runs); see
+    :func:`kernels.channel_conv.channel_conv_launch`."""
+    what = "group_conv2d"
+    call = launch.check_group_call(x, pack, residual, what, SUPPORTED_FORMAT_VERSION,
+                                   INTERPRETED if check_device else None)  # fmt: skip
+    n, c, h, w = x.shape
+    block_n, k_pad = int(pack.block_n), int(pack.k_pad)
+    if block_n < 16 or block_n & (block_n - 1) or k_pad < 16 or k_pad & (k_pad - 1):
+        raise KernelInputError(
+            f"{what}: pack block_n={block_n} and k_pad={k_pad} must be powers of two ≥ 16 "
+            "(tensor-core tile edges)"
+        )
+    kw = call.kernel[1]
+    oh, ow = call.oh, call.ow
+    y = launch.prepare_output(out, call.out_shape, x, what)
+    x = launch.channels_last(x)
+    m, tiles = n * oh * ow, pack.tile_group.numel()
+    dummy = y  # pointers of disabled features are never read
+    # A pack records max_cols on the host (groups_meta); reading col_ptr would sync.
+    max_cols = int(pack.max_cols) if hasattr(pack, "max_cols") else 0
+    args = (
+        x, pack.values, pack.bias if pack.bias is not None else dummy,
+        residual if residual is not None else dummy, y,
+        pack.row_idx, pack.row_ptr, pack.col_idx, pack.col_ptr, pack.val_ptr,
+        pack.tile_group, pack.tile_row, pack.fill_idx,
+        m, h, w, oh, ow, c, kw, pack.fill_idx.numel(), tiles, max_cols,
+        *launch.nhwc_strides(x), *launch.nhwc_strides(y),
+        *(launch.nhwc_strides(residual) if residual is not None else (0, 0, 0, 0)),
+        *call.stride, *call.padding, *call.dilation,
+    )  # fmt: skip
+    flags = {
+        "HAS_BIAS": pack.bias is not None, "HAS_RES": residual is not None, "RELU": bool(relu),
+        "INPUT_PRECISION": launch.input_precision(x.dtype, allow_tf32), "K_PAD": k_pad,
+        "BLOCK_N": block_n,
+    }  # fmt: skip
+
+    def grid(meta):
+        return (launch.cdiv(m, meta["BLOCK_M"]), tiles)
+
+    interpreter_meta = dict(INTERPRETER_CONFIG, BLOCK_K=min(INTERPRETER_CONFIG["BLOCK_K"], k_pad))
+    return launch.KernelLaunch(group_conv_kernel, group_conv_tuned, args, flags, grid,
+                               interpreter_meta, y, m == 0 or tiles == 0)  # fmt: skip
 
 
 def group_conv2d(
@@ -157,59 +221,14 @@ def group_conv2d(
 
     ``pack`` provides the fields of :class:`sparse_ops.formats.GroupPack` (values in
     x's dtype, int32 indices, int64 ``val_ptr``, ``block_n``, ``k_pad``, geometry and
-    ``format_version``). The output is channels-last.
+    ``format_version``). The output is channels-last. ``config`` forces one
+    ``triton.Config`` (its BLOCK_K must divide the pack's ``k_pad``).
     """
-    what = "group_conv2d"
-    interpreted = launch.is_interpreted(group_conv_kernel)
-    call = launch.check_group_call(x, pack, residual, what, SUPPORTED_FORMAT_VERSION,
-                                   interpreted)  # fmt: skip
-    n, c, h, w = (int(s) for s in x.shape)
-    block_n, k_pad = int(pack.block_n), int(pack.k_pad)
-    if block_n < 16 or block_n & (block_n - 1) or k_pad < 16 or k_pad & (k_pad - 1):
+    spec = group_conv_launch(x, pack, residual=residual, relu=relu, out=out,
+                             allow_tf32=allow_tf32)  # fmt: skip
+    if config is not None and spec.constexprs["K_PAD"] % config.kwargs["BLOCK_K"]:
         raise KernelInputError(
-            f"{what}: pack block_n={block_n} and k_pad={k_pad} must be powers of two ≥ 16 "
-            "(tensor-core tile edges)"
+            f"group_conv2d: BLOCK_K={config.kwargs['BLOCK_K']} must divide "
+            f"k_pad={spec.constexprs['K_PAD']}"
         )
-    kw = call.kernel[1]
-    oh, ow, shape = call.oh, call.ow, call.out_shape
-    stride, padding, dilation = call.stride, call.padding, call.dilation
-    y = launch.prepare_output(out, shape, x, what)
-    x = launch.channels_last(x)
-    m, tiles = n * oh * ow, int(pack.tile_group.numel())
-    if m == 0 or tiles == 0:
-        return y
-    dummy = y  # pointers of disabled features are never read
-    # A pack records max_cols on the host (groups_meta); reading col_ptr would sync.
-    max_cols = int(pack.max_cols) if hasattr(pack, "max_cols") else 0
-    args = [
-        x, pack.values, pack.bias if pack.bias is not None else dummy,
-        residual if residual is not None else dummy, y,
-        pack.row_idx, pack.row_ptr, pack.col_idx, pack.col_ptr, pack.val_ptr,
-        pack.tile_group, pack.tile_row, pack.fill_idx,
-        m, h, w, oh, ow, c, kw, int(pack.fill_idx.numel()), tiles, max_cols,
-        *launch.nhwc_strides(x), *launch.nhwc_strides(y),
-        *(launch.nhwc_strides(residual) if residual is not None else (0, 0, 0, 0)),
-        *stride, *padding, *dilation,
-    ]  # fmt: skip
-    flags = {
-        "HAS_BIAS": pack.bias is not None, "HAS_RES": residual is not None, "RELU": bool(relu),
-        "INPUT_PRECISION": launch.input_precision(x.dtype, allow_tf32), "K_PAD": k_pad,
-        "BLOCK_N": block_n,
-    }  # fmt: skip
-
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]), tiles)
-
-    if config is not None:
-        meta = dict(config.kwargs)
-        if k_pad % meta["BLOCK_K"]:
-            raise KernelInputError(f"{what}: BLOCK_K={meta['BLOCK_K']} must divide k_pad={k_pad}")
-        group_conv_kernel[grid(meta)](
-            *args, **flags, **meta, num_warps=config.num_warps, num_stages=config.num_stages
-        )
-    elif interpreted:
-        meta = dict(INTERPRETER_CONFIG, BLOCK_K=min(INTERPRETER_CONFIG["BLOCK_K"], k_pad))
-        group_conv_kernel[grid(meta)](*args, **flags, **meta)
-    else:
-        group_conv_tuned[grid](*args, **flags)
-    return y
+    return launch.run(spec, config, INTERPRETED)

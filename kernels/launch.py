@@ -1,4 +1,4 @@
-"""Helpers shared by the kernel launchers: input checks, layout, geometry.
+"""Helpers shared by the kernel launchers: input checks, layout, geometry, the launch.
 
 Layout convention: kernels take activations in PyTorch's *logical* NCHW shape and
 read them through explicit strides. Channels-last memory (physical NHWC, what
@@ -6,21 +6,38 @@ read them through explicit strides. Channels-last memory (physical NHWC, what
 NCHW tensor is converted to channels-last once, in the launcher, because gathering
 input channels is only coalesced when channels are innermost. Outputs are allocated
 channels-last.
+
+A launcher is split in two: ``*_launch`` checks a call and builds a :class:`KernelLaunch`
+(the kernel, its arguments, its grid) without running anything, and :func:`run` launches
+it. The split is what lets ``bench.kernel_static`` compile exactly what a real call would
+launch, for a GPU this machine does not have.
+
+The checks run on every call, so they are written to cost little: messages are only
+formatted when a check fails (an f-string per argument per call was a measurable part
+of the launch overhead).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 
 from .errors import KernelInputError
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_CHANNELS_LAST = torch.channels_last
 
 
 def pair(v) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def cdiv(a: int, b: int) -> int:
+    # Not triton.cdiv: that is a @jit function, and calling one from Python costs
+    # microseconds per call.
+    return -(-a // b)
 
 
 def is_interpreted(kernel) -> bool:
@@ -28,6 +45,45 @@ def is_interpreted(kernel) -> bool:
     while type(kernel).__name__ == "Autotuner":  # unwrap autotuned kernels
         kernel = kernel.fn
     return type(kernel).__name__ == "InterpretedFunction"
+
+
+# ---------------------------------------------------------------------- the launch
+
+
+class KernelLaunch(NamedTuple):
+    """Everything one kernel launch needs, built by a launcher's ``*_launch`` function.
+
+    ``constexprs`` holds the feature flags and geometry the launcher decides; tile sizes
+    come from a ``triton.Config`` (explicit, autotuned, or ``interpreter_meta``).
+    """
+
+    kernel: Any  # the @triton.jit function
+    tuned: Any  # the same kernel behind triton.autotune
+    args: tuple  # positional arguments, in the kernel's order
+    constexprs: dict[str, Any]
+    grid: Callable[[dict], tuple[int, ...]]
+    interpreter_meta: dict[str, int]
+    output: torch.Tensor
+    empty: bool  # nothing to compute (no output pixel, or no tile): run() skips it
+
+
+def run(spec: KernelLaunch, config=None, interpreted: bool = False) -> torch.Tensor:
+    """Launch ``spec`` with ``config`` (a ``triton.Config``), the interpreter's tiles, or
+    the autotuner; returns the output tensor."""
+    if spec.empty:
+        return spec.output
+    if config is not None:
+        spec.kernel[spec.grid(config.kwargs)](*spec.args, **spec.constexprs,
+                                              **config.all_kwargs())  # fmt: skip
+    elif interpreted:
+        meta = spec.interpreter_meta
+        spec.kernel[spec.grid(meta)](*spec.args, **spec.constexprs, **meta)
+    else:
+        spec.tuned[spec.grid](*spec.args, **spec.constexprs)
+    return spec.output
+
+
+# ---------------------------------------------------------------------- checks
 
 
 def check_activation(x: torch.Tensor, what: str, interpreted: bool | None) -> None:
@@ -40,40 +96,45 @@ def check_activation(x: torch.Tensor, what: str, interpreted: bool | None) -> No
         raise KernelInputError(f"{what} dtype {x.dtype} not supported (fp16, bf16, fp32)")
     if interpreted is None:
         return
+    device = x.device.type
     if interpreted:
-        if x.device.type != "cpu":
+        if device != "cpu":
             raise KernelInputError(
                 f"{what} is on {x.device}, but kernels run in the CPU interpreter"
             )
-    elif x.device.type != "cuda":
+    elif device != "cuda":
         raise KernelInputError(
             f"{what} is on {x.device}: Triton kernels need CUDA tensors (set TRITON_INTERPRET=1 "
             "before importing kernels to run them on the CPU)"
         )
 
 
-def check_same(t: torch.Tensor | None, x: torch.Tensor, what: str, dtype=None) -> None:
-    """``t`` lives where ``x`` does (and has ``dtype``, default x's) — or is None."""
+def check_same(t: torch.Tensor | None, x: torch.Tensor, what: str, label: str, dtype=None):
+    """``t`` lives where ``x`` does (and has ``dtype``, default x's) — or is None.
+    Errors read ``"{what}: {label} ..."``."""
     if t is None:
         return
     if t.device != x.device:
-        raise KernelInputError(f"{what} is on {t.device}, input on {x.device}")
-    if dtype is None and t.dtype != x.dtype:
-        raise KernelInputError(
-            f"{what} dtype {t.dtype} ≠ input dtype {x.dtype} (cast the input or the module)"
-        )
-    if dtype is not None and t.dtype != dtype:
-        raise KernelInputError(f"{what} dtype {t.dtype} ≠ {dtype}")
+        raise KernelInputError(f"{what}: {label} is on {t.device}, input on {x.device}")
+    if dtype is None:
+        if t.dtype != x.dtype:
+            raise KernelInputError(
+                f"{what}: {label} dtype {t.dtype} ≠ input dtype {x.dtype} (cast the input or "
+                "the module)"
+            )
+    elif t.dtype != dtype:
+        raise KernelInputError(f"{what}: {label} dtype {t.dtype} ≠ {dtype}")
 
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:
     """``x`` with channels innermost (no copy if it already is)."""
-    return x.contiguous(memory_format=torch.channels_last)
+    return x.contiguous(memory_format=_CHANNELS_LAST)
 
 
 def nhwc_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     """Strides of a logical NCHW tensor in (n, h, w, c) order."""
-    return (t.stride(0), t.stride(2), t.stride(3), t.stride(1))
+    s = t.stride()
+    return (s[0], s[2], s[3], s[1])
 
 
 def conv_output_size(h: int, w: int, kernel, stride, padding, dilation) -> tuple[int, int]:
@@ -117,13 +178,13 @@ def prepare_output(
     out: torch.Tensor | None, shape: tuple[int, int, int, int], x: torch.Tensor, what: str
 ) -> torch.Tensor:
     if out is None:
-        return torch.empty(shape, device=x.device, dtype=x.dtype).contiguous(
-            memory_format=torch.channels_last
-        )
+        # Allocated channels-last directly: empty(...).contiguous(channels_last) would
+        # allocate twice and launch a copy kernel on every call.
+        return torch.empty(shape, device=x.device, dtype=x.dtype, memory_format=_CHANNELS_LAST)
     if tuple(out.shape) != shape:
         raise KernelInputError(f"{what}: out has shape {tuple(out.shape)}, expected {shape}")
-    check_same(out, x, f"{what}: out")
-    if not (out.is_contiguous(memory_format=torch.channels_last) or out.is_contiguous()):
+    check_same(out, x, what, "out")
+    if not (out.is_contiguous(memory_format=_CHANNELS_LAST) or out.is_contiguous()):
         # an expanded or overlapping view would have tiles write over each other
         raise KernelInputError(f"{what}: out must be contiguous or channels-last contiguous")
     return out
@@ -150,7 +211,8 @@ def check_channel_call(
     """Every check a ChannelPlan call needs before touching memory (one set of rules and
     messages for the Triton launcher and the torch path). Index *values* are checked
     where plans are built (sparse_ops.formats): reading them here would sync the GPU."""
-    check_format_version(plan, version, f"{what}: plan")
+    if getattr(plan, "format_version", None) != version:
+        check_format_version(plan, version, f"{what}: plan")
     check_activation(x, f"{what}: input", interpreted)
     weight = plan.weight
     if weight.dim() != 4:
@@ -159,29 +221,33 @@ def check_channel_call(
         )
     if not weight.is_contiguous():
         raise KernelInputError(f"{what}: plan weight must be contiguous [Cout', kh, kw, Cin']")
-    check_same(weight, x, f"{what}: plan weight")
-    c_out, kh, kw, c_in = (int(s) for s in weight.shape)
-    c = int(x.shape[1])
+    check_same(weight, x, what, "plan weight")
+    c_out, kh, kw, c_in = weight.shape
+    c = x.shape[1]
     if c != plan.in_channels:
         raise KernelInputError(f"{what}: input has {c} channels, plan expects {plan.in_channels}")
     in_idx, out_idx, fill_idx = plan.in_idx, plan.out_idx, plan.fill_idx
-    if in_idx is None and c_in != c:
-        raise KernelInputError(f"{what}: plan weight has {c_in} input channels, input {c}")
-    if out_idx is None and c_out != plan.out_channels:
-        raise KernelInputError(
-            f"{what}: plan weight has {c_out} rows, out_channels {plan.out_channels}"
-        )
-    for t, name, length in ((in_idx, "in_idx", c_in), (out_idx, "out_idx", c_out)):
-        if t is not None and (t.dtype != torch.int32 or t.numel() != length):
-            raise KernelInputError(f"{what}: plan {name} must be int32 of length {length}")
-        check_same(t, x, f"{what}: plan {name}", dtype=torch.int32)
-    n_fill = 0 if fill_idx is None else int(fill_idx.numel())
-    check_same(fill_idx, x, f"{what}: plan fill_idx", dtype=torch.int32)
+    if in_idx is None:
+        if c_in != c:
+            raise KernelInputError(f"{what}: plan weight has {c_in} input channels, input {c}")
+    else:
+        _check_index(in_idx, c_in, x, what, "in_idx")
+    if out_idx is None:
+        if c_out != plan.out_channels:
+            raise KernelInputError(
+                f"{what}: plan weight has {c_out} rows, out_channels {plan.out_channels}"
+            )
+    else:
+        _check_index(out_idx, c_out, x, what, "out_idx")
+    n_fill = 0
+    if fill_idx is not None:
+        check_same(fill_idx, x, what, "plan fill_idx", dtype=torch.int32)
+        n_fill = fill_idx.numel()
     if c_out + n_fill != plan.out_channels:
         raise KernelInputError(
             f"{what}: {c_out} computed + {n_fill} filled ≠ {plan.out_channels} channels"
         )
-    check_bias(plan.bias, plan.out_channels, x, f"{what}: plan bias")
+    check_bias(plan.bias, plan.out_channels, x, what, "plan bias")
     call = _call_shape(x, plan.out_channels, (kh, kw), plan, what)
     check_residual(residual, call.out_shape, x, what)
     if bias_map is not None:
@@ -189,8 +255,14 @@ def check_channel_call(
             raise KernelInputError(
                 f"{what}: bias_map has shape {tuple(bias_map.shape)}, expected {call.out_shape[1:]}"
             )
-        check_same(bias_map, x, f"{what}: bias_map", dtype=torch.float32)
+        check_same(bias_map, x, what, "bias_map", dtype=torch.float32)
     return call
+
+
+def _check_index(t: torch.Tensor, length: int, x: torch.Tensor, what: str, name: str) -> None:
+    if t.dtype != torch.int32 or t.numel() != length:
+        raise KernelInputError(f"{what}: plan {name} must be int32 of length {length}")
+    check_same(t, x, what, f"plan {name}", dtype=torch.int32)
 
 
 GROUP_PACK_INDEX = ("row_idx", "row_ptr", "col_idx", "col_ptr", "tile_group", "tile_row",
@@ -202,39 +274,38 @@ def check_group_call(
 ) -> CallShape:
     """Every check a GroupPack call needs before touching memory (see
     :func:`check_channel_call`)."""
-    check_format_version(pack, version, f"{what}: pack")
+    if getattr(pack, "format_version", None) != version:
+        check_format_version(pack, version, f"{what}: pack")
     check_activation(x, f"{what}: input", interpreted)
-    check_same(pack.values, x, f"{what}: pack values")
+    check_same(pack.values, x, what, "pack values")
     for name in GROUP_PACK_INDEX:
-        check_same(getattr(pack, name), x, f"{what}: pack {name}", dtype=torch.int32)
-    check_same(pack.val_ptr, x, f"{what}: pack val_ptr", dtype=torch.int64)
-    check_bias(pack.bias, pack.out_channels, x, f"{what}: pack bias")
-    c = int(x.shape[1])
+        check_same(getattr(pack, name), x, what, f"pack {name}", dtype=torch.int32)
+    check_same(pack.val_ptr, x, what, "pack val_ptr", dtype=torch.int64)
+    check_bias(pack.bias, pack.out_channels, x, what, "pack bias")
+    c = x.shape[1]
     if c != pack.in_channels:
         raise KernelInputError(f"{what}: input has {c} channels, pack expects {pack.in_channels}")
-    groups = int(pack.row_ptr.numel()) - 1
-    if (
-        groups < 0
-        or int(pack.col_ptr.numel()) != groups + 1
-        or int(pack.val_ptr.numel()) != (groups + 1)
-    ):
+    groups = pack.row_ptr.numel() - 1
+    if groups < 0 or pack.col_ptr.numel() != groups + 1 or pack.val_ptr.numel() != groups + 1:
         raise KernelInputError(
             f"{what}: pack row_ptr, col_ptr and val_ptr must all have groups + 1 entries, got "
             f"{pack.row_ptr.numel()}, {pack.col_ptr.numel()}, {pack.val_ptr.numel()}"
         )
-    if int(pack.tile_group.numel()) != int(pack.tile_row.numel()):
+    if pack.tile_group.numel() != pack.tile_row.numel():
         raise KernelInputError(f"{what}: pack tile_group and tile_row differ in length")
     call = _call_shape(x, pack.out_channels, pair(pack.kernel_size), pack, what)
     check_residual(residual, call.out_shape, x, what)
     return call
 
 
-def check_bias(bias: torch.Tensor | None, channels: int, x: torch.Tensor, what: str) -> None:
+def check_bias(bias, channels: int, x: torch.Tensor, what: str, label: str) -> None:
     if bias is None:
         return
-    if bias.dim() != 1 or int(bias.numel()) != channels:
-        raise KernelInputError(f"{what} must have shape ({channels},), got {tuple(bias.shape)}")
-    check_same(bias, x, what, dtype=torch.float32)
+    if bias.dim() != 1 or bias.numel() != channels:
+        raise KernelInputError(
+            f"{what}: {label} must have shape ({channels},), got {tuple(bias.shape)}"
+        )
+    check_same(bias, x, what, label, dtype=torch.float32)
 
 
 def check_residual(residual, shape: tuple[int, int, int, int], x: torch.Tensor, what: str):
@@ -244,13 +315,13 @@ def check_residual(residual, shape: tuple[int, int, int, int], x: torch.Tensor, 
         raise KernelInputError(
             f"{what}: residual has shape {tuple(residual.shape)}, expected the output's {shape}"
         )
-    check_same(residual, x, f"{what}: residual")
+    check_same(residual, x, what, "residual")
 
 
 def _call_shape(x, out_channels: int, kernel, geometry, what: str) -> CallShape:
-    n, _, h, w = (int(s) for s in x.shape)
+    n, _, h, w = x.shape
     stride, padding, dilation = (pair(v) for v in (geometry.stride, geometry.padding,
                                                    geometry.dilation))  # fmt: skip
     oh, ow = output_hw(h, w, kernel, stride, padding, dilation, what)
     return CallShape(n, h, w, oh, ow, tuple(kernel), stride, padding, dilation,
-                     (n, int(out_channels), oh, ow))  # fmt: skip
+                     (n, out_channels, oh, ow))  # fmt: skip

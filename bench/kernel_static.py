@@ -1,0 +1,446 @@
+"""Static kernel report: every kernel × config × case × dtype compiled for sm_90a / sm_80.
+
+    python -m bench.kernel_static [--matrix full|ci] [--targets sm_90a sm_80] [--out DIR]
+
+Each case is a launch the product makes (the triton-dense baseline, converted channel
+units with and without index maps, fill channels, bias maps and residuals, group packs
+and the converter's leftover pack), built from CPU tensors and compiled ahead of time
+with the specialisation a real launch gets (``bench.kernel_compile``). Per compile it
+records registers, spills, shared memory, the MMA kind, asynchronous copies and load
+widths in the innermost MMA loop, instructions per iteration per warp, store widths,
+and the issue-bound ceiling those imply.
+
+The ceiling is a bound, not a time: it counts issue slots in the innermost loop only.
+
+``--matrix ci`` is the subset the test suite compiles (tests/test_kernel_compile.py):
+every config × dtype × target on each kernel's heaviest case, every case once. Exit
+status 1 when a compile fails, a config spills, or a floor (``floors``) is missed.
+Output: ``kernel_static.json`` and ``kernel_static.md`` in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+DTYPES = ("float16", "bfloat16", "float32", "float32-ieee")
+DEFAULT_OUT = os.path.join("bench", "results", "static")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One launch shape. ``mask``: for channel cases ``dense`` (no index maps: also a
+    converted unit over physically narrowed activations), ``in`` (input gather),
+    ``out`` (scattered rows + fill channels), ``both``; for group cases ``groups``
+    (multi-row groups, rows in no group) or ``leftover`` (16-row chunks, no bias)."""
+
+    name: str
+    kernel: str  # "channel" or "group"
+    n: int
+    cin: int
+    cout: int
+    hw: tuple[int, int]
+    k: int
+    stride: int = 1
+    padding: int = 0
+    mask: str = "dense"
+    bias: bool = True
+    bias_map: bool = False
+    residual: bool = False
+    relu: bool = False
+    block_n: int = 32
+    k_pad: int = 32
+    aligned: bool = False  # every row 16-byte aligned: the vector-load floors apply
+    note: str = ""
+
+
+CASES = [
+    Case("dense-3x3", "channel", 64, 64, 64, (32, 32), 3, 1, 1, relu=True, aligned=True,
+         note="CIFAR ResNet-18 layer1 conv; the triton-dense baseline"),
+    Case("dense-3x3-res", "channel", 64, 256, 256, (8, 8), 3, 1, 1, residual=True, relu=True,
+         aligned=True, note="ResNet-18 layer3 second conv, residual and ReLU fused"),
+    Case("dense-1x1-s2", "channel", 64, 128, 256, (16, 16), 1, 2, 0, aligned=True,
+         note="downsampling shortcut"),
+    Case("stem-7x7-s2", "channel", 8, 3, 64, (224, 224), 7, 2, 3, relu=True,
+         note="ImageNet stem: 3 input channels cannot be 16-byte aligned"),
+    Case("narrow-odd", "channel", 64, 307, 203, (16, 16), 3, 1, 1, relu=True,
+         note="narrowed activations of odd width, as a plan built without alignment"),
+    Case("narrow-aligned", "channel", 64, 312, 208, (16, 16), 3, 1, 1, relu=True, aligned=True,
+         note="the same widths padded to a multiple of 8, as the converter stores them"),
+    Case("gather-in", "channel", 64, 256, 256, (8, 8), 3, 1, 1, mask="in", residual=True,
+         relu=True, note="input channels read through in_idx (residual-tied layout)"),
+    Case("scatter-out", "channel", 64, 256, 256, (8, 8), 3, 1, 1, mask="out", relu=True,
+         note="rows written through out_idx, constant channels by fill tiles"),
+    Case("all-features", "channel", 64, 128, 128, (16, 16), 3, 1, 1, mask="both",
+         bias_map=True, residual=True, relu=True,
+         note="in_idx, out_idx, fill, bias map, residual, ReLU: the heaviest epilogue"),
+    Case("batch1-odd-s2", "channel", 1, 17, 33, (9, 7), 3, 2, 1, mask="both", residual=True,
+         note="batch 1, odd channels and sizes, stride 2"),
+    Case("groups-3x3", "group", 64, 256, 256, (8, 8), 3, 1, 1, mask="groups", residual=True,
+         relu=True, note="regroup pack: 32-row groups, rows in no group, residual, ReLU"),
+    Case("groups-1x1-s2", "group", 64, 128, 256, (16, 16), 1, 2, 0, mask="groups",
+         note="group-sparse downsampling 1x1"),
+    Case("groups-7x7", "group", 8, 64, 64, (28, 28), 7, 1, 3, mask="groups", relu=True,
+         note="7x7 group pack"),
+    Case("groups-kpad64", "group", 64, 256, 256, (8, 8), 3, 1, 1, mask="groups", k_pad=64,
+         note="k_pad 64: the only packs BLOCK_K=64 configs may run on"),
+    Case("leftover", "group", 64, 256, 256, (8, 8), 3, 1, 1, mask="leftover", bias=False,
+         residual=True, relu=True, block_n=16, k_pad=16,
+         note="the converter's leftover pack: 16-row chunks, block_n = k_pad = 16"),
+    Case("groups-batch1-odd", "group", 1, 17, 33, (9, 7), 3, 2, 1, mask="groups",
+         note="batch 1, odd channels and sizes, stride 2"),
+]  # fmt: skip
+CASE_BY_NAME = {c.name: c for c in CASES}
+HEAVIEST = {"channel": "all-features", "group": "groups-3x3"}
+
+
+# ---------------------------------------------------------------------- building launches
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype, torch.float32)
+
+
+def build_launch(case: Case, dtype: str):
+    """The KernelLaunch a real call of ``case`` makes (CPU tensors, nothing runs)."""
+    import torch
+
+    from sparse_ops.formats import ChannelPlan, GroupPack
+
+    g = torch.Generator().manual_seed(0)
+    dt = _torch_dtype(dtype)
+    allow_tf32 = dtype == "float32"
+    n, (h, w), k = case.n, case.hw, case.k
+    weight = torch.randn(case.cout, case.cin, k, k, generator=g)
+    bias = torch.randn(case.cout, generator=g) if case.bias else None
+    x = torch.empty(n, case.cin, h, w, dtype=dt).contiguous(memory_format=torch.channels_last)
+    oh = (h + 2 * case.padding - k) // case.stride + 1
+    ow = (w + 2 * case.padding - k) // case.stride + 1
+    residual = None
+    if case.residual:
+        residual = torch.empty(n, case.cout, oh, ow, dtype=dt,
+                               memory_format=torch.channels_last)  # fmt: skip
+    geometry = {"stride": case.stride, "padding": case.padding}
+    if case.kernel == "channel":
+        from kernels.channel_conv import channel_conv_launch
+
+        keep_out = torch.ones(case.cout, dtype=torch.bool)
+        keep_in = torch.ones(case.cin, dtype=torch.bool)
+        if case.mask in ("out", "both"):
+            keep_out[torch.randperm(case.cout, generator=g)[: case.cout // 3]] = False
+        if case.mask in ("in", "both"):
+            keep_in[torch.randperm(case.cin, generator=g)[: case.cin // 3]] = False
+        mask = (keep_out[:, None, None, None] & keep_in[None, :, None, None]).expand_as(weight)
+        plan = ChannelPlan.from_weight(weight, mask, bias, **geometry).to(dtype=dt)
+        bias_map = torch.zeros(case.cout, oh, ow) if case.bias_map else None
+        return channel_conv_launch(x, plan, residual=residual, relu=case.relu,
+                                   allow_tf32=allow_tf32, bias_map=bias_map,
+                                   check_device=False)  # fmt: skip
+    from kernels.group_conv import group_conv_launch
+
+    k_total = k * k * case.cin
+    layout = []
+    rows = torch.randperm(case.cout, generator=g).tolist()
+    size = 16 if case.mask == "leftover" else 32
+    keep = case.cout - case.cout // 8  # the rest belong to no group: fill rows
+    for start in range(0, keep, size):
+        width = max(1, k_total // 5)
+        cols = torch.randperm(k_total, generator=g)[:width].tolist()
+        layout.append({"rows": rows[start : min(start + size, keep)], "cols": cols})
+    pack = GroupPack.from_weight(weight, None, layout, bias, block_n=case.block_n,
+                                 k_pad=case.k_pad, **geometry).to(dtype=dt)  # fmt: skip
+    return group_conv_launch(x, pack, residual=residual, relu=case.relu, allow_tf32=allow_tf32,
+                             check_device=False)  # fmt: skip
+
+
+def candidate_configs(case: Case, dtype: str, spec=None) -> list:
+    """The configs the autotuner may pick for this launch (after its pruning)."""
+    if case.kernel == "channel":
+        from kernels import channel_conv as module
+    else:
+        from kernels import group_conv as module
+    spec = spec if spec is not None else build_launch(case, dtype)
+    return module.candidate_configs(_torch_dtype(dtype), spec.constexprs)
+
+
+# ---------------------------------------------------------------------- the matrix
+
+
+def matrix(kind: str, targets, dtypes=DTYPES, kernels=("channel", "group"), cases=None):
+    """``[(case name, dtype, config index, target)]`` to compile."""
+    chosen = [c for c in CASES if c.kernel in kernels and (cases is None or c.name in cases)]
+    jobs = []
+    if kind == "full":
+        for case in chosen:
+            for dtype in dtypes:
+                for i in range(len(candidate_configs(case, dtype))):
+                    jobs += [(case.name, dtype, i, t) for t in targets]
+        return jobs
+    if kind != "ci":
+        raise ValueError(f"matrix must be 'full' or 'ci', got {kind!r}")
+    # Every config the autotuner may pick, every dtype, on the heaviest case of each
+    # kernel (and on the packs that admit other configs); every other case once, with a
+    # config that rotates so each config meets several cases.
+    heavy = {HEAVIEST[k] for k in kernels} | ({"leftover", "groups-kpad64"} if "group" in
+                                              kernels else set())  # fmt: skip
+    for case in chosen:
+        if case.name in heavy:
+            for dtype in [d for d in dtypes if d != "float32-ieee"]:
+                for i, config in enumerate(candidate_configs(case, dtype)):
+                    if case.name == "groups-kpad64" and config.kwargs["BLOCK_K"] != 64:
+                        continue  # the others are compiled on groups-3x3
+                    jobs += [(case.name, dtype, i, t) for t in targets]
+    rotate = 0
+    for case in chosen:
+        if case.name in heavy:
+            continue
+        for dtype in ("float16",) + (("float32-ieee",) if case.name == "dense-3x3" else ()):
+            if dtype not in dtypes:
+                continue
+            n_configs = len(candidate_configs(case, dtype))
+            jobs += [(case.name, dtype, rotate % n_configs, t) for t in targets]
+            rotate += 1
+    return jobs
+
+
+# ---------------------------------------------------------------------- one compile
+
+_launches: dict = {}
+
+
+def compile_one(job) -> dict:
+    """Compile one matrix entry; a row for the report (never raises)."""
+    import triton
+
+    from bench import kernel_compile
+
+    case_name, dtype, index, target = job
+    case = CASE_BY_NAME[case_name]
+    row = {"kernel": case.kernel, "case": case_name, "dtype": dtype, "target": target,
+           "triton": triton.__version__}  # fmt: skip
+    try:
+        key = (case_name, dtype)
+        if key not in _launches:
+            _launches[key] = build_launch(case, dtype)
+        spec = _launches[key]
+        config = candidate_configs(case, dtype, spec)[index]
+        tiles = {**spec.constexprs, **config.kwargs}
+        row["config"] = {**config.kwargs, "num_warps": config.num_warps,
+                         "num_stages": config.num_stages}  # fmt: skip
+        row["config"].setdefault("BLOCK_N", tiles.get("BLOCK_N"))
+        start = time.perf_counter()
+        compiled, log = kernel_compile.compile_launch(spec, config, target)
+        row["compile_s"] = round(time.perf_counter() - start, 2)
+        stats = kernel_compile.analyse(compiled, log)
+        row.update(ok=True, stats=stats.to_json())
+        operand = {"float16": "fp16", "bfloat16": "bf16"}.get(dtype, "tf32")
+        ceiling = kernel_compile.issue_ceiling(stats, tiles, config.num_warps,
+                                               kernel_compile.TARGETS[target], operand)  # fmt: skip
+        row["ceiling"] = None if ceiling is None else round(ceiling, 4)
+    except Exception as e:  # a failing compile is a result, reported with its message
+        row.update(ok=False, error=f"{type(e).__name__}: {str(e).strip()[:1500]}")
+    return row
+
+
+def _init_worker():
+    os.environ.pop("TRITON_INTERPRET", None)
+
+
+def run_matrix(jobs, workers: int | None = None, progress=True) -> list[dict]:
+    from bench import kernel_compile
+
+    workers = workers or min(len(jobs), os.cpu_count() or 1) or 1
+    rows = []
+    with kernel_compile.fresh_cache():
+        if workers == 1:
+            results = map(compile_one, jobs)
+            rows = _collect(results, len(jobs), progress)
+        else:
+            # spawn, not fork: a forked child of a process that has run torch ops can
+            # deadlock in the inherited OpenMP thread pool.
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker) as pool:
+                rows = _collect(pool.map(compile_one, jobs), len(jobs), progress)
+    return rows
+
+
+def _collect(results, total: int, progress: bool) -> list[dict]:
+    rows, start = [], time.perf_counter()
+    for i, row in enumerate(results, 1):
+        rows.append(row)
+        if progress:
+            status = "ok" if row["ok"] else "FAILED"
+            if row["ok"] and row["stats"]["spill_stores"]:
+                status = f"SPILLS {row['stats']['spill_stores']} B"
+            print(f"[{i}/{total} {time.perf_counter() - start:5.0f}s] {row['kernel']} "
+                  f"{row['case']} {row['dtype']} {row['target']} {_config_id(row)}: {status}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+    return rows
+
+
+def _config_id(row) -> str:
+    c = row.get("config") or {}
+    if not c:
+        return "?"
+    return (f"{c.get('BLOCK_M')}x{c.get('BLOCK_N')}x{c.get('BLOCK_K')}"
+            f" w{c.get('num_warps')} s{c.get('num_stages')}")  # fmt: skip
+
+
+# ---------------------------------------------------------------------- floors
+
+
+def floor_failures(row: dict) -> list[str]:
+    """What a compiled row misses of the floors: no spills anywhere; on aligned channel
+    cases in fp16/bf16, both operands on 16-byte asynchronous copies in the MMA loop, no
+    synchronous global load there, and no store narrower than 64 bits."""
+    if not row["ok"]:
+        return ["does not compile"]
+    stats, missed = row["stats"], []
+    if stats["spill_stores"] or stats["spill_loads"]:
+        missed.append(f"spills {stats['spill_stores']} B")
+    case = CASE_BY_NAME[row["case"]]
+    if case.kernel == "channel" and case.aligned and row["dtype"] in ("float16", "bfloat16"):
+        loop = stats["loop"]
+        if loop is None:
+            missed.append("no MMA loop found")
+        else:
+            if loop["global_loads"]:
+                missed.append(f"{loop['global_loads']} synchronous loads in the K loop")
+            narrow = {b: n for b, n in loop["load_bits"].items() if b != "128" and n}
+            if narrow or not loop["async_copies"]:
+                missed.append(f"K-loop copies not all 16-byte async: {loop['load_bits']}")
+        narrow_stores = {b: n for b, n in stats["store_bits"].items() if int(b) < 64 and n}
+        if narrow_stores:
+            missed.append(f"narrow stores {narrow_stores}")
+    return missed
+
+
+# ---------------------------------------------------------------------- report
+
+
+def environment() -> dict:
+    import platform
+
+    import torch
+    import triton
+
+    from bench.env import git_commit
+
+    return {"triton": triton.__version__, "torch": torch.__version__,
+            "python": platform.python_version(), "commit": git_commit(),
+            "machine": platform.machine(), "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+
+
+def markdown(rows: list[dict], env: dict) -> str:
+    lines = [
+        f"# Static kernel report (Triton {env['triton']}, commit {env['commit']})",
+        "",
+        "Compiled ahead of time on a CPU, with the specialisation a real launch gets. "
+        "`loop` = SASS instructions per iteration of the innermost MMA loop, per warp; "
+        "`async` = asynchronous copies in that loop (cp.async / TMA) and their widths in "
+        "bits; `ceiling` = the issue-bound fraction of the SM's peak tensor rate "
+        "(FLOP per iteration ÷ (instructions × warps ÷ 4) ÷ peak per clock). "
+        "**A bound from counted instructions, not a measured time.**",
+        "",
+    ]
+    failed = [r for r in rows if floor_failures(r)]
+    lines.append(f"{len(rows)} compiles, {sum(not r['ok'] for r in rows)} failed, "
+                 f"{sum(bool(r['ok'] and r['stats']['spill_stores']) for r in rows)} spill, "
+                 f"{len(failed)} miss a floor.")  # fmt: skip
+    for r in failed:
+        lines.append(f"- {r['kernel']} {r['case']} {r['dtype']} {r['target']} {_config_id(r)}: "
+                     + "; ".join(floor_failures(r)))  # fmt: skip
+    lines.append("")
+    header = (
+        "| case | dtype | target | config | regs | spill B | smem KB | mma | loop instr "
+        "| mma/iter | async (bits) | sync loads | stores (bits) | ceiling |"
+    )
+    for kernel in ("channel", "group"):
+        kernel_rows = [r for r in rows if r["kernel"] == kernel]
+        if not kernel_rows:
+            continue
+        lines += ["", f"## {kernel} kernel", "", header, "|" + "---|" * 14]
+        for r in kernel_rows:
+            if not r["ok"]:
+                why = r["error"].splitlines()[-1][:80]
+                lines.append(f"| {r['case']} | {r['dtype']} | {r['target']} | {_config_id(r)} "
+                             f"| **fails**: {why} |||||||||")  # fmt: skip
+                continue
+            s, loop = r["stats"], r["stats"]["loop"] or {}
+            bits = ",".join(f"{b}×{n}" for b, n in loop.get("load_bits", {}).items() if n)
+            stores = ",".join(f"{b}×{n}" for b, n in s["store_bits"].items())
+            ceiling = "–" if r["ceiling"] is None else f"{100 * r['ceiling']:.1f}%"
+            cells = [r["case"], r["dtype"], r["target"], _config_id(r), s["registers"],
+                     s["spill_stores"], f"{s['shared'] / 1024:.0f}", s["mma_kind"],
+                     loop.get("instructions", "–"), loop.get("mma", "–"),
+                     f"{loop.get('async_copies', 0)} ({bits or '–'})",
+                     loop.get("global_loads", "–"), stores or "–", ceiling]  # fmt: skip
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    lines += ["", "## Cases", ""]
+    lines += [f"- `{c.name}` ({c.kernel}): {c.note}" for c in CASES]
+    return "\n".join(lines) + "\n"
+
+
+def best_configs(rows: list[dict], target="sm_90a", dtype="float16") -> dict[str, list]:
+    """Per case, configs ordered by issue ceiling (the static ranking --quick GPU runs use)."""
+    ranked: dict[str, list] = {}
+    for r in rows:
+        if r["ok"] and r["target"] == target and r["dtype"] == dtype and r["ceiling"] is not None:
+            ranked.setdefault(r["case"], []).append((r["ceiling"], r["config"]))
+    return {k: [c for _, c in sorted(v, key=lambda t: -t[0])] for k, v in ranked.items()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.kernel_static", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--matrix", choices=["full", "ci"], default="full")
+    p.add_argument("--targets", nargs="+", default=list(("sm_90a", "sm_80")))
+    p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
+    p.add_argument("--kernels", nargs="+", default=["channel", "group"],
+                   choices=["channel", "group"])  # fmt: skip
+    p.add_argument("--cases", nargs="+", default=None, choices=sorted(CASE_BY_NAME))
+    p.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: CPUs)")
+    p.add_argument("--out", default=None, help=f"output folder (default {DEFAULT_OUT}/"
+                                                "triton-<version>)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print the rows as JSON on stdout")
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        os.environ.pop("TRITON_INTERPRET")
+        if "kernels.channel_conv" in sys.modules:
+            p.error("TRITON_INTERPRET was set when the kernels were imported: unset it")
+    from bench import kernel_compile
+
+    for t in args.targets:
+        if t not in kernel_compile.TARGETS:
+            p.error(f"unknown target {t}; known: {', '.join(kernel_compile.TARGETS)}")
+    jobs = matrix(args.matrix, args.targets, tuple(args.dtypes), tuple(args.kernels), args.cases)
+    print(f"{len(jobs)} compiles", file=sys.stderr)
+    start = time.perf_counter()
+    rows = run_matrix(jobs, args.jobs)
+    env = environment()
+    env.update(matrix=args.matrix, seconds=round(time.perf_counter() - start, 1))
+    out = args.out or os.path.join(DEFAULT_OUT, f"triton-{env['triton']}")
+    os.makedirs(out, exist_ok=True)
+    payload = {"environment": env, "rows": rows, "best_configs": best_configs(rows)}
+    with open(os.path.join(out, "kernel_static.json"), "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=1)
+    with open(os.path.join(out, "kernel_static.md"), "w", encoding="utf-8") as f:
+        f.write(markdown(rows, env))
+    bad = [r for r in rows if floor_failures(r)]
+    print(f"{len(rows)} compiles in {env['seconds']} s, {len(bad)} miss a floor; "
+          f"report in {out}", file=sys.stderr)  # fmt: skip
+    if args.json:
+        print(json.dumps(payload))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
