@@ -258,13 +258,14 @@ def loop_stats(instrs, bounds) -> LoopStats:
                 count["tma"] += 1
             else:
                 load_bits[_bits(op)] += 1
+        elif op.startswith(("BAR", "SYNCS", "WARPGROUP", "DEPBAR", "LDGDEPBAR", "WARPSYNC",
+                            "MEMBAR", "FENCE")):  # fmt: skip
+            count["bar"] += 1
         elif op.startswith("LDG"):
             count["ldg"] += 1
             load_bits[_bits(op)] += 1
         elif op.startswith(("LDS", "LDSM")):
             count["lds"] += 1
-        elif op.startswith(("BAR", "SYNCS", "WARPGROUP", "DEPBAR", "LDGDEPBAR", "WARPSYNC")):
-            count["bar"] += 1
         elif op.startswith(_INTEGER):
             count["int"] += 1
     return LoopStats(

@@ -97,7 +97,6 @@ CASES = [
          note="batch 1, odd channels and sizes, stride 2"),
 ]  # fmt: skip
 CASE_BY_NAME = {c.name: c for c in CASES}
-HEAVIEST = {"channel": "all-features", "group": "groups-3x3"}
 
 
 # ---------------------------------------------------------------------- building launches
@@ -161,14 +160,64 @@ def build_launch(case: Case, dtype: str):
                              check_device=False)  # fmt: skip
 
 
-def candidate_configs(case: Case, dtype: str, spec=None) -> list:
-    """The configs the autotuner may pick for this launch (after its pruning)."""
+def _kernel_module(case: Case):
     if case.kernel == "channel":
         from kernels import channel_conv as module
     else:
         from kernels import group_conv as module
+    return module
+
+
+def candidate_configs(case: Case, dtype: str, spec=None) -> list:
+    """The configs the autotuner may pick for this launch (after its pruning)."""
     spec = spec if spec is not None else build_launch(case, dtype)
-    return module.candidate_configs(_torch_dtype(dtype), spec.constexprs)
+    return _kernel_module(case).candidate_configs(_torch_dtype(dtype), spec.constexprs)
+
+
+_SPILL_TABLES: dict[str, dict] = {}
+
+
+def ignore_spill_tables() -> None:
+    """Offer every config, also those the kernels' SPILLS tables withhold (to measure
+    them again: ``--all-configs``); :func:`withheld` still reads the tables."""
+    from kernels import channel_conv, group_conv
+
+    for name, module in (("channel", channel_conv), ("group", group_conv)):
+        _SPILL_TABLES.setdefault(name, module.SPILLS)
+        module.SPILLS = {}
+
+
+def withheld(row: dict) -> bool:
+    """Whether the kernels' SPILLS tables keep this row's config from its launches on
+    the row's Triton version (so the autotuner never runs it there)."""
+    from kernels import channel_conv, group_conv, launch
+
+    module = channel_conv if row["kernel"] == "channel" else group_conv
+    table = _SPILL_TABLES.get(row["kernel"], module.SPILLS)
+    dtype = _torch_dtype(row["dtype"])
+    return row.get("config_id") in launch.known_spills(table, row.get("launch_class", ""),
+                                                         dtype, row["triton"])  # fmt: skip
+
+
+def spill_table(paths) -> dict[str, dict[tuple[int, int], dict[str, list[str]]]]:
+    """Per kernel, the SPILLS table that full-matrix reports (``--all-configs``) imply:
+    {(major, minor): {"class/dtype": [config ids that spilled]}}."""
+    table: dict = {}
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            payload = json.load(f)
+        version = tuple(int(p) for p in payload["environment"]["triton"].split(".")[:2])
+        for kernel in {row["kernel"] for row in payload["rows"]}:
+            table.setdefault(kernel, {}).setdefault(version, {})  # measured, even if clean
+        for row in payload["rows"]:
+            if not row["ok"] or not (row["stats"]["spill_stores"] or row["stats"]["spill_loads"]):
+                continue
+            dtype = "float32" if row["dtype"] == "float32-ieee" else row["dtype"]
+            key = f"{row['launch_class']}/{dtype}"
+            entry = table.setdefault(row["kernel"], {}).setdefault(version, {})
+            entry.setdefault(key, set()).add(row["config_id"])
+    return {k: {v: {c: sorted(ids) for c, ids in sorted(e.items())} for v, e in sorted(t.items())}
+            for k, t in table.items()}  # fmt: skip
 
 
 # ---------------------------------------------------------------------- the matrix
@@ -186,29 +235,46 @@ def matrix(kind: str, targets, dtypes=DTYPES, kernels=("channel", "group"), case
         return jobs
     if kind != "ci":
         raise ValueError(f"matrix must be 'full' or 'ci', got {kind!r}")
-    # Every config the autotuner may pick, every dtype, on the heaviest case of each
-    # kernel (and on the packs that admit other configs); every other case once, with a
-    # config that rotates so each config meets several cases.
-    heavy = {HEAVIEST[k] for k in kernels} | ({"leftover", "groups-kpad64"} if "group" in
-                                              kernels else set())  # fmt: skip
-    for case in chosen:
-        if case.name in heavy:
-            for dtype in [d for d in dtypes if d != "float32-ieee"]:
-                for i, config in enumerate(candidate_configs(case, dtype)):
-                    if case.name == "groups-kpad64" and config.kwargs["BLOCK_K"] != 64:
-                        continue  # the others are compiled on groups-3x3
-                    jobs += [(case.name, dtype, i, t) for t in targets]
+    # Each launch class's config set is compiled in full on a case of that class: every
+    # config × fp16/bf16/fp32 for the first target, × fp16 for the others (register use
+    # barely differs between fp16 and bf16). Every other case once, fp16, with a config
+    # that rotates so that each config meets several cases.
+    first, others = targets[0], targets[1:]
+    covered = set()
+    for case_name, dtype_set, keep in CI_CLASS_CASES:
+        case = CASE_BY_NAME[case_name]
+        if case not in chosen:
+            continue
+        covered.add(case_name)
+        for dtype in [d for d in dtype_set if d in dtypes]:
+            for i, config in enumerate(candidate_configs(case, dtype)):
+                if keep and not keep(config):
+                    continue
+                jobs.append((case.name, dtype, i, first))
+                if dtype in ("float16", "float32-ieee"):
+                    jobs += [(case.name, dtype, i, t) for t in others]
     rotate = 0
     for case in chosen:
-        if case.name in heavy:
+        if case.name in covered or "float16" not in dtypes:
             continue
-        for dtype in ("float16",) + (("float32-ieee",) if case.name == "dense-3x3" else ()):
-            if dtype not in dtypes:
-                continue
-            n_configs = len(candidate_configs(case, dtype))
-            jobs += [(case.name, dtype, rotate % n_configs, t) for t in targets]
-            rotate += 1
+        n_configs = len(candidate_configs(case, "float16"))
+        jobs += [(case.name, "float16", rotate % n_configs, t) for t in targets]
+        rotate += 1
     return jobs
+
+
+_TENSOR_DTYPES = ("float16", "bfloat16", "float32")
+# (case, dtypes, config filter): one case per launch class, whose configs it compiles.
+CI_CLASS_CASES = [
+    ("dense-3x3-res", _TENSOR_DTYPES, None),  # channel "vector"
+    ("scatter-out", _TENSOR_DTYPES, None),  # "vector-scatter"
+    ("gather-in", _TENSOR_DTYPES, None),  # "scalar"
+    ("all-features", _TENSOR_DTYPES, None),  # "scalar-scatter"
+    ("dense-3x3", ("float32-ieee",), None),  # "fma"
+    ("groups-3x3", (*_TENSOR_DTYPES, "float32-ieee"), None),  # group "tensor", "fma"
+    ("groups-kpad64", _TENSOR_DTYPES, lambda c: c.kwargs["BLOCK_K"] == 64),
+    ("leftover", _TENSOR_DTYPES, None),  # block_n = k_pad = 16
+]
 
 
 # ---------------------------------------------------------------------- one compile
@@ -221,6 +287,7 @@ def compile_one(job) -> dict:
     import triton
 
     from bench import kernel_compile
+    from kernels.launch import config_id
 
     case_name, dtype, index, target = job
     case = CASE_BY_NAME[case_name]
@@ -236,6 +303,9 @@ def compile_one(job) -> dict:
         row["config"] = {**config.kwargs, "num_warps": config.num_warps,
                          "num_stages": config.num_stages}  # fmt: skip
         row["config"].setdefault("BLOCK_N", tiles.get("BLOCK_N"))
+        row["config_id"] = config_id(config)
+        row["launch_class"] = _kernel_module(case).launch_class(_torch_dtype(dtype),
+                                                                spec.constexprs)  # fmt: skip
         start = time.perf_counter()
         compiled, log = kernel_compile.compile_launch(spec, config, target)
         row["compile_s"] = round(time.perf_counter() - start, 2)
@@ -246,15 +316,19 @@ def compile_one(job) -> dict:
                                                kernel_compile.TARGETS[target], operand)  # fmt: skip
         row["ceiling"] = None if ceiling is None else round(ceiling, 4)
     except Exception as e:  # a failing compile is a result, reported with its message
-        row.update(ok=False, error=f"{type(e).__name__}: {str(e).strip()[:1500]}")
+        text = f"{type(e).__name__}: {str(e).strip()}"
+        # Triton's errors nest: where it failed comes first, why at the end.
+        row.update(ok=False, error=text if len(text) < 2400 else text[:900] + " … " + text[-1500:])
     return row
 
 
-def _init_worker():
+def _init_worker(all_configs: bool = False):
     os.environ.pop("TRITON_INTERPRET", None)
+    if all_configs:
+        ignore_spill_tables()
 
 
-def run_matrix(jobs, workers: int | None = None, progress=True) -> list[dict]:
+def run_matrix(jobs, workers: int | None = None, progress=True, all_configs=False) -> list[dict]:
     from bench import kernel_compile
 
     workers = workers or min(len(jobs), os.cpu_count() or 1) or 1
@@ -267,7 +341,8 @@ def run_matrix(jobs, workers: int | None = None, progress=True) -> list[dict]:
             # spawn, not fork: a forked child of a process that has run torch ops can
             # deadlock in the inherited OpenMP thread pool.
             context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker) as pool:
+            with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                     initargs=(all_configs,)) as pool:  # fmt: skip
                 rows = _collect(pool.map(compile_one, jobs), len(jobs), progress)
     return rows
 
@@ -287,11 +362,7 @@ def _collect(results, total: int, progress: bool) -> list[dict]:
 
 
 def _config_id(row) -> str:
-    c = row.get("config") or {}
-    if not c:
-        return "?"
-    return (f"{c.get('BLOCK_M')}x{c.get('BLOCK_N')}x{c.get('BLOCK_K')}"
-            f" w{c.get('num_warps')} s{c.get('num_stages')}")  # fmt: skip
+    return row.get("config_id", "?")
 
 
 # ---------------------------------------------------------------------- floors
@@ -301,6 +372,8 @@ def floor_failures(row: dict) -> list[str]:
     """What a compiled row misses of the floors: no spills anywhere; on aligned channel
     cases in fp16/bf16, both operands on 16-byte asynchronous copies in the MMA loop, no
     synchronous global load there, and no store narrower than 64 bits."""
+    if row.get("withheld"):
+        return []  # never offered on this Triton: it is in the spill table
     if not row["ok"]:
         return ["does not compile"]
     stats, missed = row["stats"], []
@@ -352,9 +425,13 @@ def markdown(rows: list[dict], env: dict) -> str:
         "",
     ]
     failed = [r for r in rows if floor_failures(r)]
-    lines.append(f"{len(rows)} compiles, {sum(not r['ok'] for r in rows)} failed, "
-                 f"{sum(bool(r['ok'] and r['stats']['spill_stores']) for r in rows)} spill, "
-                 f"{len(failed)} miss a floor.")  # fmt: skip
+    held = [r for r in rows if r.get("withheld")]
+    offered = [r for r in rows if not r.get("withheld")]
+    lines.append(f"{len(rows)} compiles: {len(offered)} of configs the autotuner may pick "
+                 f"on this Triton, {sum(not r['ok'] for r in offered)} of them failed, "
+                 f"{sum(bool(r['ok'] and r['stats']['spill_stores']) for r in offered)} spill, "
+                 f"{len(failed)} miss a floor; {len(held)} of configs the spill tables "
+                 "withhold on this Triton (marked *withheld*).")  # fmt: skip
     for r in failed:
         lines.append(f"- {r['kernel']} {r['case']} {r['dtype']} {r['target']} {_config_id(r)}: "
                      + "; ".join(floor_failures(r)))  # fmt: skip
@@ -378,7 +455,8 @@ def markdown(rows: list[dict], env: dict) -> str:
             bits = ",".join(f"{b}×{n}" for b, n in loop.get("load_bits", {}).items() if n)
             stores = ",".join(f"{b}×{n}" for b, n in s["store_bits"].items())
             ceiling = "–" if r["ceiling"] is None else f"{100 * r['ceiling']:.1f}%"
-            cells = [r["case"], r["dtype"], r["target"], _config_id(r), s["registers"],
+            config = _config_id(r) + (" *withheld*" if r.get("withheld") else "")
+            cells = [r["case"], r["dtype"], r["target"], config, s["registers"],
                      s["spill_stores"], f"{s['shared'] / 1024:.0f}", s["mma_kind"],
                      loop.get("instructions", "–"), loop.get("mma", "–"),
                      f"{loop.get('async_copies', 0)} ({bits or '–'})",
@@ -393,9 +471,19 @@ def best_configs(rows: list[dict], target="sm_90a", dtype="float16") -> dict[str
     """Per case, configs ordered by issue ceiling (the static ranking --quick GPU runs use)."""
     ranked: dict[str, list] = {}
     for r in rows:
-        if r["ok"] and r["target"] == target and r["dtype"] == dtype and r["ceiling"] is not None:
+        if r.get("withheld") or not r["ok"]:
+            continue
+        if r["target"] == target and r["dtype"] == dtype and r["ceiling"] is not None:
             ranked.setdefault(r["case"], []).append((r["ceiling"], r["config"]))
     return {k: [c for _, c in sorted(v, key=lambda t: -t[0])] for k, v in ranked.items()}
+
+
+def _write(payload: dict, out: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "kernel_static.json"), "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=1)
+    with open(os.path.join(out, "kernel_static.md"), "w", encoding="utf-8") as f:
+        f.write(markdown(payload["rows"], payload["environment"]))
 
 
 def main(argv=None) -> int:
@@ -411,7 +499,42 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help=f"output folder (default {DEFAULT_OUT}/"
                                                 "triton-<version>)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the rows as JSON on stdout")
+    p.add_argument("--all-configs", action="store_true",
+                   help="also the configs the kernels' SPILLS tables withhold")  # fmt: skip
+    p.add_argument(
+        "--spill-table",
+        nargs="+",
+        metavar="JSON",
+        help="print the SPILLS tables these --all-configs reports imply, and exit",
+    )
+    p.add_argument(
+        "--render", metavar="JSON",
+        help="re-mark withheld configs in a report (after a SPILLS table edit), rewrite "
+             "its JSON and Markdown in --out; compiles nothing",
+    )  # fmt: skip
     args = p.parse_args(argv)
+    if args.render:
+        with open(args.render, encoding="utf-8") as f:
+            payload = json.load(f)
+        for row in payload["rows"]:
+            row["withheld"] = withheld(row)
+        payload["best_configs"] = best_configs(payload["rows"])
+        out = args.out or os.path.dirname(args.render)
+        _write(payload, out)
+        return 1 if any(floor_failures(r) for r in payload["rows"]) else 0
+    if args.spill_table:
+        for kernel, table in spill_table(args.spill_table).items():
+            print(f"# kernels/{kernel}_conv.py\nSPILLS = {{")
+            for version, entry in table.items():
+                if not entry:
+                    print(f"    {version}: {{}},  # measured: nothing spills")
+                    continue
+                print(f"    {version}: {{")
+                for key, ids in entry.items():
+                    print(f"        {key!r}: {{{', '.join(repr(i) for i in ids)}}},")
+                print("    },")
+            print("}")
+        return 0
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         os.environ.pop("TRITON_INTERPRET")
         if "kernels.channel_conv" in sys.modules:
@@ -421,19 +544,21 @@ def main(argv=None) -> int:
     for t in args.targets:
         if t not in kernel_compile.TARGETS:
             p.error(f"unknown target {t}; known: {', '.join(kernel_compile.TARGETS)}")
+    if args.all_configs:
+        ignore_spill_tables()
     jobs = matrix(args.matrix, args.targets, tuple(args.dtypes), tuple(args.kernels), args.cases)
     print(f"{len(jobs)} compiles", file=sys.stderr)
     start = time.perf_counter()
-    rows = run_matrix(jobs, args.jobs)
+    rows = run_matrix(jobs, args.jobs, all_configs=args.all_configs)
+    for row in rows:
+        row["withheld"] = withheld(row)
     env = environment()
-    env.update(matrix=args.matrix, seconds=round(time.perf_counter() - start, 1))
+    env.update(matrix=args.matrix, all_configs=args.all_configs,
+               seconds=round(time.perf_counter() - start, 1))  # fmt: skip
     out = args.out or os.path.join(DEFAULT_OUT, f"triton-{env['triton']}")
     os.makedirs(out, exist_ok=True)
     payload = {"environment": env, "rows": rows, "best_configs": best_configs(rows)}
-    with open(os.path.join(out, "kernel_static.json"), "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1)
-    with open(os.path.join(out, "kernel_static.md"), "w", encoding="utf-8") as f:
-        f.write(markdown(rows, env))
+    _write(payload, out)
     bad = [r for r in rows if floor_failures(r)]
     print(f"{len(rows)} compiles in {env['seconds']} s, {len(bad)} miss a floor; "
           f"report in {out}", file=sys.stderr)  # fmt: skip

@@ -16,9 +16,8 @@ With ``in_idx = out_idx = None`` this is a plain dense conv: the ``triton-dense`
 baseline.
 
 GEMM view. M = N·OH·OW pixels, N = Cout' compact rows, K = kh·kw·Cin' in (ky, kx, c)
-order, walked as nested loops over ky, kx and blocks of ``BLOCK_K`` input channels
-(nested rather than one flattened K loop: flattened (ky, kx, c-block) conv loops have
-miscompiled at num_warps=8 on some Triton versions).
+order, walked as nested loops over ky, kx and blocks of ``BLOCK_K`` input channels (or,
+with ``FLAT``, one loop over (tap, block) steps; see the configs below for why both).
 
 Shapes and layout:
     x        [N, Cin, H, W] logical, channels innermost (strides passed explicitly)
@@ -27,9 +26,18 @@ Shapes and layout:
     res, y   [N, Cout, OH, OW] logical, channels innermost
     in_idx   [Cin'] int32 · out_idx [Cout'] int32 · fill_idx [Cout − Cout'] int32
 
-Accumulation in fp32; inputs fp16, bf16 or fp32 (tf32 when allowed). Offsets are
-int64, so tensors beyond 2^31 elements are addressed correctly. Grid: (pixel tiles,
-row tiles of the compact GEMM followed by epilogue-only tiles over ``fill_idx``).
+Vector memory access. With channels innermost, a pixel's Cin' inputs are contiguous, so
+when x's pixel strides and Cin' are multiples of 8 (``X_ALIGN``/``W_ALIGN``, checked by
+the launcher and stated to the compiler with ``multiple_of``) both operands arrive by
+16-byte asynchronous copies; when the output strides and Cout' are too (``Y_ALIGN``)
+and there is no ``out_idx``, stores and residual loads are 16-byte vectors. Fill tiles
+run a separate epilogue so the GEMM tiles' channel numbers stay one contiguous run. A
+gather through ``in_idx`` or an odd channel count falls back to element loads.
+
+Accumulation in fp32; inputs fp16, bf16 or fp32 (tf32 when allowed). Offsets are int32
+unless a tensor has 2^30 elements or more (``WIDE``: int64), which halves the address
+arithmetic of the common case. Grid: (pixel tiles, row tiles of the compact GEMM
+followed by epilogue-only tiles over ``fill_idx``).
 """
 
 from __future__ import annotations
@@ -39,9 +47,87 @@ import triton
 import triton.language as tl
 
 from . import launch
-from .epilogue import store_with_epilogue
+from .epilogue import multiple_of, store_with_epilogue
+from .launch import config_id
 
 SUPPORTED_FORMAT_VERSION = 1
+
+
+@triton.jit
+def _conv_tile(
+    x_ptr, w_ptr, in_idx_ptr, rm, m_mask, nb, oh, ow, rn, n_mask,
+    H, W, C_IN, stride_xn, stride_xh, stride_xw, stride_xc,
+    STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_IN_IDX: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, WIDE: tl.constexpr, FLAT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """The fp32 accumulator of one [BLOCK_M pixels, BLOCK_N rows] GEMM tile."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    ih0 = oh * STRIDE_H - PAD_H
+    iw0 = ow * STRIDE_W - PAD_W
+    if WIDE:
+        x_img = nb.to(tl.int64) * stride_xn
+        w_row = rn.to(tl.int64) * (KH * KW * C_IN)
+    else:
+        x_img = nb * stride_xn
+        w_row = rn * (KH * KW * C_IN)
+    rk0 = tl.arange(0, BLOCK_K)
+    if FLAT:
+        c_steps = tl.cdiv(C_IN, BLOCK_K)
+        for step in range(0, KH * KW * c_steps):
+            # (tap, channel block) from the step alone: state carried through an `if`
+            # would stop the software pipeliner from issuing copies ahead.
+            tap = step // c_steps
+            c0 = (step - tap * c_steps) * BLOCK_K
+            ky = tap // KW
+            kx = tap - ky * KW
+            ih = ih0 + ky * DIL_H
+            iw = iw0 + kx * DIL_W
+            inside = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            if WIDE:
+                x_pix = x_img + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
+            else:
+                x_pix = x_img + ih * stride_xh + iw * stride_xw
+            rk = c0 + rk0
+            k_mask = rk < C_IN
+            if HAS_IN_IDX:
+                ch = tl.load(in_idx_ptr + rk, mask=k_mask, other=0)
+            else:
+                ch = rk
+            if WIDE:
+                ch = ch.to(tl.int64)
+            a = tl.load(x_ptr + x_pix[:, None] + ch[None, :] * stride_xc,
+                        mask=inside[:, None] & k_mask[None, :], other=0.0)  # fmt: skip
+            b = tl.load(w_ptr + w_row[None, :] + (tap * C_IN + rk)[:, None],
+                        mask=n_mask[None, :] & k_mask[:, None], other=0.0)  # fmt: skip
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    else:
+        for ky in range(KH):
+            ih = ih0 + ky * DIL_H
+            for kx in range(KW):
+                iw = iw0 + kx * DIL_W
+                inside = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                if WIDE:
+                    x_pix = x_img + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
+                else:
+                    x_pix = x_img + ih * stride_xh + iw * stride_xw
+                w_tap = w_row + (ky * KW + kx) * C_IN
+                for c0 in range(0, C_IN, BLOCK_K):
+                    rk = c0 + rk0
+                    k_mask = rk < C_IN
+                    if HAS_IN_IDX:
+                        ch = tl.load(in_idx_ptr + rk, mask=k_mask, other=0)
+                    else:
+                        ch = rk
+                    if WIDE:
+                        ch = ch.to(tl.int64)
+                    a = tl.load(x_ptr + x_pix[:, None] + ch[None, :] * stride_xc,
+                                mask=inside[:, None] & k_mask[None, :], other=0.0)  # fmt: skip
+                    b = tl.load(w_ptr + w_tap[None, :] + rk[:, None],
+                                mask=n_mask[None, :] & k_mask[:, None], other=0.0)  # fmt: skip
+                    acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
 
 
 @triton.jit
@@ -54,87 +140,211 @@ def channel_conv_kernel(
     stride_bc, stride_bh, stride_bw,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
     KH: tl.constexpr, KW: tl.constexpr,
-    HAS_IN_IDX: tl.constexpr, HAS_OUT_IDX: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_BIAS_MAP: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    HAS_IN_IDX: tl.constexpr, HAS_OUT_IDX: tl.constexpr, HAS_FILL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_BIAS_MAP: tl.constexpr, HAS_RES: tl.constexpr,
+    RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    X_ALIGN: tl.constexpr, W_ALIGN: tl.constexpr, Y_ALIGN: tl.constexpr, WIDE: tl.constexpr,
+    FLAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    gemm_tiles = tl.cdiv(C_OUT, BLOCK_N)
+    # Alignment the launcher checked, stated so that loads and stores become vectors.
+    stride_xn = multiple_of(stride_xn, X_ALIGN)
+    stride_xh = multiple_of(stride_xh, X_ALIGN)
+    stride_xw = multiple_of(stride_xw, X_ALIGN)
+    C_IN = multiple_of(C_IN, W_ALIGN)
+    stride_yn = multiple_of(stride_yn, Y_ALIGN)
+    stride_yh = multiple_of(stride_yh, Y_ALIGN)
+    stride_yw = multiple_of(stride_yw, Y_ALIGN)
+    stride_rn = multiple_of(stride_rn, Y_ALIGN)
+    stride_rh = multiple_of(stride_rh, Y_ALIGN)
+    stride_rw = multiple_of(stride_rw, Y_ALIGN)
+    C_OUT = multiple_of(C_OUT, Y_ALIGN)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = rm < M
     ow = rm % OW
     oh = (rm // OW) % OH
     nb = (rm // OW) // OH
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-
-    if pid_n < gemm_tiles:
+    gemm_tiles = tl.cdiv(C_OUT, BLOCK_N)
+    # Fill tiles (output channels no kept weight reaches) run their own epilogue, so the
+    # GEMM tiles' channel numbers stay a contiguous run the compiler can vectorise.
+    if HAS_FILL and pid_n >= gemm_tiles:
+        rf = (pid_n - gemm_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+        fill_mask = rf < N_FILL
+        fill_ch = tl.load(fill_idx_ptr + rf, mask=fill_mask, other=0)
+        store_with_epilogue(
+            tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), y_ptr, bias_ptr, bmap_ptr,
+            res_ptr, fill_ch, fill_mask, m_mask, nb, oh, ow,
+            stride_yn, stride_yh, stride_yw, stride_yc, stride_rn, stride_rh, stride_rw,
+            stride_rc, stride_bc, stride_bh, stride_bw, HAS_BIAS, HAS_BIAS_MAP, HAS_RES, RELU,
+            WIDE,
+        )  # fmt: skip
+    else:
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = rn < C_OUT
-        ih0 = oh * STRIDE_H - PAD_H
-        iw0 = ow * STRIDE_W - PAD_W
-        x_img = nb.to(tl.int64) * stride_xn
-        w_row = rn.to(tl.int64) * (KH * KW * C_IN)
-        for ky in range(KH):
-            ih = ih0 + ky * DIL_H
-            for kx in range(KW):
-                iw = iw0 + kx * DIL_W
-                inside = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                x_pix = x_img + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
-                w_tap = w_row + (ky * KW + kx) * C_IN
-                for c0 in range(0, C_IN, BLOCK_K):
-                    rk = c0 + tl.arange(0, BLOCK_K)
-                    k_mask = rk < C_IN
-                    if HAS_IN_IDX:
-                        ch = tl.load(in_idx_ptr + rk, mask=k_mask, other=0)
-                    else:
-                        ch = rk
-                    a = tl.load(
-                        x_ptr + x_pix[:, None] + ch.to(tl.int64)[None, :] * stride_xc,
-                        mask=inside[:, None] & k_mask[None, :],
-                        other=0.0,
-                    )
-                    b = tl.load(
-                        w_ptr + w_tap[None, :] + rk[:, None],
-                        mask=n_mask[None, :] & k_mask[:, None],
-                        other=0.0,
-                    )
-                    acc += tl.dot(a, b, input_precision=INPUT_PRECISION)
+        acc = _conv_tile(
+            x_ptr, w_ptr, in_idx_ptr, rm, m_mask, nb, oh, ow, rn, n_mask,
+            H, W, C_IN, stride_xn, stride_xh, stride_xw, stride_xc,
+            STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+            KH, KW, HAS_IN_IDX, INPUT_PRECISION, WIDE, FLAT, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
         if HAS_OUT_IDX:
             out_ch = tl.load(out_idx_ptr + rn, mask=n_mask, other=0)
         else:
             out_ch = rn
-        col_mask = n_mask
-    else:
-        # Epilogue-only tile: output channels no kept weight reaches.
-        rf = (pid_n - gemm_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_mask = rf < N_FILL
-        out_ch = tl.load(fill_idx_ptr + rf, mask=col_mask, other=0)
-
-    store_with_epilogue(
-        acc, y_ptr, bias_ptr, bmap_ptr, res_ptr, out_ch, col_mask, m_mask, nb, oh, ow,
-        stride_yn, stride_yh, stride_yw, stride_yc, stride_rn, stride_rh, stride_rw, stride_rc,
-        stride_bc, stride_bh, stride_bw, HAS_BIAS, HAS_BIAS_MAP, HAS_RES, RELU,
-    )  # fmt: skip
+        store_with_epilogue(
+            acc, y_ptr, bias_ptr, bmap_ptr, res_ptr, out_ch, n_mask, m_mask, nb, oh, ow,
+            stride_yn, stride_yh, stride_yw, stride_yc, stride_rn, stride_rh, stride_rw,
+            stride_rc, stride_bc, stride_bh, stride_bw, HAS_BIAS, HAS_BIAS_MAP, HAS_RES, RELU,
+            WIDE,
+        )  # fmt: skip
 
 
-# Autotuning (GPU only). The key holds every shape quantity of the problem.
-CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=nw, num_stages=ns)
-    for bm, bn, bk, nw, ns in [
-        (128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 64, 64, 4, 2),
-        (64, 64, 64, 4, 3), (128, 32, 32, 4, 4), (64, 32, 32, 4, 4), (256, 64, 32, 8, 3),
-    ]
+# Autotuning (GPU only). Two config sets, because what a tile can afford depends on how
+# its input loads (bench.kernel_static compiles every config of both for sm_90a and
+# sm_80 and requires zero spills):
+# - vector launches (no input gather, 16-byte aligned rows): operands arrive by 16-byte
+#   cp.async, a few address registers per thread, so large tiles fit;
+# - scalar launches (input channels gathered through in_idx, or rows that are not
+#   16-byte aligned, e.g. a 3-channel stem): every element is a 2- or 4-byte load with
+#   an address of its own, and tiles above 128×32×32 spill.
+# FLAT selects one K loop over (tap, channel block) instead of nested (ky, kx, block)
+# loops. It pipelines copies across taps, but decoding the step costs a division per
+# iteration (182 vs 92 SASS instructions per iteration, sm_90a, 128×64×32): the static
+# count favours the nested loop whenever a tap has two or more channel blocks, so only
+# two configs offer it, for the autotuner to measure whether hiding the per-tap pipeline
+# drain pays on the device.
+def _config(bm, bn, bk, warps, stages, flat=False):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "FLAT": flat},
+                         num_warps=warps, num_stages=stages)  # fmt: skip
+
+
+VECTOR_CONFIGS = [
+    _config(128, 128, 32, 8, 3), _config(128, 64, 32, 4, 3), _config(64, 128, 32, 4, 3),
+    _config(128, 64, 64, 4, 2), _config(64, 64, 64, 4, 3), _config(128, 32, 32, 4, 4),
+    _config(64, 32, 32, 4, 4), _config(256, 64, 32, 8, 3),
+    _config(128, 64, 32, 4, 3, flat=True), _config(64, 64, 32, 4, 3, flat=True),
 ]  # fmt: skip
+SCALAR_CONFIGS = [
+    _config(64, 64, 32, 8, 3), _config(128, 64, 32, 8, 2), _config(128, 32, 32, 8, 3),
+    _config(32, 64, 32, 4, 3), _config(64, 32, 32, 4, 2),
+]  # fmt: skip
+# A scattered epilogue (rows written through out_idx) holds a 64-bit address per
+# accumulator element: only tiles of at most 32 accumulators per thread.
+_SCATTER_ACCUMULATORS = 32
+
+
+def _fits_scatter(config: triton.Config) -> bool:
+    kw = config.kwargs
+    return kw["BLOCK_M"] * kw["BLOCK_N"] <= _SCATTER_ACCUMULATORS * 32 * config.num_warps
+
+
+CONFIG_SETS = {
+    "vector": VECTOR_CONFIGS,
+    "vector-scatter": [c for c in VECTOR_CONFIGS if _fits_scatter(c)],
+    "scalar": SCALAR_CONFIGS,
+    "scalar-scatter": [
+        _config(64, 64, 32, 8, 3),
+        _config(128, 32, 32, 8, 3),
+        _config(64, 32, 32, 4, 2),
+        _config(32, 64, 32, 4, 3),
+        _config(64, 32, 32, 4, 4),
+    ],
+    # Exact fp32 (allow_tf32=False) runs tl.dot on CUDA cores, operand fragments held in
+    # registers: short K blocks (16, tl.dot's least) and modest tiles.
+    "fma": [
+        _config(32, 32, 16, 4, 2),
+        _config(64, 32, 16, 4, 2),
+        _config(32, 64, 16, 4, 2),
+        _config(64, 32, 16, 8, 2),
+        _config(32, 32, 16, 2, 2),
+        _config(64, 64, 16, 8, 2),
+    ],
+}
+CONFIGS = list({config_id(c): c for s in CONFIG_SETS.values() for c in s}.values())
+# Configs on which ptxas spills registers, by Triton (major, minor), launch class and
+# operand dtype: what `python -m bench.kernel_static --all-configs --matrix full` found
+# (every case, dtype and target; printed by `--spill-table`), on Triton 3.6 (the GPU
+# machine's) and 3.9 (CI's). They are not offered on that version; a version never
+# measured gets every exclusion known. The test suite re-checks the installed version.
+SPILLS: dict[tuple[int, int], dict[str, set[str]]] = {
+    (3, 6): {
+        'fma:scalar-scatter/float32': {
+            '32x32x16 w4 s2', '64x32x16 w4 s2', '64x32x16 w8 s2', '64x64x16 w8 s2',
+        },
+        'fma:scalar/float32': {'32x32x16 w2 s2', '64x64x16 w8 s2'},
+        'scalar/bfloat16': {'32x64x32 w4 s3', '64x32x32 w4 s2'},
+        'scalar/float16': {'32x64x32 w4 s3', '64x32x32 w4 s2'},
+        'scalar/float32': {'128x32x32 w8 s3', '64x32x32 w4 s2'},
+        'vector-scatter/bfloat16': {'128x32x32 w4 s4'},
+        'vector-scatter/float16': {'128x32x32 w4 s4'},
+        'vector-scatter/float32': {'64x64x64 w4 s3'},
+        'vector/bfloat16': {'128x32x32 w4 s4', '128x64x64 w4 s2'},
+        'vector/float16': {'128x32x32 w4 s4', '128x64x64 w4 s2'},
+        'vector/float32': {
+            '128x64x32 w4 s3', '128x64x64 w4 s2', '64x128x32 w4 s3', '64x64x64 w4 s3',
+        },
+    },
+    (3, 9): {
+        'fma:scalar-scatter/float32': {
+            '32x32x16 w2 s2', '32x32x16 w4 s2', '32x64x16 w4 s2', '64x32x16 w4 s2',
+            '64x32x16 w8 s2',
+        },
+        'fma:scalar/float32': {
+            '32x32x16 w2 s2', '32x64x16 w4 s2', '64x32x16 w4 s2', '64x32x16 w8 s2',
+            '64x64x16 w8 s2',
+        },
+        'fma:vector-scatter/float32': {'32x32x16 w2 s2', '64x64x16 w8 s2'},
+        'scalar-scatter/float32': {'64x32x32 w4 s4'},
+        'scalar/float32': {'128x32x32 w8 s3'},
+        'vector-scatter/float32': {'128x32x32 w4 s4', '64x64x64 w4 s3'},
+        'vector/float32': {'128x64x64 w4 s2'},
+    },
+}  # fmt: skip
+# SPARSE_OPS_TUNING=quick: per set, two configs the static report ranks best on Triton 3.6
+# (mean issue ceiling over the set's cases, fp16, sm_90a). Where several reach 100% the
+# count cannot tell them apart: one large and one small tile, the small one for layers
+# that fill few waves.
+QUICK = {
+    "vector": ["128x128x32 w8 s3", "64x64x64 w4 s3"],
+    "vector-scatter": ["64x64x64 w4 s3", "64x32x32 w4 s4"],
+    "scalar": ["128x64x32 w8 s2", "64x64x32 w8 s3"],
+    "scalar-scatter": ["64x64x32 w8 s3", "32x64x32 w4 s3"],
+    "fma": ["64x64x16 w8 s2", "64x32x16 w4 s2"],
+}
+# Every shape quantity of the problem, and the flags candidate_configs reads: a config
+# tuned for one launch class must never be reused for another of the same shape.
 AUTOTUNE_KEY = ["M", "H", "W", "OH", "OW", "C_IN", "C_OUT", "N_FILL",
-                "STRIDE_H", "STRIDE_W", "PAD_H", "PAD_W", "DIL_H", "DIL_W"]  # fmt: skip
+                "STRIDE_H", "STRIDE_W", "PAD_H", "PAD_W", "DIL_H", "DIL_W",
+                "HAS_IN_IDX", "HAS_OUT_IDX", "X_ALIGN", "W_ALIGN", "INPUT_PRECISION"]  # fmt: skip
+
+
+def vector_loads(dtype: torch.dtype, constexprs: dict) -> bool:
+    """Whether both GEMM operands of this launch load as 16-byte vectors."""
+    size = launch.ELEMENT_BYTES[dtype]
+    return (not constexprs["HAS_IN_IDX"] and constexprs["X_ALIGN"] * size >= 16
+            and constexprs["W_ALIGN"] * size >= 16)  # fmt: skip
+
+
+def launch_class(dtype: torch.dtype, constexprs: dict) -> str:
+    """``vector``, ``vector-scatter``, ``scalar`` or ``scalar-scatter`` by how the operands
+    load and the output is written; ``fma:<that>`` for exact fp32 (its own config set,
+    but spills still depend on the loads and stores)."""
+    loads = "vector" if vector_loads(dtype, constexprs) else "scalar"
+    kind = loads + ("-scatter" if constexprs["HAS_OUT_IDX"] else "")
+    if constexprs.get("INPUT_PRECISION") == "ieee" and dtype == torch.float32:
+        return "fma:" + kind
+    return kind
 
 
 def candidate_configs(dtype: torch.dtype, constexprs: dict) -> list[triton.Config]:
     """The configs the autotuner may pick for a launch with these feature flags."""
-    return list(CONFIGS)
+    kind = launch_class(dtype, constexprs)
+    spills = launch.known_spills(SPILLS, kind, dtype)
+    config_set = kind.split(":")[0]
+    return launch.select_configs(CONFIG_SETS[config_set], spills, QUICK[config_set])
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -146,7 +356,7 @@ channel_conv_tuned = triton.autotune(
 )(channel_conv_kernel)
 
 # Under the interpreter (CPU) one small config: tuning there would only cost time.
-INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}
+INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "FLAT": False}
 
 
 INTERPRETED = launch.is_interpreted(channel_conv_kernel)
@@ -162,38 +372,52 @@ def channel_conv_launch(
     allow_tf32: bool | None = None,
     bias_map: torch.Tensor | None = None,
     check_device: bool = True,
+    force_wide: bool | None = None,
 ) -> launch.KernelLaunch:
     """Check a call and build its launch (nothing runs). ``check_device=False`` accepts
     tensors on any device: ``bench.kernel_static`` builds launches from CPU tensors to
-    compile them for a GPU target."""
+    compile them for a GPU target. ``force_wide`` forces (or forbids) 64-bit offsets,
+    which are otherwise used only for tensors of 2^30 elements or more (tests use it to
+    run the 64-bit path on small tensors)."""
     what = "channel_conv2d"
     call = launch.check_channel_call(x, plan, residual, bias_map, what, SUPPORTED_FORMAT_VERSION,
                                      INTERPRETED if check_device else None)  # fmt: skip
     weight, in_idx, out_idx, fill_idx = plan.weight, plan.in_idx, plan.out_idx, plan.fill_idx
+    bias = plan.bias
     c_out, kh, kw, c_in = weight.shape
     n, h, w, oh, ow = call.n, call.h, call.w, call.oh, call.ow
     n_fill = 0 if fill_idx is None else fill_idx.numel()
     y = launch.prepare_output(out, call.out_shape, x, what)
     x = launch.channels_last(x)
     m = n * oh * ow
-    dummy = y  # any tensor: pointers of disabled features are never read
+    x_strides, y_strides = launch.nhwc_strides(x), launch.nhwc_strides(y)
+    r_strides = launch.nhwc_strides(residual) if residual is not None else (0, 0, 0, 0)
+    # Pointers of disabled features are never read; typed placeholders keep every
+    # branch of the kernel well-typed (an fp16 stand-in for an int32 index map made
+    # the kernel fail to compile whenever the plan had no fill channels).
+    index_stub = launch.placeholder(x.device, torch.int32)
+    float_stub = launch.placeholder(x.device, torch.float32)
     args = (
-        x, weight, plan.bias if plan.bias is not None else dummy,
-        bias_map if bias_map is not None else dummy,
-        residual if residual is not None else dummy, y,
-        in_idx if in_idx is not None else dummy, out_idx if out_idx is not None else dummy,
-        fill_idx if fill_idx is not None else dummy,
+        x, weight, bias if bias is not None else float_stub,
+        bias_map if bias_map is not None else float_stub,
+        residual if residual is not None else y, y,
+        in_idx if in_idx is not None else index_stub,
+        out_idx if out_idx is not None else index_stub,
+        fill_idx if fill_idx is not None else index_stub,
         m, h, w, oh, ow, c_in, c_out, n_fill,
-        *launch.nhwc_strides(x), *launch.nhwc_strides(y),
-        *(launch.nhwc_strides(residual) if residual is not None else (0, 0, 0, 0)),
+        *x_strides, *y_strides, *r_strides,
         *(bias_map.stride() if bias_map is not None else (0, 0, 0)),
         *call.stride, *call.padding, *call.dilation,
     )  # fmt: skip
+    wide = launch.needs_wide_offsets(x, y, weight, residual, bias_map)
     flags = {
         "KH": kh, "KW": kw, "HAS_IN_IDX": in_idx is not None, "HAS_OUT_IDX": out_idx is not None,
-        "HAS_BIAS": plan.bias is not None, "HAS_BIAS_MAP": bias_map is not None,
-        "HAS_RES": residual is not None, "RELU": bool(relu),
-        "INPUT_PRECISION": launch.input_precision(x.dtype, allow_tf32),
+        "HAS_FILL": n_fill > 0, "HAS_BIAS": bias is not None,
+        "HAS_BIAS_MAP": bias_map is not None, "HAS_RES": residual is not None,
+        "RELU": bool(relu), "INPUT_PRECISION": launch.input_precision(x.dtype, allow_tf32),
+        "X_ALIGN": launch.alignment(*x_strides[:3]), "W_ALIGN": launch.alignment(c_in),
+        "Y_ALIGN": launch.alignment(c_out, *y_strides[:3], *r_strides[:3]),
+        "WIDE": wide if force_wide is None else bool(force_wide),
     }  # fmt: skip
 
     def grid(meta):

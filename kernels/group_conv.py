@@ -26,7 +26,8 @@ Shapes and layout:
     tile_group, tile_row  int32 [T] · fill_idx int32 · bias [Cout] float32
     res, y    [N, Cout, OH, OW] logical, channels innermost
 
-fp32 accumulation; int64 offsets; fp16, bf16 or fp32 (tf32 when allowed) inputs.
+fp32 accumulation; int32 offsets, int64 (``WIDE``) once a tensor reaches 2^30 elements;
+fp16, bf16 or fp32 (tf32 when allowed) inputs.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import triton.language as tl
 from . import launch
 from .epilogue import store_with_epilogue
 from .errors import KernelInputError
+from .launch import config_id
 
 SUPPORTED_FORMAT_VERSION = 1
 
@@ -53,7 +55,7 @@ def group_conv_kernel(
     stride_rn, stride_rh, stride_rw, stride_rc,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, K_PAD: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, K_PAD: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -75,10 +77,18 @@ def group_conv_kernel(
         col_end = tl.load(col_ptr_ptr + group + 1)
         cols_pad = col_end - col_begin
         row_in_group = start - tl.load(row_ptr_ptr + group)
-        v_base = tl.load(vptr_ptr + group) + row_in_group.to(tl.int64) * cols_pad
         ih0 = oh * STRIDE_H - PAD_H
         iw0 = ow * STRIDE_W - PAD_W
-        x_img = nb.to(tl.int64) * stride_xn
+        if WIDE:
+            v_base = tl.load(vptr_ptr + group) + row_in_group.to(tl.int64) * cols_pad
+            x_img = nb.to(tl.int64) * stride_xn
+            v_rows = rr.to(tl.int64)[None, :] * cols_pad
+        else:
+            # int32 offsets (the launcher checked every tensor is below 2^30 elements):
+            # 64-bit arithmetic on every gathered element costs twice the instructions.
+            v_base = (tl.load(vptr_ptr + group) + row_in_group * cols_pad).to(tl.int32)
+            x_img = nb * stride_xn
+            v_rows = rr[None, :] * cols_pad
         for k0 in range(0, cols_pad, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             col = tl.load(col_idx_ptr + col_begin + rk)  # −1 marks padding columns
@@ -92,14 +102,18 @@ def group_conv_kernel(
                 m_mask[:, None] & (col >= 0)[None, :]
                 & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             )  # fmt: skip
-            a = tl.load(
-                x_ptr + x_img[:, None] + ih.to(tl.int64) * stride_xh
-                + iw.to(tl.int64) * stride_xw + c.to(tl.int64)[None, :] * stride_xc,
-                mask=inside,
-                other=0.0,
-            )  # fmt: skip
+            if WIDE:
+                x_off = (
+                    x_img[:, None]
+                    + ih.to(tl.int64) * stride_xh
+                    + iw.to(tl.int64) * stride_xw
+                    + c.to(tl.int64)[None, :] * stride_xc
+                )
+            else:
+                x_off = x_img[:, None] + ih * stride_xh + iw * stride_xw + c[None, :] * stride_xc
+            a = tl.load(x_ptr + x_off, mask=inside, other=0.0)
             # Padded tiles: every (row, column) of the block exists, zero where padded.
-            b = tl.load(val_ptr + v_base + rr.to(tl.int64)[None, :] * cols_pad + rk[:, None])
+            b = tl.load(val_ptr + v_base + v_rows + rk[:, None])
             acc += tl.dot(a, b, input_precision=INPUT_PRECISION)
     else:
         # Epilogue-only tile: output rows that belong to no group.
@@ -111,32 +125,72 @@ def group_conv_kernel(
     store_with_epilogue(
         acc, y_ptr, bias_ptr, bias_ptr, res_ptr, out_ch, col_mask, m_mask, nb, oh, ow,
         stride_yn, stride_yh, stride_yw, stride_yc, stride_rn, stride_rh, stride_rw, stride_rc,
-        0, 0, 0, HAS_BIAS, False, HAS_RES, RELU,
+        0, 0, 0, HAS_BIAS, False, HAS_RES, RELU, WIDE,
     )  # fmt: skip
 
 
-# Autotuning (GPU only). BLOCK_N is the pack's row tile, fixed by the format; the key
-# holds every shape quantity and the pack's size class (tiles, widest group).
-CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=nw, num_stages=ns)
-    for bm, bk, nw, ns in [
-        (128, 32, 4, 3), (128, 64, 4, 3), (64, 32, 4, 4), (64, 64, 4, 3),
-        (256, 32, 8, 3), (128, 16, 4, 4), (64, 16, 2, 4), (256, 64, 8, 2),
-    ]
-]  # fmt: skip
-# K_PAD and BLOCK_N are in the key because _prune_configs depends on them: a config
-# tuned for one pack's column padding must never be reused for another's.
+# Autotuning (GPU only). BLOCK_N is the pack's row tile, fixed by the format. Every
+# column of a group is gathered element by element (its (ky, kx, c) decoded in the loop),
+# so each element holds an address of its own and large tiles spill: bench.kernel_static
+# compiles every config for sm_90a and sm_80 and the test suite requires zero spills.
+def _config(bm, bk, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+CONFIG_SETS = {
+    "tensor": [
+        _config(64, 32, 4, 4), _config(128, 32, 4, 3), _config(256, 32, 8, 3),
+        _config(128, 16, 4, 4), _config(64, 16, 2, 4), _config(32, 32, 4, 3),
+        _config(32, 16, 2, 3), _config(64, 64, 4, 3), _config(64, 64, 4, 2),
+        _config(32, 64, 4, 2),
+    ],
+    # Exact fp32 (allow_tf32=False): tl.dot on CUDA cores, fragments in registers.
+    "fma": [_config(32, 32, 4, 2), _config(64, 16, 4, 2), _config(32, 16, 4, 2),
+            _config(64, 16, 2, 2)],
+}  # fmt: skip
+CONFIGS = list({config_id(c): c for s in CONFIG_SETS.values() for c in s}.values())
+# Configs ptxas spills on, by Triton (major, minor) and "class" or "class/dtype"; see
+# kernels.channel_conv.SPILLS.
+SPILLS: dict[tuple[int, int], dict[str, set[str]]] = {
+    (3, 6): {},  # measured: nothing spills
+    (3, 9): {
+        'fma/float32': {'32xpackx16 w4 s2', '64xpackx16 w2 s2'},
+        'tensor/bfloat16': {'128xpackx32 w4 s3', '256xpackx32 w8 s3'},
+        'tensor/float16': {'128xpackx32 w4 s3', '256xpackx32 w8 s3'},
+        'tensor/float32': {
+            '128xpackx32 w4 s3', '256xpackx32 w8 s3', '32xpackx64 w4 s2', '64xpackx64 w4 s2',
+            '64xpackx64 w4 s3',
+        },
+    },
+}  # fmt: skip
+# SPARSE_OPS_TUNING=quick: the configs the static report ranks best on Triton 3.6 (fp16,
+# sm_90a), and a BLOCK_K = 16 one for the converter's leftover packs (k_pad 16).
+QUICK = {
+    "tensor": ["64xpackx32 w4 s4", "128xpackx32 w4 s3", "128xpackx16 w4 s4"],
+    "fma": ["64xpackx16 w4 s2", "32xpackx32 w4 s2"],
+}
+# K_PAD and BLOCK_N are in the key because candidate_configs depends on them (a config
+# tuned for one pack's column padding must never be reused for another's), and so is
+# INPUT_PRECISION (it picks the config set).
 AUTOTUNE_KEY = ["M", "H", "W", "OH", "OW", "C_IN", "KW", "N_FILL", "NUM_TILES", "MAX_COLS",
                 "STRIDE_H", "STRIDE_W", "PAD_H", "PAD_W", "DIL_H", "DIL_W", "K_PAD",
-                "BLOCK_N"]  # fmt: skip
+                "BLOCK_N", "INPUT_PRECISION"]  # fmt: skip
+
+
+def launch_class(dtype: torch.dtype, constexprs: dict) -> str:
+    fma = constexprs.get("INPUT_PRECISION") == "ieee" and dtype == torch.float32
+    return "fma" if fma else "tensor"
 
 
 def candidate_configs(dtype: torch.dtype, constexprs: dict) -> list[triton.Config]:
     """The configs the autotuner may pick for a launch with these flags: BLOCK_K must
-    divide the pack's column padding (tiles are padded to K_PAD)."""
+    divide the pack's column padding (tiles are padded to K_PAD), and none that spills
+    on this Triton. K_PAD is a power of two ≥ 16, so the BLOCK_K = 16 configs always fit."""
+    kind = launch_class(dtype, constexprs)
+    spills = launch.known_spills(SPILLS, kind, dtype)
     k_pad = constexprs["K_PAD"]
-    kept = [c for c in CONFIGS if k_pad % c.kwargs["BLOCK_K"] == 0]
-    return kept or CONFIGS[:1]
+    fitting = [c for c in CONFIG_SETS[kind] if k_pad % c.kwargs["BLOCK_K"] == 0]
+    return launch.select_configs(fitting, spills, QUICK[kind])
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -162,6 +216,7 @@ def group_conv_launch(
     out: torch.Tensor | None = None,
     allow_tf32: bool | None = None,
     check_device: bool = True,
+    force_wide: bool | None = None,
 ) -> launch.KernelLaunch:
     """Check a call and build its launch (nothing runs); see
     :func:`kernels.channel_conv.channel_conv_launch`."""
@@ -180,12 +235,13 @@ def group_conv_launch(
     y = launch.prepare_output(out, call.out_shape, x, what)
     x = launch.channels_last(x)
     m, tiles = n * oh * ow, pack.tile_group.numel()
-    dummy = y  # pointers of disabled features are never read
     # A pack records max_cols on the host (groups_meta); reading col_ptr would sync.
     max_cols = int(pack.max_cols) if hasattr(pack, "max_cols") else 0
     args = (
-        x, pack.values, pack.bias if pack.bias is not None else dummy,
-        residual if residual is not None else dummy, y,
+        # A disabled feature's pointer is never read; the stand-ins only keep types right.
+        x, pack.values,
+        pack.bias if pack.bias is not None else launch.placeholder(x.device, torch.float32),
+        residual if residual is not None else y, y,
         pack.row_idx, pack.row_ptr, pack.col_idx, pack.col_ptr, pack.val_ptr,
         pack.tile_group, pack.tile_row, pack.fill_idx,
         m, h, w, oh, ow, c, kw, pack.fill_idx.numel(), tiles, max_cols,
@@ -197,6 +253,8 @@ def group_conv_launch(
         "HAS_BIAS": pack.bias is not None, "HAS_RES": residual is not None, "RELU": bool(relu),
         "INPUT_PRECISION": launch.input_precision(x.dtype, allow_tf32), "K_PAD": k_pad,
         "BLOCK_N": block_n,
+        "WIDE": launch.needs_wide_offsets(x, y, pack.values, residual)
+        if force_wide is None else bool(force_wide),
     }  # fmt: skip
 
     def grid(meta):

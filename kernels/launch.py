@@ -19,6 +19,7 @@ of the launch overhead).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -27,6 +28,7 @@ import torch
 from .errors import KernelInputError
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+ELEMENT_BYTES = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
 _CHANNELS_LAST = torch.channels_last
 
 
@@ -83,29 +85,112 @@ def run(spec: KernelLaunch, config=None, interpreted: bool = False) -> torch.Ten
     return spec.output
 
 
+_placeholders: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A small tensor standing in for a disabled feature's pointer (never read)."""
+    key = (device, dtype)
+    t = _placeholders.get(key)
+    if t is None:
+        t = _placeholders[key] = torch.zeros(16, device=device, dtype=dtype)
+    return t
+
+
+MAX_VECTOR_ELEMENTS = 8  # 16 bytes of fp16/bf16; 8 fp32 elements are two 16-byte vectors
+
+
+def alignment(*values: int) -> int:
+    """The largest power of two ≤ 8 dividing every value (zeros and absent strides
+    divide by anything): what a kernel may claim with ``epilogue.multiple_of``."""
+    align = MAX_VECTOR_ELEMENTS
+    for v in values:
+        while align > 1 and v % align:
+            align //= 2
+    return align
+
+
+WIDE_OFFSETS_AT = 1 << 30  # elements; half of int32's range leaves room for masked taps
+
+
+def needs_wide_offsets(*tensors: torch.Tensor | None) -> bool:
+    """True if an element offset into any of ``tensors`` may not fit in int32. Offsets of
+    masked-off taps (padding) may overshoot a tensor by a few rows, hence the margin."""
+    return any(t is not None and t.numel() >= WIDE_OFFSETS_AT for t in tensors)
+
+
+def config_id(config) -> str:
+    """A config's name in tables and reports: ``BMxBNxBK w<warps> s<stages>``, ``flat``
+    appended for a flattened K loop (BLOCK_N comes from the pack for group configs)."""
+    kw = config.kwargs
+    name = (f"{kw['BLOCK_M']}x{kw.get('BLOCK_N', 'pack')}x{kw['BLOCK_K']} "
+            f"w{config.num_warps} s{config.num_stages}")  # fmt: skip
+    return name + (" flat" if kw.get("FLAT") else "")
+
+
+def known_spills(table: dict, kind: str, dtype: torch.dtype, version: str | None = None):
+    """Config ids that spill for launch class ``kind`` with ``dtype`` operands on Triton
+    ``version`` (default: the installed one; every version's, if it was never measured).
+    ``table`` maps (major, minor) to {"class" or "class/dtype": config ids}."""
+    if version is None:
+        import triton
+
+        version = triton.__version__
+    keys = (kind, f"{kind}/{str(dtype).removeprefix('torch.')}")
+    minor = tuple(int(p) for p in version.split(".")[:2])
+    entries = [table[minor]] if minor in table else list(table.values())
+    return {c for entry in entries for key in keys for c in entry.get(key, ())}
+
+
+TUNING_MODES = ("full", "quick")
+
+
+def tuning_mode() -> str:
+    """``SPARSE_OPS_TUNING``: ``full`` (default) autotunes over every config of a launch's
+    class; ``quick`` over the few the static report ranks best (``QUICK`` in each kernel
+    module), for GPU sessions measured in minutes (``bench/gpu_run.sh --quick``)."""
+    mode = os.environ.get("SPARSE_OPS_TUNING", "full")
+    if mode not in TUNING_MODES:
+        raise KernelInputError(f"SPARSE_OPS_TUNING={mode!r}: expected one of {TUNING_MODES}")
+    return mode
+
+
+def select_configs(configs: list, withheld: set[str], quick: list[str]) -> list:
+    """``configs`` minus the ``withheld`` ids; in quick mode only the ``quick`` ids (or
+    the first config left, if none of them is)."""
+    kept = [c for c in configs if config_id(c) not in withheld]
+    if not kept:
+        # Only on a Triton never measured, where every version's exclusions apply at
+        # once: a spilling config is slower, not wrong, and the autotuner needs one.
+        kept = configs[:1]
+    if tuning_mode() == "quick":
+        kept = [c for c in kept if config_id(c) in quick] or kept[:1]
+    return kept
+
+
 # ---------------------------------------------------------------------- checks
 
 
 def check_activation(x: torch.Tensor, what: str, interpreted: bool | None) -> None:
     """A 4-D float tensor; where a Triton kernel can read it, unless ``interpreted`` is
-    None (the torch path: any device)."""
+    None (the torch path: any device). Errors read ``"{what}: input ..."``."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise KernelInputError(f"{what} must be a 4-D tensor [N, C, H, W], got {shape}")
+        raise KernelInputError(f"{what}: input must be a 4-D tensor [N, C, H, W], got {shape}")
     if x.dtype not in FLOAT_DTYPES:
-        raise KernelInputError(f"{what} dtype {x.dtype} not supported (fp16, bf16, fp32)")
+        raise KernelInputError(f"{what}: input dtype {x.dtype} not supported (fp16, bf16, fp32)")
     if interpreted is None:
         return
     device = x.device.type
     if interpreted:
         if device != "cpu":
             raise KernelInputError(
-                f"{what} is on {x.device}, but kernels run in the CPU interpreter"
+                f"{what}: input is on {x.device}, but kernels run in the CPU interpreter"
             )
     elif device != "cuda":
         raise KernelInputError(
-            f"{what} is on {x.device}: Triton kernels need CUDA tensors (set TRITON_INTERPRET=1 "
-            "before importing kernels to run them on the CPU)"
+            f"{what}: input is on {x.device}: Triton kernels need CUDA tensors (set "
+            "TRITON_INTERPRET=1 before importing kernels to run them on the CPU)"
         )
 
 
@@ -213,7 +298,7 @@ def check_channel_call(
     where plans are built (sparse_ops.formats): reading them here would sync the GPU."""
     if getattr(plan, "format_version", None) != version:
         check_format_version(plan, version, f"{what}: plan")
-    check_activation(x, f"{what}: input", interpreted)
+    check_activation(x, what, interpreted)
     weight = plan.weight
     if weight.dim() != 4:
         raise KernelInputError(
@@ -231,14 +316,14 @@ def check_channel_call(
         if c_in != c:
             raise KernelInputError(f"{what}: plan weight has {c_in} input channels, input {c}")
     else:
-        _check_index(in_idx, c_in, x, what, "in_idx")
+        _check_index(in_idx, c_in, x, what, "plan in_idx")
     if out_idx is None:
         if c_out != plan.out_channels:
             raise KernelInputError(
                 f"{what}: plan weight has {c_out} rows, out_channels {plan.out_channels}"
             )
     else:
-        _check_index(out_idx, c_out, x, what, "out_idx")
+        _check_index(out_idx, c_out, x, what, "plan out_idx")
     n_fill = 0
     if fill_idx is not None:
         check_same(fill_idx, x, what, "plan fill_idx", dtype=torch.int32)
@@ -259,14 +344,14 @@ def check_channel_call(
     return call
 
 
-def _check_index(t: torch.Tensor, length: int, x: torch.Tensor, what: str, name: str) -> None:
+def _check_index(t: torch.Tensor, length: int, x: torch.Tensor, what: str, label: str) -> None:
     if t.dtype != torch.int32 or t.numel() != length:
-        raise KernelInputError(f"{what}: plan {name} must be int32 of length {length}")
-    check_same(t, x, what, f"plan {name}", dtype=torch.int32)
+        raise KernelInputError(f"{what}: {label} must be int32 of length {length}")
+    check_same(t, x, what, label, dtype=torch.int32)
 
 
-GROUP_PACK_INDEX = ("row_idx", "row_ptr", "col_idx", "col_ptr", "tile_group", "tile_row",
-                    "fill_idx")  # fmt: skip
+GROUP_PACK_INDEX = tuple((name, f"pack {name}") for name in (
+    "row_idx", "row_ptr", "col_idx", "col_ptr", "tile_group", "tile_row", "fill_idx"))  # fmt: skip
 
 
 def check_group_call(
@@ -276,10 +361,10 @@ def check_group_call(
     :func:`check_channel_call`)."""
     if getattr(pack, "format_version", None) != version:
         check_format_version(pack, version, f"{what}: pack")
-    check_activation(x, f"{what}: input", interpreted)
+    check_activation(x, what, interpreted)
     check_same(pack.values, x, what, "pack values")
-    for name in GROUP_PACK_INDEX:
-        check_same(getattr(pack, name), x, what, f"pack {name}", dtype=torch.int32)
+    for name, label in GROUP_PACK_INDEX:
+        check_same(getattr(pack, name), x, what, label, dtype=torch.int32)
     check_same(pack.val_ptr, x, what, "pack val_ptr", dtype=torch.int64)
     check_bias(pack.bias, pack.out_channels, x, what, "pack bias")
     c = x.shape[1]

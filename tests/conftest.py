@@ -33,3 +33,71 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+# ---------------------------------------------------------------- the compile gate
+# tests/test_kernel_compile.py compiles the kernels for GPU targets in a subprocess (a
+# few minutes of CPU). When other tests are collected too, it starts right after
+# collection with one worker, so it runs on the core the mostly single-threaded
+# interpreter tests leave idle, and its test only waits for what is left.
+
+COMPILE_GATE = "test_kernel_compile.py"
+
+
+class CompileJob:
+    def __init__(self, workers: int, folder: str):
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        self.folder = Path(folder)
+        self.log = open(self.folder / "kernel_static.log", "w")  # noqa: SIM115 (lives with the job)
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        command = [sys.executable, "-m", "bench.kernel_static", "--matrix", "ci",
+                   "--jobs", str(workers), "--out", str(self.folder)]  # fmt: skip
+        root = Path(__file__).resolve().parents[1]
+        self.process = subprocess.Popen(command, cwd=root, env=env, stdout=self.log,
+                                        stderr=subprocess.STDOUT)  # fmt: skip
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.process.wait(timeout=timeout)
+        finally:
+            self.log.flush()
+
+    def output(self) -> str:
+        return (self.folder / "kernel_static.log").read_text()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+def pytest_collection_finish(session):
+    if session.config.option.collectonly:
+        return
+    gate = [item for item in session.items if item.path.name == COMPILE_GATE]
+    if not gate or len(gate) == len(session.items):
+        return  # no gate, or nothing else to overlap with: the fixture starts it
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="sparse-ops-compile-gate-")
+    session.config._compile_job = CompileJob(1, folder)
+
+
+def pytest_unconfigure(config):
+    job = getattr(config, "_compile_job", None)
+    if job is not None:
+        job.stop()
+
+
+@pytest.fixture(scope="session")
+def compile_job(request, tmp_path_factory):
+    """The running (or a new) ``bench.kernel_static --matrix ci`` subprocess."""
+    job = getattr(request.config, "_compile_job", None)
+    if job is None:
+        job = CompileJob(os.cpu_count() or 1, str(tmp_path_factory.mktemp("kernel_static")))
+        request.config._compile_job = job
+    return job

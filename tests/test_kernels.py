@@ -18,16 +18,18 @@ from kernel_cases import (
     shape_id,
 )
 
-from kernels.channel_conv import channel_conv2d
+from kernels import channel_conv, group_conv, launch
+from kernels.channel_conv import channel_conv2d, channel_conv_launch
 from kernels.errors import KernelInputError
-from kernels.group_conv import group_conv2d
+from kernels.group_conv import group_conv2d, group_conv_launch
 from sparse_ops.formats import ChannelPlan, GroupPack
 
 DTYPES = [torch.float32, torch.float16]
 EPILOGUES = [(False, False), (True, False), (False, True), (True, True)]  # (residual, relu)
 
 
-def _run_channel(shape, mask_mode, dtype, residual_on, relu, seed=0, nchw=False):
+def _run_channel(shape, mask_mode, dtype, residual_on, relu, seed=0, nchw=False, config=None,
+                 force_wide=None):  # fmt: skip
     n, cin, cout, h, w, k, s, p, d = shape
     g = torch.Generator().manual_seed(seed)
     weight = conv_weight(cout, cin, k, g)
@@ -42,8 +44,10 @@ def _run_channel(shape, mask_mode, dtype, residual_on, relu, seed=0, nchw=False)
     ref = expected(x, plan.dense_weight(), bias, (s, p, d), res, relu)
     xin = x.to(DEVICE) if nchw else x.to(DEVICE).contiguous(memory_format=torch.channels_last)
     out = poisoned_output((n, cout, oh, ow), dtype)
-    y = channel_conv2d(xin, plan, residual=None if res is None else res.to(DEVICE), relu=relu,
-                       out=out, allow_tf32=False)  # fmt: skip
+    residual = None if res is None else res.to(DEVICE)
+    spec = channel_conv_launch(xin, plan, residual=residual, relu=relu, out=out,
+                               allow_tf32=False, force_wide=force_wide)  # fmt: skip
+    y = launch.run(spec, config, channel_conv.INTERPRETED)
     assert y is out
     assert_matches(y, ref, dtype)
 
@@ -67,7 +71,8 @@ def test_channel_conv_nchw_input_is_converted():
     _run_channel((2, 17, 33, 7, 6, 3, 2, 1, 1), "both", torch.float32, True, True, nchw=True)
 
 
-def _run_group(shape, layout_mode, dtype, residual_on, relu, seed=0, block_n=32, k_pad=32):
+def _run_group(shape, layout_mode, dtype, residual_on, relu, seed=0, block_n=32, k_pad=32,
+               force_wide=None):  # fmt: skip
     n, cin, cout, h, w, k, s, p, d = shape
     g = torch.Generator().manual_seed(seed)
     weight = conv_weight(cout, cin, k, g)
@@ -82,8 +87,10 @@ def _run_group(shape, layout_mode, dtype, residual_on, relu, seed=0, block_n=32,
     res = torch.randn(n, cout, oh, ow, generator=g).to(dtype) if residual_on else None
     ref = expected(x, pack.dense_weight(), bias, (s, p, d), res, relu)
     out = poisoned_output((n, cout, oh, ow), dtype)
-    y = group_conv2d(x.to(DEVICE), pack, residual=None if res is None else res.to(DEVICE),
-                     relu=relu, out=out, allow_tf32=False)  # fmt: skip
+    residual = None if res is None else res.to(DEVICE)
+    spec = group_conv_launch(x.to(DEVICE), pack, residual=residual, relu=relu, out=out,
+                             allow_tf32=False, force_wide=force_wide)  # fmt: skip
+    y = launch.run(spec, None, group_conv.INTERPRETED)
     assert_matches(y, ref, dtype)
     return pack
 
@@ -107,6 +114,136 @@ def test_group_conv_layouts_and_epilogues(layout_mode, residual_on, relu):
 @pytest.mark.parametrize(("block_n", "k_pad"), [(16, 16), (16, 64), (64, 32)])
 def test_group_conv_block_sizes(block_n, k_pad):
     _run_group((2, 17, 50, 6, 6, 3, 1, 1, 1), "mixed", torch.float16, True, True, 3, block_n, k_pad)
+
+
+# Aligned channel counts (multiples of 8) take the vector-load path on a GPU; odd ones do
+# not. Under the interpreter both compute the same thing, which is what is checked here.
+ALIGNED_SHAPES = [(2, 16, 24, 9, 9, 3, 1, 1, 1), (1, 32, 8, 6, 7, 1, 2, 0, 1)]
+
+
+@pytest.mark.parametrize("shape", ALIGNED_SHAPES + SHAPES[1:4], ids=shape_id)
+@pytest.mark.parametrize("mask_mode", ["dense", "both"])
+def test_channel_conv_flat_k_loop(shape, mask_mode):
+    """The FLAT configs walk (tap, channel block) steps in one loop: same result."""
+    flat = channel_conv._config(32, 32, 16, 4, 2, flat=True)
+    _run_channel(shape, mask_mode, torch.float32, True, True, seed=7, config=flat)
+
+
+@pytest.mark.parametrize("mask_mode", ["dense", "in", "both"])
+def test_channel_conv_64_bit_offsets(mask_mode):
+    """The WIDE (int64 offset) path, which real launches take only past 2^30 elements."""
+    for shape in (SHAPES[1], SHAPES[4], ALIGNED_SHAPES[0]):
+        _run_channel(shape, mask_mode, torch.float32, True, True, seed=3, force_wide=True)
+
+
+def test_group_conv_64_bit_offsets():
+    for shape in (SHAPES[1], SHAPES[4]):
+        _run_group(shape, "mixed", torch.float32, True, True, seed=3, force_wide=True)
+
+
+def test_small_tensors_use_32_bit_offsets():
+    g = torch.Generator().manual_seed(0)
+    plan = ChannelPlan.from_weight(conv_weight(8, 8, 3, g), None, None, padding=1).to(DEVICE)
+    spec = channel_conv_launch(torch.randn(1, 8, 5, 5, device=DEVICE), plan)
+    assert spec.constexprs["WIDE"] is False
+    assert spec.constexprs["X_ALIGN"] == 8 and spec.constexprs["W_ALIGN"] == 8
+
+
+def test_alignment_claims_are_exact():
+    # What the kernel may state with multiple_of: the largest power of two ≤ 8 dividing
+    # every value (a wrong claim would make the compiler vectorise unaligned rows).
+    assert launch.alignment(312, 312 * 16, 312 * 256) == 8
+    assert launch.alignment(307) == 1 and launch.alignment(6, 12) == 2
+    assert launch.alignment(0, 4) == 4 and launch.alignment() == 8
+
+
+def test_channel_candidate_configs_by_launch_class():
+    def flags(in_idx=False, out_idx=False, align=8, precision="ieee"):
+        return {"HAS_IN_IDX": in_idx, "HAS_OUT_IDX": out_idx, "X_ALIGN": align,
+                "W_ALIGN": align, "INPUT_PRECISION": precision}  # fmt: skip
+
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        p = "tf32" if dtype == torch.float32 else "ieee"
+        assert channel_conv.launch_class(dtype, flags(precision=p)) == "vector"
+        assert channel_conv.launch_class(dtype, flags(out_idx=True, precision=p)) == (
+            "vector-scatter")  # fmt: skip
+        assert channel_conv.launch_class(dtype, flags(in_idx=True, precision=p)) == "scalar"
+        assert channel_conv.launch_class(dtype, flags(align=1, out_idx=True, precision=p)) == (
+            "scalar-scatter")  # fmt: skip
+        for kind in channel_conv.CONFIG_SETS:
+            if kind == "fma":
+                continue
+            in_idx, out_idx = kind.startswith("scalar"), kind.endswith("scatter")
+            chosen = channel_conv.candidate_configs(dtype, flags(in_idx, out_idx, precision=p))
+            assert chosen, (kind, dtype)
+            assert all(c in channel_conv.CONFIG_SETS[kind] for c in chosen)
+    # Exact fp32 (no tf32) runs on CUDA cores, whatever the loads: its own set.
+    for in_idx in (False, True):
+        for out_idx in (False, True):
+            kind = channel_conv.launch_class(torch.float32, flags(in_idx, out_idx))
+            assert kind.startswith("fma:")
+            chosen = channel_conv.candidate_configs(torch.float32, flags(in_idx, out_idx))
+            assert chosen and all(c in channel_conv.CONFIG_SETS["fma"] for c in chosen)
+    # 4-element (8-byte) alignment is a full 16-byte vector for fp32 only.
+    assert channel_conv.vector_loads(torch.float32, flags(align=4, precision="tf32"))
+    assert not channel_conv.vector_loads(torch.float16, flags(align=4))
+
+
+@pytest.mark.parametrize("version", ["3.6.0", "3.9.0", "3.7.0"])
+def test_every_launch_keeps_a_config_on_every_triton(version, monkeypatch):
+    """The spill tables never leave a launch class without configs: on each measured
+    Triton version, and on one never measured (where every exclusion applies)."""
+    import itertools
+
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", version)
+    for dtype, precision in ((torch.float16, "ieee"), (torch.bfloat16, "ieee"),
+                             (torch.float32, "tf32"), (torch.float32, "ieee")):  # fmt: skip
+        for in_idx, out_idx, align in itertools.product((False, True), (False, True), (1, 8)):
+            flags = {"HAS_IN_IDX": in_idx, "HAS_OUT_IDX": out_idx, "X_ALIGN": align,
+                     "W_ALIGN": align, "INPUT_PRECISION": precision}  # fmt: skip
+            assert channel_conv.candidate_configs(dtype, flags), (version, dtype, flags)
+        for k_pad in (16, 32, 64):
+            flags = {"K_PAD": k_pad, "INPUT_PRECISION": precision}
+            chosen = group_conv.candidate_configs(dtype, flags)
+            assert chosen and all(k_pad % c.kwargs["BLOCK_K"] == 0 for c in chosen)
+    if version != "3.7.0":  # measured versions keep more than a fallback
+        flags = {"HAS_IN_IDX": False, "HAS_OUT_IDX": False, "X_ALIGN": 8, "W_ALIGN": 8,
+                 "INPUT_PRECISION": "ieee"}  # fmt: skip
+        assert len(channel_conv.candidate_configs(torch.float16, flags)) >= 6
+
+
+def test_quick_tuning_offers_the_ranked_configs(monkeypatch):
+    flags = {"HAS_IN_IDX": False, "HAS_OUT_IDX": False, "X_ALIGN": 8, "W_ALIGN": 8,
+             "INPUT_PRECISION": "ieee"}  # fmt: skip
+    full = channel_conv.candidate_configs(torch.float16, flags)
+    monkeypatch.setenv("SPARSE_OPS_TUNING", "quick")
+    quick = channel_conv.candidate_configs(torch.float16, flags)
+    assert 1 <= len(quick) <= 2 < len(full)
+    assert {launch.config_id(c) for c in quick} <= set(channel_conv.QUICK["vector"])
+    group_flags = {"K_PAD": 32, "INPUT_PRECISION": "ieee"}
+    group_quick = group_conv.candidate_configs(torch.float16, group_flags)
+    assert 1 <= len(group_quick) <= len(group_conv.QUICK["tensor"])
+    for module in (channel_conv, group_conv):  # no typo in a QUICK list
+        for name, ids in module.QUICK.items():
+            assert set(ids) <= {launch.config_id(c) for c in module.CONFIG_SETS[name]}
+    monkeypatch.setenv("SPARSE_OPS_TUNING", "fast")
+    with pytest.raises(KernelInputError, match="SPARSE_OPS_TUNING='fast'"):
+        channel_conv.candidate_configs(torch.float16, flags)
+
+
+def test_known_spills_follow_the_installed_version(monkeypatch):
+    import triton
+
+    table = {(3, 6): {"scalar": {"a"}}, (3, 9): {"scalar/float32": {"b"}}}
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    assert launch.known_spills(table, "scalar", torch.float32) == {"a"}
+    monkeypatch.setattr(triton, "__version__", "3.9.1")
+    assert launch.known_spills(table, "scalar", torch.float32) == {"b"}
+    assert launch.known_spills(table, "scalar", torch.float16) == set()
+    monkeypatch.setattr(triton, "__version__", "3.7.0")  # never measured: every exclusion
+    assert launch.known_spills(table, "scalar", torch.float32) == {"a", "b"}
 
 
 settings_kernel = settings(
@@ -264,8 +401,6 @@ gpu = pytest.mark.gpu
 @pytest.mark.parametrize("which", ["channel", "group"])
 def test_every_autotune_config(which):
     """Each config compiles to correct code (num_warps=8 included)."""
-    from kernels import channel_conv, group_conv
-
     configs = channel_conv.CONFIGS if which == "channel" else group_conv.CONFIGS
     shape = (2, 40, 72, 13, 11, 3, 1, 1, 1)
     for config in configs:
