@@ -60,11 +60,40 @@ class CostModel:
     (``bench/``: 64–512-channel 3×3 layers at block densities 0.5–0.05 ran 1.1–3.5×
     slower than oneDNN's *dense* conv, 5–32× per useful multiply-add), so on a CPU
     ``auto`` keeps group layers as compacted dense convs unless they are very sparse.
+
+    **Channel alignment** (``docs/CONVERT.md``, "Channel alignment"). The GPU channel
+    kernel uses 16-byte vector and asynchronous copies only where every row it reads or
+    writes is 16-byte aligned: activation widths (the NHWC pixel stride) and the compact
+    weight's input channels multiples of 8 elements at fp16/bf16, input read without a
+    gather (``in_idx=None``), output written without a scatter (``out_idx=None``). With
+    ``channel_align`` A > 1 the converter
+
+    * rounds every narrowed activation's width up to a multiple of A by also storing
+      channels it knows are constant there (when the tensor has that many channels);
+    * lets a channel unit read its whole input layout, zero weight columns for the
+      channels it does not use, when those are at most ``max_zero_inputs`` of the
+      layout (or only fill the last 32-wide GEMM tile of the used ones);
+    * lets a channel unit compute its whole output layout, zero weight rows for the
+      channels no weight reaches, when those are at most ``max_zero_rows`` of the layout
+      (or only fill the last 32-wide GEMM tile of the computed rows).
+
+    ``channel_align=1`` (the CPU's) turns all three off: the layouts of before, which on
+    a CPU are the fastest (zero rows and columns are real work for oneDNN).
     """
 
     group_overhead: float = 1.3
     block_n: int = 32
     k_pad: int = 32
+    # 8 elements = 16 bytes at fp16/bf16 (fp32 needs only 4, so 8 serves every dtype).
+    channel_align: int = 8
+    # A gather costs scalar loads (and no cp.async pipelining) for the whole K loop, zero
+    # columns only their fraction of extra MMA work: a quarter is a clear win.
+    max_zero_inputs: float = 0.25
+    # A scatter costs scalar stores once per output tile (the epilogue), zero rows their
+    # fraction of extra MMA work in the K loop: the trade is narrower than on the input
+    # side, so the limit is no larger. Starting values until GPU measurements calibrate
+    # them, like group_overhead.
+    max_zero_rows: float = 0.25
 
     def __post_init__(self) -> None:
         if not self.group_overhead > 0:
@@ -73,13 +102,38 @@ class CostModel:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 16 or value & (value - 1):
                 raise ConvertError(f"CostModel.{name} must be a power of two ≥ 16, got {value!r}")
+        align = self.channel_align
+        if isinstance(align, bool) or not isinstance(align, int) or align < 1:
+            raise ConvertError(f"CostModel.channel_align must be an int ≥ 1, got {align!r}")
+        for name in ("max_zero_inputs", "max_zero_rows"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:
+                raise ConvertError(f"CostModel.{name} must lie in [0, 1], got {value!r}")
 
     @classmethod
     def for_device(cls, device: torch.device | str | None) -> CostModel:
         """The cost model for modules that run on ``device`` (None: a GPU)."""
         if device is not None and torch.device(device).type == "cpu":
-            return cls(group_overhead=20.0)
+            return cls(group_overhead=20.0, channel_align=1)
         return cls()
+
+
+# The channel kernel's GEMM tiles are at least this wide in rows (BLOCK_N) and in input
+# channels per K step (BLOCK_K): every tensor-core config in kernels/channel_conv.py has
+# both ≥ 32 (the exact-fp32 "fma" configs step K by 16).
+# Zero rows/columns that only fill the last tile the used ones occupy anyway cost no MMA
+# work (the tile is computed whole, masked lanes as zeros). Were smaller tiles added, the
+# cost would be at most one more 16-wide tile (tl.dot's smallest) on layers this narrow.
+MIN_TILE = 32
+
+
+def _zero_padding_pays(width: int, used: int, max_fraction: float) -> bool:
+    """Whether ``width − used`` zero-weight rows/columns (instead of a scatter/gather) are
+    cheap enough: at most ``max_fraction`` of ``width``, or inside the last GEMM tile."""
+    if used == 0:
+        return False  # nothing to compute: no GEMM to pad
+    extra = width - used
+    return extra <= max_fraction * width or width <= -(-used // MIN_TILE) * MIN_TILE
 
 
 @dataclass
@@ -106,6 +160,10 @@ class LayerRow:
     params_dense: int
     params_after: int
     detail: dict[str, Any] = field(default_factory=dict)
+    # What the unit's GEMM really multiplies, zero-weight padding included (channel
+    # alignment's zero rows/columns, group tiles' padding); None: as flops_after/params_after.
+    flops_kernel: int | None = None
+    params_stored: int | None = None
 
 
 class _UnionFind:
@@ -176,6 +234,7 @@ class Builder:
         self.choices: dict[str, Choice] = {}
         self.const: dict[fx.Node, torch.Tensor] = {}
         self.uf = _UnionFind()
+        self.align_added: dict[fx.Node, int] = {}  # tied set (root) → channels added to align
         self.rows: list[LayerRow] = []
         self.notes: dict[str, int] = {"bn_folded": 0, "relu_fused": 0, "residual_fused": 0}
 
@@ -396,13 +455,51 @@ class Builder:
             root = uf.find(node)
             v = torch.isnan(const)
             varying_of[root] = v if root not in varying_of else varying_of[root] | v
+        stored_of = self._align_layouts(varying_of)
         self.layout: dict[fx.Node, torch.Tensor] = {}
         for node, const in self.const.items():
             root = uf.find(node)
             if uf.is_full(node):
                 self.layout[node] = torch.arange(const.numel())
             else:
-                self.layout[node] = torch.nonzero(varying_of[root]).flatten()
+                self.layout[node] = torch.nonzero(stored_of[root]).flatten()
+
+    def _align_layouts(
+        self, varying_of: dict[fx.Node, torch.Tensor]
+    ) -> dict[fx.Node, torch.Tensor]:
+        """The channels each tied set stores: its varying ones, and with ``channel_align``
+        A > 1 as many channels constant in every tensor of the set as round the width up
+        to a multiple of A, where the set has that many channels (a 3-channel image or a
+        set whose channels all vary stays as it is). Constant channels some channel unit
+        reads with a kept weight go first (stored, they are read through the weight
+        instead of the bias map), then the lowest-numbered."""
+        align = self.cost.channel_align
+        if align <= 1:
+            return varying_of
+        usage: dict[fx.Node, torch.Tensor] = {}
+        for site in self.sites:
+            if self.choices[site.name].kind != "channel":
+                continue
+            w, _ = self.fold(site)
+            root = self.uf.find(site.conv.args[0])
+            used = (w != 0).any(dim=(0, 2, 3)).to(torch.int64)
+            usage[root] = used if root not in usage else usage[root] + used
+        stored_of = {}
+        for root, varying in varying_of.items():
+            width, channels = int(varying.sum()), varying.numel()
+            target = -(-width // align) * align
+            if self.uf.is_full(root) or target == width or target > channels:
+                stored_of[root] = varying
+                continue
+            candidates = torch.nonzero(~varying).flatten()
+            if root in usage:
+                order = torch.argsort(-usage[root][candidates], stable=True)
+                candidates = candidates[order]
+            stored = varying.clone()
+            stored[candidates[: target - width]] = True
+            stored_of[root] = stored
+            self.align_added[root] = target - width
+        return stored_of
 
     def _is_linear(self, node: fx.Node) -> bool:
         return node.op == "call_module" and isinstance(self.modules[node.target], nn.Linear)
@@ -492,8 +589,9 @@ class Builder:
         if choice.kind == "torch":
             unit = TorchConv2d(w.to(dtype), b.float(), groups=conv.groups, relu=relu,
                                name=site.name, **geometry)  # fmt: skip
-            row.flops_after = row.flops_dense
+            row.flops_after = row.flops_kernel = row.flops_dense
             row.params_after = int((w != 0).sum())
+            row.params_stored = int(w.numel())
         elif choice.kind == "group":
             unit, row = self._group_unit(site, choice, w, b, relu, dtype, geometry, row)
         else:
@@ -508,19 +606,48 @@ class Builder:
         in_const = self.const[in_node]
         keep_in = nz.any(dim=(0, 2, 3))
         varying_in = torch.isnan(in_const)
+        in_layout, out_layout = self.layout[in_node], self.layout[out_node]
+        n_in_phys, n_out_phys = int(in_layout.numel()), int(out_layout.numel())
+        # The layer's useful work: kept weights on varying inputs (what flops_after counts,
+        # whatever the alignment), and the rows they reach.
         in_logical = torch.nonzero(keep_in & varying_in).flatten()
-        const_in = torch.nonzero(keep_in & ~varying_in & (in_const != 0)).flatten()
-        out_layout = self.layout[out_node]
-        computes = nz[:, in_logical].flatten(1).any(1) if in_logical.numel() else torch.zeros(
-            w.shape[0], dtype=torch.bool)  # fmt: skip
-        rows = out_layout[computes[out_layout]]
-        in_pos = self._positions(in_node, in_logical)
-        n_in_phys = int(self.layout[in_node].numel())
-        out_pos = torch.nonzero(computes[out_layout]).flatten()
-        fill_pos = torch.nonzero(~computes[out_layout]).flatten()
-        compact = w[rows][:, in_logical].permute(0, 2, 3, 1).contiguous()
+        reached = self._rows_reading(nz, in_logical)
+        rows_logical = int(reached[out_layout].sum())
+        # Input channels read. Without alignment: the varying kept ones (gathered unless
+        # that is the whole layout); constant inputs go to the bias map. With alignment
+        # the whole layout is read when the channels without a kept weight are few: zero
+        # columns instead of a gather; stored constants then contribute through their
+        # weights (exact: the stored value is the constant).
+        read = in_logical
+        align = self.cost.channel_align
+        used = int(keep_in[in_layout].sum())  # stored inputs with a kept weight
+        if (
+            align > 1
+            and n_in_phys > in_logical.numel()
+            and _zero_padding_pays(n_in_phys, used, self.cost.max_zero_inputs)
+        ):
+            read = in_layout
+        computes = self._rows_reading(nz, read)
+        is_read = torch.zeros(w.shape[1], dtype=torch.bool)
+        is_read[read] = True
+        const_in = torch.nonzero(keep_in & ~varying_in & (in_const != 0) & ~is_read).flatten()
+        in_pos = self._positions(in_node, read)
         identity_in = in_pos.numel() == n_in_phys and bool(
             (in_pos == torch.arange(n_in_phys)).all())  # fmt: skip
+        # Output rows computed. With alignment every stored output channel becomes a GEMM
+        # row (zero weights where no weight reaches it: its epilogue is bias + residual,
+        # as a fill channel's) when those zero rows are few: no scatter, no fill tiles.
+        n_computes = int(computes[out_layout].sum())
+        if (
+            align > 1
+            and n_computes < n_out_phys
+            and _zero_padding_pays(n_out_phys, n_computes, self.cost.max_zero_rows)
+        ):
+            computes = torch.ones_like(computes)
+        rows = out_layout[computes[out_layout]]
+        out_pos = torch.nonzero(computes[out_layout]).flatten()
+        fill_pos = torch.nonzero(~computes[out_layout]).flatten()
+        compact = w[rows][:, read].permute(0, 2, 3, 1).contiguous()
         plan = ChannelPlan(
             weight=compact.to(dtype),
             bias=b[out_layout].float(),
@@ -528,7 +655,7 @@ class Builder:
             out_idx=None if fill_pos.numel() == 0 else out_pos.to(torch.int32),
             fill_idx=None if fill_pos.numel() == 0 else fill_pos.to(torch.int32),
             in_channels=n_in_phys,
-            out_channels=int(out_layout.numel()),
+            out_channels=n_out_phys,
             stride=tuple(geometry["stride"]),
             padding=tuple(geometry["padding"]),
             dilation=tuple(geometry["dilation"]),
@@ -542,18 +669,32 @@ class Builder:
                                    const_values=const_values, input_hw=tuple(in_shape[2:]),
                                    name=site.name)  # fmt: skip
         kh, kw = w.shape[2], w.shape[3]
-        row.flops_after = (
-            2 * int(rows.numel()) * int(in_logical.numel()) * kh * kw * self._spatial(site)
-        )
-        row.params_after = int(compact.numel())
-        computed_all = rows.numel() == w.shape[0] and in_logical.numel() == w.shape[1]
+        per_weight = 2 * kh * kw * self._spatial(site)
+        row.flops_after = per_weight * rows_logical * int(in_logical.numel())
+        row.params_after = rows_logical * int(in_logical.numel()) * kh * kw
+        row.flops_kernel = per_weight * int(rows.numel()) * int(read.numel())
+        row.params_stored = int(compact.numel())
+        computed_all = rows_logical == w.shape[0] and in_logical.numel() == w.shape[1]
         row.representation = "dense" if computed_all else "channel"
+        # 16-byte rows in the unit's dtype: 8 elements at fp16/bf16, 4 at fp32.
+        per_16_bytes = max(1, 16 // torch.empty((), dtype=dtype).element_size())
+        aligned = (plan.in_idx is None and plan.out_idx is None and n_in_phys % per_16_bytes == 0
+                   and n_out_phys % per_16_bytes == 0)  # fmt: skip
         row.detail.update({
-            "inputs_used": int(in_logical.numel()), "rows_computed": int(rows.numel()),
-            "input_width": n_in_phys, "output_width": int(out_layout.numel()),
-            "bias_map_channels": int(const_in.numel()),
+            "inputs_used": int(in_logical.numel()), "rows_computed": rows_logical,
+            "input_width": n_in_phys, "output_width": n_out_phys,
+            "stored_inputs_with_weights": used, "bias_map_channels": int(const_in.numel()),
+            "input_gather": plan.in_idx is not None, "output_scatter": plan.out_idx is not None,
+            "aligned": aligned,
         })  # fmt: skip
         return unit, row
+
+    @staticmethod
+    def _rows_reading(nz: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+        """Output rows with a kept weight on one of the logical input ``channels``."""
+        if channels.numel() == 0:
+            return torch.zeros(nz.shape[0], dtype=torch.bool)
+        return nz[:, channels].flatten(1).any(1)
 
     def _group_unit(self, site, choice, w, b, relu, dtype, geometry, row):
         mask = self.masks.get(f"{site.name}.weight")
@@ -577,6 +718,11 @@ class Builder:
         nnz_left = sum(len(g["rows"]) * len(g["cols"]) for g in (choice.leftover or []))
         row.flops_after = 2 * (nnz_groups + nnz_left) * spatial
         row.params_after = nnz_groups + nnz_left
+        # The kernel multiplies whole padded tiles (block_n rows × k_pad columns).
+        stored = int(pack.values.numel())
+        if leftover is not None:
+            stored += int(leftover.values.numel())
+        row.flops_kernel, row.params_stored = 2 * stored * spatial, stored
         row.representation = "group+leftover" if leftover is not None else "group"
         row.detail.update({"groups": len(choice.layout), "leftover_nonzeros": nnz_left})
         return unit, row
@@ -624,8 +770,13 @@ class Builder:
             new = nn.Linear(int(layout.numel()), old.out_features)
             new.weight.data = weight[:, layout].to(dtype).contiguous()
             new.bias.data = folded.to(dtype)
-        row.flops_after = 2 * new.in_features * new.out_features
-        row.params_after = new.weight.numel()
+        # Useful work without the channels stored only for alignment (zero-cost constants
+        # folded into the bias at channel_align=1); the kernel figures include them.
+        added = 0 if layout is None else self.align_added.get(self.uf.find(src), 0)
+        row.flops_after = 2 * (new.in_features - added) * new.out_features
+        row.params_after = (new.in_features - added) * new.out_features
+        row.flops_kernel = 2 * new.in_features * new.out_features
+        row.params_stored = new.weight.numel()
         row.detail["input_width"] = new.in_features
         self.rows.append(row)
         return new.eval()
