@@ -47,8 +47,25 @@ def _memory_format(x: Tensor) -> torch.memory_format:
 # ---------------------------------------------------------------------- custom ops
 
 
-@torch.library.custom_op("sparse_ops::channel_conv", mutates_args=())
-def channel_conv_op(
+def _plain_eager_call(*tensors: Tensor | None) -> bool:
+    """True when nothing traces or intercepts this call: no torch.compile / export /
+    jit trace, no tensor subclass (fake, functional, proxy), no dispatch or function mode,
+    no gradient wanted. Then a unit calls its op's implementation directly, skipping the
+    dispatcher's custom-op machinery (about half the host time of an eager conv call);
+    whenever anything might be recording, it calls the registered op, so graphs always
+    see one opaque op per layer."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) is not Tensor or (grad and t.requires_grad)):
+            return False
+    return True
+
+
+def channel_conv_impl(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
@@ -64,11 +81,17 @@ def channel_conv_op(
     dilation: list[int],
     relu: bool,
 ) -> Tensor:
+    """``sparse_ops::channel_conv``: a ChannelPlan's conv with its fused epilogue."""
     # Indices were checked when the unit was built or loaded: not again on every call.
     plan = ChannelPlan(weight, bias, in_idx, out_idx, fill_idx, in_channels, out_channels,
                        tuple(stride), tuple(padding), tuple(dilation), validate=False)  # fmt: skip
     y = ops.channel_conv(x, plan, residual=residual, relu=relu, bias_map=bias_map)
     return y.contiguous(memory_format=_memory_format(x))
+
+
+channel_conv_op = torch.library.custom_op("sparse_ops::channel_conv", mutates_args=())(
+    channel_conv_impl
+)
 
 
 @channel_conv_op.register_fake
@@ -80,8 +103,7 @@ def _(x, weight, bias, in_idx, out_idx, fill_idx, bias_map, residual, in_channel
     return x.new_empty(shape).contiguous(memory_format=_memory_format(x))
 
 
-@torch.library.custom_op("sparse_ops::group_conv", mutates_args=())
-def group_conv_op(
+def group_conv_impl(
     x: Tensor,
     values: Tensor,
     val_ptr: Tensor,
@@ -105,6 +127,7 @@ def group_conv_op(
     max_cols: int,
     relu: bool,
 ) -> Tensor:
+    """``sparse_ops::group_conv``: a GroupPack's conv with its fused epilogue."""
     # max_cols comes from the host: deriving it from col_ptr would sync with the device.
     pack = GroupPack(values, val_ptr, row_idx, row_ptr, col_idx, col_ptr, tile_group, tile_row,
                      fill_idx, bias, in_channels, out_channels, tuple(kernel_size), tuple(stride),
@@ -112,6 +135,9 @@ def group_conv_op(
                      groups_meta={"max_cols": max_cols}, validate=False)  # fmt: skip
     y = ops.group_conv(x, pack, residual=residual, relu=relu)
     return y.contiguous(memory_format=_memory_format(x))
+
+
+group_conv_op = torch.library.custom_op("sparse_ops::group_conv", mutates_args=())(group_conv_impl)
 
 
 @group_conv_op.register_fake
@@ -221,11 +247,28 @@ class ChannelPrunedConv2d(_Unit):
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         bias_map = self._bias_map_for(x)
+        if _plain_eager_call(x, residual):
+            # What channel_conv_impl does, on a plan kept between calls.
+            y = ops.channel_conv(x, self._eager_plan(), residual=residual, relu=self.relu,
+                                 bias_map=_fp32(bias_map))  # fmt: skip
+            return y.contiguous(memory_format=torch.channels_last)
         return channel_conv_op(
             x, self.weight, _fp32(self.bias), self.in_idx, self.out_idx, self.fill_idx,
             _fp32(bias_map), residual, self.in_channels, self.out_channels,
             list(self.stride), list(self.padding), list(self.dilation), self.relu,
         )  # fmt: skip
+
+    def _eager_plan(self) -> ChannelPlan:
+        """The unit's plan, rebuilt only when a buffer was replaced (``.to()``, loading)."""
+        b = self._buffers
+        key = (b["weight"], b["bias"], b["in_idx"], b["out_idx"], b["fill_idx"])
+        cached = self.__dict__.get("_plan_cache")
+        if cached is None or any(a is not c for a, c in zip(cached[0], key, strict=True)):
+            plan = ChannelPlan(key[0], _fp32(key[1]), *key[2:], self.in_channels,
+                               self.out_channels, tuple(self.stride), tuple(self.padding),
+                               tuple(self.dilation), validate=False)  # fmt: skip
+            cached = self.__dict__["_plan_cache"] = (key, plan)
+        return cached[1]
 
     def config(self) -> dict[str, Any]:
         return {
@@ -267,6 +310,9 @@ _PACK_FIELDS = ("values", "val_ptr", "row_idx", "row_ptr", "col_idx", "col_ptr",
                 "tile_row", "fill_idx", "bias")  # fmt: skip
 
 
+_BUFFERS_OF = {prefix: tuple(f"{prefix}_{f}" for f in _PACK_FIELDS) for prefix in ("main", "left")}
+
+
 class GroupSparseConv2d(_Unit):
     _buffer_names = tuple(f"{p}_{f}" for p in ("main", "left") for f in _PACK_FIELDS)
 
@@ -293,12 +339,31 @@ class GroupSparseConv2d(_Unit):
         self.eval()
 
     def _run(self, x: Tensor, prefix: str, block: tuple[int, int], residual, relu) -> Tensor:
-        t = [getattr(self, f"{prefix}_{f}") for f in _PACK_FIELDS]
+        buffers = self._buffers  # not getattr: nn.Module's __getattr__ costs per lookup
+        t = [buffers[name] for name in _BUFFERS_OF[prefix]]
+        if _plain_eager_call(x, residual):
+            # What group_conv_impl does, on a pack kept between calls.
+            y = ops.group_conv(x, self._eager_pack(prefix, t, block), residual=residual,
+                               relu=relu)  # fmt: skip
+            return y.contiguous(memory_format=torch.channels_last)
         return group_conv_op(
             x, *t[:-1], _fp32(t[-1]), residual, self.in_channels, self.out_channels,
             list(self.kernel_size), list(self.stride), list(self.padding), list(self.dilation),
             block[0], block[1], self.max_cols[prefix], relu,
         )  # fmt: skip
+
+    def _eager_pack(self, prefix: str, tensors: list[Tensor], block) -> GroupPack:
+        """Pack ``prefix``, rebuilt only when a buffer was replaced (``.to()``, loading)."""
+        caches = self.__dict__.setdefault("_pack_cache", {})
+        cached = caches.get(prefix)
+        if cached is None or any(a is not c for a, c in zip(cached[0], tensors, strict=True)):
+            pack = GroupPack(*tensors[:-1], _fp32(tensors[-1]), self.in_channels,
+                             self.out_channels, tuple(self.kernel_size), tuple(self.stride),
+                             tuple(self.padding), tuple(self.dilation), block[0], block[1],
+                             groups_meta={"max_cols": self.max_cols[prefix]},
+                             validate=False)  # fmt: skip
+            cached = caches[prefix] = (list(tensors), pack)
+        return cached[1]
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         main_relu = self.relu and not self.has_leftover
