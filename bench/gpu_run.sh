@@ -6,10 +6,15 @@
 #
 #     OUT=/some/dir [PYTHON=python3] bash bench/gpu_run.sh [--quick]
 #
-# --quick: one network per preset and two sparsities, for a device budget of minutes.
+# --quick: one network per preset and two sparsities, for a device budget of minutes:
+# the kernels offer only the configs bench.kernel_static ranks best
+# (SPARSE_OPS_TUNING=quick), tuned configs are cached on disk and reused by every later
+# step (TRITON_CACHE_AUTOTUNING), and the whole run stops starting steps once
+# QUICK_BUDGET_S seconds (default 450) have passed; each step is cut at what is left.
 # Needs CUDA; runs from the checkout (no install, no internet). Exit status 1 if any
-# step failed or any benchmark output was wrong.
+# step failed or any benchmark output was wrong. A summary table ends the output.
 set -uo pipefail
+started=$(date +%s)
 out_root=${OUT:-}
 [[ -n "$out_root" && "$out_root" != /* ]] && out_root="$PWD/$out_root"  # caller's folder
 cd "$(dirname "$0")/.."
@@ -18,6 +23,11 @@ unset TRITON_INTERPRET  # kernels must compile for the GPU, not run in the inter
 PY=${PYTHON:-python}
 quick=0
 [[ "${1:-}" == "--quick" ]] && quick=1
+budget=${QUICK_BUDGET_S:-450}
+if [[ $quick == 1 ]]; then
+    export SPARSE_OPS_TUNING=quick TRITON_CACHE_AUTOTUNING=1
+    export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-${TMPDIR:-/tmp}/sparse-ops-triton-cache}
+fi
 $PY -c "import torch" || { echo "$PY cannot import torch (set PYTHON=...)" >&2; exit 2; }
 $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || {
     echo "no CUDA device: nothing to do" >&2
@@ -36,14 +46,37 @@ $PY -c "import mtkahypar" 2>/dev/null || {
     methods=(refill regroup)
 }
 
+summary=()
 step() {  # step NAME COMMAND...: full log in $dest/NAME.log, its tail on stdout
     local name=$1
     shift
+    local now left begin rc
+    now=$(date +%s)
+    left=$((budget - (now - started)))
+    if [[ $quick == 1 && $left -lt 20 ]]; then
+        echo "== $name: skipped, the --quick budget of ${budget}s is spent"
+        summary+=("$(printf '%-22s %-10s %5s' "$name" skipped -)")
+        return
+    fi
     echo "== $name"
-    "$@" >"$dest/$name.log" 2>&1
-    local rc=$?
+    begin=$now
+    if [[ $quick == 1 ]]; then
+        timeout --signal=INT --kill-after=10 "$left" "$@" >"$dest/$name.log" 2>&1
+    else
+        "$@" >"$dest/$name.log" 2>&1
+    fi
+    rc=$?
     tail -40 "$dest/$name.log"
-    [[ $rc == 0 ]] || { echo "!! $name exited $rc"; status=1; }
+    local verdict=ok
+    if [[ $rc == 124 ]]; then
+        verdict="cut (budget)"
+        status=1
+    elif [[ $rc != 0 ]]; then
+        verdict="exit $rc"
+        status=1
+    fi
+    [[ $verdict == ok ]] || echo "!! $name: $verdict"
+    summary+=("$(printf '%-22s %-10s %5ss' "$name" "$verdict" $(($(date +%s) - begin)))")
 }
 
 step gpu_tests $PY -m pytest -q -m gpu tests/
@@ -67,5 +100,8 @@ else
         step "paper_$dtype" $PY -m bench --preset paper --dtype "$dtype" --out "$dest"
     done
 fi
-echo "results in $dest (status $status)"
+echo
+echo "== summary ($(($(date +%s) - started)) s in all; results in $dest)"
+printf '%s\n' "${summary[@]}"
+$PY -m bench.summary "$dest" 2>/dev/null || true
 exit $status
