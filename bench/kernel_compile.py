@@ -172,6 +172,11 @@ _INTEGER = ("IMAD", "IADD", "ISETP", "LEA", "SHF", "LOP", "SEL", "MOV", "IABS", 
 
 
 def parse_ptxas_log(log: str) -> dict[str, int]:
+    """Registers, stack and spill bytes (the largest over the log's functions). A log
+    without a register count means ptxas did not run (a cache hit): an error, never a
+    silent "0 spills"."""
+    if not _PTXAS["registers"].search(log):
+        raise NotCompilable("no ptxas log (a Triton cache hit?): compile in fresh_cache()")
     found = {}
     for key, pattern in _PTXAS.items():
         values = [int(v) for v in pattern.findall(log)]

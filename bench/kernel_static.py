@@ -322,8 +322,15 @@ def compile_one(job) -> dict:
     return row
 
 
-def _init_worker(all_configs: bool = False):
+def _isolate_environment() -> None:
+    """No interpreter (it compiles nothing), and every config (a SPARSE_OPS_TUNING=quick
+    left in the environment would shrink the matrix without a word)."""
     os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.pop("SPARSE_OPS_TUNING", None)
+
+
+def _init_worker(all_configs: bool = False):
+    _isolate_environment()
     if all_configs:
         ignore_spill_tables()
 
@@ -535,10 +542,10 @@ def main(argv=None) -> int:
                 print("    },")
             print("}")
         return 0
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        os.environ.pop("TRITON_INTERPRET")
-        if "kernels.channel_conv" in sys.modules:
-            p.error("TRITON_INTERPRET was set when the kernels were imported: unset it")
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    _isolate_environment()
+    if interpreted and "kernels.channel_conv" in sys.modules:
+        p.error("TRITON_INTERPRET was set when the kernels were imported: unset it")
     from bench import kernel_compile
 
     for t in args.targets:

@@ -35,7 +35,7 @@ run a separate epilogue so the GEMM tiles' channel numbers stay one contiguous r
 gather through ``in_idx`` or an odd channel count falls back to element loads.
 
 Accumulation in fp32; inputs fp16, bf16 or fp32 (tf32 when allowed). Offsets are int32
-unless a tensor has 2^30 elements or more (``WIDE``: int64), which halves the address
+unless a tensor spans 2^30 elements or more (``WIDE``: int64), which halves the address
 arithmetic of the common case. Grid: (pixel tiles, row tiles of the compact GEMM
 followed by epilogue-only tiles over ``fill_idx``).
 """
@@ -316,7 +316,7 @@ QUICK = {
 }
 # Every shape quantity of the problem, and the flags candidate_configs reads: a config
 # tuned for one launch class must never be reused for another of the same shape.
-AUTOTUNE_KEY = ["M", "H", "W", "OH", "OW", "C_IN", "C_OUT", "N_FILL",
+AUTOTUNE_KEY = ["M", "H", "W", "OH", "OW", "C_IN", "C_OUT", "N_FILL", "KH", "KW",
                 "STRIDE_H", "STRIDE_W", "PAD_H", "PAD_W", "DIL_H", "DIL_W",
                 "HAS_IN_IDX", "HAS_OUT_IDX", "X_ALIGN", "W_ALIGN", "INPUT_PRECISION"]  # fmt: skip
 
@@ -377,7 +377,7 @@ def channel_conv_launch(
     """Check a call and build its launch (nothing runs). ``check_device=False`` accepts
     tensors on any device: ``bench.kernel_static`` builds launches from CPU tensors to
     compile them for a GPU target. ``force_wide`` forces (or forbids) 64-bit offsets,
-    which are otherwise used only for tensors of 2^30 elements or more (tests use it to
+    which are otherwise used only for tensors spanning 2^30 elements or more (tests use it to
     run the 64-bit path on small tensors)."""
     what = "channel_conv2d"
     call = launch.check_channel_call(x, plan, residual, bias_map, what, SUPPORTED_FORMAT_VERSION,

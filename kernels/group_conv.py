@@ -26,7 +26,7 @@ Shapes and layout:
     tile_group, tile_row  int32 [T] · fill_idx int32 · bias [Cout] float32
     res, y    [N, Cout, OH, OW] logical, channels innermost
 
-fp32 accumulation; int32 offsets, int64 (``WIDE``) once a tensor reaches 2^30 elements;
+fp32 accumulation; int32 offsets, int64 (``WIDE``) once a tensor spans 2^30 elements;
 fp16, bf16 or fp32 (tf32 when allowed) inputs.
 """
 
@@ -84,7 +84,7 @@ def group_conv_kernel(
             x_img = nb.to(tl.int64) * stride_xn
             v_rows = rr.to(tl.int64)[None, :] * cols_pad
         else:
-            # int32 offsets (the launcher checked every tensor is below 2^30 elements):
+            # int32 offsets (the launcher checked every tensor spans < 2^30 elements):
             # 64-bit arithmetic on every gathered element costs twice the instructions.
             v_base = (tl.load(vptr_ptr + group) + row_in_group * cols_pad).to(tl.int32)
             x_img = nb * stride_xn

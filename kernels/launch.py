@@ -20,6 +20,7 @@ of the launch overhead).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -113,10 +114,18 @@ def alignment(*values: int) -> int:
 WIDE_OFFSETS_AT = 1 << 30  # elements; half of int32's range leaves room for masked taps
 
 
+def element_span(t: torch.Tensor) -> int:
+    """One past the largest element offset ``t`` addresses from its first element: its
+    numel when contiguous, more for a strided view (a slice of a wider tensor)."""
+    pairs = zip(t.shape, t.stride(), strict=True)
+    return 1 + sum((size - 1) * abs(stride) for size, stride in pairs if size > 1)
+
+
 def needs_wide_offsets(*tensors: torch.Tensor | None) -> bool:
-    """True if an element offset into any of ``tensors`` may not fit in int32. Offsets of
-    masked-off taps (padding) may overshoot a tensor by a few rows, hence the margin."""
-    return any(t is not None and t.numel() >= WIDE_OFFSETS_AT for t in tensors)
+    """True if an element offset into any of ``tensors`` may not fit in int32: by span,
+    not numel, since a residual or bias map may be a view into a larger tensor. Offsets
+    of masked-off taps (padding) may overshoot a tensor by a few rows, hence the margin."""
+    return any(t is not None and element_span(t) >= WIDE_OFFSETS_AT for t in tensors)
 
 
 def config_id(config) -> str:
@@ -137,7 +146,8 @@ def known_spills(table: dict, kind: str, dtype: torch.dtype, version: str | None
 
         version = triton.__version__
     keys = (kind, f"{kind}/{str(dtype).removeprefix('torch.')}")
-    minor = tuple(int(p) for p in version.split(".")[:2])
+    parsed = re.match(r"(\d+)\.(\d+)", version)  # "3.6.0", "3.6.0+git…", "3.6rc1"
+    minor = (int(parsed[1]), int(parsed[2])) if parsed else None
     entries = [table[minor]] if minor in table else list(table.values())
     return {c for entry in entries for key in keys for c in entry.get(key, ())}
 

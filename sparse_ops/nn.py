@@ -60,9 +60,18 @@ def _plain_eager_call(*tensors: Tensor | None) -> bool:
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
-        if t is not None and (type(t) is not Tensor or (grad and t.requires_grad)):
+        if t is None:
+            continue
+        if type(t) is not Tensor or (grad and t.requires_grad) or _functorch_wrapped(t):
             return False
-    return True
+    # A kept plan built during CUDA-graph capture would hold copies the capture only
+    # records (never runs) until the first replay: capture goes through the op.
+    return not (tensors[0].is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _functorch_wrapped(t: Tensor) -> bool:
+    """A vmap/grad transform's wrapper: a plain Tensor by type, not by behaviour."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 def channel_conv_impl(
@@ -247,7 +256,7 @@ class ChannelPrunedConv2d(_Unit):
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         bias_map = self._bias_map_for(x)
-        if _plain_eager_call(x, residual):
+        if _plain_eager_call(x, residual, self.weight, self.bias, bias_map):
             # What channel_conv_impl does, on a plan kept between calls.
             y = ops.channel_conv(x, self._eager_plan(), residual=residual, relu=self.relu,
                                  bias_map=_fp32(bias_map))  # fmt: skip
@@ -261,14 +270,18 @@ class ChannelPrunedConv2d(_Unit):
     def _eager_plan(self) -> ChannelPlan:
         """The unit's plan, rebuilt only when a buffer was replaced (``.to()``, loading)."""
         b = self._buffers
-        key = (b["weight"], b["bias"], b["in_idx"], b["out_idx"], b["fill_idx"])
+        tensors = (b["weight"], b["bias"], b["in_idx"], b["out_idx"], b["fill_idx"])
+        # The bias's version too: after .half() the plan holds an fp32 copy of it, which
+        # an in-place update of the buffer (load_state_dict) would not reach.
+        version = None if tensors[1] is None else tensors[1]._version
         cached = self.__dict__.get("_plan_cache")
-        if cached is None or any(a is not c for a, c in zip(cached[0], key, strict=True)):
-            plan = ChannelPlan(key[0], _fp32(key[1]), *key[2:], self.in_channels,
+        if (cached is None or cached[1] != version
+                or any(a is not c for a, c in zip(cached[0], tensors, strict=True))):  # fmt: skip
+            plan = ChannelPlan(tensors[0], _fp32(tensors[1]), *tensors[2:], self.in_channels,
                                self.out_channels, tuple(self.stride), tuple(self.padding),
                                tuple(self.dilation), validate=False)  # fmt: skip
-            cached = self.__dict__["_plan_cache"] = (key, plan)
-        return cached[1]
+            cached = self.__dict__["_plan_cache"] = (tensors, version, plan)
+        return cached[2]
 
     def config(self) -> dict[str, Any]:
         return {
@@ -341,7 +354,7 @@ class GroupSparseConv2d(_Unit):
     def _run(self, x: Tensor, prefix: str, block: tuple[int, int], residual, relu) -> Tensor:
         buffers = self._buffers  # not getattr: nn.Module's __getattr__ costs per lookup
         t = [buffers[name] for name in _BUFFERS_OF[prefix]]
-        if _plain_eager_call(x, residual):
+        if _plain_eager_call(x, residual, t[0], t[-1]):
             # What group_conv_impl does, on a pack kept between calls.
             y = ops.group_conv(x, self._eager_pack(prefix, t, block), residual=residual,
                                relu=relu)  # fmt: skip
@@ -356,14 +369,17 @@ class GroupSparseConv2d(_Unit):
         """Pack ``prefix``, rebuilt only when a buffer was replaced (``.to()``, loading)."""
         caches = self.__dict__.setdefault("_pack_cache", {})
         cached = caches.get(prefix)
-        if cached is None or any(a is not c for a, c in zip(cached[0], tensors, strict=True)):
+        bias = tensors[-1]  # see ChannelPrunedConv2d._eager_plan for the version
+        version = None if bias is None else bias._version
+        if (cached is None or cached[1] != version
+                or any(a is not c for a, c in zip(cached[0], tensors, strict=True))):  # fmt: skip
             pack = GroupPack(*tensors[:-1], _fp32(tensors[-1]), self.in_channels,
                              self.out_channels, tuple(self.kernel_size), tuple(self.stride),
                              tuple(self.padding), tuple(self.dilation), block[0], block[1],
                              groups_meta={"max_cols": self.max_cols[prefix]},
                              validate=False)  # fmt: skip
-            cached = caches[prefix] = (list(tensors), pack)
-        return cached[1]
+            cached = caches[prefix] = (list(tensors), version, pack)
+        return cached[2]
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         main_relu = self.relu and not self.has_leftover

@@ -27,6 +27,8 @@ def _fixed_seeds():
 
 
 def pytest_collection_modifyitems(config, items):
+    # The compile gate's tests last: by then its background job (below) is done or nearly.
+    items.sort(key=lambda item: item.path.name == COMPILE_GATE)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
@@ -56,8 +58,11 @@ class CompileJob:
         command = [sys.executable, "-m", "bench.kernel_static", "--matrix", "ci",
                    "--jobs", str(workers), "--out", str(self.folder)]  # fmt: skip
         root = Path(__file__).resolve().parents[1]
-        self.process = subprocess.Popen(command, cwd=root, env=env, stdout=self.log,
-                                        stderr=subprocess.STDOUT)  # fmt: skip
+        # Its own process group, so stop() reaches the compile workers it spawns too.
+        self.process = subprocess.Popen(
+            command, cwd=root, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
 
     def wait(self, timeout: float) -> int:
         try:
@@ -69,9 +74,20 @@ class CompileJob:
         return (self.folder / "kernel_static.log").read_text()
 
     def stop(self) -> None:
+        import signal
+        import subprocess
+
         if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(self.process.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.process.wait(timeout=10)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
         self.log.close()
 
 

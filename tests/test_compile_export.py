@@ -419,3 +419,37 @@ def test_eager_units_call_the_op_only_when_something_may_record(monkeypatch):
     with torch.no_grad():
         doubled = unit(x)
     assert not torch.equal(doubled, direct)
+
+
+def test_kept_plan_sees_in_place_bias_updates_after_a_dtype_change():
+    """After .to(bf16) a kept plan holds an fp32 copy of the bias; an in-place update of
+    the buffer (what load_state_dict does) must reach it."""
+    fast, _ = _network("refill-channel")
+    unit = next(m for m in fast.modules() if isinstance(m, units.ChannelPrunedConv2d))
+    unit = unit.to(torch.bfloat16)
+    x = torch.randn(1, unit.in_channels, 8, 8).to(torch.bfloat16)
+    with torch.no_grad():
+        before = unit(x).float()
+        state = {k: v.clone() for k, v in unit.state_dict().items()}
+        state["bias"] = state["bias"] + 100
+        unit.load_state_dict(state)
+        after = unit(x).float()
+        via_op = units.channel_conv_op(
+            x, unit.weight, unit.bias.float(), unit.in_idx, unit.out_idx, unit.fill_idx,
+            None, None, unit.in_channels, unit.out_channels, list(unit.stride),
+            list(unit.padding), list(unit.dilation), unit.relu,
+        ).float()  # fmt: skip
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, via_op, rtol=0, atol=0)
+
+
+def test_module_tensors_that_want_gradients_go_through_the_op():
+    fast, _ = _network("refill-channel")
+    unit = next(m for m in fast.modules() if isinstance(m, units.ChannelPrunedConv2d))
+    x = torch.randn(1, unit.in_channels, 8, 8)
+    assert units._plain_eager_call(x, None, unit.weight, unit.bias)
+    weight = unit.weight.detach().requires_grad_()
+    with torch.enable_grad():
+        assert not units._plain_eager_call(x, None, weight, unit.bias)
+    with torch.no_grad():
+        assert units._plain_eager_call(x, None, weight, unit.bias)

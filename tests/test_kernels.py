@@ -149,6 +149,25 @@ def test_small_tensors_use_32_bit_offsets():
     assert spec.constexprs["X_ALIGN"] == 8 and spec.constexprs["W_ALIGN"] == 8
 
 
+def test_wide_offsets_follow_a_views_span_not_its_size():
+    """A residual that is a channel slice of a wider tensor holds < 2^30 elements but
+    reaches past 2^31: int32 offsets into it would wrap (meta tensors: nothing is
+    allocated)."""
+    big = torch.empty(80, 512, 256, 256, dtype=torch.float16, device="meta")
+    residual = big.contiguous(memory_format=torch.channels_last)[:, :64]
+    assert residual.numel() < launch.WIDE_OFFSETS_AT <= launch.element_span(residual)
+    assert launch.needs_wide_offsets(residual)
+    g = torch.Generator().manual_seed(0)
+    plan = ChannelPlan.from_weight(conv_weight(64, 64, 1, g), None, None)
+    plan = plan.to("meta", torch.float16)
+    x = torch.empty(80, 64, 256, 256, dtype=torch.float16, device="meta")
+    x = x.contiguous(memory_format=torch.channels_last)
+    spec = channel_conv_launch(x, plan, residual=residual, check_device=False)
+    assert spec.constexprs["WIDE"] is True
+    contiguous = channel_conv_launch(x, plan, residual=residual.contiguous(), check_device=False)
+    assert contiguous.constexprs["WIDE"] is False
+
+
 def test_alignment_claims_are_exact():
     # What the kernel may state with multiple_of: the largest power of two ≤ 8 dividing
     # every value (a wrong claim would make the compiler vectorise unaligned rows).
@@ -244,6 +263,9 @@ def test_known_spills_follow_the_installed_version(monkeypatch):
     assert launch.known_spills(table, "scalar", torch.float16) == set()
     monkeypatch.setattr(triton, "__version__", "3.7.0")  # never measured: every exclusion
     assert launch.known_spills(table, "scalar", torch.float32) == {"a", "b"}
+    for version in ("3.6rc1", "3.6.0+git1234"):
+        monkeypatch.setattr(triton, "__version__", version)
+        assert launch.known_spills(table, "scalar", torch.float32) == {"a"}
 
 
 settings_kernel = settings(
