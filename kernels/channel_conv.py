@@ -409,7 +409,7 @@ def channel_conv_launch(
         *(bias_map.stride() if bias_map is not None else (0, 0, 0)),
         *call.stride, *call.padding, *call.dilation,
     )  # fmt: skip
-    wide = launch.needs_wide_offsets(x, y, weight, residual, bias_map)
+    wide = launch.needs_wide_offsets(dense=(x, y, weight), views=(residual, bias_map))
     flags = {
         "KH": kh, "KW": kw, "HAS_IN_IDX": in_idx is not None, "HAS_OUT_IDX": out_idx is not None,
         "HAS_FILL": n_fill > 0, "HAS_BIAS": bias is not None,

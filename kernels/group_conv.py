@@ -253,7 +253,7 @@ def group_conv_launch(
         "HAS_BIAS": pack.bias is not None, "HAS_RES": residual is not None, "RELU": bool(relu),
         "INPUT_PRECISION": launch.input_precision(x.dtype, allow_tf32), "K_PAD": k_pad,
         "BLOCK_N": block_n,
-        "WIDE": launch.needs_wide_offsets(x, y, pack.values, residual)
+        "WIDE": launch.needs_wide_offsets(dense=(x, y), views=(pack.values, residual))
         if force_wide is None else bool(force_wide),
     }  # fmt: skip
 

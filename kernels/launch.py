@@ -117,15 +117,22 @@ WIDE_OFFSETS_AT = 1 << 30  # elements; half of int32's range leaves room for mas
 def element_span(t: torch.Tensor) -> int:
     """One past the largest element offset ``t`` addresses from its first element: its
     numel when contiguous, more for a strided view (a slice of a wider tensor)."""
-    pairs = zip(t.shape, t.stride(), strict=True)
-    return 1 + sum((size - 1) * abs(stride) for size, stride in pairs if size > 1)
+    span = 1
+    for size, stride in zip(t.shape, t.stride(), strict=True):
+        if size > 1:
+            span += (size - 1) * (stride if stride >= 0 else -stride)
+    return span
 
 
-def needs_wide_offsets(*tensors: torch.Tensor | None) -> bool:
-    """True if an element offset into any of ``tensors`` may not fit in int32: by span,
-    not numel, since a residual or bias map may be a view into a larger tensor. Offsets
-    of masked-off taps (padding) may overshoot a tensor by a few rows, hence the margin."""
-    return any(t is not None and element_span(t) >= WIDE_OFFSETS_AT for t in tensors)
+def needs_wide_offsets(dense=(), views=()) -> bool:
+    """True if an element offset into any tensor may not fit in int32. ``dense`` tensors
+    are known contiguous in some memory format (their span is their numel); ``views``
+    may be strided slices of larger tensors (a residual, a bias map), so their span
+    counts, not their size. Offsets of masked-off taps (padding) may overshoot a tensor
+    by a few rows, hence the margin."""
+    if any(t is not None and t.numel() >= WIDE_OFFSETS_AT for t in dense):
+        return True
+    return any(t is not None and element_span(t) >= WIDE_OFFSETS_AT for t in views)
 
 
 def config_id(config) -> str:

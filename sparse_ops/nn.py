@@ -256,7 +256,8 @@ class ChannelPrunedConv2d(_Unit):
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         bias_map = self._bias_map_for(x)
-        if _plain_eager_call(x, residual, self.weight, self.bias, bias_map):
+        b = self._buffers  # not getattr: nn.Module's __getattr__ costs per lookup
+        if _plain_eager_call(x, residual, b["weight"], b["bias"], bias_map):
             # What channel_conv_impl does, on a plan kept between calls.
             y = ops.channel_conv(x, self._eager_plan(), residual=residual, relu=self.relu,
                                  bias_map=_fp32(bias_map))  # fmt: skip

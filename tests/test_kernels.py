@@ -156,7 +156,8 @@ def test_wide_offsets_follow_a_views_span_not_its_size():
     big = torch.empty(80, 512, 256, 256, dtype=torch.float16, device="meta")
     residual = big.contiguous(memory_format=torch.channels_last)[:, :64]
     assert residual.numel() < launch.WIDE_OFFSETS_AT <= launch.element_span(residual)
-    assert launch.needs_wide_offsets(residual)
+    assert launch.needs_wide_offsets(views=(residual,))
+    assert not launch.needs_wide_offsets(dense=(residual,))  # what a numel check would say
     g = torch.Generator().manual_seed(0)
     plan = ChannelPlan.from_weight(conv_weight(64, 64, 1, g), None, None)
     plan = plan.to("meta", torch.float16)
