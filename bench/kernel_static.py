@@ -57,6 +57,7 @@ class Case:
     block_n: int = 32
     k_pad: int = 32
     aligned: bool = False  # every row 16-byte aligned: the vector-load floors apply
+    col_run: int = 1  # group cases: columns chosen in runs of 8 channels of one tap
     note: str = ""
 
 
@@ -84,6 +85,11 @@ CASES = [
          note="batch 1, odd channels and sizes, stride 2"),
     Case("groups-3x3", "group", 64, 256, 256, (8, 8), 3, 1, 1, mask="groups", residual=True,
          relu=True, note="regroup pack: 32-row groups, rows in no group, residual, ReLU"),
+    Case("groups-512", "group", 64, 512, 512, (8, 8), 3, 1, 1, mask="groups", relu=True,
+         note="the floor case: 3x3 512→512, density 0.2, 32-row groups, arbitrary columns"),
+    Case("groups-512-run8", "group", 64, 512, 512, (8, 8), 3, 1, 1, mask="groups", relu=True,
+         col_run=8, aligned=True,
+         note="the same with columns in runs of 8 channels (RegroupConfig(col_run=8))"),
     Case("groups-1x1-s2", "group", 64, 128, 256, (16, 16), 1, 2, 0, mask="groups",
          note="group-sparse downsampling 1x1"),
     Case("groups-7x7", "group", 8, 64, 64, (28, 28), 7, 1, 3, mask="groups", relu=True,
@@ -151,8 +157,12 @@ def build_launch(case: Case, dtype: str):
     size = 16 if case.mask == "leftover" else 32
     keep = case.cout - case.cout // 8  # the rest belong to no group: fill rows
     for start in range(0, keep, size):
-        width = max(1, k_total // 5)
-        cols = torch.randperm(k_total, generator=g)[:width].tolist()
+        if case.col_run > 1:  # whole aligned runs of col_run channels, density 1/5
+            n_runs = k_total // case.col_run
+            runs = torch.randperm(n_runs, generator=g)[: n_runs // 5]
+            cols = (runs[:, None] * case.col_run + torch.arange(case.col_run)).flatten().tolist()
+        else:
+            cols = torch.randperm(k_total, generator=g)[: max(1, k_total // 5)].tolist()
         layout.append({"rows": rows[start : min(start + size, keep)], "cols": cols})
     pack = GroupPack.from_weight(weight, None, layout, bias, block_n=case.block_n,
                                  k_pad=case.k_pad, **geometry).to(dtype=dt)  # fmt: skip
@@ -272,6 +282,7 @@ CI_CLASS_CASES = [
     ("all-features", _TENSOR_DTYPES, None),  # "scalar-scatter"
     ("dense-3x3", ("float32-ieee",), None),  # "fma"
     ("groups-3x3", (*_TENSOR_DTYPES, "float32-ieee"), None),  # group "tensor", "fma"
+    ("groups-512-run8", _TENSOR_DTYPES, None),  # group "tensor-run"
     ("groups-kpad64", _TENSOR_DTYPES, lambda c: c.kwargs["BLOCK_K"] == 64),
     ("leftover", _TENSOR_DTYPES, None),  # block_n = k_pad = 16
 ]
@@ -400,6 +411,30 @@ def floor_failures(row: dict) -> list[str]:
         narrow_stores = {b: n for b, n in stats["store_bits"].items() if int(b) < 64 and n}
         if narrow_stores:
             missed.append(f"narrow stores {narrow_stores}")
+    if case.name in GROUP_LOOP_FLOORS and row["dtype"] in ("float16", "bfloat16"):
+        missed += _group_loop_misses(row, case, GROUP_LOOP_FLOORS[case.name])
+    return missed
+
+
+# Group kernel floors, per case: SASS instructions per 32 gathered columns per warp in
+# the innermost MMA loop (checked at BLOCK_K = 32, where one iteration is 32 columns;
+# BLOCK_K = 16 iterations carry the same fixed cost for half the columns), and for
+# column runs both operands on 16-byte asynchronous copies with no synchronous load.
+GROUP_LOOP_FLOORS = {"groups-512": 300, "groups-512-run8": 120}
+
+
+def _group_loop_misses(row: dict, case: Case, limit: int) -> list[str]:
+    loop = row["stats"]["loop"]
+    if loop is None:
+        return ["no MMA loop found"]
+    missed = []
+    if row["config"]["BLOCK_K"] == 32 and loop["instructions"] > limit:
+        missed.append(f"{loop['instructions']} instructions per 32 columns > {limit}")
+    if case.col_run > 1:
+        if loop["global_loads"]:
+            missed.append(f"{loop['global_loads']} synchronous loads in the K loop")
+        if loop["async_copies"] < 2 or not loop["load_bits"].get("128"):
+            missed.append(f"operands not on 16-byte async copies: {loop['load_bits']}")
     return missed
 
 

@@ -12,54 +12,80 @@ Math. A layer's weight, seen as the GEMM matrix ``Cout × K`` (``K = kh·kw·Cin
 Output rows in no group (``fill_idx``) get the epilogue of a zero accumulator.
 
 Schedule. The pack holds a flat list of tiles ``(group, BLOCK_N rows)`` — groups with
-the most columns first — followed by epilogue-only tiles. The grid is (pixel tiles,
-schedule tiles), pixel tiles varying fastest, so the longest K loops start first.
-Each tile's K loop walks its group's columns in blocks of ``BLOCK_K``, gathering
-``x`` at the decoded (ky, kx, c) of each column. The group's values are a dense,
-zero-padded ``[rows_pad, cols_pad]`` tile, so loading them needs no mask.
+the most columns first — followed by epilogue-only tiles. The grid is one dimension,
+row tiles varying fastest: the tiles of one pixel tile run side by side and share its
+input rows in L2, and the pack (a few MB at most) stays in L2 across pixel tiles. On a
+large layer the input is then streamed from DRAM about once, where a pixel-fastest
+order streams it once per row tile.
+
+K loop. Columns arrive decoded: the pack's ``col_code`` holds ``c | kx << 16 | ky << 24``
+per column (host-side, so no division runs in the loop), from which a column's input
+offset ``ky·dh·sxh + kx·dw·sxw + c`` and its tap bits ``1 << ky | 1 << (16 + kx)``
+follow in a few integer operations per column. Each pixel's in-image taps are one
+32-bit word computed before the loop (bit ky: row in image, bit 16 + kx: column in
+image, 0 for pixels past M), so a gathered element's bounds test is one AND and one
+compare instead of four comparisons. Padding columns carry a real in-image code and a
+zero weight. A group's values are a dense, zero-padded ``[rows_pad, cols_pad]`` tile
+whose rows start at multiples of ``K_PAD``: the value operand loads without a mask in
+16-byte vectors (``cp.async`` once pipelined).
+
+Column runs. When the pack's columns come in runs of 8 consecutive channels of one tap
+starting at a multiple of 8 (``col_run = 8``, regroup's ``RegroupConfig(col_run=8)``)
+and the input's pixel strides are multiples of 8 (``X_ALIGN``), ``COL_RUN = 8`` tells
+the compiler so (``max_contiguous``/``multiple_of`` on the offsets, ``max_constancy``
+on the tap bits): the gathered operand also loads in 16-byte vectors, one address and
+one bounds test per 8 elements.
 
 Shapes and layout:
     x         [N, Cin, H, W] logical, channels innermost (strides passed explicitly)
     values    flat; group g's tile row-major at val_ptr[g], x's dtype
     row_idx   int32, −1 padded per group to BLOCK_N · row_ptr [G+1]
-    col_idx   int32, −1 padded per group to k_pad · col_ptr [G+1]
+    col_code  int32, per padded column of col_ptr's groups · col_ptr [G+1]
     tile_group, tile_row  int32 [T] · fill_idx int32 · bias [Cout] float32
     res, y    [N, Cout, OH, OW] logical, channels innermost
 
-fp32 accumulation; int32 offsets, int64 (``WIDE``) once a tensor spans 2^30 elements;
-fp16, bf16 or fp32 (tf32 when allowed) inputs.
+Geometry (kernel size, stride, padding, dilation) is constexpr: a layer's constants,
+folded into the address arithmetic. fp32 accumulation; int32 offsets, int64 (``WIDE``)
+once a tensor spans 2^30 elements; fp16, bf16 or fp32 (tf32 when allowed) inputs.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 import triton
 import triton.language as tl
 
 from . import launch
-from .epilogue import store_with_epilogue
+from .epilogue import multiple_of, store_with_epilogue
 from .errors import KernelInputError
 from .launch import config_id
 
-SUPPORTED_FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSION = 2
+MAX_TAPS_PER_AXIS = 16  # tap bits: 16 for rows, 16 for columns, in one int32 per pixel
+COL_RUN = 8  # channels per run in a col_run pack: 16 bytes of fp16/bf16
 
 
 @triton.jit
 def group_conv_kernel(
     x_ptr, val_ptr, bias_ptr, res_ptr, y_ptr,
-    row_idx_ptr, row_ptr_ptr, col_idx_ptr, col_ptr_ptr, vptr_ptr,
+    row_idx_ptr, row_ptr_ptr, col_code_ptr, col_ptr_ptr, vptr_ptr,
     tile_group_ptr, tile_row_ptr, fill_idx_ptr,
-    M, H, W, OH, OW, C_IN, KW, N_FILL, NUM_TILES, MAX_COLS,
+    M, H, W, OH, OW, N_FILL, NUM_TILES, MAX_COLS,
     stride_xn, stride_xh, stride_xw, stride_xc,
     stride_yn, stride_yh, stride_yw, stride_yc,
     stride_rn, stride_rh, stride_rw, stride_rc,
-    STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
+    PAD_H: tl.constexpr, PAD_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, K_PAD: tl.constexpr, WIDE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, K_PAD: tl.constexpr, COL_RUN: tl.constexpr,
+    X_ALIGN: tl.constexpr, WIDE: tl.constexpr, GATHER_TRANSPOSED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_t = tl.program_id(1)
+    pid = tl.program_id(0)
+    pid_t = pid % NUM_TILES
+    pid_m = pid // NUM_TILES
     group = tl.load(tile_group_ptr + pid_t)
     start = tl.load(tile_row_ptr + pid_t)
 
@@ -73,48 +99,67 @@ def group_conv_kernel(
 
     if group >= 0:
         out_ch = tl.load(row_idx_ptr + start + rr)  # −1 marks padding rows
-        col_begin = tl.load(col_ptr_ptr + group)
-        col_end = tl.load(col_ptr_ptr + group + 1)
-        cols_pad = col_end - col_begin
+        # Column blocks are K_PAD-padded, so offsets into them are K_PAD multiples:
+        # stated, so the value tile and the column codes load as 16-byte vectors.
+        col_begin = multiple_of(tl.load(col_ptr_ptr + group), K_PAD)
+        cols_pad = multiple_of(tl.load(col_ptr_ptr + group + 1) - col_begin, K_PAD)
         row_in_group = start - tl.load(row_ptr_ptr + group)
+        stride_xn = multiple_of(stride_xn, X_ALIGN)
+        stride_xh = multiple_of(stride_xh, X_ALIGN)
+        stride_xw = multiple_of(stride_xw, X_ALIGN)
         ih0 = oh * STRIDE_H - PAD_H
         iw0 = ow * STRIDE_W - PAD_W
+        pix_bits = tl.zeros((BLOCK_M,), dtype=tl.int32)
+        # (Names apart from the K loop's ky/kx: Triton would see one variable change type.)
+        for tap_y in tl.static_range(KH):
+            ih = ih0 + tap_y * DIL_H
+            pix_bits |= tl.where((ih >= 0) & (ih < H), 1 << tap_y, 0)
+        for tap_x in tl.static_range(KW):
+            iw = iw0 + tap_x * DIL_W
+            pix_bits |= tl.where((iw >= 0) & (iw < W), 1 << (16 + tap_x), 0)
+        pix_bits = tl.where(m_mask, pix_bits, 0)
         if WIDE:
             v_base = tl.load(vptr_ptr + group) + row_in_group.to(tl.int64) * cols_pad
-            x_img = nb.to(tl.int64) * stride_xn
+            x_pix = (nb.to(tl.int64) * stride_xn + ih0.to(tl.int64) * stride_xh
+                     + iw0.to(tl.int64) * stride_xw)  # fmt: skip
             v_rows = rr.to(tl.int64)[None, :] * cols_pad
         else:
             # int32 offsets (the launcher checked every tensor spans < 2^30 elements):
             # 64-bit arithmetic on every gathered element costs twice the instructions.
             v_base = (tl.load(vptr_ptr + group) + row_in_group * cols_pad).to(tl.int32)
-            x_img = nb * stride_xn
+            x_pix = nb * stride_xn + ih0 * stride_xh + iw0 * stride_xw
             v_rows = rr[None, :] * cols_pad
+        v_base = multiple_of(v_base, K_PAD)
         for k0 in range(0, cols_pad, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
-            col = tl.load(col_idx_ptr + col_begin + rk)  # −1 marks padding columns
-            c = col % C_IN
-            tap = col // C_IN
-            ky = tap // KW
-            kx = tap % KW
-            ih = ih0[:, None] + (ky * DIL_H)[None, :]
-            iw = iw0[:, None] + (kx * DIL_W)[None, :]
-            inside = (
-                m_mask[:, None] & (col >= 0)[None, :]
-                & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            )  # fmt: skip
+            code = tl.load(col_code_ptr + col_begin + rk)
+            ky = code >> 24
+            kx = (code >> 16) & 0xFF
+            c = code & 0xFFFF
             if WIDE:
-                x_off = (
-                    x_img[:, None]
-                    + ih.to(tl.int64) * stride_xh
-                    + iw.to(tl.int64) * stride_xw
-                    + c.to(tl.int64)[None, :] * stride_xc
+                col_off = (
+                    ky.to(tl.int64) * (DIL_H * stride_xh)
+                    + kx.to(tl.int64) * (DIL_W * stride_xw)
+                    + c.to(tl.int64) * stride_xc
                 )
             else:
-                x_off = x_img[:, None] + ih * stride_xh + iw * stride_xw + c[None, :] * stride_xc
-            a = tl.load(x_ptr + x_off, mask=inside, other=0.0)
+                col_off = ky * (DIL_H * stride_xh) + kx * (DIL_W * stride_xw) + c * stride_xc
+            col_bits = (1 << ky) | (1 << (kx + 16))
+            if COL_RUN > 1:
+                # Runs of COL_RUN channels of one tap, starting at multiples of COL_RUN
+                # (the pack checked it; X_ALIGN makes the tap offsets multiples too).
+                col_off = tl.max_contiguous(tl.multiple_of(col_off, COL_RUN), COL_RUN)
+                col_bits = tl.max_constancy(col_bits, COL_RUN)
+            if GATHER_TRANSPOSED:  # the same tile, built K-major (see gather_transposed)
+                inside_t = (pix_bits[None, :] & col_bits[:, None]) == col_bits[:, None]
+                a = tl.trans(tl.load(x_ptr + x_pix[None, :] + col_off[:, None], mask=inside_t,
+                                     other=0.0))  # fmt: skip
+            else:
+                inside = (pix_bits[:, None] & col_bits[None, :]) == col_bits[None, :]
+                a = tl.load(x_ptr + x_pix[:, None] + col_off[None, :], mask=inside, other=0.0)
             # Padded tiles: every (row, column) of the block exists, zero where padded.
             b = tl.load(val_ptr + v_base + v_rows + rk[:, None])
-            acc += tl.dot(a, b, input_precision=INPUT_PRECISION)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     else:
         # Epilogue-only tile: output rows that belong to no group.
         rf = start + rr
@@ -129,10 +174,14 @@ def group_conv_kernel(
     )  # fmt: skip
 
 
-# Autotuning (GPU only). BLOCK_N is the pack's row tile, fixed by the format. Every
-# column of a group is gathered element by element (its (ky, kx, c) decoded in the loop),
-# so each element holds an address of its own and large tiles spill: bench.kernel_static
-# compiles every config for sm_90a and sm_80 and the test suite requires zero spills.
+# Autotuning (GPU only). BLOCK_N is the pack's row tile, fixed by the format. Three
+# config sets, by how the gathered operand loads (bench.kernel_static compiles every
+# config for sm_90a and sm_80; the test suite requires zero spills among those offered):
+# - "tensor": scalar gathers (any columns). A thread keeps an offset and tap bits for
+#   each of its pixels, so tiles above 64×32 per 4 warps run out of registers;
+# - "tensor-run": column runs (COL_RUN = 8), 16-byte cp.async for both operands and a
+#   few addresses per thread, so larger tiles fit;
+# - "fma": exact fp32 (allow_tf32=False), tl.dot on CUDA cores, fragments in registers.
 def _config(bm, bk, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
@@ -144,42 +193,38 @@ CONFIG_SETS = {
         _config(32, 16, 2, 3), _config(64, 64, 4, 3), _config(64, 64, 4, 2),
         _config(32, 64, 4, 2),
     ],
-    # Exact fp32 (allow_tf32=False): tl.dot on CUDA cores, fragments in registers.
+    "tensor-run": [
+        _config(128, 32, 4, 3), _config(128, 32, 4, 4), _config(256, 32, 8, 3),
+        _config(64, 32, 4, 4), _config(128, 16, 4, 4), _config(64, 16, 2, 4),
+        _config(128, 64, 4, 3), _config(256, 64, 8, 3), _config(64, 64, 4, 3),
+    ],
     "fma": [_config(32, 32, 4, 2), _config(64, 16, 4, 2), _config(32, 16, 4, 2),
             _config(64, 16, 2, 2)],
 }  # fmt: skip
 CONFIGS = list({config_id(c): c for s in CONFIG_SETS.values() for c in s}.values())
 # Configs ptxas spills on, by Triton (major, minor) and "class" or "class/dtype"; see
-# kernels.channel_conv.SPILLS.
+# kernels.channel_conv.SPILLS. Measured with bench.kernel_static --all-configs.
 SPILLS: dict[tuple[int, int], dict[str, set[str]]] = {
-    (3, 6): {},  # measured: nothing spills
-    (3, 9): {
-        'fma/float32': {'32xpackx16 w4 s2', '64xpackx16 w2 s2'},
-        'tensor/bfloat16': {'128xpackx32 w4 s3', '256xpackx32 w8 s3'},
-        'tensor/float16': {'128xpackx32 w4 s3', '256xpackx32 w8 s3'},
-        'tensor/float32': {
-            '128xpackx32 w4 s3', '256xpackx32 w8 s3', '32xpackx64 w4 s2', '64xpackx64 w4 s2',
-            '64xpackx64 w4 s3',
-        },
-    },
 }  # fmt: skip
 # SPARSE_OPS_TUNING=quick: the configs the static report ranks best on Triton 3.6 (fp16,
 # sm_90a), and a BLOCK_K = 16 one for the converter's leftover packs (k_pad 16).
 QUICK = {
-    "tensor": ["64xpackx32 w4 s4", "128xpackx32 w4 s3", "128xpackx16 w4 s4"],
+    "tensor": ["64xpackx32 w4 s4", "128xpackx16 w4 s4", "32xpackx32 w4 s3"],
+    "tensor-run": ["128xpackx32 w4 s3", "64xpackx32 w4 s4", "128xpackx16 w4 s4"],
     "fma": ["64xpackx16 w4 s2", "32xpackx32 w4 s2"],
 }
 # K_PAD and BLOCK_N are in the key because candidate_configs depends on them (a config
 # tuned for one pack's column padding must never be reused for another's), and so is
 # INPUT_PRECISION (it picks the config set).
-AUTOTUNE_KEY = ["M", "H", "W", "OH", "OW", "C_IN", "KW", "N_FILL", "NUM_TILES", "MAX_COLS",
+AUTOTUNE_KEY = ["M", "H", "W", "OH", "OW", "N_FILL", "NUM_TILES", "MAX_COLS", "KH", "KW",
                 "STRIDE_H", "STRIDE_W", "PAD_H", "PAD_W", "DIL_H", "DIL_W", "K_PAD",
-                "BLOCK_N", "INPUT_PRECISION"]  # fmt: skip
+                "COL_RUN", "X_ALIGN", "BLOCK_N", "INPUT_PRECISION"]  # fmt: skip
 
 
 def launch_class(dtype: torch.dtype, constexprs: dict) -> str:
-    fma = constexprs.get("INPUT_PRECISION") == "ieee" and dtype == torch.float32
-    return "fma" if fma else "tensor"
+    if constexprs.get("INPUT_PRECISION") == "ieee" and dtype == torch.float32:
+        return "fma"
+    return "tensor-run" if constexprs.get("COL_RUN", 1) > 1 else "tensor"
 
 
 def candidate_configs(dtype: torch.dtype, constexprs: dict) -> list[triton.Config]:
@@ -207,6 +252,18 @@ INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_K": 16}
 INTERPRETED = launch.is_interpreted(group_conv_kernel)
 
 
+def gather_transposed(version: str | None = None) -> bool:
+    """Whether the gathered tile is built as [BLOCK_K, BLOCK_M] and transposed. Scalar
+    gathers have no contiguity on either axis, and Triton's coalescing breaks that tie
+    towards the first axis before 3.9 and towards the last from 3.9 (compiled: 3.6 and
+    3.9; 3.7 and 3.8 not measured). Either way the K axis must win, so that a warp walks
+    one pixel's columns: a thread then decodes one column code and keeps its pixels'
+    offsets, which halves the loop (309 → 159 SASS instructions per iteration, 3.6,
+    sm_90a, 64×32 tile)."""
+    parsed = re.match(r"(\d+)\.(\d+)", version or triton.__version__)
+    return parsed is not None and (int(parsed[1]), int(parsed[2])) < (3, 9)
+
+
 def group_conv_launch(
     x: torch.Tensor,
     pack,
@@ -223,42 +280,55 @@ def group_conv_launch(
     what = "group_conv2d"
     call = launch.check_group_call(x, pack, residual, what, SUPPORTED_FORMAT_VERSION,
                                    INTERPRETED if check_device else None)  # fmt: skip
-    n, c, h, w = x.shape
+    n, _, h, w = x.shape
     block_n, k_pad = int(pack.block_n), int(pack.k_pad)
     if block_n < 16 or block_n & (block_n - 1) or k_pad < 16 or k_pad & (k_pad - 1):
         raise KernelInputError(
             f"{what}: pack block_n={block_n} and k_pad={k_pad} must be powers of two ≥ 16 "
             "(tensor-core tile edges)"
         )
-    kw = call.kernel[1]
+    kh, kw = call.kernel
+    if max(kh, kw) > MAX_TAPS_PER_AXIS:
+        raise KernelInputError(
+            f"{what}: kernel {kh}×{kw} has more than {MAX_TAPS_PER_AXIS} taps along an axis "
+            "(the kernel keeps a pixel's in-image taps as bits of one int32)"
+        )
     oh, ow = call.oh, call.ow
     y = launch.prepare_output(out, call.out_shape, x, what)
     x = launch.channels_last(x)
     m, tiles = n * oh * ow, pack.tile_group.numel()
     # A pack records max_cols on the host (groups_meta); reading col_ptr would sync.
     max_cols = int(pack.max_cols) if hasattr(pack, "max_cols") else 0
+    x_strides = launch.nhwc_strides(x)
+    x_align = launch.alignment(*x_strides[:3])
+    # Runs vectorise only if every tap offset is a multiple of the run too.
+    col_run = COL_RUN if int(getattr(pack, "col_run", 1)) == COL_RUN and x_align == COL_RUN else 1
     args = (
         # A disabled feature's pointer is never read; the stand-ins only keep types right.
         x, pack.values,
         pack.bias if pack.bias is not None else launch.placeholder(x.device, torch.float32),
         residual if residual is not None else y, y,
-        pack.row_idx, pack.row_ptr, pack.col_idx, pack.col_ptr, pack.val_ptr,
+        pack.row_idx, pack.row_ptr, pack.col_code, pack.col_ptr, pack.val_ptr,
         pack.tile_group, pack.tile_row, pack.fill_idx,
-        m, h, w, oh, ow, c, kw, pack.fill_idx.numel(), tiles, max_cols,
-        *launch.nhwc_strides(x), *launch.nhwc_strides(y),
+        m, h, w, oh, ow, pack.fill_idx.numel(), tiles, max_cols,
+        *x_strides, *launch.nhwc_strides(y),
         *(launch.nhwc_strides(residual) if residual is not None else (0, 0, 0, 0)),
-        *call.stride, *call.padding, *call.dilation,
     )  # fmt: skip
     flags = {
+        "KH": kh, "KW": kw, "STRIDE_H": call.stride[0], "STRIDE_W": call.stride[1],
+        "PAD_H": call.padding[0], "PAD_W": call.padding[1],
+        "DIL_H": call.dilation[0], "DIL_W": call.dilation[1],
         "HAS_BIAS": pack.bias is not None, "HAS_RES": residual is not None, "RELU": bool(relu),
         "INPUT_PRECISION": launch.input_precision(x.dtype, allow_tf32), "K_PAD": k_pad,
-        "BLOCK_N": block_n,
+        "COL_RUN": col_run, "X_ALIGN": x_align, "BLOCK_N": block_n,
+        "GATHER_TRANSPOSED": col_run == 1 and gather_transposed(),
         "WIDE": launch.needs_wide_offsets(dense=(x, y), views=(pack.values, residual))
         if force_wide is None else bool(force_wide),
     }  # fmt: skip
 
     def grid(meta):
-        return (launch.cdiv(m, meta["BLOCK_M"]), tiles)
+        # One dimension, row tiles fastest (see the module docstring).
+        return (launch.cdiv(m, meta["BLOCK_M"]) * tiles,)
 
     interpreter_meta = dict(INTERPRETER_CONFIG, BLOCK_K=min(INTERPRETER_CONFIG["BLOCK_K"], k_pad))
     return launch.KernelLaunch(group_conv_kernel, group_conv_tuned, args, flags, grid,

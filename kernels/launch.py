@@ -368,7 +368,8 @@ def _check_index(t: torch.Tensor, length: int, x: torch.Tensor, what: str, label
 
 
 GROUP_PACK_INDEX = tuple((name, f"pack {name}") for name in (
-    "row_idx", "row_ptr", "col_idx", "col_ptr", "tile_group", "tile_row", "fill_idx"))  # fmt: skip
+    "row_idx", "row_ptr", "col_idx", "col_code", "col_ptr", "tile_group", "tile_row",
+    "fill_idx"))  # fmt: skip
 
 
 def check_group_call(
@@ -395,6 +396,8 @@ def check_group_call(
         )
     if pack.tile_group.numel() != pack.tile_row.numel():
         raise KernelInputError(f"{what}: pack tile_group and tile_row differ in length")
+    if pack.col_code.numel() != pack.col_idx.numel():
+        raise KernelInputError(f"{what}: pack col_code and col_idx differ in length")
     call = _call_shape(x, pack.out_channels, pair(pack.kernel_size), pack, what)
     check_residual(residual, call.out_shape, x, what)
     return call

@@ -51,7 +51,13 @@ import torch
 from .errors import SparseOpsError, listing
 from .masks import _row_groups, gemm_view
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # ChannelPlan
+# GroupPack 2: column codes decoded on the host (col_code) and column runs (col_run).
+# A version-1 pack (no col_code) is migrated on load: the codes follow from col_idx.
+GROUP_FORMAT_VERSION = 2
+COL_RUN = 8  # channels per run in a col_run pack: one 16-byte vector of fp16/bf16
+_CODE_CHANNELS = 1 << 16  # col_code = c | kx << 16 | ky << 24
+_CODE_TAPS = 1 << 7
 
 
 class FormatError(SparseOpsError):
@@ -108,6 +114,7 @@ class _Packed:
     """Shared behaviour: device/dtype moves and a flat state for saving."""
 
     _tensors: tuple[str, ...] = ()
+    _version: int = FORMAT_VERSION
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         """A copy on ``device`` with weights in ``dtype`` (indices stay int, bias fp32)."""
@@ -148,10 +155,10 @@ class _Packed:
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]):
         version = int(meta.get("format_version", -1))
-        if version > FORMAT_VERSION or version < 1:
+        if version > cls._version or version < 1:
             raise FormatError(
                 f"{cls.__name__} format_version {version} is not readable by this sparse-ops "
-                f"(reads 1..{FORMAT_VERSION}); upgrade sparse-ops"
+                f"(reads 1..{cls._version}); upgrade sparse-ops"
             )
         if meta.get("format") != cls.__name__:
             raise FormatError(f"state is a {meta.get('format')}, not a {cls.__name__}")
@@ -288,6 +295,7 @@ class GroupPack(_Packed):
     row_idx: torch.Tensor  # int32, −1 padded
     row_ptr: torch.Tensor  # int32 [G+1]
     col_idx: torch.Tensor  # int32, −1 padded
+    col_code: torch.Tensor | None  # int32 per col_idx entry: c | kx << 16 | ky << 24
     col_ptr: torch.Tensor  # int32 [G+1]
     tile_group: torch.Tensor  # int32 [T], −1 = epilogue-only tile
     tile_row: torch.Tensor  # int32 [T]
@@ -301,11 +309,22 @@ class GroupPack(_Packed):
     dilation: tuple[int, int]
     block_n: int
     k_pad: int
-    format_version: int = FORMAT_VERSION
+    col_run: int = 1  # COL_RUN: columns come in aligned runs of 8 channels of one tap
+    format_version: int = GROUP_FORMAT_VERSION
     groups_meta: dict = field(default_factory=dict)  # sizes, for reports and tuning keys
     validate: InitVar[bool] = True
 
+    _version = GROUP_FORMAT_VERSION
+
     def __post_init__(self, validate: bool) -> None:
+        if self.col_code is None:  # a version-1 pack: derive what version 2 stores
+            self.col_code = column_codes(self.col_idx, self.in_channels, self.kernel_size[1])
+            self.format_version = GROUP_FORMAT_VERSION
+        if self.col_run is None:  # not recorded (version 1): runs if the columns are
+            on_cpu = self.col_code.device.type == "cpu"
+            runs = on_cpu and has_column_runs(self.col_code, self.in_channels)
+            self.col_run = COL_RUN if runs else 1
+        self.col_run = int(self.col_run)
         if validate:
             self.check_indices()
 
@@ -334,10 +353,26 @@ class GroupPack(_Packed):
             int(self.col_ptr[-1]) > self.col_idx.numel()
         ):
             raise FormatError("GroupPack: row_ptr/col_ptr point past row_idx/col_idx")
+        if groups and (bool((rows % self.block_n != 0).any())
+                       or bool((cols % self.k_pad != 0).any())):  # fmt: skip
+            # The kernel walks every group in whole BLOCK_N × K_PAD blocks.
+            raise FormatError(
+                f"GroupPack: every group's rows and columns must be padded to multiples of "
+                f"block_n={self.block_n} and k_pad={self.k_pad}"
+            )
         k = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
         _check_range(self.row_idx, -1, self.out_channels, "GroupPack row_idx")
         _check_range(self.col_idx, -1, k, "GroupPack col_idx")
+        self._check_codes()
         _check_range(self.fill_idx, 0, self.out_channels, "GroupPack fill_idx")
+        named = torch.cat([self.row_idx[self.row_idx >= 0].long(), self.fill_idx.long()])
+        if not torch.equal(torch.bincount(named, minlength=self.out_channels),
+                           torch.ones(self.out_channels, dtype=torch.long)):  # fmt: skip
+            # An output channel in no row and no fill tile would never be written.
+            raise FormatError(
+                f"GroupPack: row_idx and fill_idx must name each of the {self.out_channels} "
+                "output channels exactly once"
+            )
         _check_range(self.tile_group, -1, max(groups, 0), "GroupPack tile_group")
         if self.tile_row.numel() != self.tile_group.numel():
             raise FormatError("GroupPack: tile_group and tile_row differ in length")
@@ -348,6 +383,25 @@ class GroupPack(_Packed):
             if bool(((start < self.row_ptr[g]) | (start + self.block_n > self.row_ptr[g + 1]))
                     .any()):  # fmt: skip
                 raise FormatError("GroupPack tile_row: a tile reaches outside its group's rows")
+
+    def _check_codes(self) -> None:
+        """``col_code`` is what ``col_idx`` decodes to, and a ``col_run`` pack's columns
+        really are runs: the kernel addresses memory by the codes and, with runs, reads
+        16-byte vectors on that promise."""
+        expected = column_codes(self.col_idx, self.in_channels, self.kernel_size[1])
+        code = self.col_code
+        if code.dtype != torch.int32 or not torch.equal(code, expected):
+            raise FormatError(
+                "GroupPack col_code: must be the int32 decoding of col_idx "
+                "(c | kx << 16 | ky << 24, padding columns c = i mod min(8, Cin))"
+            )
+        if self.col_run not in (1, COL_RUN):
+            raise FormatError(f"GroupPack col_run must be 1 or {COL_RUN}, got {self.col_run}")
+        if self.col_run == COL_RUN and not has_column_runs(code, self.in_channels):
+            raise FormatError(
+                f"GroupPack col_run={COL_RUN}: columns are not runs of {COL_RUN} consecutive "
+                f"channels of one tap starting at multiples of {COL_RUN}"
+            )
 
     def _weights(self) -> torch.Tensor:
         return self.values
@@ -383,9 +437,14 @@ class GroupPack(_Packed):
         dilation: int | tuple[int, int] = 1,
         block_n: int = 32,
         k_pad: int = 32,
+        col_run: int | None = None,
         name: str = "<layer>",
     ) -> GroupPack:
         """Pack ``weight`` as dense groups.
+
+        ``col_run``: ``8`` declares (and checks) that every group's columns are runs of 8
+        consecutive channels of one tap starting at multiples of 8, so the kernel reads
+        them as 16-byte vectors; ``1`` declares nothing; ``None`` detects it.
 
         ``layout`` is a list of groups with ``rows`` and ``cols`` (flat (ky, kx, c)
         columns), e.g. ``ticket.meta["groups"][name]``. Without it, the groups are read
@@ -448,6 +507,20 @@ class GroupPack(_Packed):
         row_idx[row_ptr[np.repeat(np.arange(n_groups), n_rows)] + _ranks(n_rows)] = rows_cat
         col_idx = np.full(int(col_ptr[-1]), -1, dtype=np.int64)
         col_idx[col_ptr[np.repeat(np.arange(n_groups), n_cols)] + _ranks(n_cols)] = cols_cat
+        if cin >= _CODE_CHANNELS or max(kh, kw) >= _CODE_TAPS:
+            raise FormatError(
+                f"{name}: {cin} input channels or a {kh}×{kw} kernel exceed what a column "
+                f"code holds ({_CODE_CHANNELS - 1} channels, {_CODE_TAPS - 1} taps per axis)"
+            )
+        col_code = column_codes(_index(col_idx), cin, kw)
+        runs = has_column_runs(col_code, cin)
+        if col_run is None:
+            col_run = COL_RUN if runs else 1
+        elif col_run == COL_RUN and not runs:
+            raise FormatError(
+                f"{name}: col_run={COL_RUN} asked for, but a group's columns are not runs of "
+                f"{COL_RUN} consecutive channels of one tap starting at multiples of {COL_RUN}"
+            )
         values = torch.zeros(int(val_ptr[-1]), dtype=weight.dtype)
         if entry_rows.size:
             flat = val_ptr[group_of] + i_local * np.repeat(c_pad, sizes) + j_local
@@ -471,6 +544,7 @@ class GroupPack(_Packed):
             row_idx=_index(row_idx),
             row_ptr=_index(row_ptr),
             col_idx=_index(col_idx),
+            col_code=col_code,
             col_ptr=_index(col_ptr),
             tile_group=_index(tile_group),
             tile_row=_index(tile_row),
@@ -481,7 +555,8 @@ class GroupPack(_Packed):
             kernel_size=(kh, kw),
             block_n=int(block_n),
             k_pad=int(k_pad),
-            format_version=FORMAT_VERSION,
+            col_run=int(col_run),
+            format_version=GROUP_FORMAT_VERSION,
             groups_meta={
                 "sizes": np.stack([n_rows, n_cols], 1).tolist(),
                 "max_cols": int(np.diff(col_ptr).max()) if col_ptr.size > 1 else 0,
@@ -512,6 +587,29 @@ class GroupPack(_Packed):
         return (
             view.view(self.out_channels, kh, kw, self.in_channels).permute(0, 3, 1, 2).contiguous()
         )
+
+
+def column_codes(col_idx: torch.Tensor, in_channels: int, kernel_w: int) -> torch.Tensor:
+    """The kernel's decoded columns: ``c | kx << 16 | ky << 24`` for each GEMM column
+    ``j = (ky·kw + kx)·Cin + c`` of ``col_idx``. A padding column (−1) at position ``i``
+    gets channel ``i mod min(8, Cin)`` of tap (0, 0): a real, in-image address (its
+    weight is zero), and in a col_run pack a run like the others."""
+    j = col_idx.long()
+    tap, c = j // in_channels, j % in_channels
+    code = c | (tap % kernel_w) << 16 | (tap // kernel_w) << 24
+    position = torch.arange(j.numel(), device=j.device)
+    code = torch.where(j >= 0, code, position % min(COL_RUN, in_channels))
+    return code.to(torch.int32)
+
+
+def has_column_runs(col_code: torch.Tensor, in_channels: int) -> bool:
+    """Whether ``col_code`` is a sequence of runs of 8 consecutive channels of one tap,
+    each starting at a channel that is a multiple of 8."""
+    if in_channels % COL_RUN or col_code.numel() % COL_RUN:
+        return False
+    runs = col_code.long().view(-1, COL_RUN)
+    step = torch.arange(COL_RUN, device=runs.device)
+    return bool(((runs - runs[:, :1] == step).all() & (runs[:, 0] % COL_RUN == 0).all()).item())
 
 
 def _ranks(counts: np.ndarray) -> np.ndarray:

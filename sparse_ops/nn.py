@@ -119,6 +119,7 @@ def group_conv_impl(
     row_idx: Tensor,
     row_ptr: Tensor,
     col_idx: Tensor,
+    col_code: Tensor,
     col_ptr: Tensor,
     tile_group: Tensor,
     tile_row: Tensor,
@@ -133,14 +134,15 @@ def group_conv_impl(
     dilation: list[int],
     block_n: int,
     k_pad: int,
+    col_run: int,
     max_cols: int,
     relu: bool,
 ) -> Tensor:
     """``sparse_ops::group_conv``: a GroupPack's conv with its fused epilogue."""
     # max_cols comes from the host: deriving it from col_ptr would sync with the device.
-    pack = GroupPack(values, val_ptr, row_idx, row_ptr, col_idx, col_ptr, tile_group, tile_row,
-                     fill_idx, bias, in_channels, out_channels, tuple(kernel_size), tuple(stride),
-                     tuple(padding), tuple(dilation), block_n, k_pad,
+    pack = GroupPack(values, val_ptr, row_idx, row_ptr, col_idx, col_code, col_ptr, tile_group,
+                     tile_row, fill_idx, bias, in_channels, out_channels, tuple(kernel_size),
+                     tuple(stride), tuple(padding), tuple(dilation), block_n, k_pad, col_run,
                      groups_meta={"max_cols": max_cols}, validate=False)  # fmt: skip
     y = ops.group_conv(x, pack, residual=residual, relu=relu)
     return y.contiguous(memory_format=_memory_format(x))
@@ -150,9 +152,9 @@ group_conv_op = torch.library.custom_op("sparse_ops::group_conv", mutates_args=(
 
 
 @group_conv_op.register_fake
-def _(x, values, val_ptr, row_idx, row_ptr, col_idx, col_ptr, tile_group, tile_row, fill_idx,
-      bias, residual, in_channels, out_channels, kernel_size, stride, padding, dilation,
-      block_n, k_pad, max_cols, relu):  # fmt: skip
+def _(x, values, val_ptr, row_idx, row_ptr, col_idx, col_code, col_ptr, tile_group, tile_row,
+      fill_idx, bias, residual, in_channels, out_channels, kernel_size, stride, padding,
+      dilation, block_n, k_pad, col_run, max_cols, relu):  # fmt: skip
     oh, ow = launch.conv_output_size(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation)
     shape = (x.shape[0], out_channels, oh, ow)
     return x.new_empty(shape).contiguous(memory_format=_memory_format(x))
@@ -320,8 +322,8 @@ class ChannelPrunedConv2d(_Unit):
         return ", ".join(bits)
 
 
-_PACK_FIELDS = ("values", "val_ptr", "row_idx", "row_ptr", "col_idx", "col_ptr", "tile_group",
-                "tile_row", "fill_idx", "bias")  # fmt: skip
+_PACK_FIELDS = ("values", "val_ptr", "row_idx", "row_ptr", "col_idx", "col_code", "col_ptr",
+                "tile_group", "tile_row", "fill_idx", "bias")  # fmt: skip
 
 
 _BUFFERS_OF = {prefix: tuple(f"{prefix}_{f}" for f in _PACK_FIELDS) for prefix in ("main", "left")}
@@ -337,10 +339,11 @@ class GroupSparseConv2d(_Unit):
         self.in_channels, self.out_channels = pack.in_channels, pack.out_channels
         self.kernel_size, self.stride = pack.kernel_size, pack.stride
         self.padding, self.dilation = pack.padding, pack.dilation
-        self.block_n, self.k_pad = pack.block_n, pack.k_pad
+        self.block_n, self.k_pad, self.col_run = pack.block_n, pack.k_pad, pack.col_run
         self.relu, self.name = bool(relu), name
         self.has_leftover = leftover is not None
-        self.left_block = (leftover.block_n, leftover.k_pad) if leftover is not None else None
+        self.left_block = ((leftover.block_n, leftover.k_pad, leftover.col_run)
+                           if leftover is not None else None)  # fmt: skip
         tensors = {f"main_{f}": getattr(pack, f) for f in _PACK_FIELDS}
         if leftover is not None:
             tensors.update({f"left_{f}": getattr(leftover, f) for f in _PACK_FIELDS})
@@ -352,7 +355,7 @@ class GroupSparseConv2d(_Unit):
                          "left": leftover.max_cols if leftover is not None else 0}  # fmt: skip
         self.eval()
 
-    def _run(self, x: Tensor, prefix: str, block: tuple[int, int], residual, relu) -> Tensor:
+    def _run(self, x: Tensor, prefix: str, block: tuple[int, int, int], residual, relu) -> Tensor:
         buffers = self._buffers  # not getattr: nn.Module's __getattr__ costs per lookup
         t = [buffers[name] for name in _BUFFERS_OF[prefix]]
         if _plain_eager_call(x, residual, t[0], t[-1]):
@@ -363,7 +366,7 @@ class GroupSparseConv2d(_Unit):
         return group_conv_op(
             x, *t[:-1], _fp32(t[-1]), residual, self.in_channels, self.out_channels,
             list(self.kernel_size), list(self.stride), list(self.padding), list(self.dilation),
-            block[0], block[1], self.max_cols[prefix], relu,
+            *block, self.max_cols[prefix], relu,
         )  # fmt: skip
 
     def _eager_pack(self, prefix: str, tensors: list[Tensor], block) -> GroupPack:
@@ -376,7 +379,7 @@ class GroupSparseConv2d(_Unit):
                 or any(a is not c for a, c in zip(cached[0], tensors, strict=True))):  # fmt: skip
             pack = GroupPack(*tensors[:-1], _fp32(tensors[-1]), self.in_channels,
                              self.out_channels, tuple(self.kernel_size), tuple(self.stride),
-                             tuple(self.padding), tuple(self.dilation), block[0], block[1],
+                             tuple(self.padding), tuple(self.dilation), *block,
                              groups_meta={"max_cols": self.max_cols[prefix]},
                              validate=False)  # fmt: skip
             cached = caches[prefix] = (list(tensors), version, pack)
@@ -384,25 +387,25 @@ class GroupSparseConv2d(_Unit):
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         main_relu = self.relu and not self.has_leftover
-        y = self._run(x, "main", (self.block_n, self.k_pad), residual, main_relu)
+        y = self._run(x, "main", (self.block_n, self.k_pad, self.col_run), residual, main_relu)
         if self.has_leftover:  # leftover nonzeros: y + leftover(x), then the ReLU
             y = self._run(x, "left", self.left_block, y, self.relu)
         return y
 
     def pack(self, which: str = "main") -> GroupPack:
-        block = (self.block_n, self.k_pad) if which == "main" else self.left_block
+        block = (self.block_n, self.k_pad, self.col_run) if which == "main" else self.left_block
         return GroupPack(*[getattr(self, f"{which}_{f}") for f in _PACK_FIELDS],
                          self.in_channels, self.out_channels, tuple(self.kernel_size),
                          tuple(self.stride), tuple(self.padding), tuple(self.dilation),
-                         block[0], block[1],
-                         groups_meta={"max_cols": self.max_cols[which]})  # fmt: skip
+                         *block, groups_meta={"max_cols": self.max_cols[which]})  # fmt: skip
 
     def config(self) -> dict[str, Any]:
         return {
             "in_channels": self.in_channels, "out_channels": self.out_channels,
             "kernel_size": list(self.kernel_size), "stride": list(self.stride),
             "padding": list(self.padding), "dilation": list(self.dilation),
-            "block_n": self.block_n, "k_pad": self.k_pad, "relu": self.relu, "name": self.name,
+            "block_n": self.block_n, "k_pad": self.k_pad, "col_run": self.col_run,
+            "relu": self.relu, "name": self.name,
             "leftover": list(self.left_block) if self.left_block else None,
             "groups_meta": self.groups_meta, "left_groups_meta": self.left_groups_meta,
         }  # fmt: skip
@@ -410,7 +413,9 @@ class GroupSparseConv2d(_Unit):
     @classmethod
     def from_state(cls, tensors, config):
         def pack(prefix, block, meta):
-            # Files without a pack's meta (older writers) get max_cols read off col_ptr.
+            # Files without a pack's meta (older writers) get max_cols read off col_ptr;
+            # without col_code or col_run (GroupPack version 1) both are derived.
+            block = (*block, None)[:3]
             return GroupPack(*[tensors.get(f"{prefix}_{f}") for f in _PACK_FIELDS],
                              config["in_channels"], config["out_channels"],
                              tuple(config["kernel_size"]), tuple(config["stride"]),
@@ -419,7 +424,8 @@ class GroupSparseConv2d(_Unit):
 
         leftover = (pack("left", config["leftover"], config.get("left_groups_meta", {}))
                     if config.get("leftover") else None)  # fmt: skip
-        main = pack("main", (config["block_n"], config["k_pad"]), config.get("groups_meta", {}))
+        main = pack("main", (config["block_n"], config["k_pad"], config.get("col_run")),
+                    config.get("groups_meta", {}))  # fmt: skip
         return cls(main, relu=config["relu"],
                    leftover=leftover, name=config.get("name", ""))  # fmt: skip
 

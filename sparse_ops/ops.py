@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from kernels import launch
 
 from .errors import SparseOpsError
-from .formats import FORMAT_VERSION, ChannelPlan, GroupPack
+from .formats import FORMAT_VERSION, GROUP_FORMAT_VERSION, ChannelPlan, GroupPack
 
 BACKENDS = ("auto", "triton", "torch")
 _MANY_SETS = 512  # beyond this many distinct column sets the CPU path runs one dense conv
@@ -162,7 +162,7 @@ def group_conv(
         from kernels.group_conv import group_conv2d
 
         return group_conv2d(x, pack, residual=residual, relu=relu, allow_tf32=allow_tf32)
-    call = launch.check_group_call(x, pack, residual, "group_conv", FORMAT_VERSION, None)
+    call = launch.check_group_call(x, pack, residual, "group_conv", GROUP_FORMAT_VERSION, None)
     n, cin = x.shape[:2]
     kh, kw = pack.kernel_size
     column_sets = _column_sets(pack)

@@ -69,6 +69,17 @@ def group_layout(cout: int, cin: int, k: int, mode: str, g: torch.Generator):
     elif mode == "one-row":
         groups = [{"rows": [r], "cols": torch.randperm(k_total, generator=g)[: max(1, k_total // 3)]
                    .tolist()} for r in perm[: min(cout, 5)]]  # fmt: skip
+    elif mode == "runs":  # columns in aligned runs of 8 channels of one tap (Cin % 8 == 0)
+        groups, start = [], 0
+        n_runs = k_total // 8
+        while start < cout - 1:
+            size = int(torch.randint(1, 40, (1,), generator=g))
+            runs = torch.randperm(n_runs, generator=g)[
+                : int(torch.randint(1, n_runs + 1, (1,), generator=g))
+            ]
+            cols = (runs[:, None] * 8 + torch.arange(8)).flatten().tolist()
+            groups.append({"rows": perm[start : start + size], "cols": cols})
+            start += size + 1
     else:  # "mixed": a few groups of several rows, some rows left out
         groups, start = [], 0
         while start < cout - 1:

@@ -151,9 +151,10 @@ def _group_args(n=2, cin=5, cout=19, h=7, w=6, k=3, s=1, p=1, layout="mixed", bi
     ).to(dtype=dtype)  # fmt: skip
     x, res, _ = _inputs(n, cin, cout, h, w, k, s, p, dtype, g, residual)
     return (x, pack.values, pack.val_ptr, pack.row_idx, pack.row_ptr, pack.col_idx,
-            pack.col_ptr, pack.tile_group, pack.tile_row, pack.fill_idx, pack.bias, res,
-            cin, cout, list(pack.kernel_size), list(pack.stride), list(pack.padding),
-            list(pack.dilation), pack.block_n, pack.k_pad, pack.max_cols, relu)  # fmt: skip
+            pack.col_code, pack.col_ptr, pack.tile_group, pack.tile_row, pack.fill_idx,
+            pack.bias, res, cin, cout, list(pack.kernel_size), list(pack.stride),
+            list(pack.padding), list(pack.dilation), pack.block_n, pack.k_pad, pack.col_run,
+            pack.max_cols, relu)  # fmt: skip
 
 
 @pytest.mark.parametrize("kwargs", GROUP_CASES)
@@ -297,9 +298,9 @@ def test_opcheck_every_call_a_converted_network_makes(name, monkeypatch):
         return ("channel", *(t is None for t in a[2:8]), tuple(a[10]), tuple(a[1].shape[1:3]),
                 a[13])  # fmt: skip
 
-    def group_key(a):  # bias, residual None; kernel, stride, block_n, k_pad, relu
-        return ("group", a[10] is None, a[11] is None, tuple(a[14]), tuple(a[15]), *a[18:20],
-                a[21])  # fmt: skip
+    def group_key(a):  # bias, residual None; kernel, stride, block_n, k_pad, col_run, relu
+        return ("group", a[11] is None, a[12] is None, tuple(a[15]), tuple(a[16]), *a[19:22],
+                a[23])  # fmt: skip
 
     monkeypatch.setattr(units, "channel_conv_op", recorder(CHANNEL_OP, channel_key))
     monkeypatch.setattr(units, "group_conv_op", recorder(GROUP_OP, group_key))

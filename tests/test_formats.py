@@ -8,7 +8,7 @@ import pytest
 import torch
 from kernel_cases import channel_mask, conv_weight, group_layout
 
-from sparse_ops.formats import FORMAT_VERSION, ChannelPlan, FormatError, GroupPack
+from sparse_ops.formats import ChannelPlan, FormatError, GroupPack
 from sparse_ops.masks import gemm_view
 from sparse_ops.structure import RegroupConfig, regroup_mask
 
@@ -129,8 +129,9 @@ def test_state_round_trip_and_version(g, cls):
     tensors, meta = packed.state()
     back = cls.from_state(tensors, meta)
     assert torch.equal(back.dense_weight(), packed.dense_weight())
-    meta["format_version"] = FORMAT_VERSION + 1
-    with pytest.raises(FormatError, match="format_version 2 is not readable"):
+    newer = cls._version + 1
+    meta["format_version"] = newer
+    with pytest.raises(FormatError, match=f"format_version {newer} is not readable"):
         cls.from_state(tensors, meta)
 
 
@@ -207,3 +208,96 @@ def test_hand_built_plans_and_packs_are_checked_where_they_are_made():
     tile_row[0] += 1
     with pytest.raises(FormatError, match="a tile reaches outside its group's rows"):
         GroupPack(**{**parts, "tile_row": tile_row})
+
+
+# ---------------------------------------------------------------- GroupPack version 2
+
+
+def _run_layout(cin: int, k: int, runs: list[tuple[int, int]]):
+    """Columns for (tap, first channel) runs of 8."""
+    return sorted(tap * cin + c0 + e for tap, c0 in runs for e in range(8))
+
+
+@pytest.mark.parametrize("cin", [5, 16])
+def test_column_codes_decode_col_idx(g, cin):
+    weight = conv_weight(12, cin, 3, g)
+    layout, mask = group_layout(12, cin, 3, "mixed", g)
+    pack = GroupPack.from_weight(weight, mask, layout, k_pad=16)
+    code, idx = pack.col_code.long(), pack.col_idx.long()
+    real = idx >= 0
+    assert pack.col_code.dtype == torch.int32 and code.numel() == idx.numel()
+    tap = idx[real] // cin
+    torch.testing.assert_close(code[real] & 0xFFFF, idx[real] % cin)
+    torch.testing.assert_close((code[real] >> 16) & 0xFF, tap % 3)
+    torch.testing.assert_close(code[real] >> 24, tap // 3)
+    # Padding columns read a real channel of tap (0, 0) (their weight is zero).
+    padding = code[~real]
+    assert bool(((padding >= 0) & (padding < min(8, cin))).all())
+
+
+def test_column_runs_detected_and_checked(g):
+    cin, k = 16, 3
+    weight = conv_weight(40, cin, k, g)
+    runs = [
+        {"rows": list(range(0, 30)), "cols": _run_layout(cin, k, [(0, 8), (4, 0), (8, 8)])},
+        {"rows": [31, 35], "cols": _run_layout(cin, k, [(2, 0)])},
+    ]  # narrower than k_pad
+    pack = GroupPack.from_weight(weight, None, runs)
+    assert pack.col_run == 8
+    assert GroupPack.from_weight(weight, None, runs, col_run=1).col_run == 1
+    torch.testing.assert_close(pack.dense_weight(), weight * pack_mask(pack, weight))
+    # A run of 8 that straddles two taps (channels 12..15 of tap 0, 0..3 of tap 1), and
+    # one that is consecutive but not aligned (channels 4..11): not runs.
+    for cols in ([12 + e for e in range(8)], [4 + e for e in range(8)]):
+        layout = [{"rows": [0, 1], "cols": cols}]
+        assert GroupPack.from_weight(weight, None, layout).col_run == 1
+        with pytest.raises(FormatError, match="not runs of 8"):
+            GroupPack.from_weight(weight, None, layout, col_run=8)
+    # Cin not a multiple of 8: runs cannot tile a tap's channels.
+    odd = conv_weight(8, 12, 1, g)
+    assert GroupPack.from_weight(odd, None, [{"rows": [0], "cols": list(range(8))}]).col_run == 1
+
+
+def pack_mask(pack, weight):
+    return (pack.dense_weight() != 0) | (weight == 0)
+
+
+def test_version_1_state_is_migrated(g):
+    weight = conv_weight(20, 16, 3, g)
+    layout = [{"rows": list(range(10)), "cols": _run_layout(16, 3, [(1, 8), (5, 0)])}]
+    pack = GroupPack.from_weight(weight, None, layout, torch.randn(20))
+    tensors, meta = pack.state()
+    del tensors["col_code"]  # what a version-1 writer stored
+    meta.pop("col_run")
+    meta["format_version"] = 1
+    back = GroupPack.from_state(tensors, meta)
+    assert back.format_version == 2 and back.col_run == 8
+    assert torch.equal(back.col_code, pack.col_code)
+    assert torch.equal(back.dense_weight(), pack.dense_weight())
+
+
+def test_tampered_column_tables_refused(g):
+    weight = conv_weight(20, 16, 3, g)
+    layout, mask = group_layout(20, 16, 3, "mixed", g)
+    pack = GroupPack.from_weight(weight, mask, layout)
+    tensors, meta = pack.state()
+    bad = dict(tensors, col_code=tensors["col_code"].clone())
+    bad["col_code"][0] += 1 << 24  # a column that now reads another tap
+    with pytest.raises(FormatError, match="col_code"):
+        GroupPack.from_state(bad, meta)
+    with pytest.raises(FormatError, match="col_run=8: columns are not runs"):
+        GroupPack.from_state(tensors, dict(meta, col_run=8))
+    with pytest.raises(FormatError, match="col_run must be 1 or 8"):
+        GroupPack.from_state(tensors, dict(meta, col_run=4))
+    # k_pad larger than the padding the column blocks really have: the kernel would walk
+    # past a group's values.
+    too_big = 2 * int((pack.col_ptr[1:] - pack.col_ptr[:-1]).max())
+    with pytest.raises(FormatError, match=f"multiples of block_n=32 and k_pad={too_big}"):
+        GroupPack.from_state(tensors, dict(meta, k_pad=too_big))
+    with pytest.raises(FormatError, match="multiples of block_n=64"):
+        GroupPack.from_state(tensors, dict(meta, block_n=64))
+    # An output channel neither computed nor filled would never be written.
+    rows = tensors["row_idx"].clone()
+    rows[int(torch.nonzero(rows >= 0)[0])] = -1
+    with pytest.raises(FormatError, match="exactly once"):
+        GroupPack.from_state(dict(tensors, row_idx=rows), meta)

@@ -116,6 +116,25 @@ def test_group_conv_block_sizes(block_n, k_pad):
     _run_group((2, 17, 50, 6, 6, 3, 1, 1, 1), "mixed", torch.float16, True, True, 3, block_n, k_pad)
 
 
+# Column runs (col_run = 8 packs): runs of 8 channels within one tap; on a GPU both operands
+# load as 16-byte vectors. Shapes: 1x1/3x3/7x7, stride, padding, dilation, batch 1.
+RUN_SHAPES = [(2, 16, 40, 7, 6, 3, 1, 1, 1), (1, 24, 33, 9, 7, 3, 2, 1, 1),
+              (2, 8, 20, 6, 6, 1, 1, 0, 1), (1, 8, 17, 9, 9, 7, 1, 3, 1),
+              (2, 16, 24, 9, 8, 3, 1, 2, 2)]  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", RUN_SHAPES, ids=shape_id)
+@pytest.mark.parametrize(("block_n", "k_pad"), [(32, 32), (16, 16), (16, 64)])
+def test_group_conv_column_runs(shape, block_n, k_pad):
+    i = RUN_SHAPES.index(shape)
+    residual_on, relu = EPILOGUES[i % 4]
+    pack = _run_group(shape, "runs", torch.float16, residual_on, relu, seed=i, block_n=block_n,
+                      k_pad=k_pad)  # fmt: skip
+    assert pack.col_run == 8
+    spec = group_conv_launch(torch.randn(shape[:2] + shape[3:5]).to(DEVICE, torch.float16), pack)
+    assert spec.constexprs["COL_RUN"] == 8
+
+
 # Aligned channel counts (multiples of 8) take the vector-load path on a GPU; odd ones do
 # not. Under the interpreter both compute the same thing, which is what is checked here.
 ALIGNED_SHAPES = [(2, 16, 24, 9, 9, 3, 1, 1, 1), (1, 32, 8, 6, 7, 1, 2, 0, 1)]

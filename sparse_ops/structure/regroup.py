@@ -57,6 +57,7 @@ import torch
 from torch import nn
 
 from ..errors import SparseOpsError
+from ..formats import COL_RUN
 from ..masks import from_gemm_view, gemm_view
 from ..tickets import Ticket
 from .layers import CONV, layer_kinds, select
@@ -82,6 +83,12 @@ class RegroupConfig:
     neighbors: int = 32  # graph model: strongest links kept per row
     objective: str = "cut"  # hypergraph model objective: cut, km1 or soed
     seed: int = 0
+    # Columns chosen in runs of COL_RUN consecutive channels of one tap (8: the group
+    # kernel then reads both operands as 16-byte vectors); "auto": per layer, runs where
+    # they keep at least run_keep of the nonzeros single columns keep. Layers whose
+    # input channels are not a multiple of 8 always use single columns.
+    col_run: int | str = 1
+    run_keep: float = 0.95
 
     def __post_init__(self) -> None:
         problems = []
@@ -99,6 +106,10 @@ class RegroupConfig:
             problems.append(f"epsilon must be in (0, 1], got {self.epsilon!r}")
         if self.model not in MODELS:
             problems.append(f"model must be one of {MODELS}, got {self.model!r}")
+        if self.col_run not in (1, COL_RUN, "auto"):
+            problems.append(f"col_run must be 1, {COL_RUN} or 'auto', got {self.col_run!r}")
+        if not 0 < self.run_keep <= 1:
+            problems.append(f"run_keep must be in (0, 1], got {self.run_keep!r}")
         if self.objective not in OBJECTIVES:
             problems.append(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if problems:
@@ -127,21 +138,43 @@ def _auto_parts(n_rows: int, config: RegroupConfig) -> tuple[int, int]:
     return parts, config.min_rows
 
 
-def _grow_columns(sub: np.ndarray, t1: float, t2: float | None) -> np.ndarray:
-    """Columns of the block for one part (``sub``: its rows of the GEMM view), sorted."""
-    col_count = sub.sum(axis=0)
-    order = np.argsort(-col_count, kind="stable")
-    order = order[col_count[order] > 0]
+def _grow_columns(sub: np.ndarray, t1: float, t2: float | None, run: int = 1) -> np.ndarray:
+    """Columns of the block for one part (``sub``: its rows of the GEMM view), sorted.
+
+    With ``run`` > 1 the units taken are runs of ``run`` consecutive columns (``sub``'s
+    width is a multiple of ``run``): the same rule, with a unit's count the nonzeros of
+    its columns and the width counted in columns."""
+    counts = sub.reshape(sub.shape[0], -1, run).sum(axis=2, dtype=np.int32) if run > 1 else sub
+    unit_count = counts.sum(axis=0)
+    order = np.argsort(-unit_count, kind="stable")
+    order = order[unit_count[order] > 0]
     if order.size == 0:
         return order
-    covered = np.cumsum(sub[:, order], axis=1, dtype=np.int32)
-    uncovered = sub.sum(axis=1, dtype=np.int32)[:, None] - covered
-    width = np.arange(1, order.size + 1)
+    covered = np.cumsum(counts[:, order], axis=1, dtype=np.int32)
+    uncovered = counts.sum(axis=1, dtype=np.int32)[:, None] - covered
+    width = run * np.arange(1, order.size + 1)
     satisfied = (width[None, :] > t1 * uncovered).all(axis=0)
-    take = int(np.argmax(satisfied)) + 1  # the last column always satisfies (uncovered = 0)
+    take = int(np.argmax(satisfied)) + 1  # the last unit always satisfies (uncovered = 0)
     if t2 is not None:
-        take = max(take, int((col_count[order] >= t2 * sub.shape[0]).sum()))
-    return np.sort(order[:take])
+        take = max(take, int((unit_count[order] >= t2 * run * sub.shape[0]).sum()))
+    units = np.sort(order[:take])
+    if run == 1:
+        return units
+    return (units[:, None] * run + np.arange(run)).reshape(-1)
+
+
+def _choose_columns(sub: np.ndarray, config: RegroupConfig, runs_fit: bool):
+    """(columns, run) for one part under ``config.col_run``."""
+    if config.col_run == 1 or not runs_fit:
+        return _grow_columns(sub, config.t1, config.t2), 1
+    in_runs = _grow_columns(sub, config.t1, config.t2, COL_RUN)
+    if config.col_run == COL_RUN:
+        return in_runs, COL_RUN
+    single = _grow_columns(sub, config.t1, config.t2)
+    kept_runs, kept_single = int(sub[:, in_runs].sum()), int(sub[:, single].sum())
+    if kept_runs >= config.run_keep * kept_single:
+        return in_runs, COL_RUN
+    return single, 1
 
 
 def regroup_mask(
@@ -179,12 +212,15 @@ def regroup_mask(
     members = sorted((m for m in members if m.size), key=lambda m: (-m.size, int(m[0])))
     new_view = np.zeros_like(view)
     groups: list[Group] = []
-    blocks, dropped_parts = [], []
+    blocks, dropped_parts, runs = [], [], []
+    # Runs stay inside one tap only if they tile the channels: Cin a multiple of 8.
+    runs_fit = mask.dim() == 4 and mask.shape[1] % COL_RUN == 0
     for part_rows in members:
         if part_rows.size < min_rows:
             dropped_parts.append(f"{part_rows.size} rows < min_rows={min_rows}")
             continue
-        cols = _grow_columns(view[part_rows], config.t1, config.t2)
+        cols, run = _choose_columns(view[part_rows], config, runs_fit)
+        runs.append(run)
         if cols.size < config.b2:
             dropped_parts.append(f"{cols.size} columns < b2={config.b2}")
             continue
@@ -201,7 +237,7 @@ def regroup_mask(
     new_mask = from_gemm_view(torch.from_numpy(new_view), mask.shape)
     report = LayerChange.compare(
         name, mask, new_mask, "regrouped", parts=parts, groups=len(groups), blocks=blocks,
-        dropped_parts=dropped_parts,
+        dropped_parts=dropped_parts, col_runs=runs,
     )  # fmt: skip
     return new_mask, groups, report
 
