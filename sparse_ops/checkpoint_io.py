@@ -20,6 +20,7 @@ import json
 import os
 import pickle
 import re
+import stat
 import struct
 import warnings
 import zipfile
@@ -58,8 +59,25 @@ _NUMPY_NUMERIC_DTYPE_NAMES = (
 _NUMPY_NUMERIC_DTYPES = {f"numpy.dtypes.{n}DType" for n in _NUMPY_NUMERIC_DTYPE_NAMES}
 
 
+def check_input_file(path: str | os.PathLike, error: type[Exception] = TicketFormatError) -> None:
+    """Refuse anything but a regular file before opening it: a FIFO would block the
+    open forever, a device would stream endlessly, a directory cannot be read."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise error(f"{path}: no such file") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")  # fmt: skip
+        raise error(f"{path}: {kind}, not a checkpoint file")
+
+
 def sniff(path: str | os.PathLike) -> str:
     """Identify a file by its first bytes: one of the module-level format constants."""
+    check_input_file(path)
     try:
         with open(path, "rb") as f:
             head = f.read(64)
