@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from kernels import launch
 
 from . import ops
+from .errors import listing
 from .formats import FORMAT_VERSION, ChannelPlan, FormatError, GroupPack
 
 
@@ -199,7 +200,7 @@ def _pair_of(config: dict, key: str, low: int, high: int, optional: bool = False
 
 
 def _flag(config: dict, key: str) -> bool:
-    value = config.get(key, False)
+    value = config.get(key)  # required: a missing flag would silently change the output
     if type(value) is not bool:
         raise FormatError(f"{_where(config)}: config {key!r} must be true or false")
     return value
@@ -246,9 +247,22 @@ def _shape_is(t, shape: tuple, config: dict, key: str) -> None:
 
 
 def _stray(tensors: dict, config: dict, known) -> None:
+    """No tensor the unit does not have, and (files that list them) exactly those listed:
+    optional tensors (a bias) would otherwise go missing without a word."""
     extra = sorted(set(tensors) - set(known))
     if extra:
         raise FormatError(f"{_where(config)}: unexpected tensors {extra[:8]}")
+    listed = config.get("tensors")
+    if listed is None:
+        return  # written before the list was kept
+    if not isinstance(listed, list):
+        raise FormatError(f"{_where(config)}: config 'tensors' must be a list of names")
+    if sorted(map(str, listed)) != sorted(tensors):
+        missing = sorted(set(map(str, listed)) - set(tensors))
+        raise FormatError(
+            f"{_where(config)}: the file lists tensors {listing(sorted(map(str, listed)))} but "
+            f"holds {listing(sorted(tensors))}; missing {listing(missing)}"
+        )
 
 
 def _checked(build, config: dict):
@@ -299,7 +313,7 @@ class _Unit(nn.Module):
 
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         tensors = {n: getattr(self, n) for n in self._buffer_names if getattr(self, n) is not None}
-        return tensors, dict(self.config(), format_version=FORMAT_VERSION)
+        return tensors, dict(self.config(), format_version=FORMAT_VERSION, tensors=sorted(tensors))
 
     @classmethod
     def from_state(cls, tensors: dict[str, Tensor], config: dict[str, Any]):
@@ -570,11 +584,16 @@ class GroupSparseConv2d(_Unit):
         left_block = _pair_of(config, "leftover", 1, MAX_BLOCK, optional=True)
         prefixes = ("main", "left") if left_block else ("main",)
         _stray(tensors, config, [f"{p}_{f}" for p in prefixes for f in _PACK_FIELDS])
-        for prefix in prefixes:
+        for prefix in prefixes:  # the dtypes and sizes the launcher requires
             _tensor(tensors, config, f"{prefix}_values", "float", 1)
-            _tensor(tensors, config, f"{prefix}_bias", "float", 1, optional=True)
+            bias = _tensor(tensors, config, f"{prefix}_bias", "float", 1, optional=True)
+            _shape_is(bias, (cout,), config, f"{prefix}_bias")
             for f in _PACK_FIELDS[1:-1]:
-                _tensor(tensors, config, f"{prefix}_{f}", "int", 1)
+                t = _tensor(tensors, config, f"{prefix}_{f}", "int", 1)
+                if t.dtype != (torch.int64 if f == "val_ptr" else torch.int32):
+                    raise FormatError(
+                        f"{_where(config)}: tensor '{prefix}_{f}' has dtype {t.dtype}"
+                    )
 
         def pack(prefix, block, key):
             meta = config.get(key, {})

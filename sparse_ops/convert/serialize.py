@@ -60,11 +60,12 @@ TORCH_MODULES: dict[str, tuple[type, tuple[str, ...]]] = {
                            "dilation", "groups", "padding_mode")),
     "BatchNorm2d": (nn.BatchNorm2d, ("num_features", "eps", "momentum", "affine",
                                      "track_running_stats")),
-    "MaxPool2d": (nn.MaxPool2d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode")),
+    "MaxPool2d": (nn.MaxPool2d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode",
+                                 "return_indices")),
     "AvgPool2d": (nn.AvgPool2d, ("kernel_size", "stride", "padding", "ceil_mode",
-                                 "count_include_pad")),
+                                 "count_include_pad", "divisor_override")),
     "AdaptiveAvgPool2d": (nn.AdaptiveAvgPool2d, ("output_size",)),
-    "AdaptiveMaxPool2d": (nn.AdaptiveMaxPool2d, ("output_size",)),
+    "AdaptiveMaxPool2d": (nn.AdaptiveMaxPool2d, ("output_size", "return_indices")),
     "Identity": (nn.Identity, ()), "ReLU": (nn.ReLU, ("inplace",)),
     "ReLU6": (nn.ReLU6, ("inplace",)), "Hardtanh": (nn.Hardtanh, ("min_val", "max_val")),
     "SiLU": (nn.SiLU, ()), "GELU": (nn.GELU, ("approximate",)), "Sigmoid": (nn.Sigmoid, ()),
@@ -362,8 +363,10 @@ class _Loader:
             if not isinstance(entry, dict) or not {"op", "name", "target", "args"} <= set(entry):
                 raise self.error(where, "needs op, name, target and args")
             op, target, name = entry["op"], entry["target"], entry["name"]
-            if not isinstance(name, str) or name in env:
-                raise self.error(where, f"missing or repeated node name {_short(name)}")
+            # Names only link nodes here (fx names the rebuilt ones), but a name that is
+            # not an identifier is not from our writer.
+            if not isinstance(name, str) or not _IDENTIFIER.match(name) or name in env:
+                raise self.error(where, f"bad or repeated node name {_short(name)}")
             where = f"graph node {i} ({_short(name)})"
             if (op == "output") != (i == len(nodes) - 1):
                 raise self.error(where, "the output node must be the last and only one")
