@@ -181,10 +181,14 @@ def _check_zip(path: Path) -> bool:
                 )
     except zipfile.BadZipFile as exc:
         if sniff(path) == TORCH_ZIP:
-            raise TicketFormatError(f"{path}: corrupt zip archive ({_first_line(exc)})") from None
+            raise TicketFormatError(
+                f"{path}: truncated or corrupt torch file (zip: {_first_line(exc)})"
+            ) from None
         return False  # the legacy format: not a zip, no CRCs to check
     except (OSError, EOFError, NotImplementedError, RuntimeError) as exc:
-        raise TicketFormatError(f"{path}: corrupt zip archive ({_first_line(exc)})") from None
+        raise TicketFormatError(
+            f"{path}: truncated or corrupt torch file (zip: {_first_line(exc)})"
+        ) from None
     names = [info.filename for info in infos]
     return any(n.endswith(("/constants.pkl", "/code/__torch__.py")) or "/code/" in n for n in names)
 

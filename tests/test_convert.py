@@ -170,7 +170,7 @@ class _Pools(nn.Module):
 def test_saved_pooling_modules_keep_every_argument_that_changes_the_result(tmp_path):
     model = _Pools().eval()
     ticket = Ticket({"conv.weight": torch.rand(8, 3, 3, 3) > 0.5}, imp.capture_state(model))
-    fast = convert(model, ticket, input_size=(3, 9, 9))
+    fast = convert(model, ticket, input_size=(3, 9, 9), on_unstructured="dense")
     back = load_converted(save_converted(fast, tmp_path / "pools.safetensors"))
     assert back.avg.divisor_override == 5 and back.max.ceil_mode
     x = torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(3))

@@ -227,7 +227,20 @@ def _is_name(text: Any) -> bool:
         and not keyword.issoftkeyword(text)
         and not text.startswith("__")
         and not hasattr(fx.GraphModule, text)
-        and text not in vars(builtins)
+    )
+
+
+# Globals the code fx generates refers to: an input of that name would shadow them.
+_GENERATED_GLOBALS = frozenset({"self", "torch", "operator", "math", "builtins", "fx_pytree",
+                                "pytree", "inf", "nan", "device"})  # fmt: skip
+
+
+def _is_input_name(text: Any) -> bool:
+    """A placeholder target: forward()'s parameter name, in scope for the whole body."""
+    return (
+        _is_name(text)
+        and text not in _GENERATED_GLOBALS
+        and (text == "input" or text not in vars(builtins))
     )
 
 
@@ -377,7 +390,7 @@ class _Loader:
             if op == "placeholder":
                 # The target is forward()'s parameter name: it must be an identifier,
                 # and a default value (args) is a plain constant.
-                if not _is_name(target) or target in placeholders:
+                if not _is_input_name(target) or target in placeholders:
                     raise self.error(where, f"bad input name {_short(target)}")
                 if kwargs or len(args) > 1 or any(isinstance(a, fx.Node) for a in args):
                     raise self.error(where, "an input takes no arguments but a default")
