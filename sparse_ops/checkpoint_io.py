@@ -326,9 +326,11 @@ def _hook_sigterm() -> None:
     """Install (once) a SIGTERM handler that removes pending temporary files, then lets
     the signal do what it did before (by default: end the process)."""
     global _previous_sigterm
-    if _previous_sigterm is not None or threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():
         return
     try:
+        if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+            return
         _previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
     except (ValueError, OSError):  # no signals here (embedded interpreter)
         _previous_sigterm = None
