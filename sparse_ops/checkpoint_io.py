@@ -21,6 +21,7 @@ import importlib
 import json
 import os
 import pickle
+import pickletools
 import re
 import signal
 import stat
@@ -106,7 +107,9 @@ def load_torch(path: str | os.PathLike) -> Any:
     """``torch.load`` a file on the CPU without executing code; clear errors otherwise."""
     path = Path(path)
     check_input_file(path)
-    if _check_zip(path):
+    if sniff(path) == TORCH_LEGACY:
+        _check_legacy(path)
+    elif _check_zip(path):
         raise TicketFormatError(
             f"{path}: a TorchScript archive (torch.jit.save), not a checkpoint; load it with "
             "torch.jit.load and save its state_dict()"
@@ -191,6 +194,80 @@ def _check_zip(path: Path) -> bool:
         ) from None
     names = [info.filename for info in infos]
     return any(n.endswith(("/constants.pkl", "/code/__torch__.py")) or "/code/" in n for n in names)
+
+
+_STORAGE_BYTES = {"Double": 8, "Float": 4, "Half": 2, "BFloat16": 2, "Long": 8, "Int": 4,
+                  "Short": 2, "Char": 1, "Byte": 1, "Bool": 1, "ComplexFloat": 8,
+                  "ComplexDouble": 16}  # fmt: skip
+
+
+def _check_legacy(path: Path) -> None:
+    """The legacy (non-zip) format has no directory: torch allocates each storage at the
+    size its pickle declares, then reads the data. So the declared sizes are read off
+    the pickle's opcodes first (nothing is executed) and must fit the file."""
+    declared = _legacy_declared_bytes(path)
+    budget = 2 * os.path.getsize(path) + ZIP_SLACK_BYTES
+    if declared is not None and declared > budget:
+        raise TicketFormatError(
+            f"{path}: its storages declare {declared:,} bytes, far more than the file holds; "
+            "refusing to load it"
+        )
+
+
+def _legacy_declared_bytes(path: Path) -> int | None:
+    """Sum of the storage sizes the main pickle declares; None where the opcodes are not
+    understood (then torch.load's own errors apply)."""
+    mark = object()
+    try:
+        with open(path, "rb") as f:
+            for _ in range(3):  # magic number, protocol version, sys info
+                for _op in pickletools.genops(f):
+                    pass
+            stack: list[Any] = []
+            memo: dict[Any, Any] = {}
+            storages: dict[Any, int] = {}
+            for op, arg, _pos in pickletools.genops(f):
+                name = op.name
+                if name == "MARK":
+                    stack.append(mark)
+                elif name in ("GLOBAL", "STACK_GLOBAL"):
+                    if name == "STACK_GLOBAL":
+                        module, attr = stack.pop(), stack.pop()
+                        arg = f"{attr} {module}"
+                    stack.append(("global", arg))
+                elif name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                    memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
+                elif name in ("GET", "BINGET", "LONG_BINGET"):
+                    stack.append(memo.get(arg))
+                elif name == "TUPLE":
+                    at = len(stack) - 1 - stack[::-1].index(mark)
+                    items = tuple(stack[at + 1 :])
+                    del stack[at:]
+                    stack.append(items)
+                elif name in ("TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_TUPLE"):
+                    n = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}.get(name, 0)
+                    items = tuple(stack[len(stack) - n :])
+                    del stack[len(stack) - n :]
+                    stack.append(items)
+                elif name == "BINPERSID":
+                    pid = stack.pop()
+                    if (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"
+                            and isinstance(pid[4], int)):  # fmt: skip
+                        kind = pid[1][1].rpartition(" ")[2] if isinstance(pid[1], tuple) else ""
+                        size = _STORAGE_BYTES.get(kind.removesuffix("Storage"), 1)
+                        storages[pid[2]] = pid[4] * size
+                    stack.append(None)
+                elif op.arg is not None and not op.stack_before and len(op.stack_after) == 1:
+                    stack.append(arg)  # a constant
+                else:
+                    if pickletools.markobject in op.stack_before:
+                        del stack[len(stack) - 1 - stack[::-1].index(mark) :]
+                    else:
+                        del stack[len(stack) - len(op.stack_before) :]
+                    stack.extend([None] * len(op.stack_after))
+    except (ValueError, IndexError, KeyError, TypeError, EOFError, OSError):
+        return None
+    return sum(storages.values())
 
 
 def _weights_only_reason(exc: BaseException) -> str:

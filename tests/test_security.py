@@ -475,6 +475,23 @@ def test_zip_bomb_is_refused_before_inflating(tmp_path):
     assert result["grew"] <= _bomb_budget(bomb), result
 
 
+def test_legacy_file_declaring_more_than_it_holds_is_refused_before_allocating(tmp_path):
+    full = tmp_path / "full.pth"
+    torch.save({"conv.weight": torch.empty(32 << 20)}, full, _use_new_zipfile_serialization=False)
+    bomb = tmp_path / "legacy.pth"
+    bomb.write_bytes(full.read_bytes()[:4096])  # the pickles, without the 128 MB of data
+    full.unlink()
+    honest = tmp_path / "honest.pth"
+    torch.save({"conv.weight": torch.zeros(4, 3, 3, 3)}, honest,
+               _use_new_zipfile_serialization=False)  # fmt: skip
+    result = _peak_growth(bomb, "ticket", honest)
+    assert (
+        result["outcome"].startswith("refused")
+        and "storages declare 134,217,728 bytes" in (result["outcome"])
+    )
+    assert result["grew"] <= _bomb_budget(bomb), result
+
+
 def test_a_damaged_byte_fails_the_crc_check(tmp_path):
     weight = torch.arange(64, dtype=torch.float32).view(4, 16) * (torch.arange(16) % 3 > 0)
     path = tmp_path / "state.pth"
