@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from sparse_ops import Ticket, convert, imp, masked_model, models, structure
+from sparse_ops.checkpoint_io import write_text
 
 from .env import environment
 from .timing import time_cpu
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{100 * result['flops_ratio']:.1f}% of dense; max |diff| {max_diff:.2e}")  # fmt: skip
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        write_text(args.out, json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")
     return 0
 

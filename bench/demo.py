@@ -31,6 +31,7 @@ import torch
 
 from sparse_ops import data as datasets
 from sparse_ops import imp, models
+from sparse_ops.checkpoint_io import atomic_output, write_text
 from sparse_ops.convert import convert, masked_model, save_converted
 from sparse_ops.progress import Progress
 from sparse_ops.tables import format_table
@@ -126,10 +127,10 @@ def run_demo(
     step(4, f"write the table, plots and JSON to {out}/")
     summary = _summary(config, dataset, runs, checks, latency, device_, start)
     table = render(summary)
-    (out / "results.md").write_text(table + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(out / "results.md", table + "\n")
+    write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     summary["plots"] = [str(p) for p in _plots(summary, out)]
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     verdict = "all checks passed" if summary["ok"] else "CHECKS FAILED"
     if not quiet:  # the result on stdout (progress went to stderr), so it can be piped
         print(f"\n{table}\n\n{verdict} in {time.perf_counter() - start:.0f}s; "
@@ -264,7 +265,8 @@ def _plots(summary: dict[str, Any], out: Path) -> list[Path]:
     ax.legend(fontsize=8)
     fig.tight_layout()
     paths.append(out / "accuracy.png")
-    fig.savefig(paths[-1], dpi=110)
+    with atomic_output(paths[-1]) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
     methods = list(summary["latency"])
@@ -288,6 +290,7 @@ def _plots(summary: dict[str, Any], out: Path) -> list[Path]:
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     paths.append(out / "latency.png")
-    fig.savefig(paths[-1], dpi=110)
+    with atomic_output(paths[-1]) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return paths

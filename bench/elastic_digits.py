@@ -35,6 +35,7 @@ import torch
 
 from sparse_ops import Ticket, load_ticket, models
 from sparse_ops import data as datasets
+from sparse_ops.checkpoint_io import write_text
 from sparse_ops.jobs import prune_job
 from sparse_ops.progress import Progress
 from sparse_ops.structure import transform
@@ -138,7 +139,7 @@ def main() -> None:
     print(render(summary))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(summary, indent=2) + "\n")
+        write_text(args.out, json.dumps(summary, indent=2) + "\n")
         print(f"written to {args.out}")
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from sparse_ops import masked_model, models
+from sparse_ops.checkpoint_io import write_text
 from sparse_ops.progress import Progress
 
 from . import BenchError
@@ -219,7 +220,7 @@ def _run_cases(
                                         progress=progress)  # fmt: skip
                 rows.extend(common | row for row in measured)
                 if partial is not None:
-                    partial.write_text(json.dumps({"schema": SCHEMA, "rows": rows}) + "\n")
+                    write_text(partial, json.dumps({"schema": SCHEMA, "rows": rows}) + "\n")
                 _free()
     return rows, time.perf_counter() - start
 
@@ -319,8 +320,8 @@ def write(result: dict[str, Any], out: str | Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{result['preset']}_{result['dtype']}"
     paths = {"json": out / f"{stem}.json", "markdown": out / f"{stem}.md"}
-    paths["json"].write_text(json.dumps(result, indent=1) + "\n")
-    paths["markdown"].write_text(report.markdown(result) + "\n")
+    write_text(paths["json"], json.dumps(result, indent=1) + "\n")
+    write_text(paths["markdown"], report.markdown(result) + "\n")
     paths |= report.plots(result, out, stem)
     return paths
 

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from sparse_ops import models
+from sparse_ops.checkpoint_io import write_text
 from sparse_ops.formats import ChannelPlan, GroupPack
 
 from .env import environment
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
               "timing": timing, "environment": environment(), "rows": rows}  # fmt: skip
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        write_text(args.out, json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.out}")
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 

@@ -521,11 +521,13 @@ def best_configs(rows: list[dict], target="sm_90a", dtype="float16") -> dict[str
 
 
 def _write(payload: dict, out: str) -> None:
+    from sparse_ops.checkpoint_io import write_text  # not at import: the gate's workers stay light
+
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "kernel_static.json"), "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1)
-    with open(os.path.join(out, "kernel_static.md"), "w", encoding="utf-8") as f:
-        f.write(markdown(payload["rows"], payload["environment"]))
+    write_text(os.path.join(out, "kernel_static.json"), json.dumps(payload, indent=1))
+    write_text(
+        os.path.join(out, "kernel_static.md"), markdown(payload["rows"], payload["environment"])
+    )
 
 
 def main(argv=None) -> int:

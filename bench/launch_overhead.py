@@ -137,9 +137,11 @@ def main(argv=None) -> int:
     env = {"commit": git_commit(), "baseline": args.baseline, "cpu": cpu_name(),
            "python": sys.version.split()[0], "calls": args.calls, "repeats": args.repeats,
            "rounds": args.rounds, "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+    from sparse_ops.checkpoint_io import write_text
+
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "launch_overhead.json"), "w", encoding="utf-8") as f:
-        json.dump({"environment": env, "rows": rows, "raw": sides}, f, indent=1)
+    payload = {"environment": env, "rows": rows, "raw": sides}
+    write_text(os.path.join(args.out, "launch_overhead.json"), json.dumps(payload, indent=1))
     lines = [f"# Host cost per conv call, launch stubbed ({env['cpu']}, 1 thread)", "",
              f"Baseline `{args.baseline}` vs this tree (`{env['commit']}`): per side, the "
              f"median over {args.rounds} alternating rounds of the median of {args.repeats} "
@@ -150,8 +152,7 @@ def main(argv=None) -> int:
               f"| {r['baseline_min_us']}, {r['this_tree_min_us']}, {r['speedup_of_min']}× |"
               for r in rows]  # fmt: skip
     text = "\n".join(lines) + "\n"
-    with open(os.path.join(args.out, "launch_overhead.md"), "w", encoding="utf-8") as f:
-        f.write(text)
+    write_text(os.path.join(args.out, "launch_overhead.md"), text)
     print(text)
     return 0
 

@@ -16,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from sparse_ops.checkpoint_io import atomic_output
 from sparse_ops.tables import format_table
 
 # Published running-time savings (Structure-LTH, REFERENCE.md), against their weaker
@@ -184,7 +185,8 @@ def plots(result: dict[str, Any], out: Path, stem: str) -> dict[str, Path]:
         fig.suptitle(f"{result['preset']} · {where} · {result['dtype']}", fontsize=11)
         fig.tight_layout()
         path = out / f"{stem}_{kind}.png"
-        fig.savefig(path, dpi=110)
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
         paths[kind] = path
     return paths

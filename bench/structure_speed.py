@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from sparse_ops import Ticket, convert, imp, models, structure
+from sparse_ops.checkpoint_io import write_text
 from sparse_ops.formats import GroupPack
 from sparse_ops.tables import format_table
 
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         result = {"benchmark": "structure_speed", "environment": environment(), "results": rows}
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        write_text(args.out, json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")
     return 0
 

@@ -387,7 +387,10 @@ def channel_conv_launch(
     c_out, kh, kw, c_in = weight.shape
     n, h, w, oh, ow = call.n, call.h, call.w, call.oh, call.ow
     n_fill = 0 if fill_idx is None else fill_idx.numel()
-    y = launch.prepare_output(out, call.out_shape, x, what)
+    y = launch.prepare_output(out, call.out_shape, x, what, {
+        "residual": residual, "bias_map": bias_map, "plan weight": weight, "plan bias": bias,
+        "plan in_idx": in_idx, "plan out_idx": out_idx, "plan fill_idx": fill_idx,
+    })  # fmt: skip
     x = launch.channels_last(x)
     m = n * oh * ow
     x_strides, y_strides = launch.nhwc_strides(x), launch.nhwc_strides(y)

@@ -246,6 +246,10 @@ group_conv_tuned = triton.autotune(
     configs=CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs}
 )(group_conv_kernel)
 
+# What the kernel reads besides x, the residual and the bias (an out= may not overlap them).
+GROUP_PACK_TENSORS = ("values", "val_ptr", "row_idx", "row_ptr", "col_code", "col_ptr",
+                      "tile_group", "tile_row", "fill_idx")  # fmt: skip
+
 INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_K": 16}
 
 
@@ -294,7 +298,10 @@ def group_conv_launch(
             "(the kernel keeps a pixel's in-image taps as bits of one int32)"
         )
     oh, ow = call.oh, call.ow
-    y = launch.prepare_output(out, call.out_shape, x, what)
+    y = launch.prepare_output(out, call.out_shape, x, what, {
+        "residual": residual, "pack bias": pack.bias,
+        **{f"pack {name}": getattr(pack, name) for name in GROUP_PACK_TENSORS},
+    })  # fmt: skip
     x = launch.channels_last(x)
     m, tiles = n * oh * ow, pack.tile_group.numel()
     # A pack records max_cols on the host (groups_meta); reading col_ptr would sync.

@@ -277,8 +277,15 @@ def check_format_version(obj, supported: int, what: str) -> None:
 
 
 def prepare_output(
-    out: torch.Tensor | None, shape: tuple[int, int, int, int], x: torch.Tensor, what: str
+    out: torch.Tensor | None,
+    shape: tuple[int, int, int, int],
+    x: torch.Tensor,
+    what: str,
+    inputs: dict[str, torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
+    """The output tensor: a new one, or ``out`` checked (shape, device, layout, and no
+    overlap with ``x`` or any of ``inputs``, since the kernel reads those while tiles of
+    ``out`` are already written)."""
     if out is None:
         # Allocated channels-last directly: empty(...).contiguous(channels_last) would
         # allocate twice and launch a copy kernel on every call.
@@ -289,7 +296,37 @@ def prepare_output(
     if not (out.is_contiguous(memory_format=_CHANNELS_LAST) or out.is_contiguous()):
         # an expanded or overlapping view would have tiles write over each other
         raise KernelInputError(f"{what}: out must be contiguous or channels-last contiguous")
+    check_no_overlap(out, {"x": x, **(inputs or {})}, what)
     return out
+
+
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last + 1) bytes any element of ``t`` occupies (negative strides too)."""
+    low = high = 0
+    for size, stride in zip(t.shape, t.stride(), strict=True):
+        if size > 1:
+            if stride >= 0:
+                high += (size - 1) * stride
+            else:
+                low += (size - 1) * stride
+    base, item = t.data_ptr(), t.element_size()
+    return base + low * item, base + (high + 1) * item
+
+
+def check_no_overlap(out: torch.Tensor, inputs: dict[str, torch.Tensor | None], what: str):
+    """Refuse an ``out`` sharing memory with an input: the kernel would read values it
+    has already overwritten (a residual, the activation, an index map), silently."""
+    if out.numel() == 0:
+        return
+    o_low, o_high = _byte_range(out)
+    for name, t in inputs.items():
+        if t is None or t.numel() == 0 or t.device != out.device:
+            continue
+        low, high = _byte_range(t)
+        if low < o_high and o_low < high:
+            raise KernelInputError(
+                f"{what}: out overlaps the memory of {name}; pass a separate output tensor"
+            )
 
 
 class CallShape(NamedTuple):

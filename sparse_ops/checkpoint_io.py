@@ -15,14 +15,21 @@ data are allowed, named one by one below. Any other global is refused, naming it
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import importlib
 import json
 import os
 import pickle
+import pickletools
 import re
+import signal
+import stat
 import struct
+import threading
 import warnings
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +65,25 @@ _NUMPY_NUMERIC_DTYPE_NAMES = (
 _NUMPY_NUMERIC_DTYPES = {f"numpy.dtypes.{n}DType" for n in _NUMPY_NUMERIC_DTYPE_NAMES}
 
 
+def check_input_file(path: str | os.PathLike, error: type[Exception] = TicketFormatError) -> None:
+    """Refuse anything but a regular file before opening it: a FIFO would block the
+    open forever, a device would stream endlessly, a directory cannot be read."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise error(f"{path}: no such file") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")  # fmt: skip
+        raise error(f"{path}: {kind}, not a checkpoint file")
+
+
 def sniff(path: str | os.PathLike) -> str:
     """Identify a file by its first bytes: one of the module-level format constants."""
+    check_input_file(path)
     try:
         with open(path, "rb") as f:
             head = f.read(64)
@@ -82,7 +106,10 @@ def sniff(path: str | os.PathLike) -> str:
 def load_torch(path: str | os.PathLike) -> Any:
     """``torch.load`` a file on the CPU without executing code; clear errors otherwise."""
     path = Path(path)
-    if _is_torchscript(path):
+    check_input_file(path)
+    if sniff(path) == TORCH_LEGACY:
+        _check_legacy(path)
+    elif _check_zip(path):
         raise TicketFormatError(
             f"{path}: a TorchScript archive (torch.jit.save), not a checkpoint; load it with "
             "torch.jit.load and save its state_dict()"
@@ -126,13 +153,121 @@ def load_torch(path: str | os.PathLike) -> Any:
         ) from None
 
 
-def _is_torchscript(path: Path) -> bool:
+# What a zip may inflate to, beyond its own size: torch.save stores entries uncompressed,
+# so a real checkpoint's entries add up to less than the file.
+ZIP_SLACK_BYTES = 64 << 20
+
+
+def _check_zip(path: Path) -> bool:
+    """Check a torch zip before torch.load reads it; True if it is a TorchScript archive.
+
+    The central directory's declared sizes are checked first (a few KB of deflated
+    zeros can declare gigabytes, and torch would inflate them), then every entry is read
+    once against its CRC-32 (torch does not check them: a damaged byte would load as a
+    silently wrong weight)."""
     try:
         with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return False
+            infos = archive.infolist()
+            declared = sum(info.file_size for info in infos)
+            budget = 2 * os.path.getsize(path) + ZIP_SLACK_BYTES
+            if declared > budget:
+                big = max(infos, key=lambda info: info.file_size)
+                raise TicketFormatError(
+                    f"{path}: its zip entries declare {declared:,} bytes uncompressed "
+                    f"({big.filename!r}: {big.file_size:,}), far more than the file holds; "
+                    "refusing to inflate it"
+                )
+            damaged = archive.testzip()
+            if damaged is not None:
+                raise TicketFormatError(
+                    f"{path}: zip entry {damaged!r} fails its CRC check: the file is damaged"
+                )
+    except zipfile.BadZipFile as exc:
+        if sniff(path) == TORCH_ZIP:
+            raise TicketFormatError(
+                f"{path}: truncated or corrupt torch file (zip: {_first_line(exc)})"
+            ) from None
+        return False  # the legacy format: not a zip, no CRCs to check
+    except (OSError, EOFError, NotImplementedError, RuntimeError) as exc:
+        raise TicketFormatError(
+            f"{path}: truncated or corrupt torch file (zip: {_first_line(exc)})"
+        ) from None
+    names = [info.filename for info in infos]
     return any(n.endswith(("/constants.pkl", "/code/__torch__.py")) or "/code/" in n for n in names)
+
+
+_STORAGE_BYTES = {"Double": 8, "Float": 4, "Half": 2, "BFloat16": 2, "Long": 8, "Int": 4,
+                  "Short": 2, "Char": 1, "Byte": 1, "Bool": 1, "ComplexFloat": 8,
+                  "ComplexDouble": 16}  # fmt: skip
+
+
+def _check_legacy(path: Path) -> None:
+    """The legacy (non-zip) format has no directory: torch allocates each storage at the
+    size its pickle declares, then reads the data. So the declared sizes are read off
+    the pickle's opcodes first (nothing is executed) and must fit the file."""
+    declared = _legacy_declared_bytes(path)
+    budget = 2 * os.path.getsize(path) + ZIP_SLACK_BYTES
+    if declared is not None and declared > budget:
+        raise TicketFormatError(
+            f"{path}: its storages declare {declared:,} bytes, far more than the file holds; "
+            "refusing to load it"
+        )
+
+
+def _legacy_declared_bytes(path: Path) -> int | None:
+    """Sum of the storage sizes the main pickle declares; None where the opcodes are not
+    understood (then torch.load's own errors apply)."""
+    mark = object()
+    try:
+        with open(path, "rb") as f:
+            for _ in range(3):  # magic number, protocol version, sys info
+                for _op in pickletools.genops(f):
+                    pass
+            stack: list[Any] = []
+            memo: dict[Any, Any] = {}
+            storages: dict[Any, int] = {}
+            for op, arg, _pos in pickletools.genops(f):
+                name = op.name
+                if name == "MARK":
+                    stack.append(mark)
+                elif name in ("GLOBAL", "STACK_GLOBAL"):
+                    if name == "STACK_GLOBAL":
+                        module, attr = stack.pop(), stack.pop()
+                        arg = f"{attr} {module}"
+                    stack.append(("global", arg))
+                elif name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                    memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
+                elif name in ("GET", "BINGET", "LONG_BINGET"):
+                    stack.append(memo.get(arg))
+                elif name == "TUPLE":
+                    at = len(stack) - 1 - stack[::-1].index(mark)
+                    items = tuple(stack[at + 1 :])
+                    del stack[at:]
+                    stack.append(items)
+                elif name in ("TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_TUPLE"):
+                    n = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}.get(name, 0)
+                    items = tuple(stack[len(stack) - n :])
+                    del stack[len(stack) - n :]
+                    stack.append(items)
+                elif name == "BINPERSID":
+                    pid = stack.pop()
+                    if (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"
+                            and isinstance(pid[4], int)):  # fmt: skip
+                        kind = pid[1][1].rpartition(" ")[2] if isinstance(pid[1], tuple) else ""
+                        size = _STORAGE_BYTES.get(kind.removesuffix("Storage"), 1)
+                        storages[pid[2]] = pid[4] * size
+                    stack.append(None)
+                elif op.arg is not None and not op.stack_before and len(op.stack_after) == 1:
+                    stack.append(arg)  # a constant
+                else:
+                    if pickletools.markobject in op.stack_before:
+                        del stack[len(stack) - 1 - stack[::-1].index(mark) :]
+                    else:
+                        del stack[len(stack) - len(op.stack_before) :]
+                    stack.extend([None] * len(op.stack_after))
+    except (ValueError, IndexError, KeyError, TypeError, EOFError, OSError):
+        return None
+    return sum(storages.values())
 
 
 def _weights_only_reason(exc: BaseException) -> str:
@@ -154,6 +289,7 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    check_input_file(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
@@ -184,16 +320,110 @@ def write_safetensors(
         )
     # safetensors refuses views and shared storage: give it one compact copy of each.
     owned = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with atomic_output(path) as tmp:
+        try:
+            save_file(owned, str(tmp), metadata=metadata)
+        except SafetensorError as exc:
+            raise OutputPathError(f"{path}: cannot write ({_first_line(exc)})") from None
+
+
+# ---------------------------------------------------------------------- atomic writes
+#
+# Every file sparse-ops (and bench/) writes goes through atomic_output: written under a
+# hidden temporary name in the same folder, then renamed over the target, so a reader
+# never sees half a file. The temporary name says what it is and whose it was
+# (".<name>.sparse-ops-tmp-<pid>"): SIGTERM removes it before the process dies, and the
+# next write to the same target removes those a SIGKILLed process left.
+
+TEMP_TAG = ".sparse-ops-tmp-"
+_pending: set[Path] = set()
+_previous_sigterm: Any = None
+
+
+def temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}{TEMP_TAG}{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path to write ``path``'s content to; on success it replaces
+    ``path`` in one rename, on any failure (or SIGTERM) it is removed.
+
+    Raises :class:`OutputPathError` naming ``path`` when it cannot hold a file."""
+    path = Path(path)
+    check_output_file(path)
+    _remove_stale_temps(path)
+    tmp = temp_path(path)
+    _pending.add(tmp)
+    _hook_sigterm()
     try:
-        save_file(owned, str(tmp), metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_umask())  # the temp file is private; the result is not
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # temp files may be private; the result is not
         os.replace(tmp, path)
-    except (SafetensorError, OSError) as exc:
+    except OSError as exc:
         raise OutputPathError(f"{path}: cannot write ({_first_line(exc)})") from None
     finally:
-        if tmp.exists():
+        _pending.discard(tmp)
+        with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """``Path(path).write_text(text)``, atomically (see :func:`atomic_output`)."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Temporary files of ``path`` whose writer no longer runs (killed mid-write)."""
+    try:
+        candidates = list(path.parent.glob(f".{glob.escape(path.name)}{TEMP_TAG}*"))
+    except OSError:
+        return
+    for stale in candidates:
+        pid = stale.name.rpartition(TEMP_TAG)[2]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            stale.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
+def _hook_sigterm() -> None:
+    """Install (once) a SIGTERM handler that removes pending temporary files, then lets
+    the signal do what it did before (by default: end the process)."""
+    global _previous_sigterm
+    if threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+            return
+        _previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
+    except (ValueError, OSError):  # no signals here (embedded interpreter)
+        _previous_sigterm = None
+
+
+def _on_sigterm(signum, frame) -> None:
+    global _previous_sigterm
+    for tmp in list(_pending):
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    previous, _previous_sigterm = _previous_sigterm, None
+    signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+    if callable(previous):
+        previous(signum, frame)
+    else:  # SIG_DFL or SIG_IGN: deliver again, now that it is restored
+        os.kill(os.getpid(), signum)
 
 
 _TORCH_SUFFIXES = (".pt", ".pth", ".tar", ".ckpt", ".bin")

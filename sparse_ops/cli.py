@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from importlib.metadata import entry_points
 
 from . import __version__, models
-from .errors import SparseOpsError
+from .errors import SparseOpsError, printable
 from .progress import Progress
 from .structure.partition import MODELS as PARTITION_MODELS
 from .structure.refill import ACTIVATION_CRITERIA, CRITERIA
@@ -425,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings as one line, like errors: the source line means nothing to a CLI user."""
-    print(f"sparse-ops: warning: {message}", file=sys.stderr)
+    print(f"sparse-ops: warning: {printable(message)}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -435,14 +435,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.showwarning = _show_warning
             return args.handler(args)
     except SparseOpsError as exc:
-        print(f"sparse-ops: error: {exc}", file=sys.stderr)
+        print(f"sparse-ops: error: {printable(exc)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into head & co: not an error
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keep interpreter exit quiet
         return 0
     except OSError as exc:  # an output path we cannot write, a full disk, ...
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"sparse-ops: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        print(f"sparse-ops: error: {printable(f'{where}{exc.strerror or exc}')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sparse-ops: interrupted", file=sys.stderr)

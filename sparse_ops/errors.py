@@ -37,6 +37,17 @@ class BlockMappingError(ElasticError):
     """A block mapping that cannot be parsed or does not fit the stages it is applied to."""
 
 
+def printable(text: object) -> str:
+    """``text`` with control and format characters escaped as ``repr`` would (``\\n``,
+    ``\\x1b``, ``\\u202e``): names read from files reach a terminal only this way, so a
+    file cannot add lines to an error or send escape sequences. Other characters,
+    non-ASCII letters and symbols included, stay as they are."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
 def listing(items, limit: int = 8) -> str:
     """``'a', 'b', 'c' and 12 more`` for error messages."""
     items = [str(i) for i in items]

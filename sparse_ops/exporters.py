@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import checkpoint_io
 from .errors import TicketMismatchError
 from .importers import is_conv_or_linear_weight
 
@@ -67,8 +68,7 @@ def save_structure_lth(
     if ticket.rewind is not None:
         ckpt["init_weight"] = dict(ticket.rewind)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(ckpt, path)
+    _torch_save(ckpt, path)
     return path
 
 
@@ -111,12 +111,12 @@ def save_open_lth_level(
     if not masks:
         raise TicketMismatchError("nothing to export: the ticket has no masks and no weights")
     directory.mkdir(parents=True, exist_ok=True)
-    torch.save({k: m.to(torch.int32) for k, m in masks.items()}, directory / "mask.pth")
+    _torch_save({k: m.to(torch.int32) for k, m in masks.items()}, directory / "mask.pth")
     if has_weights:
-        torch.save(ticket.masked_weights(start), directory / "model_ep0_it0.pth")
+        _torch_save(ticket.masked_weights(start), directory / "model_ep0_it0.pth")
     if ticket.weights is not None and start != "weights":
         ep, it = end_step
-        torch.save(ticket.masked_weights("weights"), directory / f"model_ep{ep}_it{it}.pth")
+        _torch_save(ticket.masked_weights("weights"), directory / f"model_ep{ep}_it{it}.pth")
     total = sum(m.numel() for m in masks.values())
     unpruned = sum(int(m.sum()) for m in masks.values())
     # E-LTH's "sparsity_ratio" is the kept fraction despite its name.
@@ -125,5 +125,10 @@ def save_open_lth_level(
         "unpruned": float(unpruned),
         "sparsity_ratio": unpruned / total,
     }
-    (directory / "sparsity_report.json").write_text(json.dumps(report, indent=4))
+    checkpoint_io.write_text(directory / "sparsity_report.json", json.dumps(report, indent=4))
     return directory
+
+
+def _torch_save(obj, path: Path) -> None:
+    with checkpoint_io.atomic_output(path) as tmp:
+        torch.save(obj, tmp)

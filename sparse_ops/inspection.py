@@ -7,6 +7,7 @@ from collections import Counter
 from typing import Any
 
 from . import models
+from .errors import printable
 from .importers import is_conv_or_linear_weight
 from .masks import STRUCTURES
 from .tables import format_table, shape_text
@@ -48,10 +49,10 @@ def render_inspect(report: dict) -> str:
     """The human-readable form of :func:`inspect_report` (what ``sparse-ops inspect`` prints)."""
     carried = [s for s in ("weights", "rewind") if report[f"has_{s}"]]
     lines = [
-        f"ticket   {report['file']}",
-        f"format   {report['source_format']}; carries masks"
+        f"ticket   {printable(report['file'])}",
+        f"format   {printable(report['source_format'])}; carries masks"
         + ("".join(f" + {s}" for s in carried)),
-        f"arch     {report['arch'] or '(not checked; pass --arch NAME)'}",
+        f"arch     {printable(report['arch'] or '(not checked; pass --arch NAME)')}",
         "",
     ]
     rows = [
@@ -82,5 +83,6 @@ def render_inspect(report: dict) -> str:
     else:
         lines.append("no masked layers: the checkpoint is dense")
     if report["unpruned_layers"]:
-        lines.append(f"unpruned conv/linear weights: {', '.join(report['unpruned_layers'])}")
+        names = ", ".join(report["unpruned_layers"])
+        lines.append(f"unpruned conv/linear weights: {printable(names)}")
     return "\n".join(lines)

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
+from . import checkpoint_io, imp, models
 from . import data as datasets
-from . import imp, models
 from .progress import Progress
 from .tables import format_table
 from .tickets import Ticket, load_ticket
@@ -105,7 +105,7 @@ def prune_job(
         "seconds": time.perf_counter() - start,
         "out": str(out),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    checkpoint_io.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -36,7 +36,8 @@ from torch import Tensor, nn
 from kernels import launch
 
 from . import ops
-from .formats import FORMAT_VERSION, ChannelPlan, GroupPack
+from .errors import listing
+from .formats import COL_RUN, FORMAT_VERSION, ChannelPlan, FormatError, GroupPack
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
@@ -160,6 +161,138 @@ def _(x, values, val_ptr, row_idx, row_ptr, col_idx, col_code, col_ptr, tile_gro
     return x.new_empty(shape).contiguous(memory_format=_memory_format(x))
 
 
+# ---------------------------------------------------------------------- loading checks
+#
+# ``from_state`` reads what a (possibly crafted) file says. Every config value and tensor
+# is checked before anything is built from it, so a bad file raises a FormatError
+# naming the field instead of an IndexError deep inside a kernel, and no size read from
+# a file allocates memory the file's own tensors do not account for.
+
+MAX_CHANNELS = 1 << 24
+MAX_KERNEL = 64
+MAX_GEOMETRY = 1 << 12  # stride, padding, dilation
+MAX_INPUT_HW = 1 << 14  # input_hw of a saved bias map
+MAX_BLOCK = 1 << 12  # block_n, k_pad
+
+
+def _where(config: dict) -> str:
+    name = config.get("name") if isinstance(config, dict) else None
+    return f"layer {name!r}" if isinstance(name, str) and name else "layer"
+
+
+def _int(config: dict, key: str, low: int, high: int) -> int:
+    value = config.get(key)
+    if type(value) is not int or not low <= value <= high:
+        raise FormatError(
+            f"{_where(config)}: config {key!r} must be an int in [{low}, {high}], got {value!r}"
+        )
+    return value
+
+
+def _pair_of(config: dict, key: str, low: int, high: int, optional: bool = False):
+    value = config.get(key)
+    if value is None and optional:
+        return None
+    if (not isinstance(value, list) or len(value) != 2
+            or not all(type(v) is int and low <= v <= high for v in value)):  # fmt: skip
+        raise FormatError(
+            f"{_where(config)}: config {key!r} must be two ints in [{low}, {high}], got {value!r}"
+        )
+    return tuple(value)
+
+
+def _col_run_of(config: dict, value):
+    if value is not None and (type(value) is not int or value not in (1, COL_RUN)):
+        raise FormatError(f"{_where(config)}: config col_run must be 1 or {COL_RUN}, got {value!r}")
+    return value
+
+
+def _flag(config: dict, key: str) -> bool:
+    value = config.get(key)  # required: a missing flag would silently change the output
+    if type(value) is not bool:
+        raise FormatError(f"{_where(config)}: config {key!r} must be true or false")
+    return value
+
+
+def _name_of(config: dict) -> str:
+    value = config.get("name", "")
+    if not isinstance(value, str) or len(value) > 1024:
+        raise FormatError("layer: config 'name' must be a string")
+    return value
+
+
+def _tensor(tensors: dict, config: dict, key: str, kind: str, dims: int, optional=False):
+    """``tensors[key]``, checked to be ``kind`` ("float" / "int") with ``dims`` dims."""
+    t = tensors.get(key)
+    if t is None:
+        if optional:
+            return None
+        raise FormatError(f"{_where(config)}: tensor {key!r} is missing")
+    good = (
+        t.dtype.is_floating_point
+        if kind == "float"
+        else (not t.dtype.is_floating_point and not t.dtype.is_complex and t.dtype != torch.bool)
+    )
+    if not good or t.dim() != dims:
+        raise FormatError(
+            f"{_where(config)}: tensor {key!r} must be a {dims}-D {kind} tensor, got "
+            f"{str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}"
+        )
+    return t
+
+
+def _exact_int32(t, config: dict, key: str):
+    if t is not None and t.dtype != torch.int32:
+        raise FormatError(f"{_where(config)}: tensor {key!r} must be int32, got {t.dtype}")
+    return t
+
+
+def _shape_is(t, shape: tuple, config: dict, key: str) -> None:
+    if t is not None and tuple(t.shape) != tuple(shape):
+        raise FormatError(
+            f"{_where(config)}: tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(shape)}"
+        )
+
+
+def _stray(tensors: dict, config: dict, known) -> None:
+    """No tensor the unit does not have, and (files that list them) exactly those listed:
+    optional tensors (a bias) would otherwise go missing without a word."""
+    extra = sorted(set(tensors) - set(known))
+    if extra:
+        raise FormatError(f"{_where(config)}: unexpected tensors {extra[:8]}")
+    listed = config.get("tensors")
+    if listed is None:
+        return  # written before the list was kept
+    if not isinstance(listed, list):
+        raise FormatError(f"{_where(config)}: config 'tensors' must be a list of names")
+    if sorted(map(str, listed)) != sorted(tensors):
+        missing = sorted(set(map(str, listed)) - set(tensors))
+        raise FormatError(
+            f"{_where(config)}: the file lists tensors {listing(sorted(map(str, listed)))} but "
+            f"holds {listing(sorted(tensors))}; missing {listing(missing)}"
+        )
+
+
+def _checked(build, config: dict):
+    """Run ``build()``; the format checks inside raise FormatError, anything else a file
+    can provoke (a shape torch refuses) is reported the same way, naming the layer."""
+    try:
+        return build()
+    except FormatError as exc:
+        raise FormatError(f"{_where(config)}: {exc}") from None
+    except (IndexError, KeyError, RuntimeError, TypeError, ValueError, ZeroDivisionError) as exc:
+        line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise FormatError(f"{_where(config)}: inconsistent tensors ({line})") from None
+
+
+def _geometry_of(config: dict) -> dict:
+    return {
+        "stride": _pair_of(config, "stride", 1, MAX_GEOMETRY),
+        "padding": _pair_of(config, "padding", 0, MAX_GEOMETRY),
+        "dilation": _pair_of(config, "dilation", 1, MAX_GEOMETRY),
+    }
+
+
 # ---------------------------------------------------------------------- modules
 
 
@@ -188,7 +321,7 @@ class _Unit(nn.Module):
 
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         tensors = {n: getattr(self, n) for n in self._buffer_names if getattr(self, n) is not None}
-        return tensors, dict(self.config(), format_version=FORMAT_VERSION)
+        return tensors, dict(self.config(), format_version=FORMAT_VERSION, tensors=sorted(tensors))
 
     @classmethod
     def from_state(cls, tensors: dict[str, Tensor], config: dict[str, Any]):
@@ -296,17 +429,56 @@ class ChannelPrunedConv2d(_Unit):
 
     @classmethod
     def from_state(cls, tensors, config):
-        plan = ChannelPlan(tensors["weight"], tensors.get("bias"), tensors.get("in_idx"),
-                           tensors.get("out_idx"), tensors.get("fill_idx"),
-                           config["in_channels"], config["out_channels"],
-                           tuple(config["stride"]), tuple(config["padding"]),
-                           tuple(config["dilation"]))  # fmt: skip
-        unit = cls(plan, relu=config["relu"], const_weight=tensors.get("const_weight"),
-                   const_values=tensors.get("const_values"), input_hw=config.get("input_hw"),
-                   name=config.get("name", ""))  # fmt: skip
-        if "bias_map" in tensors:
-            unit.bias_map = tensors["bias_map"]
-        return unit
+        _name_of(config)
+        cin = _int(config, "in_channels", 1, MAX_CHANNELS)
+        cout = _int(config, "out_channels", 1, MAX_CHANNELS)
+        geometry = _geometry_of(config)
+        input_hw = _pair_of(config, "input_hw", 1, MAX_INPUT_HW, optional=True)
+        _stray(tensors, config, cls._buffer_names)
+        weight = _tensor(tensors, config, "weight", "float", 4)
+        bias = _tensor(tensors, config, "bias", "float", 1, optional=True)
+        idx = {k: _exact_int32(_tensor(tensors, config, k, "int", 1, optional=True), config, k)
+               for k in ("in_idx", "out_idx", "fill_idx")}  # fmt: skip
+        rows, kh, kw, ins = weight.shape
+        if not (1 <= kh <= MAX_KERNEL and 1 <= kw <= MAX_KERNEL):
+            raise FormatError(f"{_where(config)}: kernel {kh}×{kw} out of range")
+        _shape_is(idx["in_idx"], (ins,), config, "in_idx")
+        _shape_is(idx["out_idx"], (rows,), config, "out_idx")
+        if idx["in_idx"] is None and ins != cin:
+            raise FormatError(f"{_where(config)}: weight reads {ins} of {cin} inputs, no in_idx")
+        filled = 0 if idx["fill_idx"] is None else idx["fill_idx"].numel()
+        if rows + filled != cout:
+            raise FormatError(f"{_where(config)}: {rows} rows + {filled} filled ≠ {cout}")
+        _shape_is(bias, (cout,), config, "bias")
+        const_weight = _tensor(tensors, config, "const_weight", "float", 4, optional=True)
+        const_values = _tensor(tensors, config, "const_values", "float", 1, optional=True)
+        bias_map = _tensor(tensors, config, "bias_map", "float", 3, optional=True)
+        if (const_weight is None) != (const_values is None):
+            raise FormatError(f"{_where(config)}: const_weight and const_values come together")
+        if const_weight is not None:
+            _shape_is(const_weight, (cout, const_values.numel(), kh, kw), config, "const_weight")
+        if bias_map is not None:
+            if const_weight is None or input_hw is None:
+                raise FormatError(f"{_where(config)}: bias_map without constants and input_hw")
+            oh, ow = launch.conv_output_size(*input_hw, (kh, kw), geometry["stride"],
+                                             geometry["padding"], geometry["dilation"])  # fmt: skip
+            _shape_is(bias_map, (cout, oh, ow), config, "bias_map")
+
+        def build():
+            plan = ChannelPlan(weight, bias, idx["in_idx"], idx["out_idx"], idx["fill_idx"],
+                               cin, cout, **geometry)  # fmt: skip
+            # No input_hw here: the saved bias map is used as it is. Recomputing it would
+            # cost memory quadratic in a number the file states; without a saved map the
+            # unit computes one per input size on its first call.
+            unit = cls(plan, relu=_flag(config, "relu"), const_weight=const_weight,
+                       const_values=const_values, name=_name_of(config))  # fmt: skip
+            if bias_map is not None or const_weight is None:
+                unit.input_hw = input_hw
+            if bias_map is not None:
+                unit.bias_map = bias_map.detach().clone(memory_format=torch.contiguous_format)
+            return unit
+
+        return _checked(build, config)
 
     def extra_repr(self) -> str:
         rows = self.weight.shape[0]
@@ -412,22 +584,63 @@ class GroupSparseConv2d(_Unit):
 
     @classmethod
     def from_state(cls, tensors, config):
-        def pack(prefix, block, meta):
+        _name_of(config)
+        cin = _int(config, "in_channels", 1, MAX_CHANNELS)
+        cout = _int(config, "out_channels", 1, MAX_CHANNELS)
+        kernel = _pair_of(config, "kernel_size", 1, MAX_KERNEL)
+        geometry = _geometry_of(config)
+        # col_run: absent in GroupPack version-1 files (derived from the columns then).
+        block = (_int(config, "block_n", 1, MAX_BLOCK), _int(config, "k_pad", 1, MAX_BLOCK),
+                 _col_run_of(config, config.get("col_run")))  # fmt: skip
+        left = config.get("leftover")
+        if isinstance(left, list) and len(left) == 3:  # [block_n, k_pad, col_run]
+            left_block = (*_pair_of({**config, "leftover": left[:2]}, "leftover", 1, MAX_BLOCK),
+                          _col_run_of(config, left[2]))  # fmt: skip
+        else:
+            left_block = _pair_of(config, "leftover", 1, MAX_BLOCK, optional=True)
+            left_block = None if left_block is None else (*left_block, None)
+        prefixes = ("main", "left") if left_block else ("main",)
+        _stray(tensors, config, [f"{p}_{f}" for p in prefixes for f in _PACK_FIELDS])
+        for prefix in prefixes:  # the dtypes and sizes the launcher requires
+            _tensor(tensors, config, f"{prefix}_values", "float", 1)
+            bias = _tensor(tensors, config, f"{prefix}_bias", "float", 1, optional=True)
+            _shape_is(bias, (cout,), config, f"{prefix}_bias")
+            for f in _PACK_FIELDS[1:-1]:
+                t = _tensor(tensors, config, f"{prefix}_{f}", "int", 1,
+                            optional=f == "col_code")  # fmt: skip
+                if t is None:
+                    continue
+                if t.dtype != (torch.int64 if f == "val_ptr" else torch.int32):
+                    raise FormatError(
+                        f"{_where(config)}: tensor '{prefix}_{f}' has dtype {t.dtype}"
+                    )
+
+        def pack(prefix, block, key):
+            meta = config.get(key, {})
+            if not isinstance(meta, dict):
+                raise FormatError(f"config {key!r} must be an object")
             # Files without a pack's meta (older writers) get max_cols read off col_ptr;
             # without col_code or col_run (GroupPack version 1) both are derived.
-            block = (*block, None)[:3]
-            return GroupPack(*[tensors.get(f"{prefix}_{f}") for f in _PACK_FIELDS],
-                             config["in_channels"], config["out_channels"],
-                             tuple(config["kernel_size"]), tuple(config["stride"]),
-                             tuple(config["padding"]), tuple(config["dilation"]), *block,
-                             groups_meta=meta)  # fmt: skip
+            packed = GroupPack(*[tensors.get(f"{prefix}_{f}") for f in _PACK_FIELDS],
+                               cin, cout, kernel, geometry["stride"], geometry["padding"],
+                               geometry["dilation"], *block, groups_meta=meta)  # fmt: skip
+            # The kernel loops to max_cols: a file may not claim more (or fewer) columns
+            # than its widest group has.
+            ptr = packed.col_ptr
+            widest = int((ptr[1:] - ptr[:-1]).max()) if ptr.numel() > 1 else 0
+            if packed.max_cols != widest:
+                raise FormatError(
+                    f"{prefix} pack: groups_meta max_cols {packed.max_cols} ≠ widest group {widest}"
+                )
+            return packed
 
-        leftover = (pack("left", config["leftover"], config.get("left_groups_meta", {}))
-                    if config.get("leftover") else None)  # fmt: skip
-        main = pack("main", (config["block_n"], config["k_pad"], config.get("col_run")),
-                    config.get("groups_meta", {}))  # fmt: skip
-        return cls(main, relu=config["relu"],
-                   leftover=leftover, name=config.get("name", ""))  # fmt: skip
+        def build():
+            leftover = pack("left", left_block, "left_groups_meta") if left_block else None
+            main = pack("main", block, "groups_meta")
+            return cls(main, relu=_flag(config, "relu"), leftover=leftover,
+                       name=_name_of(config))  # fmt: skip
+
+        return _checked(build, config)
 
     def extra_repr(self) -> str:
         groups = int(self.main_row_ptr.numel()) - 1
@@ -466,11 +679,19 @@ class TorchConv2d(_Unit):
 
     @classmethod
     def from_state(cls, tensors, config):
-        return cls(
-            tensors["weight"], tensors.get("bias"), stride=config["stride"],
-            padding=config["padding"], dilation=config["dilation"], groups=config["groups"],
-            relu=config["relu"], name=config.get("name", ""),
-        )  # fmt: skip
+        geometry = _geometry_of(config)
+        groups = _int(config, "groups", 1, MAX_CHANNELS)
+        _stray(tensors, config, cls._buffer_names)
+        weight = _tensor(tensors, config, "weight", "float", 4)
+        bias = _tensor(tensors, config, "bias", "float", 1, optional=True)
+        if weight.shape[0] % groups or not all(1 <= k <= MAX_KERNEL for k in weight.shape[2:]):
+            raise FormatError(
+                f"{_where(config)}: weight {tuple(weight.shape)} does not fit groups={groups}"
+            )
+        _shape_is(bias, (weight.shape[0],), config, "bias")
+        return _checked(lambda: cls(weight, bias, **geometry, groups=groups,
+                                    relu=_flag(config, "relu"), name=_name_of(config)),
+                        config)  # fmt: skip
 
     def extra_repr(self) -> str:
         out, per_group = self.weight.shape[:2]
@@ -489,9 +710,17 @@ class Relayout(_Unit):
         super().__init__()
         self.name = name
         self._set_buffers({"index": index.to(torch.int64), "fill": fill.to(torch.float32)})
+        # Host-side, so each call checks its input is wide enough without reading the
+        # index back from the GPU (an out-of-range gather there is a device-side fault).
+        self.reads = int(index.max()) + 1 if index.numel() else 0
         self.eval()
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() < 2 or x.shape[1] < self.reads:
+            raise FormatError(
+                f"Relayout {self.name!r}: reads channel {self.reads - 1}, input has shape "
+                f"{tuple(x.shape)}"
+            )
         shape = [1, -1] + [1] * (x.dim() - 2)
         gathered = ops.select_channels(x, self.index.clamp(min=0))
         removed = (self.index < 0).view(shape)
@@ -502,7 +731,16 @@ class Relayout(_Unit):
 
     @classmethod
     def from_state(cls, tensors, config):
-        return cls(tensors["index"], tensors["fill"], name=config.get("name", ""))
+        _stray(tensors, config, cls._buffer_names)
+        index = _tensor(tensors, config, "index", "int", 1)
+        fill = _tensor(tensors, config, "fill", "float", 1)
+        _shape_is(fill, tuple(index.shape), config, "fill")
+        if index.numel() and not -1 <= int(index.min()) <= int(index.max()) < MAX_CHANNELS:
+            raise FormatError(
+                f"{_where(config)}: Relayout index values must lie in [-1, {MAX_CHANNELS}), "
+                f"found {int(index.min())}..{int(index.max())}"
+            )
+        return _checked(lambda: cls(index, fill, name=_name_of(config)), config)
 
     def extra_repr(self) -> str:
         kept = int((self.index >= 0).sum())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .errors import printable
+
 
 def format_table(
     headers: Sequence[str],
@@ -57,7 +59,7 @@ def _cell(value: object) -> str:
         return f"{value:,}"
     if isinstance(value, float):
         return f"{value:.4f}"
-    return str(value)
+    return printable(value)  # layer names come from files
 
 
 def shape_text(shape: Sequence[int]) -> str:

@@ -137,6 +137,47 @@ def test_save_and_load_give_identical_outputs(tmp_path):
             assert torch.equal(fast(x), back(x))
 
 
+ROUND_TRIP_ARCHS = ["res20s", "vgg16_bn", "wrn32", "mobilenet", "cifar_resnet_20", "res18"]
+
+
+@pytest.mark.parametrize(("kind", "policy"), CASES, ids=[f"{k}-{p}" for k, p in CASES])
+@pytest.mark.parametrize("arch", ROUND_TRIP_ARCHS)
+def test_save_and_load_are_bitwise_identical(arch, kind, policy, tmp_path):
+    """The property test's models (one per family), saved and loaded: the same bits out,
+    at the conversion's input size (saved bias maps) and at another (recomputed ones)."""
+    model = _trained_like(arch)
+    fast = convert(model, _ticket(model, arch, kind), on_unstructured=policy,
+                   regroup=FAST_REGROUP, input_size=(3, 32, 32))  # fmt: skip
+    back = load_converted(save_converted(fast, tmp_path / "c.safetensors"))
+    for shape in [(2, 3, 32, 32), (1, 3, 40, 40)]:
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            assert torch.equal(fast(x), back(x)), shape
+
+
+class _Pools(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.avg = nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True, divisor_override=5)
+        self.max = nn.MaxPool2d(2, ceil_mode=True)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.max(self.avg(self.conv(x))).mean((2, 3)))
+
+
+def test_saved_pooling_modules_keep_every_argument_that_changes_the_result(tmp_path):
+    model = _Pools().eval()
+    ticket = Ticket({"conv.weight": torch.rand(8, 3, 3, 3) > 0.5}, imp.capture_state(model))
+    fast = convert(model, ticket, input_size=(3, 9, 9), on_unstructured="dense")
+    back = load_converted(save_converted(fast, tmp_path / "pools.safetensors"))
+    assert back.avg.divisor_override == 5 and back.max.ceil_mode
+    x = torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(fast(x), back(x))
+
+
 def test_saved_file_from_a_newer_version(tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -411,6 +411,35 @@ def test_launcher_refuses_an_overlapping_out():
         channel_conv2d(torch.randn(2, 4, 5, 5, device=DEVICE), plan, out=out)
 
 
+def _square_plan():
+    g = torch.Generator().manual_seed(0)
+    plan = ChannelPlan.from_weight(conv_weight(4, 4, 3, g), None, torch.zeros(4), padding=1)
+    return plan.to(DEVICE)
+
+
+def test_launcher_refuses_an_out_that_shares_memory_with_an_input():
+    """The kernel reads x and the residual while tiles of out are already written."""
+    plan = _square_plan()
+    buffer = torch.randn(3 * 2 * 4 * 5 * 5, device=DEVICE)
+    x = buffer[:200].view(2, 4, 5, 5)
+    residual = buffer[200:400].view(2, 4, 5, 5)
+    with pytest.raises(KernelInputError, match="out overlaps the memory of x"):
+        channel_conv2d(x, plan, out=x)
+    with pytest.raises(KernelInputError, match="out overlaps the memory of residual"):
+        channel_conv2d(x, plan, residual=residual, out=residual)
+    with pytest.raises(KernelInputError, match="out overlaps the memory of x"):
+        channel_conv2d(x, plan, out=buffer[100:300].view(2, 4, 5, 5))  # partly
+    maps = torch.randn(300, device=DEVICE)
+    with pytest.raises(KernelInputError, match="out overlaps the memory of bias_map"):
+        channel_conv2d(x, plan, bias_map=maps[:100].view(4, 5, 5),
+                       out=maps[50:250].view(2, 4, 5, 5))  # fmt: skip
+    # the buffer's third part is separate: accepted, and the result is right
+    out = buffer[400:].view(2, 4, 5, 5)
+    expected = channel_conv2d(x, plan, residual=residual)
+    channel_conv2d(x, plan, residual=residual, out=out)
+    torch.testing.assert_close(out, expected)
+
+
 def test_launcher_rejects_format_version():
     plan = _plan()
     plan.format_version = 99
