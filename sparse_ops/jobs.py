@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,8 @@ from typing import Any
 import torch
 
 from . import data as datasets
-from . import imp, models
+from . import distributed, imp, models
+from .errors import SparseOpsError
 from .progress import Progress
 from .tables import format_table
 from .tickets import Ticket, load_ticket
@@ -31,12 +33,46 @@ def prune_job(
     post_options: dict[str, Any] | None = None,
     train: TrainConfig | None = None,
     progress: Progress | None = None,
+    device: str = "auto",
+    workers: int = 0,
 ) -> dict[str, Any]:
     """IMP on a built-in architecture and dataset; one ticket file per round in ``out``.
 
     Returns (and writes as ``summary.json``) ``{"rounds": [{"round", "density",
     "accuracy", ...}], ...}`` with round 0 the dense network.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) it joins the job's process group and trains
+    data-parallel (:mod:`sparse_ops.distributed`): every rank returns the same summary,
+    only rank 0 writes files and prints progress. ``device``: auto, cuda or cpu;
+    ``workers``: DataLoader processes for datasets decoded per sample (imagefolder).
     """
+    if not distributed.launched():
+        return _prune_job(arch, out, data, data_dir, image_size, rounds, rate, scope, post,
+                          post_options, train, progress, device, workers)  # fmt: skip
+    own_group = not torch.distributed.is_initialized()
+    try:
+        return _prune_job(arch, out, data, data_dir, image_size, rounds, rate, scope, post,
+                          post_options, train, progress, device, workers)  # fmt: skip
+    except SparseOpsError as exc:  # say which rank failed (torchrun stops the others)
+        raise type(exc)(
+            f"rank {distributed.rank()} of {os.environ.get('WORLD_SIZE')}: {exc}"
+        ) from None
+    finally:
+        if own_group:
+            _leave_group()
+
+
+def _leave_group() -> None:
+    import sys
+
+    if sys.exc_info()[0] is None:
+        distributed.shutdown()  # barrier: nobody leaves while others still work
+    elif torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # failing: no barrier to hang in
+
+
+def _prune_job(arch, out, data, data_dir, image_size, rounds, rate, scope, post,
+               post_options, train, progress, device, workers) -> dict[str, Any]:  # fmt: skip
     from .structure.refill import ACTIVATION_CRITERIA
 
     post_options = dict(post_options or {})
@@ -48,6 +84,10 @@ def prune_job(
     progress = progress or Progress()
     train = train or TrainConfig()
     info = models.info(arch)
+    torch_device = distributed.init_from_env(device)
+    main = distributed.is_main()
+    if not main:
+        progress = Progress(enabled=False)  # one status line per job, rank 0's
     dataset = datasets.load(data, data_dir, image_size=image_size, seed=train.seed)
     if needs_batch:
         size = train.batch_size
@@ -55,9 +95,16 @@ def prune_job(
     progress.line(f"data: {dataset.describe()}")
     torch.manual_seed(train.seed)
     model = models.create(info.name, dataset.num_classes)
-    trainer = Trainer(dataset, train, progress=progress)
+    trainer = Trainer(dataset, train, progress=progress, device=torch_device, workers=workers)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    world = distributed.world_size()
+    if world > 1:
+        progress.line(
+            f"distributed: {world} ranks ({torch.distributed.get_backend()}), batch "
+            f"{train.batch_size} per rank, {train.batch_size * world} per step"
+        )
     example = dataset.test.images[:1]
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
@@ -71,8 +118,10 @@ def prune_job(
         post_options=post_options, example_input=example, arch=info.name,
     ):  # fmt: skip
         r = ticket.meta["round"]
-        ticket.meta.update(data=data, train=train.as_dict())
-        path = ticket.save(out / f"round{r}.safetensors")
+        ticket.meta.update(data=data, train=train.as_dict(), world_size=world)
+        path = out / f"round{r}.safetensors"
+        if main:
+            ticket.save(path)
         row = {
             "round": r,
             "density": ticket.density,
@@ -104,8 +153,11 @@ def prune_job(
         "rounds": rows,
         "seconds": time.perf_counter() - start,
         "out": str(out),
+        "world_size": world,
+        "device": str(torch_device),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
