@@ -323,10 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--arch", required=True, help="built-in architecture (sparse-ops models)")
     p.add_argument(
-        "--data", default="digits", help="digits (default), cifar10, cifar100, synthetic"
-    )
-    p.add_argument("--data-dir", help="directory of the CIFAR binary release")
-    p.add_argument("--image-size", type=int, help="resize digits/synthetic images (default 32)")
+        "--data", default="digits",
+        help="digits (default), cifar10, cifar100, synthetic, imagefolder (DIR/train/<class>/ "
+        "and DIR/val/, as ImageNet and Tiny-ImageNet ship)",
+    )  # fmt: skip
+    p.add_argument("--data-dir", help="directory of the CIFAR binary release / image folders")
+    p.add_argument("--image-size", type=int,
+                   help="resize digits/synthetic images (default 32); imagefolder crop size "
+                   "(default 224)")  # fmt: skip
     p.add_argument("--rounds", type=int, default=4, help="pruning rounds (default 4)")
     p.add_argument("--rate", type=float, default=0.2, help="share of remaining weights pruned")
     p.add_argument("--scope", choices=["global", "layer"], default="global")

@@ -95,6 +95,8 @@ def _prune_job(arch, out, data, data_dir, image_size, rounds, rate, scope, post,
     progress.line(f"data: {dataset.describe()}")
     torch.manual_seed(train.seed)
     model = models.create(info.name, dataset.num_classes)
+    if dataset.normalized:
+        _identity_normalize(model, progress)
     trainer = Trainer(dataset, train, progress=progress, device=torch_device, workers=workers)
     out = Path(out)
     if main:
@@ -159,6 +161,18 @@ def _prune_job(arch, out, data, data_dir, image_size, rounds, rate, scope, post,
     if main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _identity_normalize(model: torch.nn.Module, progress: Progress) -> None:
+    """The data arrive mean/std-normalised (imagefolder): make the model's own
+    ``normalize`` module (CIFAR statistics in Structure-LTH's models) a no-op rather
+    than normalise twice."""
+    norm = getattr(model, "normalize", None)
+    if isinstance(getattr(norm, "mean", None), torch.Tensor):
+        with torch.no_grad():
+            norm.mean.zero_()
+            norm.std.fill_(1.0)
+        progress.line("data normalised with the ImageNet mean/std: model.normalize set to identity")
 
 
 def render_prune(summary: dict[str, Any]) -> str:

@@ -95,7 +95,7 @@ class Trainer:
 
     def _eval_batches(self, part, indices: torch.Tensor, size: int):
         if getattr(part, "lazy", False):  # decoded per sample: worker processes
-            yield from part.loader(indices, size, workers=self.workers)
+            yield from part.loader(indices.split(size), workers=self.workers)
             return
         for start in range(0, len(indices), size):
             idx = indices[start : start + size]
