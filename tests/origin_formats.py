@@ -208,3 +208,26 @@ def structure_lth_resume(path: Path, arch: str, num_classes: int = 10) -> dict:
         "best_sa": best_sa,
         "result": result,
     }
+
+
+def structure_lth_refill_layer(
+    mask: torch.Tensor, count: torch.Tensor, fillback_rate: float = 0.0, generator=None
+) -> torch.Tensor:
+    """One layer of Structure-LTH's ``prune_model_custom_fillback`` (pruning_utils.py).
+
+    ``count`` is the channel score (their default criterion ``remain``: the row's kept
+    weights). ``int_channel = int(d·Cout + (Cout − d·Cout)·rate)``; the threshold is the
+    ``max(Cout − int_channel, 1)``-th smallest score; rows above it become all ones, rows
+    below all zeros, and *one* random row at the threshold all ones; the other rows at
+    the threshold keep their mask as it was.
+    """
+    out = mask.clone().float().reshape(mask.shape[0], -1)
+    cout = out.shape[0]
+    num_channel = (out.sum() / out.shape[1]).item()
+    int_channel = int(num_channel + (cout - num_channel) * fillback_rate)
+    threshold, _ = torch.kthvalue(count, max(cout - int_channel, 1))
+    out[torch.where(count > threshold)[0]] = 1
+    out[torch.where(count < threshold)[0]] = 0
+    tied = torch.where(count == threshold)[0]
+    out[tied[torch.randperm(tied.numel(), generator=generator)[0]]] = 1
+    return out.reshape(mask.shape).bool()
