@@ -30,7 +30,7 @@ def measure(ticket: Ticket, label: str) -> None:
     for criterion in ("remain", "magnitude"):
         ours = refill(ticket, criterion="remain" if criterion == "remain" else "l1")
         g = torch.Generator().manual_seed(0)  # their random pick among tied channels
-        kinds, extra, partial = Counter(), Counter(), 0
+        kinds, extra, partial, ours_extra = Counter(), Counter(), 0, Counter()
         for name, m in ticket.masks.items():
             if criterion == "remain":
                 score = m.flatten(1).sum(1).float()
@@ -41,11 +41,13 @@ def measure(ticket: Ticket, label: str) -> None:
             rows = theirs.flatten(1)
             k = kept_channels(int(m.sum()), m[0].numel(), m.shape[0])
             extra[int(rows.all(1).sum()) - k] += 1
+            ours_extra[int(ours.masks[name].flatten(1).all(1).sum()) - k] += 1
             partial += bool((rows.any(1) & ~rows.all(1)).any())
         mine = Counter(mask_stats(ours.masks[n]).structure for n in ticket.masks)
         print(f"{label} (density {ticket.density:.4f}) {criterion}: {len(ticket.masks)} layers; "
               f"theirs {dict(kinds)}, full channels − K {dict(sorted(extra.items()))}, "
-              f"layers with partial rows {partial}; ours {dict(mine)}")  # fmt: skip
+              f"layers with partial rows {partial}; ours {dict(mine)}, full channels − K "
+              f"{dict(ours_extra)}")  # fmt: skip
 
 
 def main(paths: list[str]) -> None:
