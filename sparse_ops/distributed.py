@@ -175,21 +175,22 @@ def broadcast_module_state(module: torch.nn.Module, *, buffers_only: bool = Fals
                 t.copy_(buf)
 
 
-def masks_digest(masks: dict[str, torch.Tensor]) -> list[float]:
-    """A cheap fingerprint of a mask dict (kept count and a position-weighted sum)."""
+def digest(tensors: dict[str, torch.Tensor]) -> list[float]:
+    """A cheap fingerprint of a tensor dict: per tensor, its sum and a position-weighted
+    sum (equal tensors give equal digests; a moved or changed entry almost surely not)."""
     out = []
-    for name in sorted(masks):
-        flat = masks[name].reshape(-1).double()
+    for name in sorted(tensors):
+        flat = tensors[name].detach().reshape(-1).double().cpu()
         pos = torch.arange(1, flat.numel() + 1, dtype=torch.float64)
         out += [float(flat.sum()), float((flat * pos).sum())]
     return out
 
 
-def check_identical(masks: dict[str, torch.Tensor], what: str = "masks") -> None:
-    """Raise if any rank holds different ``masks`` than rank 0."""
+def check_identical(tensors: dict[str, torch.Tensor], what: str = "masks") -> None:
+    """Raise :class:`DistributedError` if any rank holds other ``tensors`` than rank 0."""
     if not active():
         return
-    mine = torch.tensor(masks_digest(masks), dtype=torch.float64, device=_comm_device())
+    mine = torch.tensor(digest(tensors), dtype=torch.float64, device=_comm_device())
     ref = mine.clone()
     dist.broadcast(ref, 0)
     bad = torch.tensor([float(not torch.equal(mine, ref))], device=_comm_device())

@@ -46,33 +46,31 @@ def prune_job(
     only rank 0 writes files and prints progress. ``device``: auto, cuda or cpu;
     ``workers``: DataLoader processes for datasets decoded per sample (imagefolder).
     """
+    job = dict(arch=arch, out=out, data=data, data_dir=data_dir, image_size=image_size,
+               rounds=rounds, rate=rate, scope=scope, post=post, post_options=post_options,
+               train=train, progress=progress, device=device, workers=workers)  # fmt: skip
     if not distributed.launched():
-        return _prune_job(arch, out, data, data_dir, image_size, rounds, rate, scope, post,
-                          post_options, train, progress, device, workers)  # fmt: skip
+        return _prune_job(**job)
     own_group = not torch.distributed.is_initialized()
     try:
-        return _prune_job(arch, out, data, data_dir, image_size, rounds, rate, scope, post,
-                          post_options, train, progress, device, workers)  # fmt: skip
-    except SparseOpsError as exc:  # say which rank failed (torchrun stops the others)
-        raise type(exc)(
-            f"rank {distributed.rank()} of {os.environ.get('WORLD_SIZE')}: {exc}"
-        ) from None
-    finally:
-        if own_group:
-            _leave_group()
-
-
-def _leave_group() -> None:
-    import sys
-
-    if sys.exc_info()[0] is None:
+        summary = _prune_job(**job)
+    except BaseException as exc:
+        # No final barrier when failing: the other ranks may never reach it. torchrun
+        # stops them once this process exits.
+        if own_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        if isinstance(exc, SparseOpsError):  # say which rank failed (torchrun's numbering)
+            where = f"rank {distributed.rank()} of {os.environ.get('WORLD_SIZE')}"
+            raise type(exc)(f"{where}: {exc}") from None
+        raise
+    if own_group:
         distributed.shutdown()  # barrier: nobody leaves while others still work
-    elif torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()  # failing: no barrier to hang in
+    return summary
 
 
-def _prune_job(arch, out, data, data_dir, image_size, rounds, rate, scope, post,
+def _prune_job(*, arch, out, data, data_dir, image_size, rounds, rate, scope, post,
                post_options, train, progress, device, workers) -> dict[str, Any]:  # fmt: skip
+    """:func:`prune_job`'s work, inside the process group when there is one."""
     from .structure.refill import ACTIVATION_CRITERIA
 
     post_options = dict(post_options or {})
@@ -120,6 +118,10 @@ def _prune_job(arch, out, data, data_dir, image_size, rounds, rate, scope, post,
         post_options=post_options, example_input=example, arch=info.name,
     ):  # fmt: skip
         r = ticket.meta["round"]
+        # Cheap guard (a fingerprint per tensor): DDP keeps the ranks' weights equal, and
+        # masks come from rank 0; anything else is a bug worth stopping for.
+        distributed.check_identical(ticket.masks, f"round {r} masks")
+        distributed.check_identical(ticket.weights, f"round {r} trained weights")
         ticket.meta.update(data=data, train=train.as_dict(), world_size=world)
         path = out / f"round{r}.safetensors"
         if main:

@@ -60,6 +60,17 @@ def run(out: Path, batch_size: int, rounds: int, fail_rank: int | None) -> dict:
         )
     record["world_size"] = distributed.world_size()
     record["rank"] = distributed.rank()
+    # The cross-rank guard: silent on equal tensors, raises on every rank when one differs.
+    last = record["rounds"][-1]["masks"]
+    distributed.check_identical(last, "masks")
+    changed = {k: v.clone() for k, v in last.items()}
+    if distributed.rank() == 1:
+        changed["conv.weight"].view(-1)[0] ^= True
+    try:
+        distributed.check_identical(changed, "test masks")
+        record["guard"] = ""
+    except distributed.DistributedError as exc:
+        record["guard"] = str(exc)
     out.mkdir(parents=True, exist_ok=True)
     torch.save(record, out / f"rank{record['rank']}.pt")
     distributed.shutdown()

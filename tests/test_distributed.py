@@ -61,6 +61,12 @@ def test_ranks_hold_identical_masks_and_weights(ddp_and_single, round_index):
     assert a["accuracy"] == b["accuracy"]
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_with_other_masks_is_caught_on_every_rank(ddp_and_single, rank):
+    record = ddp_and_single[0][rank]
+    assert record["guard"].startswith("test masks differ between ranks (1 of 2 differ from rank 0)")
+
+
 @pytest.mark.parametrize("round_index", [0, 1, 2])
 def test_two_ranks_equal_one_process_at_twice_the_batch(ddp_and_single, round_index):
     (r0, _), single = ddp_and_single
