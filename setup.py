@@ -28,6 +28,7 @@ setup(
         "mtkahypar>=1.4",  # regroup's partitioner
         "scikit-learn>=1.2",  # the embedded digits dataset (no download)
         "matplotlib>=3.5",  # the plots of `sparse-ops bench` and `sparse-ops demo`
+        "Pillow>=9.1",  # decoding --data imagefolder (JPEG/PNG); matplotlib needs it too
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"],

@@ -161,7 +161,13 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         post_options=_structure_options(args, args.post),
         train=_train_config(args),
         progress=Progress(),
+        device=args.device,
+        workers=args.workers,
     )
+    from .distributed import is_main
+
+    if not is_main():  # under torchrun: rank 0 reports for the job
+        return 0
     if args.json:
         _print_json(summary)
     else:
@@ -312,14 +318,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a built-in architecture, then prune RATE of the remaining weights "
         "per round (stem conv and Linear layers excluded), post-process, rewind and retrain. "
         "Writes one ticket per round (round0.safetensors is the dense network) and "
-        "summary.json to --out.",
+        "summary.json to --out. Data-parallel: torchrun --nproc-per-node N -m sparse_ops "
+        "prune ... (--batch-size is per process).",
     )
     p.add_argument("--arch", required=True, help="built-in architecture (sparse-ops models)")
     p.add_argument(
-        "--data", default="digits", help="digits (default), cifar10, cifar100, synthetic"
-    )
-    p.add_argument("--data-dir", help="directory of the CIFAR binary release")
-    p.add_argument("--image-size", type=int, help="resize digits/synthetic images (default 32)")
+        "--data", default="digits",
+        help="digits (default), cifar10, cifar100, synthetic, imagefolder (DIR/train/<class>/ "
+        "and DIR/val/, as ImageNet and Tiny-ImageNet ship)",
+    )  # fmt: skip
+    p.add_argument("--data-dir", help="directory of the CIFAR binary release / image folders")
+    p.add_argument("--image-size", type=int,
+                   help="resize digits/synthetic images (default 32); imagefolder crop size "
+                   "(default 224)")  # fmt: skip
     p.add_argument("--rounds", type=int, default=4, help="pruning rounds (default 4)")
     p.add_argument("--rate", type=float, default=0.2, help="share of remaining weights pruned")
     p.add_argument("--scope", choices=["global", "layer"], default="global")
@@ -330,6 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--rewind-epoch", type=int, default=0, help="rewind point (0: init)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="train on a GPU if there is one (auto, default), or as told; under "
+                   "torchrun each rank takes cuda:LOCAL_RANK (NCCL) or the CPU (gloo)")  # fmt: skip
+    p.add_argument("--workers", type=int, default=0,
+                   help="DataLoader processes decoding images (imagefolder)")  # fmt: skip
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_structure_args(p)

@@ -7,7 +7,8 @@ research code:
   (``<name>_orig`` + float ``<name>_mask``), what ``model.state_dict()`` of a pruned
   model returns;
 * :func:`save_structure_lth` — Structure-LTH's checkpoint dict (``state_dict`` in the
-  prune convention, dense ``init_weight``, ``epoch``, ``best_sa``, ``state``, ``result``);
+  prune convention with a mask on every conv but ``conv1``, dense ``init_weight``,
+  ``epoch``, ``best_sa``, ``state``, ``result``, fresh ``optimizer``/``scheduler``);
 * :func:`save_open_lth_level` — an open_lth level directory (``mask.pth`` with int32
   masks for *every* conv/linear weight, masked ``model_ep*_it*.pth`` files,
   ``sparsity_report.json``).
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import checkpoint_io
-from .errors import TicketMismatchError
+from .errors import TicketMismatchError, listing
 from .importers import is_conv_or_linear_weight
 
 if TYPE_CHECKING:
@@ -44,6 +45,18 @@ def to_prune_state(ticket: Ticket, which: str = "weights") -> dict[str, torch.Te
     return out
 
 
+# Structure-LTH's loaders (prune_model_custom, main_imp*.py --resume) attach a mask to
+# every nn.Conv2d whose module name is not literally "conv1" and then load the state
+# dict strictly; nothing else is ever pruned there.
+STRUCTURE_LTH_UNPRUNED = ("conv1",)
+# Their SGD / MultiStepLR defaults (main_imp.py), used when a ticket records no recipe.
+_SLTH_RECIPE = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "milestones": (80, 120),
+                "gamma": 0.1}  # fmt: skip
+# Names of the convs this exporter gave all-ones masks, so load_ticket can drop them
+# again (their loader ignores keys it does not read).
+UNMASKED_KEY = "sparse_ops_unmasked"
+
+
 def save_structure_lth(
     ticket: Ticket,
     path: str | os.PathLike,
@@ -52,24 +65,103 @@ def save_structure_lth(
     best_sa: float | None = None,
     state: int | None = None,
 ) -> Path:
-    """A checkpoint Structure-LTH's scripts accept as ``--pretrained`` / ``--mask_dir``.
+    """A checkpoint Structure-LTH's scripts accept as ``--pretrained`` / ``--mask_dir``
+    and ``--resume`` (``--checkpoint``).
+
+    ``state_dict`` carries ``weight_orig`` + ``weight_mask`` for *every* ``Conv2d`` but the
+    one named ``conv1`` (all-ones masks where the ticket prunes nothing, e.g. VGG's stem
+    ``features.0``), since their ``prune_model_custom`` expects exactly that set.
+    ``optimizer`` / ``scheduler`` are fresh ``SGD`` / ``MultiStepLR`` state dicts (no
+    momentum buffers) for the model's parameter count, the schedule advanced to ``epoch``,
+    so ``--resume`` loads them; hyperparameters come from the ticket's ``meta["train"]``,
+    else Structure-LTH's defaults.
 
     ``epoch``, ``best_sa`` and ``state`` (the IMP round) default to the ticket's meta
-    (``epoch``/``best_sa``/``state``, or ``round``), else 0.
+    (``epoch``/``best_sa``/``state``, or ``round``), else 0. Their ``--resume`` continues
+    round ``state`` at epoch ``epoch``: pass ``epoch=<their --epochs>`` to go straight to
+    the next pruning step. Raises :class:`TicketMismatchError` for a ticket that prunes
+    ``conv1`` or a Linear layer: their strict ``load_state_dict`` rejects such keys.
     """
     meta = ticket.meta
+    weights = ticket._section("weights")
+    convs = [k for k, v in weights.items() if _is_slth_prunable(k, v)]
+    foreign = [k for k, m in ticket.masks.items() if k not in convs and not bool(m.all())]
+    if foreign:
+        raise TicketMismatchError(
+            f"Structure-LTH prunes only Conv2d layers other than 'conv1'; this ticket also "
+            f"masks {listing(foreign)}, which their loader would reject"
+        )
+    unmasked = [k for k in convs if k not in ticket.masks]
+    masks = {k: ticket.masks.get(k, torch.ones(weights[k].shape, dtype=torch.bool)) for k in convs}
+    full = _with_masks(ticket, masks)
+    epoch = int(epoch if epoch is not None else meta.get("epoch", 0))
+    optimizer, scheduler = _fresh_optimizer_state(ticket, epoch)
     ckpt: dict = {
         "state": state if state is not None else meta.get("state", meta.get("round", 0)),
         "result": {"train": [], "ta": [], "test_ta": []},
-        "epoch": epoch if epoch is not None else meta.get("epoch", 0),
-        "state_dict": to_prune_state(ticket, "weights"),
+        "epoch": epoch,
+        "state_dict": to_prune_state(full, "weights"),
         "best_sa": best_sa if best_sa is not None else meta.get("best_sa", 0.0),
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        UNMASKED_KEY: unmasked,
     }
     if ticket.rewind is not None:
         ckpt["init_weight"] = dict(ticket.rewind)
     path = Path(path)
     _torch_save(ckpt, path)
     return path
+
+
+def _is_slth_prunable(key: str, value: torch.Tensor) -> bool:
+    # A 4-D floating ".weight" is a Conv2d weight (Conv1d/3d are 3-D/5-D, BN 1-D).
+    module = key.removesuffix(".weight")
+    return (
+        key.endswith(".weight") and value.dim() == 4 and value.is_floating_point()
+        and module not in STRUCTURE_LTH_UNPRUNED
+    )  # fmt: skip
+
+
+def _with_masks(ticket: Ticket, masks: dict[str, torch.Tensor]) -> Ticket:
+    out = ticket.copy()
+    out.masks = masks
+    return out
+
+
+def _fresh_optimizer_state(ticket: Ticket, epoch: int) -> tuple[dict, dict]:
+    """State dicts of a new SGD and MultiStepLR over as many parameters as the model has
+    (``optimizer.load_state_dict`` checks only the count per group)."""
+    import warnings
+
+    recipe = dict(_SLTH_RECIPE)
+    train = ticket.meta.get("train") or {}
+    for key in ("lr", "momentum", "weight_decay", "gamma"):
+        if key in train:
+            recipe[key] = train[key]
+    if "milestones" in train and "epochs" in train:  # ours are fractions of the epochs
+        epochs = int(train["epochs"])
+        recipe["milestones"] = sorted({max(1, round(f * epochs)) for f in train["milestones"]})
+    params = [torch.zeros(1, requires_grad=True) for _ in range(_parameter_count(ticket))]
+    optimizer = torch.optim.SGD(params, lr=recipe["lr"], momentum=recipe["momentum"],
+                                weight_decay=recipe["weight_decay"])  # fmt: skip
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, list(recipe["milestones"]), recipe["gamma"]
+    )
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended
+        warnings.simplefilter("ignore")
+        for _ in range(epoch):
+            scheduler.step()
+    return optimizer.state_dict(), scheduler.state_dict()
+
+
+def _parameter_count(ticket: Ticket) -> int:
+    from . import models
+
+    if ticket.arch is not None and models.is_known(ticket.arch):
+        return sum(1 for _ in ticket.create_model(device="meta").parameters())
+    # Without an architecture: every weight/bias entry is a parameter, the rest
+    # (running statistics, normalize.mean/std, counters) are buffers.
+    return sum(1 for k in ticket._section("weights") if k.endswith((".weight", ".bias")))
 
 
 def save_open_lth_level(

@@ -25,6 +25,13 @@ Usage::
 calling ``ctx.capture_rewind()`` during round 0 sets the rewind point (early-epoch
 rewinding). Without that call the rewind point is the state before round 0.
 ``eval_fn(model)`` returns an accuracy or a dict of metrics.
+
+Inside an initialised ``torch.distributed`` process group (``torchrun``), every rank
+calls :func:`run` alike: the model starts from rank 0's state, rank 0 computes each
+round's masks (and post-processing) and broadcasts them, so every rank holds the same
+masks and yields the same tickets. Training data-parallel is ``train_fn``'s part (the
+built-in :class:`sparse_ops.training.Trainer` wraps the model in DDP); see
+:mod:`sparse_ops.distributed`.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from . import distributed
 from .errors import SparseOpsError
 from .tickets import Ticket
 
@@ -331,6 +339,9 @@ def run(
     post_name = post if isinstance(post, str) else ("custom" if post else "none")
     names = prunable(model, exclude, example_input)
     set_masks(model, {n: torch.ones_like(m) for n, m in current_masks(model, names).items()})
+    # Inside a process group every rank starts from rank 0's state, so rewind points
+    # (and everything computed from the weights) agree.
+    distributed.broadcast_module_state(model)
     rewind = {"state": capture_state(model)}
 
     def capture() -> None:
@@ -343,19 +354,14 @@ def run(
         if r > 0:
             trained = capture_state(model)
             masks = current_masks(model, names)
-            effective = {n: trained[n] * masks[n] for n in names}
-            masks = magnitude_masks(effective, masks, rate, scope)
-            imp_density = _density(masks)
-            if post_fn is not None:
-                structured = post_fn(Ticket(masks, trained, arch, rewind=rewind["state"]), model)
-                if not isinstance(structured, Ticket):
-                    raise IMPError(f"post must return a Ticket, got {type(structured).__name__}")
-                masks = _checked_post_masks(structured, masks)
-                structure_meta = {
-                    k: structured.meta[k]
-                    for k in ("method", "groups", "structure_report")
-                    if k in structured.meta
-                }
+            if distributed.is_main():  # rank 0 prunes (and structures) once for everyone
+                masks, imp_density, structure_meta = _prune_round(
+                    model, trained, masks, rewind["state"], rate, scope, post_fn, arch
+                )
+            masks = distributed.broadcast_masks(masks, names, like=masks)
+            imp_density, structure_meta = distributed.broadcast_object(
+                (imp_density, structure_meta)
+            )
             restore_state(model, rewind["state"])
             set_masks(model, masks)
         train_fn(model, RoundContext(r, rounds, capture))
@@ -376,6 +382,26 @@ def run(
         )
         meta.setdefault("method", "imp" if r else "dense")
         yield Ticket(masks, capture_state(model), arch, meta, rewind=copy.copy(rewind["state"]))
+
+
+def _prune_round(model, trained, masks, rewind, rate, scope, post_fn, arch):
+    """One round's new masks: magnitude pruning, then the post-processing step."""
+    names = list(masks)
+    effective = {n: trained[n] * masks[n] for n in names}
+    masks = magnitude_masks(effective, masks, rate, scope)
+    imp_density = _density(masks)
+    structure_meta: dict[str, Any] = {}
+    if post_fn is not None:
+        structured = post_fn(Ticket(masks, trained, arch, rewind=rewind), model)
+        if not isinstance(structured, Ticket):
+            raise IMPError(f"post must return a Ticket, got {type(structured).__name__}")
+        masks = _checked_post_masks(structured, masks)
+        structure_meta = {
+            k: structured.meta[k]
+            for k in ("method", "groups", "structure_report")
+            if k in structured.meta
+        }
+    return masks, imp_density, structure_meta
 
 
 def _density(masks: dict[str, torch.Tensor]) -> float:

@@ -234,6 +234,14 @@ def from_structure_lth(ckpt: Mapping[str, Any], where: str) -> Imported:
     imported.meta["source_format"] = "structure-lth" if structure_lth else "checkpoint-dict"
     imported.meta["weights_kind"] = "trained"
     imported.meta.update(_scalars(ckpt, ("epoch", "best_sa", "state")))
+    # save_structure_lth gives unpruned convs all-ones masks for their loader and lists
+    # them here: they were no masks in the ticket, so they are none again.
+    unmasked = ckpt.get("sparse_ops_unmasked")
+    if isinstance(unmasked, list | tuple):
+        for name in unmasked:
+            mask = imported.masks.get(name) if isinstance(name, str) else None
+            if mask is not None and bool(mask.all()):
+                del imported.masks[name]
     if structure_lth and imported.masks:
         imported.meta.setdefault("method", "imp")
     return imported

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import checkpoint_io, imp, models
+from . import checkpoint_io, distributed, imp, models
 from . import data as datasets
+from .errors import SparseOpsError
 from .progress import Progress
 from .tables import format_table
 from .tickets import Ticket, load_ticket
@@ -31,12 +33,44 @@ def prune_job(
     post_options: dict[str, Any] | None = None,
     train: TrainConfig | None = None,
     progress: Progress | None = None,
+    device: str = "auto",
+    workers: int = 0,
 ) -> dict[str, Any]:
     """IMP on a built-in architecture and dataset; one ticket file per round in ``out``.
 
     Returns (and writes as ``summary.json``) ``{"rounds": [{"round", "density",
     "accuracy", ...}], ...}`` with round 0 the dense network.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) it joins the job's process group and trains
+    data-parallel (:mod:`sparse_ops.distributed`): every rank returns the same summary,
+    only rank 0 writes files and prints progress. ``device``: auto, cuda or cpu;
+    ``workers``: DataLoader processes for datasets decoded per sample (imagefolder).
     """
+    job = dict(arch=arch, out=out, data=data, data_dir=data_dir, image_size=image_size,
+               rounds=rounds, rate=rate, scope=scope, post=post, post_options=post_options,
+               train=train, progress=progress, device=device, workers=workers)  # fmt: skip
+    if not distributed.launched():
+        return _prune_job(**job)
+    own_group = not torch.distributed.is_initialized()
+    try:
+        summary = _prune_job(**job)
+    except BaseException as exc:
+        # No final barrier when failing: the other ranks may never reach it. torchrun
+        # stops them once this process exits.
+        if own_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        if isinstance(exc, SparseOpsError):  # say which rank failed (torchrun's numbering)
+            where = f"rank {distributed.rank()} of {os.environ.get('WORLD_SIZE')}"
+            raise type(exc)(f"{where}: {exc}") from None
+        raise
+    if own_group:
+        distributed.shutdown()  # barrier: nobody leaves while others still work
+    return summary
+
+
+def _prune_job(*, arch, out, data, data_dir, image_size, rounds, rate, scope, post,
+               post_options, train, progress, device, workers) -> dict[str, Any]:  # fmt: skip
+    """:func:`prune_job`'s work, inside the process group when there is one."""
     from .structure.refill import ACTIVATION_CRITERIA
 
     post_options = dict(post_options or {})
@@ -48,6 +82,10 @@ def prune_job(
     progress = progress or Progress()
     train = train or TrainConfig()
     info = models.info(arch)
+    torch_device = distributed.init_from_env(device)
+    main = distributed.is_main()
+    if not main:
+        progress = Progress(enabled=False)  # one status line per job, rank 0's
     dataset = datasets.load(data, data_dir, image_size=image_size, seed=train.seed)
     if needs_batch:
         size = train.batch_size
@@ -55,9 +93,18 @@ def prune_job(
     progress.line(f"data: {dataset.describe()}")
     torch.manual_seed(train.seed)
     model = models.create(info.name, dataset.num_classes)
-    trainer = Trainer(dataset, train, progress=progress)
+    if dataset.normalized:
+        _identity_normalize(model, progress)
+    trainer = Trainer(dataset, train, progress=progress, device=torch_device, workers=workers)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    world = distributed.world_size()
+    if world > 1:
+        progress.line(
+            f"distributed: {world} ranks ({torch.distributed.get_backend()}), batch "
+            f"{train.batch_size} per rank, {train.batch_size * world} per step"
+        )
     example = dataset.test.images[:1]
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
@@ -71,8 +118,14 @@ def prune_job(
         post_options=post_options, example_input=example, arch=info.name,
     ):  # fmt: skip
         r = ticket.meta["round"]
-        ticket.meta.update(data=data, train=train.as_dict())
-        path = ticket.save(out / f"round{r}.safetensors")
+        # Cheap guard (a fingerprint per tensor): DDP keeps the ranks' weights equal, and
+        # masks come from rank 0; anything else is a bug worth stopping for.
+        distributed.check_identical(ticket.masks, f"round {r} masks")
+        distributed.check_identical(ticket.weights, f"round {r} trained weights")
+        ticket.meta.update(data=data, train=train.as_dict(), world_size=world)
+        path = out / f"round{r}.safetensors"
+        if main:
+            ticket.save(path)
         row = {
             "round": r,
             "density": ticket.density,
@@ -104,9 +157,24 @@ def prune_job(
         "rounds": rows,
         "seconds": time.perf_counter() - start,
         "out": str(out),
+        "world_size": world,
+        "device": str(torch_device),
     }
-    checkpoint_io.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if main:
+        checkpoint_io.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _identity_normalize(model: torch.nn.Module, progress: Progress) -> None:
+    """The data arrive mean/std-normalised (imagefolder): make the model's own
+    ``normalize`` module (CIFAR statistics in Structure-LTH's models) a no-op rather
+    than normalise twice."""
+    norm = getattr(model, "normalize", None)
+    if isinstance(getattr(norm, "mean", None), torch.Tensor):
+        with torch.no_grad():
+            norm.mean.zero_()
+            norm.std.fill_(1.0)
+        progress.line("data normalised with the ImageNet mean/std: model.normalize set to identity")
 
 
 def render_prune(summary: dict[str, Any]) -> str:

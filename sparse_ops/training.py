@@ -1,8 +1,18 @@
 """The built-in trainer: SGD with momentum, a step schedule, best-val selection.
 
 Augmentation is a random crop from a zero-padded image (and a horizontal flip where
-that preserves labels), as in the Structure-LTH CIFAR recipe. Training is seeded:
-the same config and seed give the same batches.
+that preserves labels), as in the Structure-LTH CIFAR recipe; image-folder datasets
+decode and augment per sample in DataLoader worker processes (random-resized crop and
+flip, see :mod:`sparse_ops.data`). Training is seeded: the same config and seed give
+the same batches.
+
+Inside a ``torch.distributed`` process group (``torchrun``) :meth:`Trainer.fit` trains
+the model wrapped in ``DistributedDataParallel``. ``batch_size`` is per process: each
+step takes the next ``batch_size × world_size`` samples of the epoch's permutation
+(the same on every rank) and gives each rank one contiguous shard, so the samples and
+their augmentation match one process at the global batch size. Evaluation is sharded
+and summed over ranks; BatchNorm statistics are rank 0's after every epoch (DDP's
+convention), so every rank keeps the same best epoch. See :mod:`sparse_ops.distributed`.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .data import Dataset, Split
 from .errors import SparseOpsError
 from .progress import Progress
@@ -55,11 +66,15 @@ class Trainer:
         *,
         device: torch.device | str = "cpu",
         progress: Progress | None = None,
+        workers: int = 0,
     ):
+        if workers < 0:
+            raise TrainingError(f"workers must be ≥ 0, got {workers}")
         self.data = data
         self.config = config or TrainConfig()
         self.device = torch.device(device)
         self.progress = progress or Progress(enabled=False)
+        self.workers = workers  # DataLoader processes for datasets decoded per sample
 
     # -------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -69,22 +84,43 @@ class Trainer:
         was_training = model.training
         model.eval()
         correct = 0
-        for start in range(0, len(part), 512):
-            x = part.images[start : start + 512].to(self.device)
-            y = part.labels[start : start + 512].to(self.device)
+        # Each rank scores its share; the counts are summed, so all ranks agree.
+        mine = distributed.shard(torch.arange(len(part)))
+        for x, y in self._eval_batches(part, mine, 512):
+            x, y = x.to(self.device), y.to(self.device)
             correct += int((model(x).argmax(dim=1) == y).sum())
         model.train(was_training)
-        return 100.0 * correct / len(part)
+        correct, total = distributed.all_sum([correct, len(mine)])
+        return 100.0 * correct / total
+
+    def _eval_batches(self, part, indices: torch.Tensor, size: int):
+        if getattr(part, "lazy", False):  # decoded per sample: worker processes
+            yield from part.loader(indices.split(size), workers=self.workers)
+            return
+        for start in range(0, len(indices), size):
+            idx = indices[start : start + size]
+            yield part.images[idx], part.labels[idx]
 
     # -------------------------------------------------------------- training
     def _batches(self, epoch: int, round_index: int):
         cfg = self.config
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + round_index * 1009 + epoch)
+        seed = cfg.seed * 1_000_003 + round_index * 1009 + epoch
+        g = torch.Generator().manual_seed(seed)
         train = self.data.train
         order = torch.randperm(len(train), generator=g)
-        for start in range(0, len(train), cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
-            yield self._augment(train.images[idx], g), train.labels[idx]
+        # Equal shards on every rank (DDP's gradient mean is then the global batch mean).
+        order = order[: distributed.usable_length(len(order))]
+        step = cfg.batch_size * distributed.world_size()
+        batches = [order[start : start + step] for start in range(0, len(order), step)]
+        if getattr(train, "lazy", False):
+            shards = [b[distributed.shard(torch.arange(len(b)))] for b in batches]
+            yield from train.loader(shards, augment=True, seed=seed, workers=self.workers)
+            return
+        for idx in batches:
+            # The whole global batch is augmented, drawing from ``g`` exactly as one
+            # process at the global batch size would; each rank then keeps its shard.
+            mine = distributed.shard(torch.arange(len(idx)))
+            yield self._augment(train.images[idx], g)[mine], train.labels[idx][mine]
 
     def _augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         p = self.data.pad
@@ -110,6 +146,12 @@ class Trainer:
         cfg = self.config
         round_index = ctx.round if ctx is not None else 0
         model.to(self.device).train()
+        net = model
+        if distributed.active():
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            net = DistributedDataParallel(model, device_ids=ids)
         optimizer = torch.optim.SGD(
             model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
@@ -124,7 +166,7 @@ class Trainer:
             total, seen = 0.0, 0
             for x, y in self._batches(epoch, round_index):
                 x, y = x.to(self.device), y.to(self.device)
-                loss = F.cross_entropy(model(x), y)
+                loss = F.cross_entropy(net(x), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -135,6 +177,9 @@ class Trainer:
                     f"({time.perf_counter() - start:.0f}s)"
                 )
             schedule.step()
+            total, seen = distributed.all_sum([total, seen])  # every rank sees the same
+            # BN statistics: rank 0's everywhere, so evaluation and best state agree.
+            distributed.broadcast_module_state(model, buffers_only=True)
             if not torch.isfinite(torch.tensor(total)):
                 raise TrainingError(f"{label}: loss diverged at epoch {epoch}; lower the lr")
             if ctx is not None and round_index == 0 and epoch == cfg.rewind_epoch:

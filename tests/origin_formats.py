@@ -157,3 +157,77 @@ def open_lth_level(
         main / "checkpoint.pth",
     )
     return main
+
+
+def structure_lth_resume(path: Path, arch: str, num_classes: int = 10) -> dict:
+    """Read ``path`` the way main_imp*.py's ``--resume`` does; return what it builds.
+
+    Their order: a fresh model, SGD and MultiStepLR; ``checkpoint = torch.load(...)``;
+    ``best_sa``, ``result``, ``epoch``, ``state``; for ``state > 0`` the masks
+    (``extract_mask``: every key containing 'mask') go through ``prune_model_custom``
+    (``CustomFromMask`` on every Conv2d not named ``conv1``, ``mask_dict[name +
+    '.weight_mask']``) and a new optimizer/scheduler is built; then a strict
+    ``load_state_dict`` of ``state_dict``, ``optimizer`` and ``scheduler``, and the
+    rewind point from ``init_weight``, loaded strictly after ``prune.remove``.
+    """
+    model = models.create(arch, num_classes)
+    optimizer = torch.optim.SGD(model.parameters(), 0.1, momentum=0.9, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[91, 136], gamma=0.1)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    best_sa, result = checkpoint["best_sa"], checkpoint["result"]
+    start_epoch = checkpoint["epoch"]
+    start_state = checkpoint.get("state", 1)
+    if start_state > 0:
+        current_mask = {k: v for k, v in checkpoint["state_dict"].items() if "mask" in k}
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Conv2d) and name != "conv1":
+                prune.CustomFromMask.apply(m, "weight", mask=current_mask[name + ".weight_mask"])
+        optimizer = torch.optim.SGD(model.parameters(), 0.1, momentum=0.9, weight_decay=1e-4)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [91, 136], gamma=0.1)
+    model.load_state_dict(checkpoint["state_dict"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    initialization = checkpoint["init_weight"]
+    masks = {
+        name + ".weight": m.weight_mask.clone()
+        for name, m in model.named_modules()
+        if hasattr(m, "weight_mask")
+    }
+    # Their rewind step: remove the re-parametrisation, load init_weight strictly.
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and name != "conv1" and hasattr(m, "weight_mask"):
+            prune.remove(m, "weight")
+    model.load_state_dict(initialization)
+    return {
+        "model": model,
+        "masks": masks,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "epoch": start_epoch,
+        "state": start_state,
+        "best_sa": best_sa,
+        "result": result,
+    }
+
+
+def structure_lth_refill_layer(
+    mask: torch.Tensor, count: torch.Tensor, fillback_rate: float = 0.0, generator=None
+) -> torch.Tensor:
+    """One layer of Structure-LTH's ``prune_model_custom_fillback`` (pruning_utils.py).
+
+    ``count`` is the channel score (their default criterion ``remain``: the row's kept
+    weights). ``int_channel = int(d·Cout + (Cout − d·Cout)·rate)``; the threshold is the
+    ``max(Cout − int_channel, 1)``-th smallest score; rows above it become all ones, rows
+    below all zeros, and *one* random row at the threshold all ones; the other rows at
+    the threshold keep their mask as it was.
+    """
+    out = mask.clone().float().reshape(mask.shape[0], -1)
+    cout = out.shape[0]
+    num_channel = (out.sum() / out.shape[1]).item()
+    int_channel = int(num_channel + (cout - num_channel) * fillback_rate)
+    threshold, _ = torch.kthvalue(count, max(cout - int_channel, 1))
+    out[torch.where(count > threshold)[0]] = 1
+    out[torch.where(count < threshold)[0]] = 0
+    tied = torch.where(count == threshold)[0]
+    out[tied[torch.randperm(tied.numel(), generator=generator)[0]]] = 1
+    return out.reshape(mask.shape).bool()

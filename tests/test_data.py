@@ -58,6 +58,20 @@ def test_cifar100_uses_the_fine_label(tmp_path):
     assert sorted(ds.test.labels.tolist()) == list(range(30))
 
 
+@pytest.mark.parametrize(("name", "files", "label_bytes", "label"),
+                         [("cifar10", ["data_batch_1.bin"], 1, 10),
+                          ("cifar100", ["train.bin", "test.bin"], 2, 100)])  # fmt: skip
+def test_out_of_range_label_names_the_file(tmp_path, name, files, label_bytes, label):
+    if name == "cifar10":
+        _write_cifar10(tmp_path)
+    for file in files:
+        rec = np.zeros((10, label_bytes + 3072), dtype=np.uint8)
+        rec[7, label_bytes - 1] = label  # one past the last class
+        rec.tofile(tmp_path / file)
+    with pytest.raises(data.DatasetError, match=rf"{files[0]}: record 7 has label {label}"):
+        data.load(name, tmp_path)
+
+
 def test_wrong_directory_names_the_expected_files(tmp_path):
     (tmp_path / "data_batch_1").mkdir()  # the pickle release's names, not .bin
     with pytest.raises(data.DatasetError, match=r"missing data_batch_1\.bin.*test_batch\.bin"):

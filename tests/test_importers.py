@@ -10,13 +10,14 @@ import torch
 from origin_formats import (
     PrunedModelLike,
     open_lth_level,
+    structure_lth_resume,
     structure_lth_run,
     structure_lth_targets,
 )
 from torch import nn
 from torch.nn.utils import prune
 
-from sparse_ops import Ticket, TicketFormatError, TicketMismatchError, load_ticket, models
+from sparse_ops import Ticket, TicketFormatError, TicketMismatchError, imp, load_ticket, models
 from sparse_ops.exporters import save_open_lth_level, save_structure_lth, to_prune_state
 
 # ---------------------------------------------------------------- Structure-LTH
@@ -329,6 +330,66 @@ def test_structure_lth_export_round_trip(tmp_path, slth_res20s):
     for module, name in structure_lth_targets(model):
         prune.identity(module, name)
     model.load_state_dict(torch.load(tmp_path / "x.pth.tar", weights_only=True)["state_dict"])
+
+
+def _our_imp_ticket(arch: str, state: int = 2, meta: dict | None = None) -> Ticket:
+    """A ticket the way our IMP leaves it: stem and Linear unmasked, the rest pruned."""
+    torch.manual_seed(3)
+    model = models.create(arch)
+    rewind = imp.capture_state(model)
+    trained = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
+               for k, v in rewind.items()}  # fmt: skip
+    names = imp.prunable(model)
+    masks = imp.magnitude_masks(trained, imp.current_masks(model, names), 0.5)
+    return Ticket(masks, trained, arch, dict(meta or {}, round=state), rewind=rewind)
+
+
+@pytest.mark.parametrize(("arch", "stem"), [("res20s", "conv1"), ("vgg16_bn", "features.0")])
+def test_structure_lth_export_resumes_in_their_loader(tmp_path, arch, stem):
+    ticket = _our_imp_ticket(arch)
+    assert f"{stem}.weight" not in ticket.masks  # our IMP excludes the stem
+    path = save_structure_lth(ticket, tmp_path / "2checkpoint.pth.tar", epoch=7)
+    got = structure_lth_resume(path, arch)  # KeyError / load_state_dict error if incomplete
+    assert got["state"] == 2 and got["epoch"] == 7
+    expected = {n for n, m in models.create(arch).named_modules()
+                if isinstance(m, nn.Conv2d) and n != "conv1"}  # fmt: skip
+    assert set(got["masks"]) == {f"{n}.weight" for n in expected}
+    for name, mask in got["masks"].items():
+        want = ticket.masks.get(name, torch.ones(mask.shape, dtype=torch.bool))
+        assert torch.equal(mask.bool(), want), name
+    # the schedule sits at the checkpoint's epoch, with the default recipe's lr
+    assert got["scheduler"].last_epoch == 7
+    assert got["optimizer"].param_groups[0]["lr"] == pytest.approx(0.1)
+    assert got["optimizer"].state_dict()["state"] == {}
+    # rewound to init_weight
+    for key, value in got["model"].state_dict().items():
+        torch.testing.assert_close(value, ticket.rewind[key], rtol=0, atol=0)
+    # and back here: the all-ones masks added for their loader are not ticket masks
+    back = load_ticket(path, arch=arch)
+    assert back.masks.keys() == ticket.masks.keys()
+    assert all(torch.equal(back.masks[k], ticket.masks[k]) for k in ticket.masks)
+    assert back.density == pytest.approx(ticket.density)
+
+
+@pytest.mark.parametrize(("epoch", "lr"), [(0, 0.05), (5, 0.005), (9, 0.0005)])
+def test_structure_lth_export_takes_our_recipe(tmp_path, epoch, lr):
+    train = {"lr": 0.05, "momentum": 0.8, "weight_decay": 5e-4, "epochs": 10,
+             "milestones": [0.5, 0.75], "gamma": 0.1}  # fmt: skip
+    ticket = _our_imp_ticket("res20s", meta={"train": train})
+    path = save_structure_lth(ticket, tmp_path / "c.pth.tar", epoch=epoch)
+    group = structure_lth_resume(path, "res20s")["optimizer"].param_groups[0]
+    assert group["lr"] == pytest.approx(lr)
+    assert (group["momentum"], group["weight_decay"]) == (0.8, 5e-4)
+
+
+@pytest.mark.parametrize("layer", ["conv1.weight", "fc.weight"])
+def test_structure_lth_export_refuses_masks_their_loader_drops(tmp_path, layer):
+    ticket = _our_imp_ticket("res20s")
+    mask = torch.ones_like(ticket.weights[layer], dtype=torch.bool)
+    mask.view(-1)[0] = False
+    ticket.masks[layer] = mask
+    with pytest.raises(TicketMismatchError, match=f"masks '{layer}'"):
+        save_structure_lth(ticket, tmp_path / "x.pth.tar")
 
 
 def test_open_lth_export_matches_open_lth_layout(tmp_path, open_lth_run):

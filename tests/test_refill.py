@@ -195,3 +195,51 @@ def test_refill_drops_stale_group_layouts():
     ticket.meta["groups"] = {"conv.weight": [{"rows": [0], "cols": [0]}], "other": []}
     out = refill(ticket, criterion="remain")
     assert "conv.weight" not in out.meta["groups"] and "other" in out.meta["groups"]
+
+
+# ------------------------------------------- differences from the original (docs/STRUCTURE.md)
+
+
+def _rows_with_counts(counts: list[int], width: int = 9) -> torch.Tensor:
+    """A [Cout, 1, 3, 3] mask whose row ``o`` keeps its first ``counts[o]`` weights."""
+    mask = torch.zeros(len(counts), width, dtype=torch.bool)
+    for o, c in enumerate(counts):
+        mask[o, :c] = True
+    return mask.reshape(len(counts), 1, 3, 3)
+
+
+@pytest.mark.parametrize("counts", [[9, 8, 7, 6, 5, 4, 3, 2], [1, 3, 5, 7, 9, 2, 4, 6],
+                                    [9, 9, 8, 0, 0, 1, 2, 3]])  # fmt: skip
+def test_original_keeps_one_channel_more_without_ties(counts):
+    from origin_formats import structure_lth_refill_layer
+
+    mask = _rows_with_counts(counts)
+    score = mask.flatten(1).sum(1).float()
+    k = kept_channels(int(mask.sum()), 9, len(counts))
+    theirs = structure_lth_refill_layer(mask, score, generator=torch.Generator().manual_seed(0))
+    ours, _ = refill_mask(mask, score.double())
+    threshold = score.sort().values[len(counts) - k - 1]
+    assert (score == threshold).sum() == 1  # no tie at their threshold
+    assert int(theirs.flatten(1).all(1).sum()) == k + 1
+    assert int(ours.flatten(1).all(1).sum()) == k
+    assert mask_stats(theirs).structure == mask_stats(ours).structure == "channel"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_original_leaves_tied_rows_partially_pruned(seed):
+    from origin_formats import structure_lth_refill_layer
+
+    counts = [9, 9, 9, 9, 5, 5, 5, 5, 5, 5, 5, 5, 1, 1, 1, 1]  # d·Cout = 80 / 9: K = 8
+    mask = _rows_with_counts(counts)
+    score = mask.flatten(1).sum(1).float()
+    g = torch.Generator().manual_seed(seed)
+    theirs = structure_lth_refill_layer(mask, score, generator=g).flatten(1)
+    ours, _ = refill_mask(mask, score.double())
+    # threshold = the 8th smallest count = 5: four 9s kept, 1s cleared, one random 5
+    # filled, and the seven other 5s keep their partial rows
+    partial = theirs.any(1) & ~theirs.all(1)
+    assert int(theirs.all(1).sum()) == 5 and int(partial.sum()) == 7
+    assert torch.equal(theirs[partial], mask.flatten(1)[partial])
+    rows = ours.flatten(1)
+    assert not (rows.any(1) & ~rows.all(1)).any() and int(rows.all(1).sum()) == 8
+    assert mask_stats(theirs.reshape(mask.shape)).structure != "channel"
