@@ -458,6 +458,11 @@ def markdown(rows: list[dict], env: dict) -> str:
     lines = [
         f"# Static kernel report (Triton {env['triton']}, commit {env['commit']})",
         "",
+    ]
+    if "commit_group_rows" in env:  # a report whose kernels were compiled in two runs
+        lines += [f"Channel kernel rows compiled at {env['commit_channel_rows']}, group kernel "
+                  f"rows at {env['commit_group_rows']}.", ""]  # fmt: skip
+    lines += [
         "Compiled ahead of time on a CPU, with the specialisation a real launch gets. "
         "`loop` = SASS instructions per iteration of the innermost MMA loop, per warp; "
         "`async` = asynchronous copies in that loop (cp.async / TMA) and their widths in "

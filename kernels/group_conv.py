@@ -178,7 +178,9 @@ def group_conv_kernel(
 # config sets, by how the gathered operand loads (bench.kernel_static compiles every
 # config for sm_90a and sm_80; the test suite requires zero spills among those offered):
 # - "tensor": scalar gathers (any columns). A thread keeps an offset and tap bits for
-#   each of its pixels, so tiles above 64×32 per 4 warps run out of registers;
+#   each of its pixels, so tiles of 32 pixels × 32 columns per warp (128×32 on 4 warps,
+#   256×32 on 8) spill on sm_90a and cost 332–341 instructions per iteration where
+#   64×32 costs 159 (Triton 3.6): they are not offered;
 # - "tensor-run": column runs (COL_RUN = 8), 16-byte cp.async for both operands and a
 #   few addresses per thread, so larger tiles fit;
 # - "fma": exact fp32 (allow_tf32=False), tl.dot on CUDA cores, fragments in registers.
@@ -188,10 +190,9 @@ def _config(bm, bk, warps, stages):
 
 CONFIG_SETS = {
     "tensor": [
-        _config(64, 32, 4, 4), _config(128, 32, 4, 3), _config(256, 32, 8, 3),
-        _config(128, 16, 4, 4), _config(64, 16, 2, 4), _config(32, 32, 4, 3),
-        _config(32, 16, 2, 3), _config(64, 64, 4, 3), _config(64, 64, 4, 2),
-        _config(32, 64, 4, 2),
+        _config(64, 32, 4, 4), _config(128, 16, 4, 4), _config(64, 16, 2, 4),
+        _config(32, 32, 4, 3), _config(32, 16, 2, 3), _config(64, 64, 4, 3),
+        _config(64, 64, 4, 2), _config(32, 64, 4, 2),
     ],
     "tensor-run": [
         _config(128, 32, 4, 3), _config(128, 32, 4, 4), _config(256, 32, 8, 3),
@@ -205,13 +206,21 @@ CONFIGS = list({config_id(c): c for s in CONFIG_SETS.values() for c in s}.values
 # Configs ptxas spills on, by Triton (major, minor) and "class" or "class/dtype"; see
 # kernels.channel_conv.SPILLS. Measured with bench.kernel_static --all-configs.
 SPILLS: dict[tuple[int, int], dict[str, set[str]]] = {
+    (3, 6): {
+        'fma/float32': {'64xpackx16 w4 s2'},
+        'tensor-run/bfloat16': {'256xpackx32 w8 s3'},
+        'tensor-run/float16': {'256xpackx32 w8 s3'},
+    },
+    (3, 9): {
+        'fma/float32': {'32xpackx16 w4 s2', '64xpackx16 w4 s2'},
+    },
 }  # fmt: skip
 # SPARSE_OPS_TUNING=quick: the configs the static report ranks best on Triton 3.6 (fp16,
 # sm_90a), and a BLOCK_K = 16 one for the converter's leftover packs (k_pad 16).
 QUICK = {
     "tensor": ["64xpackx32 w4 s4", "128xpackx16 w4 s4", "32xpackx32 w4 s3"],
     "tensor-run": ["128xpackx32 w4 s3", "64xpackx32 w4 s4", "128xpackx16 w4 s4"],
-    "fma": ["64xpackx16 w4 s2", "32xpackx32 w4 s2"],
+    "fma": ["32xpackx32 w4 s2", "64xpackx16 w2 s2"],
 }
 # K_PAD and BLOCK_N are in the key because candidate_configs depends on them (a config
 # tuned for one pack's column padding must never be reused for another's), and so is

@@ -102,7 +102,10 @@ _REGROUP_ARGS = [
     ("--b2", "b2", int, "blocks with fewer columns are dropped (default 1)"),
     ("--partition-model", "model", str, "graph (default) or hypergraph"),
     ("--regroup-seed", "seed", int, "partitioner seed (default 0)"),
-]
+    ("--col-run", "col_run", _parts, "columns in runs of 8 channels of one tap (16-byte "
+     "loads in the group kernel): 1 (default), 8, or auto (runs where they keep ≥ 95%% of "
+     "the nonzeros single columns keep)"),
+]  # fmt: skip
 
 
 def _add_structure_args(parser: argparse.ArgumentParser) -> None:

@@ -23,6 +23,9 @@ conv in every output channel (:mod:`sparse_ops.reference`).
 ``row_idx``    int32, each group's rows padded with −1 to a multiple of ``block_n``
 ``row_ptr``    int32 ``[G+1]``: group ``g``'s rows are ``row_idx[row_ptr[g]:row_ptr[g+1]]``
 ``col_idx``    int32, each group's columns padded with −1 to a multiple of ``k_pad``
+``col_code``   int32 per ``col_idx`` entry, the column decoded on the host for the
+               kernel: ``c | kx << 16 | ky << 24``; a padding column at position
+               ``i`` reads channel ``i mod min(8, Cin)`` of tap (0, 0) (zero weight)
 ``col_ptr``    int32 ``[G+1]``
 ``values``     flat; group ``g``'s dense tile ``[rows_pad_g, cols_pad_g]`` (row-major)
                starts at ``val_ptr[g]``; padded entries are zero weights
@@ -36,7 +39,12 @@ conv in every output channel (:mod:`sparse_ops.reference`).
 One launch covers every group: tiles are ``(group, block_n rows)``, the groups with
 the most columns first (longest K loops start first), then the epilogue-only tiles.
 
-Both formats carry ``format_version``, because converted modules are saved and loaded.
+``col_run`` is 8 when every group's columns are runs of 8 consecutive channels of one
+tap starting at multiples of 8 (the kernel then reads them as 16-byte vectors), else 1.
+
+Both formats carry ``format_version``, because converted modules are saved and loaded:
+ChannelPlan 1, GroupPack 2 (``col_code`` and ``col_run`` added). A version-1 GroupPack
+is migrated when loaded: its codes follow from ``col_idx``, its runs from the codes.
 """
 
 from __future__ import annotations

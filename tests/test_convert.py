@@ -456,3 +456,33 @@ def test_report_names_a_pruned_linear_layers_structure():
     x = torch.randn(2, 3, 4, 4)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), masked_model(net, Ticket({"1.weight": mask}))(x))
+
+
+def test_group_units_written_before_column_codes_still_load(tmp_path):
+    """A file from before GroupPack format 2 (no col_code tensors, no col_run): the codes
+    are derived from col_idx on load and the module computes the same bits."""
+    from safetensors.torch import save_file
+
+    from sparse_ops.checkpoint_io import read_safetensors
+
+    model = _trained_like("res20s")
+    fast = convert(model, _ticket(model, "res20s", "regroup"), mode="group",
+                   regroup=FAST_REGROUP)  # fmt: skip
+    path = save_converted(fast, tmp_path / "new.safetensors")
+    tensors, metadata = read_safetensors(path)
+    modules = json.loads(metadata["modules"])
+    old = {k: v for k, v in tensors.items() if not k.endswith("_col_code")}
+    assert len(old) < len(tensors)
+    for entry in modules.values():
+        config = entry["config"]
+        if entry["type"] == "GroupSparseConv2d":
+            config.pop("col_run", None)
+            if config.get("leftover"):
+                config["leftover"] = config["leftover"][:2]
+            config["tensors"] = [t for t in config["tensors"] if not t.endswith("_col_code")]
+    save_file(old, str(tmp_path / "old.safetensors"),
+              metadata={**metadata, "modules": json.dumps(modules)})  # fmt: skip
+    back = load_converted(tmp_path / "old.safetensors")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(fast(x), back(x))
