@@ -51,8 +51,6 @@ once a tensor spans 2^30 elements; fp16, bf16 or fp32 (tf32 when allowed) inputs
 
 from __future__ import annotations
 
-import re
-
 import torch
 import triton
 import triton.language as tl
@@ -273,8 +271,8 @@ def gather_transposed(version: str | None = None) -> bool:
     one pixel's columns: a thread then decodes one column code and keeps its pixels'
     offsets, which halves the loop (309 → 159 SASS instructions per iteration, 3.6,
     sm_90a, 64×32 tile)."""
-    parsed = re.match(r"(\d+)\.(\d+)", version or triton.__version__)
-    return parsed is not None and (int(parsed[1]), int(parsed[2])) < (3, 9)
+    minor = launch.triton_version(version)
+    return minor is not None and minor < (3, 9)
 
 
 def group_conv_launch(

@@ -144,17 +144,23 @@ def config_id(config) -> str:
     return name + (" flat" if kw.get("FLAT") else "")
 
 
-def known_spills(table: dict, kind: str, dtype: torch.dtype, version: str | None = None):
-    """Config ids that spill for launch class ``kind`` with ``dtype`` operands on Triton
-    ``version`` (default: the installed one; every version's, if it was never measured).
-    ``table`` maps (major, minor) to {"class" or "class/dtype": config ids}."""
+def triton_version(version: str | None = None) -> tuple[int, int] | None:
+    """(major, minor) of ``version`` (default: the installed Triton's); None if it does not
+    parse. Accepts "3.6.0", "3.6.0+git…", "3.6rc1"."""
     if version is None:
         import triton
 
         version = triton.__version__
+    parsed = re.match(r"(\d+)\.(\d+)", version)
+    return (int(parsed[1]), int(parsed[2])) if parsed else None
+
+
+def known_spills(table: dict, kind: str, dtype: torch.dtype, version: str | None = None):
+    """Config ids that spill for launch class ``kind`` with ``dtype`` operands on Triton
+    ``version`` (default: the installed one; every version's, if it was never measured).
+    ``table`` maps (major, minor) to {"class" or "class/dtype": config ids}."""
     keys = (kind, f"{kind}/{str(dtype).removeprefix('torch.')}")
-    parsed = re.match(r"(\d+)\.(\d+)", version)  # "3.6.0", "3.6.0+git…", "3.6rc1"
-    minor = (int(parsed[1]), int(parsed[2])) if parsed else None
+    minor = triton_version(version)
     entries = [table[minor]] if minor in table else list(table.values())
     return {c for entry in entries for key in keys for c in entry.get(key, ())}
 
