@@ -195,7 +195,6 @@ CONFIG_SETS = {
     "tensor-run": [
         _config(128, 32, 4, 3), _config(128, 32, 4, 4), _config(256, 32, 8, 3),
         _config(64, 32, 4, 4), _config(128, 16, 4, 4), _config(64, 16, 2, 4),
-        _config(128, 64, 4, 3), _config(256, 64, 8, 3), _config(64, 64, 4, 3),
     ],
     "fma": [_config(32, 32, 4, 2), _config(64, 16, 4, 2), _config(32, 16, 4, 2),
             _config(64, 16, 2, 2)],
