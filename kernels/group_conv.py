@@ -24,8 +24,9 @@ offset ``ky·dh·sxh + kx·dw·sxw + c`` and its tap bits ``1 << ky | 1 << (16 +
 follow in a few integer operations per column. Each pixel's in-image taps are one
 32-bit word computed before the loop (bit ky: row in image, bit 16 + kx: column in
 image, 0 for pixels past M), so a gathered element's bounds test is one AND and one
-compare instead of four comparisons. Padding columns carry a real in-image code and a
-zero weight. A group's values are a dense, zero-padded ``[rows_pad, cols_pad]`` tile
+compare instead of four comparisons. Padding columns name a tap no pixel has, so
+they are masked like an out-of-image tap (an Inf in the input never meets their zero
+weight). A group's values are a dense, zero-padded ``[rows_pad, cols_pad]`` tile
 whose rows start at multiples of ``K_PAD``: the value operand loads without a mask in
 16-byte vectors (``cp.async`` once pipelined).
 

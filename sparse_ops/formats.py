@@ -25,7 +25,7 @@ conv in every output channel (:mod:`sparse_ops.reference`).
 ``col_idx``    int32, each group's columns padded with −1 to a multiple of ``k_pad``
 ``col_code``   int32 per ``col_idx`` entry, the column decoded on the host for the
                kernel: ``c | kx << 16 | ky << 24``; a padding column at position
-               ``i`` reads channel ``i mod min(8, Cin)`` of tap (0, 0) (zero weight)
+               ``i`` names channel ``i mod min(8, Cin)`` of a tap no pixel has
 ``col_ptr``    int32 ``[G+1]``
 ``values``     flat; group ``g``'s dense tile ``[rows_pad_g, cols_pad_g]`` (row-major)
                starts at ``val_ptr[g]``; padded entries are zero weights
@@ -326,7 +326,7 @@ class GroupPack(_Packed):
 
     def __post_init__(self, validate: bool) -> None:
         if self.col_code is None:  # a version-1 pack: derive what version 2 stores
-            self.col_code = column_codes(self.col_idx, self.in_channels, self.kernel_size[1])
+            self.col_code = column_codes(self.col_idx, self.in_channels, self.kernel_size)
             self.format_version = GROUP_FORMAT_VERSION
         if self.col_run is None:  # not recorded (version 1): runs if the columns are
             on_cpu = self.col_code.device.type == "cpu"
@@ -339,15 +339,30 @@ class GroupPack(_Packed):
     def check_indices(self) -> None:
         """Pointers, indices and tile sizes consistent with each other and in range: what
         the kernel trusts. CPU tensors only (see :meth:`ChannelPlan.check_indices`)."""
-        index = (self.val_ptr, self.row_idx, self.row_ptr, self.col_idx, self.col_ptr,
-                 self.tile_group, self.tile_row, self.fill_idx)  # fmt: skip
+        index = (self.val_ptr, self.row_idx, self.row_ptr, self.col_idx, self.col_code,
+                 self.col_ptr, self.tile_group, self.tile_row, self.fill_idx)  # fmt: skip
         if any(t.device.type != "cpu" for t in index):
             return
+        if self.block_n < 1 or self.k_pad < 1:
+            raise FormatError(
+                f"GroupPack: block_n={self.block_n} and k_pad={self.k_pad} must be ≥ 1"
+            )
+        if self.in_channels >= _CODE_CHANNELS or max(self.kernel_size) >= _CODE_TAPS:
+            raise FormatError(
+                f"GroupPack: {self.in_channels} input channels or kernel {self.kernel_size} "
+                f"exceed what a column code holds ({_CODE_CHANNELS - 1} channels, "
+                f"{_CODE_TAPS - 1} taps per axis)"
+            )
         groups = int(self.row_ptr.numel()) - 1
         ptrs = {"row_ptr": self.row_ptr, "col_ptr": self.col_ptr, "val_ptr": self.val_ptr}
         for name, ptr in ptrs.items():
-            if int(ptr.numel()) != groups + 1 or bool((ptr[1:] < ptr[:-1]).any()):
-                raise FormatError(f"GroupPack {name}: must be {groups + 1} non-decreasing offsets")
+            # Starting at 0 (with every step a whole block) keeps each group's offsets the
+            # multiples of k_pad the kernel tells the compiler they are.
+            if (int(ptr.numel()) != groups + 1 or int(ptr[0]) != 0
+                    or bool((ptr[1:] < ptr[:-1]).any())):  # fmt: skip
+                raise FormatError(
+                    f"GroupPack {name}: must be {groups + 1} non-decreasing offsets from 0"
+                )
         rows = (self.row_ptr[1:] - self.row_ptr[:-1]).long()
         cols = (self.col_ptr[1:] - self.col_ptr[:-1]).long()
         tiles = self.val_ptr[1:] - self.val_ptr[:-1]
@@ -384,24 +399,37 @@ class GroupPack(_Packed):
         _check_range(self.tile_group, -1, max(groups, 0), "GroupPack tile_group")
         if self.tile_row.numel() != self.tile_group.numel():
             raise FormatError("GroupPack: tile_group and tile_row differ in length")
-        in_group = self.tile_group >= 0
-        if bool(in_group.any()):
-            g = self.tile_group[in_group].long()
-            start = self.tile_row[in_group].long()
-            if bool(((start < self.row_ptr[g]) | (start + self.block_n > self.row_ptr[g + 1]))
-                    .any()):  # fmt: skip
-                raise FormatError("GroupPack tile_row: a tile reaches outside its group's rows")
+        self._check_schedule(rows)
+
+    def _check_schedule(self, rows: torch.Tensor) -> None:
+        """The tiles are exactly each group's row blocks and the fill blocks, once each:
+        a missing tile leaves output channels unwritten, a stray one reads past the
+        index arrays (the kernel masks padding, not a tile that starts elsewhere)."""
+        blocks = (rows // self.block_n).numpy()
+        group_of = np.repeat(np.arange(blocks.size), blocks)
+        first = self.row_ptr[:-1].long().numpy()[group_of] + _ranks(blocks) * self.block_n
+        fill = np.arange(0, int(self.fill_idx.numel()), self.block_n)
+        expected = np.concatenate([group_of, np.full(fill.size, -1)]), np.concatenate([first, fill])
+        actual = self.tile_group.long().numpy(), self.tile_row.long().numpy()
+        if actual[0].size != expected[0].size or not all(
+            np.array_equal(a, e)
+            for a, e in zip(_sorted_pairs(*actual), _sorted_pairs(*expected), strict=True)
+        ):
+            raise FormatError(
+                f"GroupPack tile_group/tile_row: the schedule must hold each group's "
+                f"{self.block_n}-row blocks and the fill blocks exactly once"
+            )
 
     def _check_codes(self) -> None:
         """``col_code`` is what ``col_idx`` decodes to, and a ``col_run`` pack's columns
         really are runs: the kernel addresses memory by the codes and, with runs, reads
         16-byte vectors on that promise."""
-        expected = column_codes(self.col_idx, self.in_channels, self.kernel_size[1])
+        expected = column_codes(self.col_idx, self.in_channels, self.kernel_size)
         code = self.col_code
         if code.dtype != torch.int32 or not torch.equal(code, expected):
             raise FormatError(
                 "GroupPack col_code: must be the int32 decoding of col_idx "
-                "(c | kx << 16 | ky << 24, padding columns c = i mod min(8, Cin))"
+                "(c | kx << 16 | ky << 24; see formats.column_codes for padding columns)"
             )
         if self.col_run not in (1, COL_RUN):
             raise FormatError(f"GroupPack col_run must be 1 or {COL_RUN}, got {self.col_run}")
@@ -520,7 +548,7 @@ class GroupPack(_Packed):
                 f"{name}: {cin} input channels or a {kh}×{kw} kernel exceed what a column "
                 f"code holds ({_CODE_CHANNELS - 1} channels, {_CODE_TAPS - 1} taps per axis)"
             )
-        col_code = column_codes(_index(col_idx), cin, kw)
+        col_code = column_codes(_index(col_idx), cin, (kh, kw))
         runs = has_column_runs(col_code, cin)
         if col_run is None:
             col_run = COL_RUN if runs else 1
@@ -597,16 +625,26 @@ class GroupPack(_Packed):
         )
 
 
-def column_codes(col_idx: torch.Tensor, in_channels: int, kernel_w: int) -> torch.Tensor:
+def column_codes(
+    col_idx: torch.Tensor, in_channels: int, kernel_size: tuple[int, int]
+) -> torch.Tensor:
     """The kernel's decoded columns: ``c | kx << 16 | ky << 24`` for each GEMM column
     ``j = (ky·kw + kx)·Cin + c`` of ``col_idx``. A padding column (−1) at position ``i``
-    gets channel ``i mod min(8, Cin)`` of tap (0, 0): a real, in-image address (its
-    weight is zero), and in a col_run pack a run like the others."""
+    gets channel ``i mod min(8, Cin)`` of a tap no pixel has (``kx = 15`` for kernels
+    narrower than 16; the tap bit test then masks it, so an Inf in the input never meets
+    its zero weight), and in a col_run pack it is a run like the others."""
+    kernel_h, kernel_w = kernel_size
     j = col_idx.long()
     tap, c = j // in_channels, j % in_channels
     code = c | (tap % kernel_w) << 16 | (tap // kernel_w) << 24
     position = torch.arange(j.numel(), device=j.device)
-    code = torch.where(j >= 0, code, position % min(COL_RUN, in_channels))
+    if kernel_w < 16:
+        nowhere = 15 << 16
+    elif kernel_h < 16:
+        nowhere = 15 << 24
+    else:  # a 16×16 kernel has every tap: tap (0, 0), masked by its zero weight only
+        nowhere = 0
+    code = torch.where(j >= 0, code, position % min(COL_RUN, in_channels) | nowhere)
     return code.to(torch.int32)
 
 
@@ -618,6 +656,11 @@ def has_column_runs(col_code: torch.Tensor, in_channels: int) -> bool:
     runs = col_code.long().view(-1, COL_RUN)
     step = torch.arange(COL_RUN, device=runs.device)
     return bool(((runs - runs[:, :1] == step).all() & (runs[:, 0] % COL_RUN == 0).all()).item())
+
+
+def _sorted_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = np.lexsort((b, a))
+    return a[order], b[order]
 
 
 def _ranks(counts: np.ndarray) -> np.ndarray:

@@ -206,7 +206,7 @@ def test_hand_built_plans_and_packs_are_checked_where_they_are_made():
         GroupPack(**{**parts, "col_idx": col_idx})
     tile_row = parts["tile_row"].clone()
     tile_row[0] += 1
-    with pytest.raises(FormatError, match="a tile reaches outside its group's rows"):
+    with pytest.raises(FormatError, match="blocks and the fill blocks exactly once"):
         GroupPack(**{**parts, "tile_row": tile_row})
 
 
@@ -230,9 +230,9 @@ def test_column_codes_decode_col_idx(g, cin):
     torch.testing.assert_close(code[real] & 0xFFFF, idx[real] % cin)
     torch.testing.assert_close((code[real] >> 16) & 0xFF, tap % 3)
     torch.testing.assert_close(code[real] >> 24, tap // 3)
-    # Padding columns read a real channel of tap (0, 0) (their weight is zero).
+    # Padding columns name a real channel of a tap no pixel has (kx = 15): masked.
     padding = code[~real]
-    assert bool(((padding >= 0) & (padding < min(8, cin))).all())
+    assert bool(((padding & 0xFFFF) < min(8, cin)).all() and ((padding >> 16) == 15).all())
 
 
 def test_column_runs_detected_and_checked(g):
@@ -301,3 +301,52 @@ def test_tampered_column_tables_refused(g):
     rows[int(torch.nonzero(rows >= 0)[0])] = -1
     with pytest.raises(FormatError, match="exactly once"):
         GroupPack.from_state(dict(tensors, row_idx=rows), meta)
+
+
+def test_crafted_schedules_and_pointers_refused(g):
+    """Packs that would make the kernel read before an index array, skip output channels
+    or claim offsets that are not block multiples (found by an adversarial review)."""
+    import dataclasses
+
+    weight = conv_weight(40, 16, 3, g)
+    layout, mask = group_layout(40, 16, 3, "mixed", g)
+    pack = GroupPack.from_weight(weight, mask, layout, block_n=16, k_pad=16)
+    assert pack.fill_idx.numel() and pack.num_groups
+
+    def refused(match, **changes):
+        with pytest.raises(FormatError, match=match):
+            dataclasses.replace(pack, **changes)
+
+    fill_tile = pack.tile_group < 0
+    refused(
+        "exactly once", tile_group=pack.tile_group[~fill_tile], tile_row=pack.tile_row[~fill_tile]
+    )
+    refused("exactly once", tile_group=pack.tile_group[:0], tile_row=pack.tile_row[:0])
+    far = pack.tile_row.clone()
+    far[fill_tile.nonzero()[0]] = -64
+    refused("exactly once", tile_row=far)
+    twice_group, twice_row = pack.tile_group.clone(), pack.tile_row.clone()
+    twice_group[-1], twice_row[-1] = twice_group[0], twice_row[0]
+    refused("exactly once", tile_group=twice_group, tile_row=twice_row)
+    for name in ("row_ptr", "col_ptr"):
+        refused("offsets from 0", **{name: getattr(pack, name) - 16})
+    refused("offsets from 0", val_ptr=pack.val_ptr + 4,
+            values=torch.cat([torch.zeros(4), pack.values]))  # fmt: skip
+    refused("must be ≥ 1", k_pad=0)
+    refused("exceed what a column code holds", in_channels=70000)
+
+
+def test_padding_columns_never_read_the_input(g):
+    """A padding column's code has a tap bit no pixel has, so an Inf in the channels it
+    names does not reach a group that never uses them (0 × Inf would be NaN)."""
+    from kernels import group_conv, launch
+
+    weight = conv_weight(16, 16, 3, g)
+    layout = [{"rows": list(range(16)), "cols": [tap * 16 + c for tap in range(9)
+                                                 for c in range(8, 12)]}]  # fmt: skip
+    pack = GroupPack.from_weight(weight, None, layout, padding=1, k_pad=16)
+    assert bool((pack.col_idx < 0).any())
+    x = torch.randn(1, 16, 5, 5, generator=g)
+    x[0, :8] = float("inf")  # channels no column of the group reads
+    y = launch.run(group_conv.group_conv_launch(x, pack), None, group_conv.INTERPRETED)
+    assert bool(torch.isfinite(y).all())

@@ -220,10 +220,10 @@ def regroup_mask(
             dropped_parts.append(f"{part_rows.size} rows < min_rows={min_rows}")
             continue
         cols, run = _choose_columns(view[part_rows], config, runs_fit)
-        runs.append(run)
         if cols.size < config.b2:
             dropped_parts.append(f"{cols.size} columns < b2={config.b2}")
             continue
+        runs.append(run)  # one per kept block, as `blocks`
         new_view[np.ix_(part_rows, cols)] = True
         blocks.append([int(part_rows.size), int(cols.size)])
         groups += _cut(part_rows, cols, config.b1)
