@@ -254,8 +254,7 @@ group_conv_tuned = triton.autotune(
 )(group_conv_kernel)
 
 # What the kernel reads besides x, the residual and the bias (an out= may not overlap them).
-GROUP_PACK_TENSORS = ("values", "val_ptr", "row_idx", "row_ptr", "col_code", "col_ptr",
-                      "tile_group", "tile_row", "fill_idx")  # fmt: skip
+GROUP_PACK_TENSORS = ("values", "val_ptr", *(name for name, _ in launch.GROUP_PACK_INDEX))
 
 INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_K": 16}
 
