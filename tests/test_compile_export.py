@@ -98,7 +98,7 @@ def test_opcheck_channel_conv(kwargs):
 
 def _leftover_layout(mask: torch.Tensor) -> list[dict]:
     """What the converter does with the nonzeros regrouping leaves out: chunks of 16 rows
-    sharing the union of their columns (sparse_ops.convert.build._leftover_groups)."""
+    sharing the union of their columns (sparse_ops.convert.units._leftover_groups)."""
     view = mask.permute(0, 2, 3, 1).flatten(1)
     rows = view.any(1).nonzero().flatten()
     return [{"rows": chunk.tolist(), "cols": view[chunk].any(0).nonzero().flatten().tolist()}

@@ -24,7 +24,7 @@ from sparse_ops.convert import (
     masked_model,
     save_converted,
 )
-from sparse_ops.convert.build import MIN_TILE, _zero_padding_pays
+from sparse_ops.convert.cost import MIN_TILE, zero_padding_pays
 from sparse_ops.nn import ChannelPrunedConv2d
 
 ALIGN = 8
@@ -53,13 +53,13 @@ def _alignable(width: int, channels: int) -> bool:
 
 def test_zero_padding_rule():
     assert MIN_TILE == 32
-    assert _zero_padding_pays(128, 96, 0.25)  # 32 zero of 128: a quarter
-    assert not _zero_padding_pays(128, 95, 0.25)  # 33 of 128, and past the last tile of 95
-    assert not _zero_padding_pays(96, 40, 0.25)  # 56 of 96, past the last tile of 40 (64)
-    assert _zero_padding_pays(64, 40, 0.25)  # inside the last 32-wide tile of 40
-    assert _zero_padding_pays(32, 3, 0.0)  # one tile either way
-    assert not _zero_padding_pays(16, 0, 1.0)  # nothing to compute: no GEMM to pad
-    assert not _zero_padding_pays(96, 20, 0.0) and _zero_padding_pays(96, 20, 1.0)
+    assert zero_padding_pays(128, 96, 0.25)  # 32 zero of 128: a quarter
+    assert not zero_padding_pays(128, 95, 0.25)  # 33 of 128, and past the last tile of 95
+    assert not zero_padding_pays(96, 40, 0.25)  # 56 of 96, past the last tile of 40 (64)
+    assert zero_padding_pays(64, 40, 0.25)  # inside the last 32-wide tile of 40
+    assert zero_padding_pays(32, 3, 0.0)  # one tile either way
+    assert not zero_padding_pays(16, 0, 1.0)  # nothing to compute: no GEMM to pad
+    assert not zero_padding_pays(96, 20, 0.0) and zero_padding_pays(96, 20, 1.0)
 
 
 def test_cost_models_alignment_fields():
@@ -197,16 +197,16 @@ def _check_rule(fast, report, cost: CostModel) -> None:
         # 2c/2d: whole layout read iff the zero columns are few; the weight is then as wide.
         used = d["stored_inputs_with_weights"]
         if d["inputs_used"] < w_in:
-            pays = _zero_padding_pays(w_in, used, cost.max_zero_inputs)
+            pays = zero_padding_pays(w_in, used, cost.max_zero_inputs)
             assert (unit.in_idx is None) == pays, (name, w_in, used)
         if unit.in_idx is None:
             assert cols == w_in
         # 2b: whole output layout computed iff the zero rows are few.
         if unit.out_idx is None:
             assert rows == w_out and unit.fill_idx is None
-            assert _zero_padding_pays(w_out, w_out - _zero_rows(unit), cost.max_zero_rows)
+            assert zero_padding_pays(w_out, w_out - _zero_rows(unit), cost.max_zero_rows)
         else:
-            assert not _zero_padding_pays(w_out, rows, cost.max_zero_rows), (name, w_out, rows)
+            assert not zero_padding_pays(w_out, rows, cost.max_zero_rows), (name, w_out, rows)
         aligned = unit.in_idx is None and unit.out_idx is None
         assert d["aligned"] == (aligned and w_in % 4 == 0 and w_out % 4 == 0)  # fp32: 4
 

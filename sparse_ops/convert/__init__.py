@@ -35,8 +35,11 @@ from ..nn import ChannelPrunedConv2d, TorchConv2d
 from ..structure.regroup import RegroupConfig
 from ..tables import format_table
 from ..tickets import Ticket
-from .build import MODES, ON_UNSTRUCTURED, Builder, CostModel, LayerRow
+from .build import build
+from .context import LayerRow
+from .cost import MODES, ON_UNSTRUCTURED, CostModel
 from .prepare import ConvertError, check_model, example_input, masked_model
+from .rules import Rule, register_module_rule, unregister_module_rule
 from .serialize import SaveError, load_converted, save_converted
 
 __all__ = [
@@ -45,11 +48,14 @@ __all__ = [
     "ConversionReport",
     "ConvertError",
     "CostModel",
+    "Rule",
     "SaveError",
     "convert",
     "load_converted",
     "masked_model",
+    "register_module_rule",
     "save_converted",
+    "unregister_module_rule",
 ]
 
 
@@ -222,16 +228,15 @@ def convert(
     except Exception as exc:  # tracing failed: fall back to per-module replacement
         module, report = _replace_modules(dense, masks, mode, dtype, example, exc)
     else:
-        builder = Builder(traced, example, masks, layouts, mode=mode,
-                          on_unstructured=on_unstructured, dtype=dtype, cost=cost,
-                          regroup=regroup)  # fmt: skip
-        module = builder.build()
-        notes = dict(builder.notes)
+        module, ctx = build(traced, example, masks, layouts, mode=mode,
+                            on_unstructured=on_unstructured, dtype=dtype, cost=cost,
+                            regroup=regroup)  # fmt: skip
+        notes = dict(ctx.notes)
         notes["narrowed_activations"] = sum(
-            1 for node, layout in builder.layout.items()
-            if node.op != "placeholder" and layout.numel() < builder.const[node].numel()
+            1 for node, layout in ctx.layout.items()
+            if node.op != "placeholder" and layout.numel() < ctx.const[node].numel()
         )  # fmt: skip
-        report = ConversionReport(mode, on_unstructured, True, tuple(example.shape), builder.rows,
+        report = ConversionReport(mode, on_unstructured, True, tuple(example.shape), ctx.rows,
                                   notes, cost.channel_align)  # fmt: skip
     if device is not None:
         module = module.to(device)

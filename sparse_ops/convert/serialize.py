@@ -14,20 +14,19 @@ import inspect
 import json
 import keyword
 import math
-import operator
 import os
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from .. import checkpoint_io
 from ..errors import SparseOpsError, listing
 from ..nn import UNITS
 from ..tickets import CONVERTED_FORMAT_NAME
+from .rules import FUNCTION_KWARGS, FUNCTIONS, METHOD_KWARGS, METHODS, TORCH_MODULES
 
 FORMAT_NAME = CONVERTED_FORMAT_NAME
 FORMAT_VERSION = 1
@@ -37,41 +36,12 @@ class SaveError(SparseOpsError):
     """A converted module that cannot be saved, or a file that cannot be loaded."""
 
 
-FUNCTIONS: dict[str, Any] = {
-    "operator.add": operator.add, "operator.iadd": operator.iadd, "operator.sub": operator.sub,
-    "operator.mul": operator.mul, "operator.truediv": operator.truediv,
-    "operator.getitem": operator.getitem, "builtins.getattr": builtins.getattr,
-    "torch.add": torch.add, "torch.relu": torch.relu, "torch.relu_": torch.relu_,
-    "torch.flatten": torch.flatten, "torch.cat": torch.cat, "torch.sigmoid": torch.sigmoid,
-    "torch.tanh": torch.tanh, "F.relu": F.relu, "F.relu6": F.relu6, "F.hardtanh": F.hardtanh,
-    "F.silu": F.silu, "F.gelu": F.gelu, "F.sigmoid": F.sigmoid, "F.dropout": F.dropout,
-    "F.pad": F.pad, "F.avg_pool2d": F.avg_pool2d, "F.max_pool2d": F.max_pool2d,
-    "F.adaptive_avg_pool2d": F.adaptive_avg_pool2d,
-    "F.adaptive_max_pool2d": F.adaptive_max_pool2d,
-}  # fmt: skip
+# The ops a saved graph may call are those the converter's rules name (rules.py).
 _FUNCTION_NAMES = {id(fn): name for name, fn in FUNCTIONS.items()}
-METHODS = {"flatten", "view", "reshape", "size", "relu", "relu_", "contiguous", "mean",
-           "add", "add_", "sigmoid", "tanh"}  # fmt: skip
 
-# torch module type → constructor arguments read back from the instance.
-TORCH_MODULES: dict[str, tuple[type, tuple[str, ...]]] = {
-    "Linear": (nn.Linear, ("in_features", "out_features")),
-    "Conv2d": (nn.Conv2d, ("in_channels", "out_channels", "kernel_size", "stride", "padding",
-                           "dilation", "groups", "padding_mode")),
-    "BatchNorm2d": (nn.BatchNorm2d, ("num_features", "eps", "momentum", "affine",
-                                     "track_running_stats")),
-    "MaxPool2d": (nn.MaxPool2d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode",
-                                 "return_indices")),
-    "AvgPool2d": (nn.AvgPool2d, ("kernel_size", "stride", "padding", "ceil_mode",
-                                 "count_include_pad", "divisor_override")),
-    "AdaptiveAvgPool2d": (nn.AdaptiveAvgPool2d, ("output_size",)),
-    "AdaptiveMaxPool2d": (nn.AdaptiveMaxPool2d, ("output_size", "return_indices")),
-    "Identity": (nn.Identity, ()), "ReLU": (nn.ReLU, ("inplace",)),
-    "ReLU6": (nn.ReLU6, ("inplace",)), "Hardtanh": (nn.Hardtanh, ("min_val", "max_val")),
-    "SiLU": (nn.SiLU, ()), "GELU": (nn.GELU, ("approximate",)), "Sigmoid": (nn.Sigmoid, ()),
-    "Tanh": (nn.Tanh, ()), "Dropout": (nn.Dropout, ("p",)),
-    "Flatten": (nn.Flatten, ("start_dim", "end_dim")),
-}  # fmt: skip
+
+# Modules whose constructor's ``bias`` is a flag while the instance's is the tensor.
+_BIAS_FLAG = frozenset({"Linear", "Conv2d", "LayerNorm"})
 
 
 def _encode(value: Any) -> Any:
@@ -106,7 +76,7 @@ def _module_entry(target: str, module: nn.Module, tensors: dict[str, torch.Tenso
     if kind in TORCH_MODULES and type(module) is TORCH_MODULES[kind][0]:
         _, names = TORCH_MODULES[kind]
         config = {n: getattr(module, n) for n in names}
-        if kind in ("Linear", "Conv2d"):
+        if kind in _BIAS_FLAG:
             config["bias"] = module.bias is not None
         for k, v in module.state_dict().items():
             tensors[f"modules/{target}/{k}"] = v
@@ -174,39 +144,6 @@ def save_converted(module: nn.Module, path: str | os.PathLike) -> Path:
 # attributes in GETATTR_ATTRIBUTES.
 
 GETATTR_ATTRIBUTES = frozenset({"shape", "dtype", "device", "ndim"})
-
-# Keyword parameters of each allowed function and method (their real signatures; most
-# are C builtins, which inspect.signature cannot read). ``out=`` is left out on purpose:
-# a graph writing into one of its own tensors is not something the converter emits.
-FUNCTION_KWARGS: dict[str, frozenset[str]] = {
-    name: frozenset(keys) for name, keys in {
-        "operator.add": (), "operator.iadd": (), "operator.sub": (), "operator.mul": (),
-        "operator.truediv": (), "operator.getitem": (), "builtins.getattr": (),
-        "torch.add": ("input", "other", "alpha"), "torch.relu": ("input",),
-        "torch.relu_": ("input",), "torch.flatten": ("input", "start_dim", "end_dim"),
-        "torch.cat": ("tensors", "dim"), "torch.sigmoid": ("input",), "torch.tanh": ("input",),
-        "F.relu": ("input", "inplace"), "F.relu6": ("input", "inplace"),
-        "F.hardtanh": ("input", "min_val", "max_val", "inplace"),
-        "F.silu": ("input", "inplace"), "F.gelu": ("input", "approximate"),
-        "F.sigmoid": ("input",), "F.dropout": ("input", "p", "training", "inplace"),
-        "F.pad": ("input", "pad", "mode", "value"),
-        "F.avg_pool2d": ("input", "kernel_size", "stride", "padding", "ceil_mode",
-                         "count_include_pad", "divisor_override"),
-        "F.max_pool2d": ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode",
-                         "return_indices"),
-        "F.adaptive_avg_pool2d": ("input", "output_size"),
-        "F.adaptive_max_pool2d": ("input", "output_size", "return_indices"),
-    }.items()
-}  # fmt: skip
-METHOD_KWARGS: dict[str, frozenset[str]] = {
-    name: frozenset(keys) for name, keys in {
-        "flatten": ("start_dim", "end_dim"), "view": ("dtype",), "reshape": ("shape",),
-        "size": ("dim",), "relu": (), "relu_": (), "contiguous": (),
-        "mean": ("dim", "keepdim", "dtype"), "add": ("other", "alpha"),
-        "add_": ("other", "alpha"), "sigmoid": (), "tanh": (),
-    }.items()
-}  # fmt: skip
-assert FUNCTION_KWARGS.keys() == FUNCTIONS.keys() and METHOD_KWARGS.keys() == METHODS
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
 _INDEX = re.compile(r"(0|[1-9][0-9]{0,8})\Z")
@@ -332,7 +269,7 @@ class _Loader:
 
     def torch_module(self, kind: str, config: dict, state: dict, where: str) -> nn.Module:
         cls, names = TORCH_MODULES[kind]
-        allowed = set(names) | ({"bias"} if kind in ("Linear", "Conv2d") else set())
+        allowed = set(names) | ({"bias"} if kind in _BIAS_FLAG else set())
         kwargs = self.decode(config, {}, where)
         if not isinstance(kwargs, dict):
             raise self.error(where, "config must be an object")
