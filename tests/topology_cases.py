@@ -14,7 +14,7 @@ Used by ``tests/test_convert_topology.py``; not a test module itself.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -703,7 +703,6 @@ class Case:
     # serializer's allowlist (sparse_ops/convert/serialize.py). False: it should refuse
     # with a SaveError naming the op.
     saves: bool = True
-    note: str = field(default="", compare=False)
 
 
 CASES = [
