@@ -715,10 +715,10 @@ CASES = [
     Case("inception_cat", Inception),
     Case("grouped_conv", GroupedConvNet),
     Case("depthwise_inverted_residual", MobileNetV2ish),
-    Case("shuffle_chunk_view_transpose", ShuffleNet, saves=False),  # chunk, transpose
-    Case("shuffle_reshape_permute", ShuffleReshape, saves=False),  # permute
-    Case("convnext_original", lambda: ConvNeXt(False), (3, 12, 12), saves=False),
-    Case("convnext_torchvision", lambda: ConvNeXt(True), (3, 12, 12), saves=False),
+    Case("shuffle_chunk_view_transpose", ShuffleNet),  # chunk, transpose
+    Case("shuffle_reshape_permute", ShuffleReshape),  # permute
+    Case("convnext_original", lambda: ConvNeXt(False), (3, 12, 12)),
+    Case("convnext_torchvision", lambda: ConvNeXt(True), (3, 12, 12)),
     Case("avgpool_shortcut_even", lambda: AvgPoolShortcutNet(12), (3, 12, 12)),
     Case("avgpool_shortcut_odd_ceil", lambda: AvgPoolShortcutNet(11)),
     Case("option_a_pad_shortcut", OptionANet),
@@ -734,8 +734,8 @@ CASES = [
     Case("pruned_network_input", PlainCollapse, fixed=zero_masks("conv1.0")),
     Case("bn_into_flatten_linear", FlattenHead, unpruned=("fc_map", "fc_pool")),
     Case("channel_slice", ChannelSlice),
-    Case("chunk", Chunked, saves=False),  # torch.chunk, method chunk
-    Case("scalar_ops", ScalarOps, saves=False),  # rsub, pow
+    Case("chunk", Chunked),  # torch.chunk, method chunk
+    Case("scalar_ops", ScalarOps),  # rsub, pow
 ]  # fmt: skip
 
 

@@ -151,8 +151,12 @@ class Unary(_KeepsChannels):
         "F.hardswish": (F.hardswish, ("input", "inplace")),
         "F.hardsigmoid": (F.hardsigmoid, ("input", "inplace")),
         "F.mish": (F.mish, ("input", "inplace")),
+        "torch.sqrt": (torch.sqrt, ("input",)), "torch.rsqrt": (torch.rsqrt, ("input",)),
+        "torch.exp": (torch.exp, ("input",)), "torch.abs": (torch.abs, ("input",)),
+        "torch.neg": (torch.neg, ("input",)), "operator.neg": (operator.neg, ()),
     })  # fmt: skip
-    methods = frozen({"relu": (), "relu_": (), "sigmoid": (), "tanh": (), "contiguous": ()})
+    methods = frozen({"relu": (), "relu_": (), "sigmoid": (), "tanh": (), "contiguous": (),
+                      "sqrt": (), "rsqrt": (), "exp": (), "abs": (), "neg": ()})  # fmt: skip
     modules = frozen({
         "ReLU": (nn.ReLU, ("inplace",)), "ReLU6": (nn.ReLU6, ("inplace",)),
         "Hardtanh": (nn.Hardtanh, ("min_val", "max_val")), "SiLU": (nn.SiLU, ()),
@@ -443,6 +447,7 @@ class Binary(Rule):
         "torch.sub": (torch.sub, ("input", "other", "alpha")),
         "torch.mul": (torch.mul, ("input", "other")),
         "torch.div": (torch.div, ("input", "other", "rounding_mode")),
+        "operator.pow": (operator.pow, ()), "torch.pow": (torch.pow, ("input", "exponent")),
     })  # fmt: skip
     methods = frozen(
         {
@@ -452,6 +457,7 @@ class Binary(Rule):
             "mul_": ("other",),
             "sub": ("other", "alpha"),
             "div": ("other", "rounding_mode"),
+            "pow": ("exponent",),
         }
     )
     _OPS = frozen({
@@ -460,7 +466,8 @@ class Binary(Rule):
         torch.sub: operator.sub, "sub": operator.sub, operator.mul: operator.mul,
         operator.imul: operator.mul, torch.mul: operator.mul, "mul": operator.mul,
         "mul_": operator.mul, operator.truediv: operator.truediv, torch.div: operator.truediv,
-        "div": operator.truediv,
+        "div": operator.truediv, operator.pow: operator.pow, torch.pow: operator.pow,
+        "pow": operator.pow,
     })  # fmt: skip
 
     def understands(self, node, ctx):
@@ -621,6 +628,7 @@ class Passthrough(Rule):
             "torch.flatten"], "operator.getitem": (operator.getitem, ()),
         "torch.mean": Spatial.functions["torch.mean"], "F.pad": ZeroPad.functions["F.pad"],
         "F.avg_pool2d": Spatial.functions["F.avg_pool2d"],
+        "operator.floordiv": (operator.floordiv, ()),  # channels // groups in a shuffle
     })  # fmt: skip
     methods = frozen({
         "permute": ("dims",), "transpose": ("dim0", "dim1"), "view": ("dtype",),

@@ -96,6 +96,7 @@ def save_converted(module: nn.Module, path: str | os.PathLike) -> Path:
         )
     tensors: dict[str, torch.Tensor] = {}
     nodes, modules = [], {}
+    saved_path = _loadable_paths(module)
     for node in module.graph.nodes:
         entry: dict[str, Any] = {"op": node.op, "name": node.name}
         entry.update(args=_encode(node.args), kwargs=_encode(node.kwargs))
@@ -108,18 +109,21 @@ def save_converted(module: nn.Module, path: str | os.PathLike) -> Path:
             if node.target not in METHODS:
                 raise SaveError(f"cannot save a call to method {node.target!r} (node {node.name})")
             entry["target"] = node.target
+        elif node.op in ("call_module", "get_attr"):
+            entry["target"] = saved_path[node.target]
         else:
             entry["target"] = node.target
-        if node.op == "call_module" and node.target not in modules:
-            modules[node.target] = _module_entry(node.target, module.get_submodule(node.target),
-                                                 tensors)  # fmt: skip
+        if node.op == "call_module" and entry["target"] not in modules:
+            modules[entry["target"]] = _module_entry(
+                entry["target"], module.get_submodule(node.target), tensors
+            )
         if node.op == "get_attr":
             value = module
             for part in node.target.split("."):
                 value = getattr(value, part)
             if not torch.is_tensor(value):
                 raise SaveError(f"cannot save attribute {node.target!r}: not a tensor")
-            tensors[f"attrs/{node.target}"] = value
+            tensors[f"attrs/{entry['target']}"] = value
         nodes.append(entry)
     metadata = {
         "format": FORMAT_NAME,
@@ -130,6 +134,31 @@ def save_converted(module: nn.Module, path: str | os.PathLike) -> Path:
     path = Path(path)
     checkpoint_io.write_safetensors(path, tensors, metadata)
     return path
+
+
+def _loadable_paths(module: fx.GraphModule) -> dict[str, str]:
+    """Module and attribute paths as the loader accepts them (dotted identifiers and
+    indices): a model's own names may hold characters it refuses (torchvision's RegNet
+    has ``block1-0``), renamed here so that what saves also loads."""
+    targets = [n.target for n in module.graph.nodes if n.op in ("call_module", "get_attr")]
+    taken = {t for t in targets if _is_path(t)}
+    renamed = {t: t for t in taken}
+    for target in targets:
+        if target in renamed:
+            continue
+        parts = target.split(".")
+        safe = [p if _is_name(p) or (i and _INDEX.match(p)) else
+                "m_" + re.sub(r"[^A-Za-z0-9_]", "_", p).strip("_")[:100]
+                for i, p in enumerate(parts)]  # fmt: skip
+        new, k = ".".join(safe), 1
+        while new in taken:
+            k += 1
+            new = f"{'.'.join(safe)}_{k}"
+        if not _is_path(new):
+            raise SaveError(f"cannot save module path {_short(target)}: no loadable name for it")
+        taken.add(new)
+        renamed[target] = new
+    return renamed
 
 
 # ---------------------------------------------------------------------- loading
