@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from torch import nn
 from origin_formats import open_lth_level, structure_lth_run
 
 from sparse_ops import models
@@ -380,3 +381,30 @@ def test_prune_ranks_refill_channels_by_activations_on_a_training_batch(tmp_path
 
     final = load_ticket(tmp_path / "round1.safetensors")
     assert final.meta["method"] == "refill" and final.sparsity > 0
+
+
+def test_convert_command_runs_a_vgg16_bn_ticket_with_a_fully_pruned_conv(tmp_path, capsys):
+    """Layer collapse: every channel of features.10 is pruned, so the max pool after it
+    sees constant channels only. The converter keeps one (its forward used to fail on a
+    zero-channel tensor, and the command exited 1 with a traceback)."""
+    from sparse_ops import Ticket, load_converted, masked_model
+
+    model = models.create("vgg16_bn").eval()
+    generator = torch.Generator().manual_seed(0)
+    masks = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            rows = torch.rand(module.out_channels, generator=generator) < 0.6
+            masks[f"{name}.weight"] = rows.view(-1, 1, 1, 1).expand_as(module.weight).clone()
+    masks["features.10.weight"] = torch.zeros_like(masks["features.10.weight"])
+    ticket_path = Ticket(masks, arch="vgg16_bn").save(tmp_path / "collapsed.safetensors")
+    out = tmp_path / "fast.safetensors"
+    argv = ["convert", str(ticket_path), "--mode", "channel", "--target", "cpu", "-o", str(out),
+            "--json"]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["max_abs_diff"] <= 1e-4 * max(1.0, summary["max_abs_output"])
+    x = torch.randn(2, 3, 32, 32, generator=generator)
+    with torch.no_grad():
+        expected = masked_model(model, Ticket(masks))(x)
+        torch.testing.assert_close(load_converted(out)(x), expected, rtol=1e-4, atol=1e-4)

@@ -35,6 +35,7 @@ from ..nn import ChannelPrunedConv2d, TorchConv2d
 from ..structure.regroup import RegroupConfig
 from ..tables import format_table
 from ..tickets import Ticket
+from . import rules
 from .build import build
 from .context import LayerRow
 from .cost import MODES, ON_UNSTRUCTURED, CostModel
@@ -224,7 +225,7 @@ def convert(
     _check_masked_modules(dense, masks)
     cost = cost or CostModel.for_device(device)
     try:
-        traced = fx.symbolic_trace(dense)
+        traced = fx.GraphModule(dense, rules.Tracer().trace(dense))
     except Exception as exc:  # tracing failed: fall back to per-module replacement
         module, report = _replace_modules(dense, masks, mode, dtype, example, exc)
     else:

@@ -703,8 +703,10 @@ def register_module_rule(module_type: type[nn.Module], rule: str | Rule) -> None
     and a channel constant over the image stays that constant: a pooling), ``"opaque"``
     (the default for any module the converter does not know: its input and output keep
     every channel), or a :class:`Rule` instance. Applies to modules of exactly that type
-    (not subclasses). Custom modules convert, but a converted module holding one cannot
-    be saved (loading must never build types named by a file).
+    (not subclasses), which tracing then keeps whole instead of tracing into them (so a
+    module torch.fx cannot trace converts once registered, as ``"opaque"`` at least).
+    Custom modules convert, but a converted module holding one cannot be saved (loading
+    must never build types named by a file).
     """
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise ConvertError(f"module_type must be an nn.Module subclass, got {module_type!r}")
@@ -719,6 +721,15 @@ def register_module_rule(module_type: type[nn.Module], rule: str | Rule) -> None
 
 def unregister_module_rule(module_type: type[nn.Module]) -> None:
     _CUSTOM.pop(module_type, None)
+
+
+class Tracer(fx.Tracer):
+    """torch.fx's tracer, keeping registered module types whole (fx would otherwise trace
+    into them: only ``torch.nn`` modules are leaves), so their rule applies; a module
+    fx cannot trace into converts once registered as ``"opaque"``."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return type(m) in _CUSTOM or super().is_leaf_module(m, module_qualified_name)
 
 
 def rule_for(node: fx.Node, ctx: Context) -> Rule:

@@ -55,13 +55,8 @@ def _layout(ctx, site: patterns.Site, mask: torch.Tensor) -> list[dict]:
     """The ticket's group layout if it still covers the mask; else read off the mask."""
     view = gemm_view(mask.bool())
     stored = ctx.stored_layouts.get(site.name)
-    if stored:
-        covered = torch.zeros_like(view)
-        for g in stored:
-            covered[torch.tensor(g["rows"], dtype=torch.long)[:, None],
-                    torch.tensor(g["cols"], dtype=torch.long)[None, :]] = True  # fmt: skip
-        if not bool((view & ~covered).any()):
-            return stored
+    if stored and not bool((view & ~_covered(stored, view.shape)).any()):
+        return stored
     rows, cols = [], []
     patterns_, inverse = torch.unique(view, dim=0, return_inverse=True)
     for g in range(patterns_.shape[0]):
@@ -70,6 +65,25 @@ def _layout(ctx, site: patterns.Site, mask: torch.Tensor) -> list[dict]:
             rows.append(members.tolist())
             cols.append(torch.nonzero(patterns_[g]).flatten().tolist())
     return [{"rows": r, "cols": c} for r, c in zip(rows, cols, strict=True)]
+
+
+def _covered(layout: list[dict], shape: tuple[int, int]) -> torch.Tensor:
+    """The GEMM-view entries a group layout covers (rows × cols of every group)."""
+    n_groups = len(layout)
+    columns = torch.zeros(n_groups + 1, shape[1], dtype=torch.bool)  # last: no group
+    group_of_row = torch.full((shape[0],), n_groups, dtype=torch.long)
+    claimed = 0
+    for i, g in enumerate(layout):
+        columns[i, torch.as_tensor(g["cols"], dtype=torch.long)] = True
+        group_of_row[torch.as_tensor(g["rows"], dtype=torch.long)] = i
+        claimed += len(g["rows"])
+    if claimed == int((group_of_row < n_groups).sum()):
+        return columns[group_of_row]  # rows disjoint: each row covers its group's columns
+    covered = torch.zeros(shape, dtype=torch.bool)
+    for g in layout:  # a row in several groups covers the union of their columns
+        rows = torch.as_tensor(g["rows"], dtype=torch.long)
+        covered[rows[:, None], torch.as_tensor(g["cols"], dtype=torch.long)[None, :]] = True
+    return covered
 
 
 def _spatial(ctx, site: patterns.Site) -> int:
@@ -236,9 +250,7 @@ def _rows_reading(nz: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
 def _group_unit(ctx, site, choice, w, b, relu, dtype, geometry, row):
     mask = ctx.masks.get(f"{site.name}.weight")
     keep = (w != 0) if mask is None else mask.bool()
-    blocks = torch.zeros_like(gemm_view(keep))
-    for g in choice.layout:
-        blocks[torch.tensor(g["rows"])[:, None], torch.tensor(g["cols"])[None, :]] = True
+    blocks = _covered(choice.layout, gemm_view(keep).shape)
     main_mask = from_gemm_view(blocks, tuple(w.shape)) & keep
     common = dict(stride=geometry["stride"], padding=geometry["padding"],
                   dilation=geometry["dilation"], name=site.name)  # fmt: skip
