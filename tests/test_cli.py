@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 from origin_formats import open_lth_level, structure_lth_run
+from torch import nn
 
 from sparse_ops import models
 from sparse_ops.cli import main

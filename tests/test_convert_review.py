@@ -16,6 +16,7 @@ from torch import nn
 
 from sparse_ops import Ticket
 from sparse_ops.convert import (
+    ConvertError,
     SaveError,
     convert,
     load_converted,
@@ -132,8 +133,13 @@ class IaddThroughAlias(nn.Module):
             IaddThroughAlias], ids=lambda c: c.__name__,
 )  # fmt: skip
 def test_inplace_op_on_a_tensor_read_later(cls):
-    """The constant channels of ``a`` are computed as if the in-place op had not run,
-    and folded into c2's bias map with their pre-mutation values."""
+    """The constant channels of ``a`` were computed as if the in-place op had not run,
+    and folded into c2's bias map with their pre-mutation values. ``b = a; b += 1`` is
+    refused: torch.fx itself records it as ``b = a + 1``, so the trace is not the model."""
+    if cls is IaddThroughAlias:
+        with pytest.raises(ConvertError, match="trace computes something else"):
+            _check(cls)
+        return
     _check(cls)
 
 

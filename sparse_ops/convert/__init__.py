@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from ..formats import ChannelPlan
@@ -229,6 +230,7 @@ def convert(
     except Exception as exc:  # tracing failed: fall back to per-module replacement
         module, report = _replace_modules(dense, masks, mode, dtype, example, exc)
     else:
+        _check_trace_follows_the_model(dense, traced, example)
         module, ctx = build(traced, example, masks, layouts, mode=mode,
                             on_unstructured=on_unstructured, dtype=dtype, cost=cost,
                             regroup=regroup)  # fmt: skip
@@ -243,6 +245,35 @@ def convert(
         module = module.to(device)
     module.eval()
     return (module, report) if return_report else module
+
+
+def _check_trace_follows_the_model(model: nn.Module, traced: fx.GraphModule, example) -> None:
+    """torch.fx records what a forward does to proxies, not always what it does to tensors:
+    ``b = a; b += 1`` traces as an out-of-place add, so the graph misses that ``a``
+    changed. Such a graph is refused rather than converted into a wrong module."""
+    x = torch.randn(example.shape, generator=torch.Generator().manual_seed(0)).to(example)
+    try:
+        with torch.no_grad():
+            expected = pytree.tree_leaves(model(x.clone()))
+            got = pytree.tree_leaves(traced(x.clone()))
+        same = len(expected) == len(got) and all(map(_same_value, expected, got))
+    except (ValueError, RuntimeError):
+        same = False
+    if not same:
+        raise ConvertError(
+            "the model's torch.fx trace computes something else than the model itself on a "
+            "random input (typically an in-place op on a second name of a tensor, as in "
+            "`b = a; b += 1`, which fx records as `b = a + 1`); write the op out of place"
+        )
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if not (torch.is_tensor(a) and torch.is_tensor(b)):
+        return torch.is_tensor(a) == torch.is_tensor(b)
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    scale = float(a.abs().nan_to_num(posinf=0.0, neginf=0.0).max()) if a.numel() else 0.0
+    return torch.allclose(a, b, rtol=1e-5, atol=1e-6 * max(1.0, scale), equal_nan=True)
 
 
 def _check_masked_modules(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:

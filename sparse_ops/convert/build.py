@@ -1,7 +1,8 @@
 """From a traced masked network to the converted graph.
 
-The passes over the fx graph of the masked dense network, each iterating the nodes and
-asking every node's rule (``rules.py``, one per op kind) for its part:
+The passes over the fx graph of the masked dense network (in-place ops made explicit
+first, ``inplace.py``), each iterating the nodes and asking every node's rule
+(``rules.py``, one per op kind) for its part:
 
 1. **Representation** per conv site (``units.choose``): a ChannelPrunedConv2d (dense or
    channel), a GroupSparseConv2d (group, or regrouped with a leftover pack), or a
@@ -32,6 +33,7 @@ from ..errors import listing
 from ..structure.regroup import RegroupConfig
 from .context import Context
 from .cost import MODES, ON_UNSTRUCTURED, CostModel
+from .inplace import check_units_read_before, functionalize
 from .prepare import ConvertError
 from .rules import rule_for
 from .units import choose
@@ -64,8 +66,10 @@ def build(
             f"the model does not run on an input of shape {tuple(example.shape)} "
             f"({type(cause).__name__}: {str(cause).splitlines()[0]}); pass input_size=(C, H, W)"
         ) from None
+    mutations = functionalize(gm)
     ctx = Context(gm, masks, stored_layouts, mode=mode, on_unstructured=on_unstructured,
                   dtype=dtype, cost=cost, regroup=regroup)  # fmt: skip
+    check_units_read_before(mutations, ctx.sites)
     choose_representations(ctx)
     nodes = list(gm.graph.nodes)
     for node in nodes:

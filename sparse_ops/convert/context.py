@@ -131,6 +131,15 @@ class Context:
         self.graph = fx.Graph()
         self.env: dict[fx.Node, fx.Node] = {}
         self.root: dict[str, Any] = {}
+        # Every path the model has (modules, containers, attributes): names the converter
+        # makes up must not take one, or a copy of that module would overwrite it.
+        self.reserved: set[str] = set(self.modules)
+        self.module_calls: dict[str, int] = {}
+        for node in gm.graph.nodes:
+            if node.op == "get_attr":
+                self.reserved.add(node.target)
+            elif node.op == "call_module":
+                self.module_calls[node.target] = self.module_calls.get(node.target, 0) + 1
 
     # ---------------------------------------------------------------- graph facts
     shape = staticmethod(tensor_shape)
@@ -183,12 +192,20 @@ class Context:
         return value
 
     def fresh_name(self, base: str) -> str:
-        """``base``, or ``base_2``, ``base_3``… if the output graph already has it."""
+        """``base``, or ``base_2``, ``base_3``…: a name neither the model nor the output
+        graph has."""
         name, k = base, 1
-        while name in self.root:
+        while name in self.root or name in self.reserved:
             k += 1
             name = f"{base}_{k}"
         return name
+
+    def own_name(self, node: fx.Node) -> str:
+        """The name for a module replacing ``node``'s module: its path, unless the model
+        calls that module at other places too (each call may be narrowed differently)."""
+        if self.module_calls.get(node.target) == 1:
+            return node.target
+        return self.fresh_name(node.target)
 
     def call_module(self, name: str, module: nn.Module, args: tuple) -> fx.Node:
         self.root[name] = module

@@ -154,8 +154,10 @@ class Unary(_KeepsChannels):
         "torch.sqrt": (torch.sqrt, ("input",)), "torch.rsqrt": (torch.rsqrt, ("input",)),
         "torch.exp": (torch.exp, ("input",)), "torch.abs": (torch.abs, ("input",)),
         "torch.neg": (torch.neg, ("input",)), "operator.neg": (operator.neg, ()),
+        "torch.clamp": (torch.clamp, ("input", "min", "max")),
     })  # fmt: skip
     methods = frozen({"relu": (), "relu_": (), "sigmoid": (), "tanh": (), "contiguous": (),
+                      "clamp": ("min", "max"), "clamp_": ("min", "max"), "float": (),
                       "sqrt": (), "rsqrt": (), "exp": (), "abs": (), "neg": ()})  # fmt: skip
     modules = frozen({
         "ReLU": (nn.ReLU, ("inplace",)), "ReLU6": (nn.ReLU6, ("inplace",)),
@@ -164,14 +166,14 @@ class Unary(_KeepsChannels):
         "Dropout": (nn.Dropout, ("p",)), "Identity": (nn.Identity, ()),
         "LeakyReLU": (nn.LeakyReLU, ("negative_slope",)), "ELU": (nn.ELU, ("alpha",)),
         "Hardswish": (nn.Hardswish, ()), "Hardsigmoid": (nn.Hardsigmoid, ()),
-        "Mish": (nn.Mish, ()),
+        "Mish": (nn.Mish, ()), "Dropout2d": (nn.Dropout2d, ("p",)),
     })  # fmt: skip
 
     def understands(self, node, ctx):
         if not super().understands(node, ctx):
             return False
-        # A method's arguments past the tensor would be fed to the constant evaluation.
-        return node.op != "call_method" or len(node.args) == 1
+        # A module is evaluated on the constants as module(c): it must be called so.
+        return node.op != "call_module" or (len(node.args) == 1 and not node.kwargs)
 
     def constants(self, node, ctx):
         source = node.args[0]
@@ -182,7 +184,7 @@ class Unary(_KeepsChannels):
             elif node.op == "call_function":
                 y = node.target(x, *node.args[1:], **node.kwargs)
             else:
-                y = getattr(x, node.target)(**node.kwargs)
+                y = getattr(x, node.target)(*node.args[1:], **node.kwargs)
         return y.reshape(-1).to(torch.float64)  # NaN (varying) maps to NaN
 
 
@@ -220,8 +222,8 @@ class BatchNorm(_KeepsChannels):
         narrow = type(bn)(int(keep.numel()), eps=bn.eps, momentum=bn.momentum, affine=bn.affine)
         state = {k: (v[keep] if v.dim() == 1 else v) for k, v in bn.state_dict().items()}
         narrow.load_state_dict(state)
-        name = ctx.fresh_name(node.target)
-        return ctx.call_module(name, ctx.cast(narrow.eval()), (ctx.env[node.args[0]],))
+        return ctx.call_module(ctx.own_name(node), ctx.cast(narrow.eval()),
+                               (ctx.env[node.args[0]],))  # fmt: skip
 
 
 class Spatial(_KeepsChannels):
@@ -554,6 +556,9 @@ class Linear(Rule):
     kind = "linear"
     modules = frozen({"Linear": (nn.Linear, ("in_features", "out_features"))})
 
+    def understands(self, node, ctx):
+        return len(node.args) == 1 and not node.kwargs
+
     def narrows(self, node, ctx) -> bool:
         source = _first_channel_arg(node, ctx)
         return source is not None and len(ctx.shape(source)) == 2
@@ -566,9 +571,7 @@ class Linear(Rule):
         from .units import linear_unit
 
         module = linear_unit(ctx, node, narrow=self.narrows(node, ctx))
-        # A Linear called twice may be narrowed two ways: one module per call.
-        name = ctx.fresh_name(node.target)
-        return ctx.call_module(name, module, (ctx.env[node.args[0]],))
+        return ctx.call_module(ctx.own_name(node), module, (ctx.env[node.args[0]],))
 
 
 class ShapeAccess(Rule):
@@ -629,12 +632,15 @@ class Passthrough(Rule):
         "torch.mean": Spatial.functions["torch.mean"], "F.pad": ZeroPad.functions["F.pad"],
         "F.avg_pool2d": Spatial.functions["F.avg_pool2d"],
         "operator.floordiv": (operator.floordiv, ()),  # channels // groups in a shuffle
+        "torch.stack": (torch.stack, ("tensors", "dim")),
+        "F.linear": (F.linear, ("input", "weight", "bias")),
     })  # fmt: skip
     methods = frozen({
         "permute": ("dims",), "transpose": ("dim0", "dim1"), "view": ("dtype",),
         "reshape": ("shape",), "chunk": ("chunks", "dim"), "split": ("split_size", "dim"),
         "flatten": ("start_dim", "end_dim"), "mean": ("dim", "keepdim", "dtype"),
         "sum": ("dim", "keepdim", "dtype"), "squeeze": ("dim",), "unsqueeze": ("dim",),
+        "expand_as": ("other",), "softmax": ("dim", "dtype"),
     })  # fmt: skip
     modules = frozen({
         "LayerNorm": (nn.LayerNorm, ("normalized_shape", "eps", "elementwise_affine")),
@@ -644,6 +650,10 @@ class Passthrough(Rule):
         "Conv2d": (nn.Conv2d, ("in_channels", "out_channels", "kernel_size", "stride", "padding",
                                "dilation", "groups", "padding_mode")),
         "AvgPool2d": Spatial.modules["AvgPool2d"],
+        "InstanceNorm2d": (nn.InstanceNorm2d, ("num_features", "eps", "momentum", "affine",
+                                               "track_running_stats")),
+        "LocalResponseNorm": (nn.LocalResponseNorm, ("size", "alpha", "beta", "k")),
+        "PixelShuffle": (nn.PixelShuffle, ("upscale_factor",)),
     })  # fmt: skip
 
 

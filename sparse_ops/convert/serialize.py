@@ -105,10 +105,12 @@ def save_converted(module: nn.Module, path: str | os.PathLike) -> Path:
             if name is None:
                 raise SaveError(f"cannot save a call to {node.target!r} (node {node.name})")
             entry["target"] = name
+            _check_keywords(node, FUNCTION_KWARGS[name])
         elif node.op == "call_method":
             if node.target not in METHODS:
                 raise SaveError(f"cannot save a call to method {node.target!r} (node {node.name})")
             entry["target"] = node.target
+            _check_keywords(node, METHOD_KWARGS[node.target])
         elif node.op in ("call_module", "get_attr"):
             entry["target"] = saved_path[node.target]
         else:
@@ -134,6 +136,16 @@ def save_converted(module: nn.Module, path: str | os.PathLike) -> Path:
     path = Path(path)
     checkpoint_io.write_safetensors(path, tensors, metadata)
     return path
+
+
+def _check_keywords(node: fx.Node, allowed: frozenset[str]) -> None:
+    """What the loader would refuse is refused when saving (e.g. ``mean(axis=...)``)."""
+    stray = set(node.kwargs) - allowed
+    if stray:
+        raise SaveError(
+            f"cannot save node {node.name}: keyword arguments {listing(sorted(stray))} of "
+            f"{node.target!r} are not in the saved-graph table (use the op's main spelling)"
+        )
 
 
 def _loadable_paths(module: fx.GraphModule) -> dict[str, str]:
