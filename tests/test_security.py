@@ -27,12 +27,14 @@ from sparse_ops.errors import SparseOpsError, TicketFormatError, printable
 ROOT = Path(__file__).resolve().parents[1]
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
 
-# res20s: channel units with bias maps, Relayout, getattr(shape), Linear; its random ticket
-# regrouped: group units with leftover packs; mobilenet: depthwise TorchConv2d units.
+# res20s: channel units with bias maps, Relayout, getattr(shape), Linear (converted for
+# the CPU: its narrowest layouts need a Relayout at each option-A shortcut, where the GPU's
+# aligned ones are full and keep F.pad); its random ticket regrouped: group units with
+# leftover packs; mobilenet: depthwise TorchConv2d units.
 SOURCES = {
-    "channel": ("res20s", "refill", "error"),
-    "group": ("res20s", "random", "regroup"),
-    "depthwise": ("mobilenet", "refill", "error"),
+    "channel": ("res20s", "refill", "error", "cpu"),
+    "group": ("res20s", "random", "regroup", None),
+    "depthwise": ("mobilenet", "refill", "error", None),
 }
 
 
@@ -41,11 +43,11 @@ def converted(tmp_path_factory):
     """name → (path, reference output of the module that was saved)."""
     folder = tmp_path_factory.mktemp("converted")
     files = {}
-    for name, (arch, kind, policy) in SOURCES.items():
+    for name, (arch, kind, policy, device) in SOURCES.items():
         torch.manual_seed(0)
         model = _trained_like(arch)
         fast = convert(model, _ticket(model, arch, kind), on_unstructured=policy,
-                       regroup=FAST_REGROUP, input_size=(3, 32, 32))  # fmt: skip
+                       regroup=FAST_REGROUP, input_size=(3, 32, 32), device=device)  # fmt: skip
         path = save_converted(fast, folder / f"{name}.safetensors")
         with torch.no_grad():
             files[name] = (path, fast(X))
