@@ -25,14 +25,15 @@ The result computes exactly the masked dense network, up to float rounding.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import listing
-from ..structure.regroup import RegroupConfig
 from .context import Context
-from .cost import MODES, ON_UNSTRUCTURED, CostModel
+from .cost import MODES, ON_UNSTRUCTURED
 from .inplace import check_units_read_before, functionalize
 from .prepare import ConvertError
 from .rules import rule_for
@@ -44,14 +45,11 @@ def build(
     example: torch.Tensor,
     masks: dict[str, torch.Tensor],
     stored_layouts: dict[str, list],
-    *,
-    mode: str,
-    on_unstructured: str,
-    dtype: torch.dtype | None,
-    cost: CostModel,
-    regroup: RegroupConfig | None = None,
+    **options: Any,
 ) -> tuple[fx.GraphModule, Context]:
-    """The converted module of a traced masked network, and the passes' shared state."""
+    """The converted module of a traced masked network, and the passes' shared state.
+    ``options``: :class:`Context`'s (mode, on_unstructured, dtype, cost, regroup)."""
+    mode, on_unstructured = options["mode"], options["on_unstructured"]
     if mode not in MODES:
         raise ConvertError(f"mode must be one of {MODES}, got {mode!r}")
     if on_unstructured not in ON_UNSTRUCTURED:
@@ -67,9 +65,8 @@ def build(
             f"({type(cause).__name__}: {str(cause).splitlines()[0]}); pass input_size=(C, H, W)"
         ) from None
     mutations = functionalize(gm)
-    ctx = Context(gm, masks, stored_layouts, mode=mode, on_unstructured=on_unstructured,
-                  dtype=dtype, cost=cost, regroup=regroup)  # fmt: skip
-    check_units_read_before(mutations, ctx.sites)
+    ctx = Context(gm, masks, stored_layouts, **options)
+    check_units_read_before(gm, mutations, ctx.sites)
     choose_representations(ctx)
     nodes = list(gm.graph.nodes)
     for node in nodes:

@@ -99,16 +99,13 @@ def functionalize(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
     return mutations
 
 
-def check_units_read_before(mutations, sites) -> None:
+def check_units_read_before(gm: fx.GraphModule, mutations, sites) -> None:
     """A fused unit runs where its last node was; its conv read the input earlier. A
     mutation of that input in between would reach the unit but not the conv."""
     if not mutations:
         return
-    order = {}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for site in sites:
-        graph = site.conv.graph
-        if not order:
-            order = {n: i for i, n in enumerate(graph.nodes)}
         for op, target in mutations:
             if site.conv.args[0] is target and order[site.conv] < order[op] < order[site.out]:
                 raise ConvertError(
