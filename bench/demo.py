@@ -217,31 +217,50 @@ def render(summary: dict[str, Any]) -> str:
         t0 = by[base].get("median_ms")
         cells = [f"{by[p]['median_ms']:.1f}" if by[p]["status"] == "ok" else "error"
                  for p in providers]  # fmt: skip
-        ours = by.get("ours", {})
-        speedup = f"{t0 / ours['median_ms']:.2f}×" if t0 and ours.get("median_ms") else ""
+        ours = by.get("ours", {}).get("median_ms")
+        folded = by.get("folded", {}).get("median_ms")
+        speedup = f"{t0 / ours:.2f}×" if t0 and ours else ""
+        vs_folded = f"{folded / ours:.2f}×" if folded and ours else ""
+        same = "yes" if check["same_predictions"] else "NO"
         rows.append([method, f"{100 * final['sparsity']:.1f}%", f"{final['accuracy']:.2f}%",
-                     f"{100 * check['flops_ratio']:.1f}%", *cells, speedup,
-                     "yes" if check["same_predictions"] else "NO"])  # fmt: skip
+                     f"{100 * check['flops_ratio']:.1f}%", *cells, speedup, vs_folded,
+                     _versus_best(by, base), same])  # fmt: skip
     head = ["ticket", "sparsity", "accuracy", "FLOPs", *[f"{p} ms" for p in providers],
-            f"ours vs {base}", "converted == masked"]  # fmt: skip
+            f"ours vs {base}", "ours vs folded", "ours / best other",
+            "converted == masked"]  # fmt: skip
     env = summary["environment"]
     where = env.get("gpu") or f"{env.get('cpu')}, {env.get('torch_threads')} threads"
     first = next(iter(summary["latency"].values()))[0]
     # FLOPs are those of the conversion checked above (channel / group units); `ours`
-    # is timed as `convert(mode="auto")` prices it for the timing device.
-    notes = [
-        f"- ours for {method}: {r['note']}"
-        for method, rows_ in summary["latency"].items()
-        for r in rows_
-        if r["provider"] == "ours" and r.get("note")
-    ]
+    # is tuned on the timing device: each layer's fastest representation there.
+    notes, tables = [], []
+    for method, rows_ in summary["latency"].items():
+        for r in rows_:
+            if r["provider"] == "ours" and r.get("note"):
+                notes.append(f"- ours for {method}: {r['note']}")
+            if r["provider"] == "ours" and r.get("details", {}).get("tuning_table"):
+                tables.append(f"ours for {method}, per layer:\n\n```text\n"
+                              f"{r['details']['tuning_table']}\n```")  # fmt: skip
     return (
         f"{summary['config']['arch']} on {summary['data']}; dense accuracy {dense_acc:.2f}%.\n"
         f"Latency: median ms at input {tuple(first['input'])} on {where}.\n\n"
         + format_table(head, rows, markdown=True)
         + "\n\nFLOPs: the refill ticket as channel units, the regroup ticket as group units. "
-        "`ours` is timed as convert(mode='auto') builds it for this device:\n" + "\n".join(notes)
+        "`ours` is convert(mode='auto', tune=input): every layer timed in each of its "
+        "representations on this device, the fastest kept; 'best other' is the fastest of "
+        "dense, folded and narrow.\n"
+        + "\n".join(notes)
+        + ("\n\n" + "\n\n".join(tables) if tables else "")
     )
+
+
+def _versus_best(by: dict[str, dict], base: str) -> str:
+    """ours / the fastest whole-network alternative (dense, folded, narrow): ≤ 1 is the
+    goal ('never slower')."""
+    ours = by.get("ours", {}).get("median_ms")
+    others = [by[p]["median_ms"] for p in (base, "folded", "narrow")
+              if by.get(p, {}).get("median_ms")]  # fmt: skip
+    return f"{ours / min(others):.2f}" if ours and others else ""
 
 
 def _plots(summary: dict[str, Any], out: Path) -> list[Path]:

@@ -279,6 +279,8 @@ def _measure(name: str, case: Case, x: torch.Tensor, refs: dict, timing: dict) -
             y = built.run(xd)
         error = _relative_error(y, refs[built.computes])
         row |= {"computes": built.computes, "rel_error": error, "note": built.note}
+        if built.details is not None:
+            row["details"] = built.details
         if not error <= tolerance_for(case.dtype):
             row["status"] = (f"wrong output: max|y-ref|/max|ref| = {error:.2e} > "
                              f"{tolerance_for(case.dtype):.0e}")  # fmt: skip

@@ -14,8 +14,11 @@
                   network (graph replay is ``--graph``'s job, for all alike). CUDA by
                   default; on the CPU only when asked (needs a C++ toolchain).
 ``triton-dense``  the dense network through our channel kernel, every channel kept. CUDA.
-``ours``          ``convert(mode="auto", on_unstructured="regroup")``: our kernels on
-                  CUDA, the torch paths of our units on the CPU. Masked function.
+``ours``          ``convert(mode="auto", on_unstructured="regroup", tune=x)``: each layer
+                  timed in every representation on the benchmark's device, at its input
+                  shape, the fastest kept, the whole network checked against ``folded``
+                  and ``narrow`` (docs/CONVERT.md, "Tuning"). Our kernels on CUDA, the
+                  torch paths of our units on the CPU. Masked function.
 
 Every provider runs in the benchmark's dtype. Before any timing, each provider's output
 is compared with the function it claims to compute (the dense or the masked network in
@@ -33,6 +36,8 @@ import torch
 from torch import nn
 
 from sparse_ops import Ticket, convert, ops
+from sparse_ops.convert import TuneOptions
+from sparse_ops.convert.tune import tuning_table
 
 from . import BenchError
 
@@ -55,6 +60,7 @@ class Built:
     run: Callable[[torch.Tensor], torch.Tensor]
     computes: str  # "dense" or "masked"
     note: str = ""
+    details: dict | None = None  # JSON-able, kept in the provider's result row
 
 
 @dataclass(frozen=True)
@@ -99,12 +105,20 @@ def _narrow(case: Case) -> Built:
 
 
 def _ours(case: Case) -> Built:
+    # Tuned afresh (no cache): a benchmark measures this machine as it is now.
+    example = torch.randn(case.input_shape, generator=torch.Generator().manual_seed(1))
     fast, report = convert(case.model, unweighted(case.ticket), mode="auto", dtype=case.dtype,
                            device=case.device, on_unstructured="regroup",
-                           input_size=case.input_shape[1:], return_report=True)  # fmt: skip
+                           input_size=case.input_shape[1:], return_report=True,
+                           tune=example, tune_options=TuneOptions(cache=None))  # fmt: skip
     kinds = sorted({r.representation for r in report.layers if r.kind == "conv"})
-    note = f"{'/'.join(kinds)}; FLOPs {100 * report.flops_after / report.flops_dense:.1f}%"
-    return Built(fast, "masked", note)
+    tuning = report.notes["tuning"]
+    note = (f"{'/'.join(kinds)}; FLOPs {100 * report.flops_after / report.flops_dense:.1f}%; "
+            f"tuned in {tuning['seconds']:.1f} s")  # fmt: skip
+    details = {"tuning": tuning, "tuning_table": tuning_table(report.layers, tuning),
+               "layers": [{"name": r.name, "representation": r.representation}
+                          for r in report.layers]}  # fmt: skip
+    return Built(fast, "masked", note, details)
 
 
 def _triton_dense(case: Case) -> Built:

@@ -241,11 +241,14 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     summary, report = convert_job(
         args.ticket, args.output, arch=args.arch, mode=args.mode, dtype=args.dtype,
         on_unstructured=args.on_unstructured, target=args.target,
+        tune_batch=args.tune_batch if args.tune else None,
+        tune_cache=None if args.tune_cache.lower() == "none" else args.tune_cache,
+        progress=not args.json,
     )  # fmt: skip
     if args.json:
         _print_json(summary)
         return 0
-    if args.report:
+    if args.report or args.tune:
         print(report.render())
         print()
     ratio = summary["report"]["flops_ratio"]
@@ -430,6 +433,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
     p.add_argument("--on-unstructured", choices=["error", "dense", "regroup"], default="error",
                    help="layers whose mask the mode cannot run (default: error)")  # fmt: skip
+    p.add_argument(
+        "--tune", action="store_true",
+        help="time every representation of each layer on the target (this machine's CPU or "
+        "GPU) and keep the fastest; the whole network is checked against the folded dense "
+        "and the narrowed one (docs/CONVERT.md, 'Tuning')",
+    )  # fmt: skip
+    p.add_argument("--tune-batch", type=int, default=64, metavar="N",
+                   help="batch size to tune at (default: %(default)s)")  # fmt: skip
+    p.add_argument("--tune-cache", default="default", metavar="FILE",
+                   help="timing cache (default: $SPARSE_OPS_CACHE_DIR/tuning.json or "
+                   "~/.cache/sparse-ops/tuning.json); 'none' for no cache")  # fmt: skip
     p.add_argument("-o", "--output", required=True, help="output .safetensors file")
     p.add_argument("--report", action="store_true", help="print the per-layer report")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -238,20 +238,37 @@ def convert_job(
     on_unstructured: str = "error",
     target: str = "cuda",
     batch: int = 2,
+    tune_batch: int | None = None,
+    tune_cache: str | Path | None = "default",
+    progress: bool = False,
 ):
     """Load a ticket, convert its architecture, check the result, save it. ``target``
-    (cuda or cpu) is the device ``mode="auto"`` prices the layers for."""
-    from .convert import CostModel, convert, masked_model, save_converted
+    (cuda or cpu) is the device ``mode="auto"`` prices the layers for; with
+    ``tune_batch`` the layers are also timed there, at that batch size (``convert(tune=)``;
+    the target must then be this machine's)."""
+    from .convert import CostModel, TuneOptions, convert, masked_model, save_converted
     from .errors import SparseOpsError
 
+    if tune_batch is not None and tune_batch < 1:
+        raise SparseOpsError(f"--tune-batch must be ≥ 1, got {tune_batch}")
+    if tune_batch is not None and target == "cuda" and not torch.cuda.is_available():
+        raise SparseOpsError("--tune times the layers on the target: --target cuda needs a GPU "
+                             "here (or tune for this machine with --target cpu)")  # fmt: skip
     ticket = load_ticket(source, arch=arch)
     if ticket.arch is None or not models.is_known(ticket.arch):
         raise SparseOpsError(f"{source}: the ticket names no built-in architecture; pass --arch")
     model = ticket.create_model().eval()
     torch_dtype = getattr(torch, dtype) if dtype else None
+    tuning = {}
+    if tune_batch is not None:
+        size = models.info(ticket.arch).input_size
+        example = torch.randn(tune_batch, *size, generator=torch.Generator().manual_seed(1))
+        tuning = {"tune": example, "device": target,
+                  "tune_options": TuneOptions(cache=tune_cache, progress=progress)}  # fmt: skip
     fast, report = convert(model, ticket, mode=mode, dtype=torch_dtype,
                            on_unstructured=on_unstructured, return_report=True,
-                           cost=CostModel.for_device(target))  # fmt: skip
+                           cost=CostModel.for_device(target), **tuning)  # fmt: skip
+    fast = fast.cpu()  # checked and saved from the CPU: the file runs on either device
     reference = masked_model(model, ticket)
     x = torch.randn(batch, *report.input_shape[1:], generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -268,6 +285,7 @@ def convert_job(
         "has_trained_weights": ticket.weights is not None,
         "max_abs_diff": float((expected - got).abs().max()),
         "max_abs_output": float(expected.abs().max()),
+        "tuned": tune_batch is not None,
         "report": report.as_dict(),
     }
     return summary, report

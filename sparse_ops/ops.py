@@ -164,9 +164,9 @@ def group_conv(
         return group_conv2d(x, pack, residual=residual, relu=relu, allow_tf32=allow_tf32)
     call = launch.check_group_call(x, pack, residual, "group_conv", GROUP_FORMAT_VERSION, None)
     n, cin = x.shape[:2]
-    kh, kw = pack.kernel_size
-    column_sets = _column_sets(pack)
+    column_sets = _torch_column_sets(pack, x.device, x.dtype)
     if column_sets is None:  # very many distinct column sets: one conv on the dense weight
+        kh, kw = pack.kernel_size
         rows, cols, values = pack.entries()
         weight = torch.zeros(pack.out_channels, kh * kw * cin, dtype=x.dtype, device=x.device)
         weight[rows.to(x.device), cols.to(x.device)] = values.to(x.device, x.dtype)
@@ -174,38 +174,19 @@ def group_conv(
         y = F.conv2d(x, weight, None, pack.stride, pack.padding, pack.dilation)
         return _epilogue(y, pack.bias, residual, relu)
     oh, ow = call.oh, call.ow
-    y = x.new_zeros(n, pack.out_channels, oh, ow).contiguous(memory_format=torch.channels_last)
-    x_nhwc = None
     x_cl = x.contiguous(memory_format=torch.channels_last)  # once, not per column set
-    for rows, cols, tiles in column_sets:
-        block = torch.cat(tiles).to(x.device, x.dtype)  # [rows, cols]
-        rows, cols = rows.to(x.device), cols.to(x.device)
-        channels = torch.unique(cols % cin)
-        # A dense conv over the set's input channels (zeros at unused taps) runs at
-        # oneDNN/cuDNN speed but multiplies the zeros too; gathering just the set's
-        # columns and one GEMM does only the useful work, at a per-column copy.
-        if _GEMM_PENALTY * cols.numel() < channels.numel() * kh * kw:
-            if x_nhwc is None:
-                padded = F.pad(x, (pack.padding[1], pack.padding[1], pack.padding[0],
-                                   pack.padding[0]))  # fmt: skip
-                x_nhwc = padded.contiguous(memory_format=torch.channels_last)
-            order = torch.argsort(cols)  # taps contiguous, as the gather produces them
-            columns = _gather_columns(x_nhwc, cols[order], cin, kw, pack, (oh, ow))
-            part = columns @ block[:, order].t()  # [N, oh, ow, rows]
-            if len(column_sets) == 1 and torch.equal(rows, _arange(pack.out_channels, rows)):
-                y = part.permute(0, 3, 1, 2)  # every row, in order: already the output
-                break
-            _pixel_rows(y).index_copy_(1, rows, part.reshape(-1, rows.numel()).to(y.dtype))
-        else:
-            position = torch.full((cin,), -1, dtype=torch.long, device=x.device)
-            position[channels] = torch.arange(channels.numel(), device=x.device)
-            weight = block.new_zeros(rows.numel(), kh * kw, channels.numel())
-            weight[:, cols // cin, position[cols % cin]] = block
-            weight = weight.view(rows.numel(), kh, kw, -1).permute(0, 3, 1, 2)
-            inputs = select_channels(x_cl, channels)
-            part = F.conv2d(inputs, weight, None, pack.stride, pack.padding, pack.dilation)
-            scatter_channels_(y, rows, part, add=False)
-    return _epilogue_inplace(y, pack.bias, residual, relu, None)
+    bias = None if pack.bias is None else pack.bias.to(x.dtype)
+    if len(column_sets) == 1 and column_sets[0].every_row:
+        # One column set over every row, in order (a regrouped block cut into b1-row
+        # groups): the GEMM's [N·OH·OW, Cout] result is already the channels-last
+        # output, and the bias rides in the GEMM (addmm) instead of a pass of its own.
+        y = column_sets[0].run(x_cl, pack, (oh, ow), bias)
+        return _epilogue_inplace(y, None, residual, relu, None)
+    y = x.new_zeros(n, pack.out_channels, oh, ow).contiguous(memory_format=torch.channels_last)
+    for column_set in column_sets:
+        part = column_set.run(x_cl, pack, (oh, ow), None)
+        scatter_channels_(y, column_set.rows, part, add=False)
+    return _epilogue_inplace(y, bias, residual, relu, None)
 
 
 def select_channels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -243,24 +224,86 @@ def _pixel_rows(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).view(n * h * w, c)
 
 
-def _arange(n: int, like: torch.Tensor) -> torch.Tensor:
-    return torch.arange(n, device=like.device, dtype=like.dtype)
+class _ColumnSet:
+    """Rows of a GroupPack sharing one column set, prepared once for the torch path.
+
+    Two ways to run it, whichever multiplies less: gathering exactly the set's columns
+    (one ``torch.gather`` from an overlapping strided view of the zero-padded NHWC input:
+    the implicit-GEMM operand without an im2col of every column) and one GEMM; or a dense
+    conv over the set's input channels, zeros at unused taps (oneDNN/cuDNN speed, but it
+    multiplies the zeros too)."""
+
+    def __init__(self, rows, cols, block, pack: GroupPack, device, dtype):
+        kh, kw = pack.kernel_size
+        cin = pack.in_channels
+        self.rows = rows.to(device)
+        self.every_row = torch.equal(rows, torch.arange(pack.out_channels))
+        channels = torch.unique(cols % cin)
+        self.gather = _GEMM_PENALTY * cols.numel() < channels.numel() * kh * kw
+        if self.gather:
+            order = torch.argsort(cols)
+            self.cols = cols[order]
+            self.weight_t = block[:, order].t().contiguous().to(device, dtype)  # [cols, rows]
+            self._offsets: dict[int, tuple[torch.Tensor, int]] = {}
+        else:
+            position = torch.full((cin,), -1, dtype=torch.long)
+            position[channels] = torch.arange(channels.numel())
+            weight = block.new_zeros(rows.numel(), kh * kw, channels.numel())
+            weight[:, cols // cin, position[cols % cin]] = block
+            weight = weight.view(rows.numel(), kh, kw, -1).permute(0, 3, 1, 2)
+            self.weight = weight.contiguous().to(device, dtype)
+            self.channels = channels.to(device)
+
+    def run(self, x_cl, pack: GroupPack, out_hw, bias) -> torch.Tensor:
+        """This set's output rows, ``[N, rows, OH, OW]`` channels-last (+ ``bias``)."""
+        if not self.gather:
+            inputs = select_channels(x_cl, self.channels)
+            return F.conv2d(inputs, self.weight, bias, pack.stride, pack.padding, pack.dilation)
+        n, c = x_cl.shape[:2]
+        (oh, ow), (ph, pw) = out_hw, pack.padding
+        padded = F.pad(x_cl, (pw, pw, ph, ph)) if ph or pw else x_cl
+        nhwc = padded.permute(0, 2, 3, 1).contiguous()
+        hp, wp = nhwc.shape[1:3]
+        offsets, span = self._offsets_for(wp, c, pack)
+        (sh, sw) = pack.stride
+        # Row (n, oy, ox) of this view starts at the input pixel under the window's corner;
+        # a column's offset from there reaches its (ky, kx, c) element. The rows overlap
+        # (read-only), and the last one ends inside the tensor (see _offsets_for).
+        windows = nhwc.as_strided((n, oh, ow, span), (hp * wp * c, sh * wp * c, sw * c, 1))
+        columns = torch.gather(windows, 3, offsets.expand(n, oh, ow, -1))
+        flat = columns.view(n * oh * ow, -1)
+        weight_t = self.weight_t.to(flat.dtype)
+        out = flat @ weight_t if bias is None else torch.addmm(bias, flat, weight_t)
+        return out.view(n, oh, ow, -1).permute(0, 3, 1, 2)
+
+    def _offsets_for(self, wp: int, c: int, pack: GroupPack) -> tuple[torch.Tensor, int]:
+        """Element offsets of the columns from a window's corner in an NHWC input of
+        padded width ``wp``, and the span the view needs (``max offset + 1`` ≤ what is
+        left of the tensor after the last window's corner, since the last window fits)."""
+        cached = self._offsets.get(wp)
+        if cached is None:
+            kw = pack.kernel_size[1]
+            dh, dw = pack.dilation
+            taps = self.cols // c
+            ky, kx = taps // kw, taps % kw
+            offsets = (ky * dh * wp + kx * dw) * c + self.cols % c
+            offsets = offsets.to(self.weight_t.device)
+            cached = self._offsets[wp] = (offsets.view(1, 1, 1, -1), int(offsets.max()) + 1)
+        return cached
 
 
-def _gather_columns(x_padded, cols, cin, kw, pack, out_hw) -> torch.Tensor:
-    """``[N, OH, OW, len(cols)]``: the implicit-GEMM input columns ``cols`` ((ky, kx, c)
-    order, sorted) read from the zero-padded channels-last input, one slice per tap."""
-    oh, ow = out_hw
-    (sh, sw), (dh, dw) = pack.stride, pack.dilation
-    x_nhwc = x_padded.permute(0, 2, 3, 1)
-    taps = cols // cin
-    pieces = []
-    for tap in torch.unique_consecutive(taps).tolist():
-        ky, kx = divmod(tap, kw)
-        window = x_nhwc[:, ky * dh : ky * dh + (oh - 1) * sh + 1 : sh,
-                        kx * dw : kx * dw + (ow - 1) * sw + 1 : sw]  # fmt: skip
-        pieces.append(window.index_select(3, cols[taps == tap] % cin))
-    return torch.cat(pieces, dim=3)
+def _torch_column_sets(pack: GroupPack, device, dtype) -> list[_ColumnSet] | None:
+    """The pack's column sets prepared for the torch path, kept on the pack (a converted
+    unit keeps its pack between calls) per device and dtype."""
+    memo = pack.__dict__.setdefault("_torch_sets", {})
+    key = (str(device), dtype)
+    if key not in memo:
+        sets = _column_sets(pack)
+        memo[key] = None if sets is None else [
+            _ColumnSet(rows, cols, torch.cat(tiles).float(), pack, device, dtype)
+            for rows, cols, tiles in sets
+        ]  # fmt: skip
+    return memo[key]
 
 
 def _column_sets(pack: GroupPack):

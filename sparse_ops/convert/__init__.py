@@ -43,6 +43,7 @@ from .cost import MODES, ON_UNSTRUCTURED, CostModel
 from .prepare import ConvertError, check_model, example_input, masked_model
 from .rules import Rule, register_module_rule, unregister_module_rule
 from .serialize import SaveError, load_converted, save_converted
+from .tune import TuneOptions, tune_network, tuning_table
 
 __all__ = [
     "MODES",
@@ -52,6 +53,7 @@ __all__ = [
     "CostModel",
     "Rule",
     "SaveError",
+    "TuneOptions",
     "convert",
     "load_converted",
     "masked_model",
@@ -173,6 +175,8 @@ class ConversionReport:
             lines.append("fused: " + ", ".join(counts))
         if not self.traced:
             lines.append(f"NOTE: {self.notes.get('fallback')}")
+        if isinstance(self.notes.get("tuning"), dict):
+            lines += ["", tuning_table(self.layers, self.notes["tuning"])]
         return "\n".join(lines)
 
 
@@ -187,6 +191,8 @@ def convert(
     input_size: tuple[int, int, int] | None = None,
     cost: CostModel | None = None,
     regroup: RegroupConfig | None = None,
+    tune: torch.Tensor | None = None,
+    tune_options: TuneOptions | None = None,
     return_report: bool = False,
 ):
     """Return an eval-only module computing ``masked_model(model, ticket)`` with our units.
@@ -200,6 +206,14 @@ def convert(
     ``device``, and without a device the GPU's, because a converted module is usually
     moved to the GPU afterwards (pass ``device="cpu"`` for CPU inference). With
     ``return_report=True`` returns ``(module, ConversionReport)``.
+
+    ``tune`` (an example input batch): time every representation the mode allows for
+    each conv on ``device`` (default: the example's) at that shape and keep the fastest,
+    then check the whole network against the BatchNorm-folded dense and the narrowed
+    network and fall back layer by layer while it is slower (:mod:`.tune`;
+    ``tune_options``: :class:`TuneOptions`). Decisions and timings are in the report
+    (each row's ``detail["tuning"]``, ``notes["tuning"]``) and the module's
+    ``sparse_ops_tuning`` attribute, which :func:`save_converted` keeps.
     """
     check_model(model)
     if mode not in MODES:
@@ -212,10 +226,18 @@ def convert(
         raise ConvertError(
             f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}"
         )
+    if tune is not None and not torch.is_tensor(tune):
+        raise ConvertError(f"tune must be an example input tensor, got {type(tune).__name__}")
+    if tune is not None and tune.dim() < 2:
+        raise ConvertError(
+            f"tune: the example input needs a batch dimension, got {tuple(tune.shape)}"
+        )
     if ticket is None:
         from ..tickets import load_ticket
 
         ticket = load_ticket(model)
+    if tune is not None and input_size is None:
+        input_size = tuple(tune.shape[1:])
     dense = masked_model(model, ticket).cpu().float()
     example = example_input(dense, ticket.arch, input_size)
     masks = {k: v for k, v in ticket.masks.items()}
@@ -243,6 +265,24 @@ def convert(
                                   notes, cost.channel_align)  # fmt: skip
     if device is not None:
         module = module.to(device)
+    if tune is not None and not report.traced:
+        report.notes["tuning"] = "skipped: the model was converted module by module"
+    elif tune is not None:
+        target = torch.device(device) if device is not None else tune.device
+        module = module.to(target)
+
+        def baselines() -> dict[str, nn.Module]:
+            size = {"dtype": dtype, "device": target, "input_size": input_size}
+            unmasked = Ticket({}, ticket.weights, ticket.arch)
+            return {
+                "folded": convert(model, unmasked, mode="channel", **size),
+                "narrow": convert(model, ticket, mode="channel", on_unstructured="dense", **size),
+            }
+
+        module, record = tune_network(module, ctx, tune, target, tune_options or TuneOptions(),
+                                      baselines, dtype or torch.float32)  # fmt: skip
+        module.sparse_ops_tuning = record
+        report.notes["tuning"] = record
     module.eval()
     return (module, report) if return_report else module
 

@@ -133,6 +133,12 @@ def save_converted(module: nn.Module, path: str | os.PathLike) -> Path:
         "graph": json.dumps(nodes),
         "modules": json.dumps(modules),
     }
+    tuning = getattr(module, "sparse_ops_tuning", None)
+    if tuning is not None:  # what convert(tune=...) measured and chose: loading never re-tunes
+        try:
+            metadata["tuning"] = json.dumps(tuning)
+        except (TypeError, ValueError) as exc:
+            raise SaveError(f"the module's tuning record is not JSON ({exc})") from None
     path = Path(path)
     checkpoint_io.write_safetensors(path, tensors, metadata)
     return path
@@ -486,4 +492,12 @@ def load_converted(path: str | os.PathLike) -> fx.GraphModule:
     except (AttributeError, KeyError, RuntimeError, TypeError) as exc:
         # e.g. a module path running through a tensor attribute
         raise SaveError(f"{path}: inconsistent module tree ({_first_line(exc)})") from None
+    if "tuning" in metadata:
+        try:
+            tuning = json.loads(metadata["tuning"])
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise SaveError(f"{path}: corrupt tuning record ({_first_line(exc)})") from None
+        if not isinstance(tuning, dict):
+            raise SaveError(f"{path}: the tuning record must be a JSON object")
+        module.sparse_ops_tuning = tuning  # a record only: nothing in it is run or looked up
     return module.eval()

@@ -118,13 +118,27 @@ def site_constants(ctx, site: patterns.Site) -> torch.Tensor:
 
 
 def conv_unit(ctx, site: patterns.Site) -> nn.Module:
-    choice = ctx.choices[site.name]
+    """The unit of ``site`` as ``ctx.choices`` says, its report row appended to ``ctx.rows``."""
+    unit, row = make_conv_unit(ctx, site, ctx.choices[site.name])
+    ctx.notes["bn_folded"] += site.bn is not None
+    ctx.notes["relu_fused"] += site.relu is not None
+    ctx.notes["residual_fused"] += site.residual is not None
+    ctx.rows.append(row)
+    return unit
+
+
+def make_conv_unit(
+    ctx, site: patterns.Site, choice: Choice, *, zero_pad: bool = False
+) -> tuple[nn.Module, LayerRow]:
+    """The unit ``choice`` makes of ``site`` in the layouts the passes assigned, and its
+    report row; no side effect on ``ctx`` (tuning builds several per site).
+
+    ``zero_pad`` (channel units): read the whole stored input layout and compute every
+    stored output channel, zero weights where the mask has none — no gather, no scatter,
+    the BatchNorm-folded dense conv of the narrowed tensors."""
     conv: nn.Conv2d = ctx.modules[site.conv.target]
     w, b = ctx.fold(site)
     relu = site.relu is not None
-    ctx.notes["bn_folded"] += site.bn is not None
-    ctx.notes["relu_fused"] += relu
-    ctx.notes["residual_fused"] += site.residual is not None
     geometry = {"stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation}
     dtype = ctx.dtype or conv.weight.dtype
     in_node, out_node = site.conv.args[0], site.out
@@ -145,12 +159,23 @@ def conv_unit(ctx, site: patterns.Site) -> nn.Module:
     elif choice.kind == "group":
         unit, row = _group_unit(ctx, site, choice, w, b, relu, dtype, geometry, row)
     else:
-        unit, row = _channel_unit(ctx, site, w, b, relu, dtype, geometry, row, in_node, out_node)
-    ctx.rows.append(row)
-    return unit
+        unit, row = _channel_unit(ctx, site, w, b, relu, dtype, geometry, row, in_node, out_node,
+                                  zero_pad=zero_pad)  # fmt: skip
+    return unit, row
 
 
-def _channel_unit(ctx, site, w, b, relu, dtype, geometry, row, in_node, out_node):
+def as_torch_conv(unit: ChannelPrunedConv2d) -> TorchConv2d | None:
+    """A channel unit without gather, scatter or bias map as a TorchConv2d: the vendor
+    conv (cuDNN on a GPU) instead of the channel kernel, same weights and layouts; None
+    where the unit needs one of the three."""
+    if unit.const_weight is not None or unit.in_idx is not None or unit.out_idx is not None:
+        return None
+    weight = unit.weight.permute(0, 3, 1, 2).contiguous()
+    geometry = {"stride": unit.stride, "padding": unit.padding, "dilation": unit.dilation}
+    return TorchConv2d(weight, unit.bias, groups=1, relu=unit.relu, name=unit.name, **geometry)
+
+
+def _channel_unit(ctx, site, w, b, relu, dtype, geometry, row, in_node, out_node, *, zero_pad):
     nz = w != 0
     in_const = ctx.const[in_node]
     keep_in = nz.any(dim=(0, 2, 3))
@@ -170,7 +195,7 @@ def _channel_unit(ctx, site, w, b, relu, dtype, geometry, row, in_node, out_node
     read = in_logical
     align = ctx.cost.channel_align
     used = int(keep_in[in_layout].sum())  # stored inputs with a kept weight
-    if (
+    if zero_pad or (
         align > 1
         and n_in_phys > in_logical.numel()
         and zero_padding_pays(n_in_phys, used, ctx.cost.max_zero_inputs)
@@ -188,7 +213,7 @@ def _channel_unit(ctx, site, w, b, relu, dtype, geometry, row, in_node, out_node
     # row (zero weights where no weight reaches it: its epilogue is bias + residual,
     # as a fill channel's) when those zero rows are few: no scatter, no fill tiles.
     n_computes = int(computes[out_layout].sum())
-    if (
+    if zero_pad or (
         align > 1
         and n_computes < n_out_phys
         and zero_padding_pays(n_out_phys, n_computes, ctx.cost.max_zero_rows)

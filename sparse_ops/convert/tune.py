@@ -1,0 +1,394 @@
+"""Tuning: keep, per conv site, the representation that is fastest where it will run.
+
+``convert(model, ticket, tune=x)`` builds the network as the cost model says, then:
+
+1. runs ``x`` through it once, keeping each unit's real inputs (the narrowed,
+   channels-last tensors of the converted network, residual included);
+2. builds every representation the mode allows for each site *in the layouts the passes
+   assigned* (so any mix of choices still fits together): ``channel`` (the narrow unit,
+   gathering and scattering channels as the layouts need), ``padded`` (the same unit
+   reading its whole input layout and computing every stored output channel, zero
+   weights instead of gather and scatter: the BatchNorm-folded dense conv of the
+   narrowed tensors), ``group`` (the block-sparse unit of the mask's groups, where the
+   site's layouts are whole), ``regroup`` (regrouped + exact leftover, for unstructured
+   masks under ``on_unstructured="regroup"``) and on CUDA ``cudnn`` (the padded unit's
+   weights on cuDNN instead of the Triton channel kernel);
+3. checks each candidate computes what the built unit computes, then times them
+   interleaved, call by call (so drift and other load hit all alike), after warm-up:
+   CUDA events on a GPU, the wall clock on a CPU; median of at least ``min_repeats``
+   calls, more until the fastest one's p80 lies below the runner-up's p20 or the
+   site's time budget is spent. The fastest is kept; candidates within ``noise`` of it
+   count as tied, and of those the one with the fewest multiply-adds wins (it is the
+   one a faster or less loaded machine favours);
+4. times the tuned network against the whole-network baselines at ``x``'s shape —
+   the BatchNorm-folded dense network and the channel-narrowed one — and, while it is
+   slower than the faster of them by more than ``noise``, puts back the layer with the
+   smallest measured gain on that baseline's representation, and times again.
+
+Decisions and every candidate's time go into the report's rows (``detail["tuning"]``)
+and the module's ``sparse_ops_tuning`` attribute, which :func:`save_converted` stores:
+loading never re-tunes. Timings are cached (:class:`TuneCache`) by device, versions, dtype,
+input shapes and each candidate's structure, so converting the same ticket again skips
+the timing.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ..masks import gemm_view
+from ..nn import ChannelPrunedConv2d
+from ..progress import Progress
+from ..structure.regroup import regroup_mask
+from ..tables import format_table
+from . import patterns
+from .context import Choice, Context, LayerRow
+from .measure import (
+    TuneCache,
+    cache_key,
+    environment_key,
+    network_signature,
+    shapes_of,
+    time_interleaved,
+    unit_signature,
+)
+from .prepare import ConvertError
+from .units import LEFTOVER_ROWS, _layout, _leftover_groups, as_torch_conv, make_conv_unit
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    """How :func:`convert` tunes (``tune=example``); see the module docstring."""
+
+    warmup: int = 2
+    min_repeats: int = 5
+    max_repeats: int = 40
+    site_budget_s: float = 0.3  # timing per site, once min_repeats are done
+    network_repeats: int = 15
+    noise: float = 0.05
+    # A file path, or None for no cache; "default": $SPARSE_OPS_CACHE_DIR/tuning.json,
+    # else ~/.cache/sparse-ops/tuning.json.
+    cache: str | os.PathLike | None = "default"
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("warmup", "min_repeats", "max_repeats", "network_repeats"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (name != "warmup"):
+                raise ConvertError(f"TuneOptions.{name} must be an int ≥ 1, got {value!r}")
+        if self.max_repeats < self.min_repeats:
+            raise ConvertError("TuneOptions.max_repeats must be ≥ min_repeats")
+        if not 0 <= self.noise < 1:
+            raise ConvertError(f"TuneOptions.noise must lie in [0, 1), got {self.noise!r}")
+        if not self.site_budget_s >= 0:
+            raise ConvertError(f"TuneOptions.site_budget_s must be ≥ 0, got {self.site_budget_s}")
+
+
+@dataclass
+class Candidate:
+    label: str
+    unit: nn.Module
+    row: LayerRow
+    samples: list[float] = field(default_factory=list)
+    median_ms: float | None = None
+
+    @property
+    def work(self) -> int:
+        return self.row.flops_after if self.row.flops_kernel is None else self.row.flops_kernel
+
+
+# ---------------------------------------------------------------------------- candidates
+def candidates(ctx: Context, site: patterns.Site, device: torch.device) -> list[Candidate]:
+    """Every representation of ``site`` valid in its assigned layouts under ``ctx.mode``;
+    the first is the one the cost model built."""
+    built = ctx.choices[site.name]
+    if built.kind == "torch":
+        return []  # grouped / depthwise: one way to run them
+    out: list[Candidate] = []
+
+    def add(label: str, choice: Choice, **options) -> Candidate:
+        unit, row = make_conv_unit(ctx, site, choice, **options)
+        out.append(Candidate(label, unit, row))
+        return out[-1]
+
+    add(built.kind if built.kind == "group" and not built.leftover else
+        "regroup" if built.leftover else "channel", built)  # fmt: skip
+    mask = ctx.masks.get(f"{site.name}.weight")
+    structure = built.structure
+    channel_ok = ctx.mode in ("auto", "channel") or structure in ("dense", "empty")
+    if built.kind == "group" and channel_ok:
+        add("channel", Choice("channel", structure))
+    channel = next((c for c in out if c.label == "channel"), None)
+    if channel is not None and isinstance(channel.unit, ChannelPrunedConv2d):
+        if channel.unit.in_idx is not None or channel.unit.out_idx is not None:
+            add("padded", Choice("channel", structure), zero_pad=True)
+        if device.type == "cuda":
+            base = out[-1].unit if out[-1].label == "padded" else channel.unit
+            torch_unit = as_torch_conv(base)
+            if torch_unit is not None:
+                row = LayerRow(**{**out[-1].row.__dict__, "detail": dict(out[-1].row.detail)})
+                row.representation = "cudnn"
+                out.append(Candidate("cudnn", torch_unit, row))
+    whole = _whole_layouts(ctx, site)
+    labels = {c.label for c in out}
+    if (mask is not None and whole and ctx.mode in ("auto", "group") and "group" not in labels
+            and structure in ("channel", "group")):  # fmt: skip
+        add("group", Choice("group", structure, _layout(ctx, site, mask)))
+    if (mask is not None and whole and ctx.mode == "auto" and "regroup" not in labels
+            and ctx.on_unstructured == "regroup" and structure == "unstructured"):  # fmt: skip
+        new_mask, groups, _ = regroup_mask(mask, ctx.regroup, name=site.name)
+        leftover_view = gemm_view(mask) & ~gemm_view(new_mask)
+        leftover = _leftover_groups(leftover_view, LEFTOVER_ROWS) or None
+        add("regroup", Choice("group", structure, [g.as_dict() for g in groups], leftover))
+    return out
+
+
+def _whole_layouts(ctx: Context, site: patterns.Site) -> bool:
+    """Group units read and write every channel (they keep no bias map)."""
+    conv = ctx.modules[site.conv.target]
+    return (ctx.layout[site.conv.args[0]].numel() == conv.in_channels
+            and ctx.layout[site.out].numel() == conv.out_channels)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- per site
+def capture_inputs(module: fx.GraphModule, names: list[str], example: torch.Tensor) -> dict:
+    """Each named unit's positional inputs on ``example``, and its output."""
+    seen: dict[str, tuple[tuple, torch.Tensor]] = {}
+    handles = []
+    for name in names:
+        unit = module.get_submodule(name)
+
+        def hook(mod, args, output, name=name):
+            seen[name] = (tuple(a.clone() if torch.is_tensor(a) else a for a in args),
+                          output.detach().clone())  # fmt: skip
+
+        handles.append(unit.register_forward_hook(hook))
+    try:
+        with torch.inference_mode():
+            module(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}.get(dtype, 1e-4)
+
+
+def _check_same(site: str, label: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    err = float((got.float() - want.float()).abs().max()) if want.numel() else 0.0
+    if got.shape != want.shape or err > _tolerance(want.dtype) * max(scale, 1.0):
+        raise ConvertError(
+            f"{site}: tuning candidate {label!r} computes something else than the converted "
+            f"unit (max |Δ| {err:.3g} at scale {scale:.3g}, shape {tuple(got.shape)} vs "
+            f"{tuple(want.shape)}); this is a sparse-ops bug, please report it"
+        )
+
+
+def tune_site(
+    site: str, cands: list[Candidate], args: tuple, want: torch.Tensor,
+    device: torch.device, options: TuneOptions, cache: TuneCache, env: dict,
+) -> dict[str, Any]:  # fmt: skip
+    """Time ``cands`` on ``args`` and return the decision record (chosen label first)."""
+    for c in cands:
+        c.unit = c.unit.to(device)
+        with torch.inference_mode():
+            _check_same(site, c.label, c.unit(*args), want)
+    key = cache_key(
+        "site", env, shapes_of(args), [(c.label, unit_signature(c.unit)) for c in cands]
+    )
+    cached = cache.get(key)
+    if isinstance(cached, dict) and set(cached) == {c.label for c in cands}:
+        for c in cands:
+            c.median_ms = float(cached[c.label])
+    else:
+        calls = {c.label: (lambda u=c.unit: u(*args)) for c in cands}
+        samples = time_interleaved(calls, device, options, options.site_budget_s)
+        for c in cands:
+            c.samples, c.median_ms = samples[c.label], statistics.median(samples[c.label])
+        cache.put(key, {c.label: c.median_ms for c in cands})
+        cached = None
+    fastest = min(cands, key=lambda c: c.median_ms)
+    tied = [c for c in cands if c.median_ms <= fastest.median_ms * (1 + options.noise)]
+    chosen = min(tied, key=lambda c: (c.work, c.median_ms))
+    if chosen is fastest:
+        reason = "fastest"
+    else:
+        reason = (f"within {100 * options.noise:.0f}% of {fastest.label} "
+                  f"({fastest.median_ms:.3f} ms), fewer multiply-adds")  # fmt: skip
+    return {
+        "chosen": chosen.label,
+        "reason": reason,
+        "times_ms": {c.label: round(c.median_ms, 4) for c in cands},
+        "runs": {c.label: len(c.samples) for c in cands} if cached is None else "cached",
+    }
+
+
+# ---------------------------------------------------------------------------- network
+def tune_network(
+    module: fx.GraphModule,
+    ctx: Context,
+    example: torch.Tensor,
+    device: torch.device,
+    options: TuneOptions,
+    baselines: Callable[[], dict[str, nn.Module]],
+    dtype: torch.dtype,
+) -> tuple[fx.GraphModule, dict[str, Any]]:
+    """Tune ``module`` (built from ``ctx``) in place; returns it and the tuning record.
+    ``baselines()`` builds the whole-network baselines (name → module on ``device``)."""
+    started = time.perf_counter()
+    progress = Progress(enabled=options.progress)
+    cache = TuneCache(TuneCache.resolve(options.cache))
+    env = environment_key(device, dtype)
+    example = example.to(device=device, dtype=dtype)
+    sites = [s for s in ctx.sites if ctx.choices[s.name].kind != "torch"]
+    seen = capture_inputs(module, [s.name for s in sites], example)
+    rows = {r.name: i for i, r in enumerate(ctx.rows)}
+    per_site: dict[str, dict[str, Any]] = {}
+    fallbacks: dict[str, dict[str, Candidate]] = {}
+    for i, site in enumerate(sites):
+        progress.update(f"tuning {site.name} ({i + 1}/{len(sites)})")
+        if site.name not in seen:  # not reached by this input (a branch it skips)
+            continue
+        cands = candidates(ctx, site, device)
+        args, want = seen[site.name]
+        if len(cands) < 2:
+            continue
+        record = tune_site(site.name, cands, args, want, device, options, cache, env)
+        by_label = {c.label: c for c in cands}
+        _install(module, ctx, rows, site.name, by_label[record["chosen"]], record)
+        per_site[site.name] = record
+        fallbacks[site.name] = by_label
+    network = _check_network(module, ctx, rows, example, device, options, baselines,
+                             per_site, fallbacks, cache, env, progress)  # fmt: skip
+    cache.save()
+    record = {
+        "device": env["device"],
+        "dtype": env["dtype"],
+        "input_shape": list(example.shape),
+        "seconds": round(time.perf_counter() - started, 2),
+        "cache": None if cache.path is None else str(cache.path),
+        "cache_hits": cache.hits,
+        "cache_misses": cache.misses,
+        "sites": per_site,
+        "network": network,
+    }
+    progress.line(
+        f"tuned {len(per_site)} layers in {record['seconds']:.1f}s: "
+        + ", ".join(f"{k} {v} ms" for k, v in network["times_ms"].items())
+    )
+    return module, record
+
+
+def _install(module, ctx, rows, name: str, cand: Candidate, record: dict) -> None:
+    module.set_submodule(name, cand.unit)
+    row = cand.row
+    row.detail = {**row.detail, "tuning": record}
+    ctx.rows[rows[name]] = row
+
+
+def _check_network(module, ctx, rows, example, device, options, baselines, per_site,
+                   fallbacks, cache, env, progress) -> dict[str, Any]:  # fmt: skip
+    progress.update("timing the tuned network against the baselines")
+    base = baselines()
+    names = ["tuned", *base]
+    key = cache_key("network", env, list(example.shape),
+               {name: r["chosen"] for name, r in per_site.items()},
+               [(name, network_signature(m)) for name, m in base.items()])  # fmt: skip
+    cached = cache.get(key)
+    if isinstance(cached, dict) and set(cached.get("times_ms", {})) >= set(names):
+        times = cached["times_ms"]
+        for name, label in cached.get("fallbacks", {}).items():
+            if name in fallbacks and label in fallbacks[name]:
+                per_site[name] = {**per_site[name], "chosen": label,
+                                  "reason": "network fallback (cached)"}  # fmt: skip
+                _install(module, ctx, rows, name, fallbacks[name][label], per_site[name])
+        return {"times_ms": times, "fallbacks": cached.get("fallbacks", {}),
+                "verdict": cached.get("verdict", ""), "cached": True}  # fmt: skip
+
+    def measure() -> dict[str, float]:
+        nets = {"tuned": module, **base}
+        calls = {name: (lambda m=m: m(example)) for name, m in nets.items()}
+        samples = time_interleaved(calls, device, options, 0.0, repeats=options.network_repeats)
+        return {name: statistics.median(s) for name, s in samples.items()}
+
+    times = measure()
+    best_name = min(base, key=lambda n: times[n])
+    undone: dict[str, str] = {}
+    # The layers that gained least over the best baseline's representation go back first.
+    target = "channel" if best_name == "narrow" else "padded"
+
+    def back_to(name: str) -> str:
+        return target if target in fallbacks[name] else "channel"
+
+    order = sorted(
+        (
+            n
+            for n, by in fallbacks.items()
+            if "channel" in by and per_site[n]["chosen"] != back_to(n)
+        ),
+        key=lambda n: (
+            per_site[n]["times_ms"][back_to(n)] - per_site[n]["times_ms"][per_site[n]["chosen"]]
+        ),
+    )
+    while times["tuned"] > times[best_name] * (1 + options.noise) and order:
+        name = order.pop(0)
+        label = back_to(name)
+        per_site[name] = {
+            **per_site[name],
+            "chosen": label,
+            "reason": f"network fallback: tuned network slower than {best_name}",
+        }
+        _install(module, ctx, rows, name, fallbacks[name][label], per_site[name])
+        undone[name] = label
+        progress.update(f"network slower than {best_name}: {name} back to {label}")
+        times = measure()
+    slower = times["tuned"] > times[best_name] * (1 + options.noise)
+    verdict = (f"tuned network {times['tuned']:.3f} ms vs {best_name} {times[best_name]:.3f} ms"
+               + (": STILL SLOWER after every fallback" if slower else ""))  # fmt: skip
+    result = {"times_ms": {k: round(v, 4) for k, v in times.items()}, "fallbacks": undone,
+              "verdict": verdict, "slower_than_baseline": slower}  # fmt: skip
+    cache.put(key, result)
+    return {**result, "cached": False}
+
+
+def tuning_table(rows: list[LayerRow], record: dict[str, Any]) -> str:
+    """The report's tuning section: per layer what ran fastest and what was kept."""
+    tuned = [r for r in rows if "tuning" in r.detail]
+    seen = {label for r in tuned for label in r.detail["tuning"]["times_ms"]}
+    labels = [label for label in LABEL_ORDER if label in seen]
+    table = []
+    for r in tuned:
+        t = r.detail["tuning"]
+        cells = [f"{t['times_ms'][x]:.3f}" if x in t["times_ms"] else "" for x in labels]
+        table.append([r.name, t["chosen"], *cells, t["reason"]])
+    head = ["layer", "kept", *[f"{x} ms" for x in labels], "why"]
+    network = record["network"]
+    summary = "network: " + ", ".join(f"{k} {v:.2f} ms" for k, v in network["times_ms"].items())
+    if network["fallbacks"]:
+        summary += "; fallbacks: " + ", ".join(
+            f"{k} → {v}" for k, v in network["fallbacks"].items()
+        )
+    lines = [
+        f"tuned on {record['device']} ({record['dtype']}) at input {tuple(record['input_shape'])}"
+        f" in {record['seconds']:.1f} s (cache: {record['cache_hits']} hits, "
+        f"{record['cache_misses']} misses); median ms per call:",
+        format_table(head, table, align="ll" + "r" * len(labels) + "l"),
+        summary,
+    ]
+    if network.get("slower_than_baseline"):
+        lines.append("WARNING: " + network["verdict"])
+    return "\n".join(lines)
+
+
+LABEL_ORDER = ("channel", "padded", "cudnn", "group", "regroup")
