@@ -62,19 +62,28 @@ def test_unknown_backend():
 @pytest.mark.parametrize("shape", SHAPES[:5], ids=shape_id)
 @pytest.mark.parametrize("layout_kind", ["no-groups", "dense", "one-row", "mixed"])
 @pytest.mark.parametrize("gemm_penalty", [0.0, 1e9], ids=["gather-gemm", "conv"])
-def test_group_torch_path_both_strategies(shape, layout_kind, gemm_penalty, monkeypatch):
-    """Each column set runs either as a gathered GEMM or as a conv over its channels."""
+@pytest.mark.parametrize("epilogue", ["none", "bias-residual-relu", "residual"])
+def test_group_torch_path_both_strategies(shape, layout_kind, gemm_penalty, epilogue,
+                                          monkeypatch):  # fmt: skip
+    """Each column set runs either as a gathered GEMM (bias and residual inside the GEMM
+    when one set covers every row) or as a conv over its channels."""
     monkeypatch.setattr(ops, "_GEMM_PENALTY", gemm_penalty)
     n, cin, cout, h, w, k, s, p, d = shape
     g = torch.Generator().manual_seed(7 + SHAPES.index(shape))
     weight = conv_weight(cout, cin, k, g)
-    bias = torch.randn(cout, generator=g)
+    bias = None if epilogue == "residual" else torch.randn(cout, generator=g)
     x = torch.randn(n, cin, h, w, generator=g)
     layout, mask = group_layout(cout, cin, k, layout_kind, g)
     pack = GroupPack.from_weight(weight, mask, layout, bias, stride=s, padding=p, dilation=d)
-    y = ops.group_conv(x, pack, relu=False)
-    ref = expected(x, pack.dense_weight(), bias, (s, p, d), None, False)
-    torch.testing.assert_close(y.double(), ref, **TOLERANCES[torch.float32])
+    oh = (h + 2 * p - d * (k - 1) - 1) // s + 1
+    ow = (w + 2 * p - d * (k - 1) - 1) // s + 1
+    res = None if epilogue == "none" else torch.randn(n, cout, oh, ow, generator=g)
+    relu = "relu" in epilogue
+    for _ in range(2):  # the second call runs on what the first one prepared
+        y = ops.group_conv(x, pack, residual=res, relu=relu)
+        ref = expected(x, pack.dense_weight(), bias, (s, p, d), res, relu)
+        torch.testing.assert_close(y.double(), ref, **TOLERANCES[torch.float32])
+        assert y.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("shape", [(1, 7, 5, 3), (3, 16, 4, 9), (2, 5, 1, 1), (0, 6, 3, 3)])
@@ -127,3 +136,29 @@ def test_channel_path_runs_a_fully_pruned_layer(with_bias, with_residual):
     ref = expected(x, plan.dense_weight(), bias, (2, 1, 1), res, True)
     assert y.shape == (2, 6, 4, 5)
     torch.testing.assert_close(y.double(), ref, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("epilogue", ["plain", "relu", "residual", "residual-relu", "nchw-res"])
+@pytest.mark.parametrize("fused", [True, False], ids=["onednn-fused", "separate"])
+def test_whole_layout_conv_fuses_its_epilogue_exactly(shape, epilogue, fused, monkeypatch):
+    """Every output channel computed: oneDNN's fused conv (bias, residual, ReLU in the
+    primitive) and the separate passes agree with the reference."""
+    monkeypatch.setattr(ops, "_FUSE_ON_CPU", fused)
+    n, cin, cout, h, w, k, s, p, d = shape
+    g = torch.Generator().manual_seed(100 + SHAPES.index(shape))
+    weight, bias = conv_weight(cout, cin, k, g), torch.randn(cout, generator=g)
+    x = torch.randn(n, cin, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    oh = (h + 2 * p - d * (k - 1) - 1) // s + 1
+    ow = (w + 2 * p - d * (k - 1) - 1) // s + 1
+    res = None
+    if "res" in epilogue:
+        res = torch.randn(n, cout, oh, ow, generator=g)
+        if epilogue != "nchw-res":
+            res = res.contiguous(memory_format=torch.channels_last)
+    relu = "relu" in epilogue
+    plan = ChannelPlan.from_weight(weight, None, bias, stride=s, padding=p, dilation=d)
+    y = ops.channel_conv(x, plan, residual=res, relu=relu)
+    ref = expected(x, weight, bias, (s, p, d), res, relu)
+    torch.testing.assert_close(y.double(), ref, **TOLERANCES[torch.float32])
+    assert y.is_contiguous(memory_format=torch.channels_last)
