@@ -301,6 +301,12 @@ def _fp32(t: Tensor | None) -> Tensor | None:
     return t if t is None or t.dtype == torch.float32 else t.float()
 
 
+def _version_of(t: Tensor | None) -> int | None:
+    """In-place updates seen so far; inference tensors (a module built under
+    ``torch.inference_mode``) keep no counter, and change only by replacement."""
+    return None if t is None or t.is_inference() else t._version
+
+
 class _Unit(nn.Module):
     """Shared plumbing: buffers that may be None, a JSON config, state for saving."""
 
@@ -409,7 +415,7 @@ class ChannelPrunedConv2d(_Unit):
         tensors = (b["weight"], b["bias"], b["in_idx"], b["out_idx"], b["fill_idx"])
         # The bias's version too: after .half() the plan holds an fp32 copy of it, which
         # an in-place update of the buffer (load_state_dict) would not reach.
-        version = None if tensors[1] is None else tensors[1]._version
+        version = _version_of(tensors[1])
         cached = self.__dict__.get("_plan_cache")
         if (cached is None or cached[1] != version
                 or any(a is not c for a, c in zip(cached[0], tensors, strict=True))):  # fmt: skip
@@ -546,7 +552,7 @@ class GroupSparseConv2d(_Unit):
         caches = self.__dict__.setdefault("_pack_cache", {})
         cached = caches.get(prefix)
         bias = tensors[-1]  # see ChannelPrunedConv2d._eager_plan for the version
-        version = None if bias is None else bias._version
+        version = _version_of(bias)
         if (cached is None or cached[1] != version
                 or any(a is not c for a, c in zip(cached[0], tensors, strict=True))):  # fmt: skip
             pack = GroupPack(*tensors[:-1], _fp32(tensors[-1]), self.in_channels,

@@ -327,7 +327,7 @@ class _ColumnSet:
         the padded input carries (the bias then costs no pass over the output)."""
         if bias is None:
             return self.weight_t.to(dtype)
-        key = (bias.data_ptr(), bias._version, dtype)
+        key = (bias.data_ptr(), dtype)  # packs are immutable once run (see _torch_column_sets)
         cached = self.__dict__.get("_with_bias")
         if cached is None or cached[0] != key:
             rows_bias = bias[self.rows].to(self.weight_t)[None, :]
@@ -377,7 +377,8 @@ def _padded_nhwc(x_cl: torch.Tensor, padding, with_ones: bool) -> tuple[torch.Te
 
 def _torch_column_sets(pack: GroupPack, device, dtype) -> list[_ColumnSet] | None:
     """The pack's column sets prepared for the torch path, kept on the pack (a converted
-    unit keeps its pack between calls) per device and dtype."""
+    unit keeps its pack between calls, and rebuilds it when a buffer is replaced or its
+    bias updated) per device and dtype: a pack's tensors must not change once it ran."""
     memo = pack.__dict__.setdefault("_torch_sets", {})
     key = (str(device), dtype)
     if key not in memo:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparse_ops import Ticket
+from sparse_ops import Ticket, models
 from sparse_ops.convert import (
     ConvertError,
     SaveError,
@@ -295,3 +295,16 @@ def test_what_saves_also_loads(cls, tmp_path):
     x = _input()
     with torch.no_grad():
         assert torch.equal(back(x), fast(x))
+
+
+def test_a_module_converted_under_inference_mode_runs():
+    """Its buffers are inference tensors, which keep no version counter: the units'
+    cached plans must not ask for one."""
+    model = models.create("res20s").eval()
+    with torch.inference_mode():
+        fast = convert(model, Ticket({}, None, "res20s"), device="cpu")
+        inside = fast(torch.ones(1, 3, 32, 32))
+    with torch.no_grad():
+        outside = fast(torch.ones(1, 3, 32, 32))
+        torch.testing.assert_close(outside, model(torch.ones(1, 3, 32, 32)), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(inside, outside, rtol=0, atol=0)

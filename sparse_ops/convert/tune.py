@@ -159,25 +159,23 @@ def _whole_layouts(ctx: Context, site: patterns.Site) -> bool:
 
 
 # ---------------------------------------------------------------------------- per site
-def capture_inputs(module: fx.GraphModule, names: list[str], example: torch.Tensor) -> dict:
-    """Each named unit's positional inputs on ``example``, and its output."""
-    seen: dict[str, tuple[tuple, torch.Tensor]] = {}
+def visit_units(module: fx.GraphModule, names: list[str], example: torch.Tensor, visit) -> None:
+    """Run ``example`` through ``module`` once, calling ``visit(name, args, output)`` as
+    each named unit returns: candidates are timed on the network's live tensors there,
+    so tuning holds one layer's activations at a time, not every layer's."""
     handles = []
     for name in names:
-        unit = module.get_submodule(name)
 
         def hook(mod, args, output, name=name):
-            seen[name] = (tuple(a.clone() if torch.is_tensor(a) else a for a in args),
-                          output.detach().clone())  # fmt: skip
+            visit(name, args, output)
 
-        handles.append(unit.register_forward_hook(hook))
+        handles.append(module.get_submodule(name).register_forward_hook(hook))
     try:
         with torch.inference_mode():
             module(example)
     finally:
         for handle in handles:
             handle.remove()
-    return seen
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -201,7 +199,6 @@ def tune_site(
 ) -> dict[str, Any]:  # fmt: skip
     """Time ``cands`` on ``args`` and return the decision record (chosen label first)."""
     for c in cands:
-        c.unit = c.unit.to(device)
         with torch.inference_mode():
             _check_same(site, c.label, c.unit(*args), want)
     key = cache_key(
@@ -252,23 +249,26 @@ def tune_network(
     env = environment_key(device, dtype)
     example = example.to(device=device, dtype=dtype)
     sites = [s for s in ctx.sites if ctx.choices[s.name].kind != "torch"]
-    seen = capture_inputs(module, [s.name for s in sites], example)
+    site_of = {s.name: s for s in sites}
     rows = {r.name: i for i, r in enumerate(ctx.rows)}
     per_site: dict[str, dict[str, Any]] = {}
     fallbacks: dict[str, dict[str, Candidate]] = {}
-    for i, site in enumerate(sites):
-        progress.update(f"tuning {site.name} ({i + 1}/{len(sites)})")
-        if site.name not in seen:  # not reached by this input (a branch it skips)
-            continue
-        cands = candidates(ctx, site, device)
-        args, want = seen[site.name]
+
+    def visit(name: str, args: tuple, output: torch.Tensor) -> None:
+        progress.update(f"tuning {name} ({len(per_site) + 1} of at most {len(sites)} layers)")
+        with torch.inference_mode(False):  # units made here outlive the tuning pass
+            cands = candidates(ctx, site_of[name], device)
+            for c in cands:
+                c.unit = c.unit.to(device)
         if len(cands) < 2:
-            continue
-        record = tune_site(site.name, cands, args, want, device, options, cache, env)
-        by_label = {c.label: c for c in cands}
-        _install(module, ctx, rows, site.name, by_label[record["chosen"]], record)
-        per_site[site.name] = record
-        fallbacks[site.name] = by_label
+            return
+        per_site[name] = tune_site(name, cands, args, output, device, options, cache, env)
+        fallbacks[name] = {c.label: c for c in cands}
+
+    # Layers the example does not reach (a branch it skips) keep the cost model's choice.
+    visit_units(module, list(site_of), example, visit)
+    for name, record in per_site.items():  # installed after the pass that measured them
+        _install(module, ctx, rows, name, fallbacks[name][record["chosen"]], record)
     network = _check_network(module, ctx, rows, example, device, options, baselines,
                              per_site, fallbacks, cache, env, progress)  # fmt: skip
     cache.save()
