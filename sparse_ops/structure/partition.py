@@ -23,6 +23,10 @@ and the graph model 100% (docs/STRUCTURE.md has the measurements).
 Both run under Mt-KaHyPar's ``DETERMINISTIC`` preset: for a given seed the partition
 is identical whatever the thread count. If the partitioner is missing or fails, that
 is an error, never a silent fallback.
+
+:class:`RowPartitioner` also merges the parts of a partition into fewer without calling
+the partitioner again (:meth:`RowPartitioner.coarsen`): regroup's search over part
+counts partitions each layer once.
 """
 
 from __future__ import annotations
