@@ -14,9 +14,12 @@ No download, no user data: the 8×8 digits shipped inside scikit-learn, upsample
 3. **Measure** latency at the CIFAR shape (batch 64, 3×32×32) against the dense
    baselines: on the GPU when there is one (cuDNN, our kernels, ...), else on the CPU
    (oneDNN, the torch paths of our modules). Same harness as ``sparse-ops bench``.
-4. **Report**: a printed table, ``summary.json``, ``results.md``, and plots
-   ``accuracy.png`` (accuracy vs sparsity per round) and ``latency.png``; the tickets
-   (``*.safetensors``, our format) and the converted modules.
+4. **Report**: printed tables (latency per final ticket; sparsity and accuracy per IMP
+   round; each method's *winning ticket*, the sparsest round within
+   ``WINNING_MARGIN`` points of the dense accuracy, as ``summary["winning"]``),
+   ``summary.json``, ``results.md``, and plots ``accuracy.png`` (accuracy vs sparsity
+   per round) and ``latency.png``; the tickets (``*.safetensors``, our format) and the
+   converted modules.
 """
 
 from __future__ import annotations
@@ -62,6 +65,10 @@ QUICK = DemoConfig(rounds=1, epochs=1, latency_batch=8, latency_size=16, warmup=
 
 # What each structuring method converts to.
 METHODS = {"refill": "channel", "regroup": "group"}
+
+# A winning ticket keeps the dense accuracy; on a 360-image test set one image is 0.28
+# points, so "within 1 point" allows three images of noise.
+WINNING_MARGIN = 1.0
 
 
 def run_demo(
@@ -181,13 +188,16 @@ def _summary(config, dataset, runs, checks, latency, device, start) -> dict[str,
     base = baseline_provider(device)
     ok = all(c["same_predictions"] and c["max_abs_diff"] < 1e-3 for c in checks.values())
     ok = ok and all(r["status"] == "ok" for rows in latency.values() for r in rows)
+    imp_rows = {method: [_round_row(t) for t in tickets] for method, tickets in runs.items()}
     return {
         "ok": ok,
         "config": asdict(config),
         "data": dataset.describe(),
         "device": device.type,
         "baseline": base,
-        "imp": {method: [_round_row(t) for t in tickets] for method, tickets in runs.items()},
+        "imp": imp_rows,
+        "winning": {method: winning_ticket(rows) for method, rows in imp_rows.items()},
+        "winning_margin": WINNING_MARGIN,
         "conversion": checks,
         "latency": latency,  # per ticket: one row per provider, raw samples included
         "environment": environment(),
@@ -202,6 +212,14 @@ def _round_row(ticket: Ticket) -> dict[str, Any]:
         "density": ticket.density,
         "accuracy": ticket.meta["accuracy"],
     }
+
+
+def winning_ticket(rounds: list[dict[str, Any]], margin: float = WINNING_MARGIN) -> dict:
+    """The sparsest round (``round``, ``sparsity``, ``accuracy``) whose test accuracy is
+    within ``margin`` points of round 0's (the dense network); round 0 if none is."""
+    floor = rounds[0]["accuracy"] - margin
+    best = max((r for r in rounds if r["accuracy"] >= floor), key=lambda r: r["sparsity"])
+    return {k: best[k] for k in ("round", "sparsity", "accuracy")}
 
 
 def render(summary: dict[str, Any]) -> str:
@@ -251,6 +269,8 @@ def render(summary: dict[str, Any]) -> str:
         "dense, folded and narrow.\n"
         + "\n".join(notes)
         + ("\n\n" + "\n\n".join(tables) if tables else "")
+        + "\n\n"
+        + _render_imp(summary)
     )
 
 
@@ -261,6 +281,32 @@ def _versus_best(by: dict[str, dict], base: str) -> str:
     others = [by[p]["median_ms"] for p in (base, "folded", "narrow")
               if by.get(p, {}).get("median_ms")]  # fmt: skip
     return f"{ours / min(others):.2f}" if ours and others else ""
+
+
+def _render_imp(summary: dict[str, Any]) -> str:
+    """Sparsity and test accuracy per IMP round and method, then each winning ticket."""
+    methods = list(summary["imp"])
+    head = ["round"] + [f"{m} {what}" for m in methods for what in ("sparsity", "accuracy")]
+    rows = [
+        [str(i)] + [cell for m in methods for cell in _round_cells(summary["imp"][m][i])]
+        for i in range(len(summary["imp"][methods[0]]))
+    ]
+    margin = summary["winning_margin"]
+    lines = [
+        f"- {m}: round {w['round']}, {100 * w['sparsity']:.1f}% sparsity, "
+        f"{w['accuracy']:.2f}% test accuracy"
+        for m, w in summary["winning"].items()
+    ]
+    return (
+        "IMP: sparsity and test accuracy after each round (round 0: dense).\n\n"
+        + format_table(head, rows, markdown=True)
+        + f"\n\nWinning tickets (the sparsest round within {margin:g} point of dense):\n"
+        + "\n".join(lines)
+    )
+
+
+def _round_cells(r: dict[str, Any]) -> list[str]:
+    return [f"{100 * r['sparsity']:.1f}%", f"{r['accuracy']:.2f}%"]
 
 
 def _plots(summary: dict[str, Any], out: Path) -> list[Path]:

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 
 from . import __version__, models
@@ -66,14 +66,19 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parts(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int or 'auto', got {text!r}") from None
-    return value
+def _int_or(*words: str) -> Callable[[str], int | str]:
+    """An argparse type: an int, or one of ``words``."""
+    expected = " or ".join(["an int", *(repr(w) for w in words)])
+
+    def parse(text: str) -> int | str:
+        if text in words:
+            return text
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+
+    return parse
 
 
 def _t2(text: str) -> float | None:
@@ -93,8 +98,10 @@ _REFILL_ARGS = [
 ]  # fmt: skip
 _CHOICES = {"criterion": CRITERIA, "model": PARTITION_MODELS}
 _REGROUP_ARGS = [
-    ("--parts", "parts", _parts, "partitions per layer: an int or 'auto' (default)"),
-    ("--group-rows", "group_rows", int, "auto parts: target rows per part (default 64)"),
+    ("--parts", "parts", _int_or("auto", "rows"), "partitions per layer: an int, 'auto' "
+     "(default: the count around rows/group-rows whose blocks keep the most nonzeros per "
+     "unit of area) or 'rows' (round(rows/group-rows))"),
+    ("--group-rows", "group_rows", int, "auto / rows parts: target rows per part (default 64)"),
     ("--t1", "t1", float, "column growth threshold (default 1.5)"),
     ("--t2", "t2", _t2, "columns this full within a part always join (default: off)"),
     ("--b1", "b1", int, "rows per group (default 32)"),
@@ -102,7 +109,7 @@ _REGROUP_ARGS = [
     ("--b2", "b2", int, "blocks with fewer columns are dropped (default 1)"),
     ("--partition-model", "model", str, "graph (default) or hypergraph"),
     ("--regroup-seed", "seed", int, "partitioner seed (default 0)"),
-    ("--col-run", "col_run", _parts, "columns in runs of 8 channels of one tap (16-byte "
+    ("--col-run", "col_run", _int_or("auto"), "columns in runs of 8 channels of one tap (16-byte "
      "loads in the group kernel): 1 (default), 8, or auto (runs where they keep ≥ 95%% of "
      "the nonzeros single columns keep)"),
 ]  # fmt: skip

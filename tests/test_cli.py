@@ -161,7 +161,14 @@ def test_demo_quick_runs_the_whole_pipeline_and_checks_itself(tmp_path, capsys):
         "res20s_regroup_converted.safetensors",
     ):
         assert (out / name).is_file(), name  # fmt: skip
-    assert "ours vs dense" in (out / "results.md").read_text()
+    results = (out / "results.md").read_text()
+    assert "ours vs dense" in results and "regroup sparsity" in results
+    for method, rounds in summary["imp"].items():  # the sparsest round within 1 point
+        win = summary["winning"][method]
+        best = max((r for r in rounds if r["accuracy"] >= rounds[0]["accuracy"] - 1.0),
+                   key=lambda r: r["sparsity"])  # fmt: skip
+        assert win == {k: best[k] for k in ("round", "sparsity", "accuracy")}, method
+        assert f"- {method}: round {win['round']}, " in results
 
 
 def test_module_entry_point():

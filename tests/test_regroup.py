@@ -62,17 +62,25 @@ def test_t2_keeps_dense_columns():
     assert _block_cols(dense) == [0, 1, 2, 3, 4, 5, 6]
 
 
-def _planted(cout: int, cin: int, blocks: int, noise: float, seed: int):
-    """Dense blocks with disjoint rows and columns, permuted, plus uniform noise."""
+def _planted(cout: int, cin: int, blocks: int, noise: float, seed: int, labels: bool = False):
+    """Dense blocks with disjoint rows and columns, permuted, plus uniform noise.
+
+    Returns the noisy mask and the planted GEMM view (and, with ``labels``, each row's
+    planted block)."""
     g = torch.Generator().manual_seed(seed)
     k = cin * 9
     view = torch.zeros(cout, k, dtype=torch.bool)
-    for r, c in zip(torch.tensor_split(torch.arange(cout), blocks),
-                    torch.tensor_split(torch.arange(k), blocks), strict=True):  # fmt: skip
+    block = torch.zeros(cout, dtype=torch.long)
+    row_sets = torch.tensor_split(torch.arange(cout), blocks)
+    col_sets = torch.tensor_split(torch.arange(k), blocks)
+    for b, (r, c) in enumerate(zip(row_sets, col_sets, strict=True)):
         view[r[:, None], c[: int(0.7 * len(c))][None, :]] = True
-    view = view[torch.randperm(cout, generator=g)][:, torch.randperm(k, generator=g)]
+        block[r] = b
+    rows = torch.randperm(cout, generator=g)
+    view, block = view[rows][:, torch.randperm(k, generator=g)], block[rows]
     noisy = view | (torch.rand(cout, k, generator=g) < noise)
-    return from_gemm_view(noisy, (cout, cin, 3, 3)), view
+    mask = from_gemm_view(noisy, (cout, cin, 3, 3))
+    return (mask, view, block) if labels else (mask, view)
 
 
 @pytest.mark.parametrize(
@@ -87,6 +95,63 @@ def test_planted_blocks_are_recovered(cout, cin, blocks, noise, seed):
     assert recovered >= 0.95, recovered
     assert change.status == "regrouped"
     assert mask_stats(new).structure == "group"
+
+
+def _kept_on_true_partition(mask, planted, block) -> int:
+    """Planted nonzeros the column rule (t1 = 1.5) keeps, run on each planted block alone."""
+    kept = 0
+    for b in block.unique():
+        rows = (block == b).nonzero().flatten()
+        new, _, _ = regroup_mask(mask[rows], RegroupConfig(parts=1, min_rows=1))
+        kept += int((gemm_view(new) & planted[rows]).sum())
+    return kept
+
+
+# ResNet-18's layer2/3/4 conv1 shapes, four planted row groups of 32, 64 and 128 rows.
+@pytest.mark.parametrize(("cout", "cin", "seed"), [(128, 64, 0), (256, 128, 1), (512, 256, 2)])
+def test_auto_parts_find_planted_groups_smaller_or_larger_than_group_rows(cout, cin, seed):
+    mask, planted, block = _planted(cout, cin, 4, 0.01, seed, labels=True)
+    new, groups, change = regroup_mask(mask, name="planted")  # parts="auto", group_rows=64
+    for g in groups:  # rows from one planted group
+        purity = int(torch.bincount(block[list(g.rows)]).max()) / len(g.rows)
+        assert purity >= 0.9, (change.detail, purity)
+    kept = int((gemm_view(new) & planted).sum())
+    assert kept >= 0.9 * _kept_on_true_partition(mask, planted, block), change.detail
+    tried = [p for p, _ in change.detail["part_scores"]]
+    assert change.detail["parts"] in tried and len(tried) <= 3
+
+
+def test_rows_rule_keeps_the_fixed_count():
+    # The fixed round(rows / group_rows) merges 128 rows of four 32-row groups into 2 parts.
+    mask, _, block = _planted(128, 64, 4, 0.01, 0, labels=True)
+    _, groups, change = regroup_mask(mask, RegroupConfig(parts="rows"))
+    assert change.detail["parts"] == 2 and "part_scores" not in change.detail
+    assert min(int(torch.bincount(block[list(g.rows)]).max()) / len(g.rows) for g in groups) < 0.9
+
+
+def test_coarsen_merges_parts_of_one_planted_group():
+    mask, _, block = _planted(256, 32, 4, 0.02, 4, labels=True)
+    partitioner = partition_module.RowPartitioner(gemm_view(mask).numpy(), layer="planted")
+    fine = partitioner.split(8)
+    coarse = partitioner.coarsen(fine, 8, 4)
+    assert sorted(np.unique(coarse).tolist()) == [0, 1, 2, 3]
+    rows = torch.from_numpy(partitioner.rows)
+    for labels, parts in ((fine, 8), (coarse, 4)):
+        for p in range(parts):
+            assert block[rows[torch.from_numpy(labels == p)]].unique().numel() == 1
+    # Merging only: every fine part lies inside one coarse part.
+    assert all(np.unique(coarse[fine == p]).size == 1 for p in range(8))
+
+
+def test_balance_bound_leaves_no_part_below_min_rows():
+    # At ε = 0.1 Mt-KaHyPar fills seven of 8 parts to 35 rows and leaves 11 for the last,
+    # which regroup would drop (min_rows = 16); the tightened bound keeps every part.
+    view = (torch.rand(256, 1152, generator=torch.Generator().manual_seed(0)) < 0.4).numpy()
+    partitioner = partition_module.RowPartitioner(view)
+    assert np.bincount(partitioner.split(8)).min() < 16
+    assert np.bincount(partitioner.split(8, min_part=16), minlength=8).min() >= 16
+    _, _, change = regroup_mask(torch.from_numpy(view), RegroupConfig(parts=8))
+    assert change.detail["dropped_parts"] == [] and len(change.detail["blocks"]) == 8
 
 
 def _check_layout(mask_shape, new, groups, b1):
@@ -167,7 +232,7 @@ def test_unsatisfiable_parameters_name_the_layer():
     ("kwargs", "fragment"),
     [
         ({"t1": 0}, "t1 must be > 0"),
-        ({"parts": "many"}, "parts must be a positive int or 'auto'"),
+        ({"parts": "many"}, "parts must be a positive int, 'auto' or 'rows'"),
         ({"b1": 0}, "b1 must be a positive int"),
         ({"t2": 1.5}, "t2 must be in (0, 1] or None"),
         ({"model": "spectral"}, "model must be one of"),
@@ -298,9 +363,10 @@ def test_col_run_auto_declines_runs_that_lose_nonzeros():
     view = np.zeros((64, 9 * 16), dtype=bool)
     view[:, rng.choice(9 * 16, size=40, replace=False)] = True
     mask = from_gemm_view(torch.from_numpy(view), (64, 16, 3, 3))
-    forced = regroup_mask(mask, RegroupConfig(col_run=8, group_rows=32))[2]
-    single = regroup_mask(mask, RegroupConfig(col_run=1, group_rows=32))[2]
-    auto = regroup_mask(mask, RegroupConfig(col_run="auto", group_rows=32))[2]
+    # Two parts fixed: every row is alike, so parts='auto' would rightly take one.
+    forced = regroup_mask(mask, RegroupConfig(col_run=8, parts=2))[2]
+    single = regroup_mask(mask, RegroupConfig(col_run=1, parts=2))[2]
+    auto = regroup_mask(mask, RegroupConfig(col_run="auto", parts=2))[2]
     assert forced.dropped > single.dropped
     assert auto.detail["col_runs"] == [1, 1] and auto.dropped == single.dropped
 

@@ -4,10 +4,11 @@ Per conv layer, on the ``Cout × K`` GEMM view of the mask (columns in (ky, kx, 
 order, see :mod:`sparse_ops.masks`):
 
 1. **Partition** the non-empty rows into ``parts`` with Mt-KaHyPar, so that rows using
-   the same columns land together (imbalance ``epsilon``). The default model is the
-   column hypergraph's sparsified, weighted clique expansion. The original's
-   column-net hypergraph is ``model="hypergraph"``. :mod:`.partition` explains the
-   choice.
+   the same columns land together (imbalance ``epsilon``, tightened where it would let
+   a part fall below ``min_rows``: :meth:`.partition.RowPartitioner.split`). The
+   default model is the column hypergraph's sparsified, weighted clique expansion. The
+   original's column-net hypergraph is ``model="hypergraph"``. :mod:`.partition`
+   explains the choice.
 2. **Grow columns**, per part, largest part first. Sort the columns by their nonzero
    count inside the part, descending (ties: lower column first), and take them one at
    a time until every row ``r`` of the part satisfies ``width > t1 × uncovered_r``,
@@ -29,9 +30,24 @@ order, see :mod:`sparse_ops.masks`):
 4. The new mask is 1 inside every block and 0 elsewhere: pruned entries inside a block
    are refilled, and nonzeros outside every block are dropped.
 
-``parts="auto"`` uses ``round(rows / group_rows)`` parts, bounded so that a part can
-reach ``min_rows``. A layer with fewer non-empty rows than ``min_rows`` becomes one
-group in that mode, so narrow layers are regrouped too.
+**The part count.** ``parts="auto"`` (the default) chooses it per layer by what the
+blocks are for: nonzeros kept per unit of block area. It tries ``round(rows /
+group_rows)`` parts, half and twice that (bounded so that a part can reach
+``min_rows``), runs steps 2–3 on each, and keeps the count whose blocks hold the most
+kept nonzeros per unit of area. A block is charged at least ``b1`` rows high: the
+kernel computes a group in row tiles that high, so a shorter block costs a whole tile
+(the GroupPack pads it). Counts that drop a part rank last; ties go to fewer parts.
+Only the largest count is partitioned; each smaller one merges the parts of the next
+larger (:meth:`.partition.RowPartitioner.coarsen`), so the search costs one
+partitioner call per layer. The report's ``part_scores`` lists ``[parts, score]`` for
+every count tried. Why: a fixed count merges planted blocks that are smaller than
+``group_rows`` (a 128-row layer with four 32-row blocks got 2 parts, each block's
+columns shared by two row groups: 0.49 of the planted nonzeros kept, where the column
+rule on the true partition keeps 0.665; the search picks 4 parts and keeps 0.665).
+``parts="rows"`` is the fixed ``round(rows / group_rows)`` (bounded the same way); an
+int is that many parts everywhere. A layer with fewer non-empty rows than
+``min_rows`` becomes one group under ``"auto"`` and ``"rows"``, so narrow layers are
+regrouped too.
 
 Differences from the original code, all deliberate (see the project's REFERENCE notes):
 
@@ -61,8 +77,10 @@ from ..formats import COL_RUN
 from ..masks import from_gemm_view, gemm_view
 from ..tickets import Ticket
 from .layers import CONV, layer_kinds, select
-from .partition import MODELS, OBJECTIVES, partition_rows
+from .partition import MODELS, OBJECTIVES, RowPartitioner
 from .report import LayerChange
+
+PART_RULES = ("auto", "rows")
 
 
 class RegroupError(SparseOpsError):
@@ -71,14 +89,16 @@ class RegroupError(SparseOpsError):
 
 @dataclass(frozen=True)
 class RegroupConfig:
-    parts: int | str = "auto"  # an int, or "auto" (from group_rows)
-    group_rows: int = 64  # auto: target rows per part
+    # An int; "auto": the count around rows / group_rows whose blocks cover the most
+    # nonzeros per unit of area; "rows": round(rows / group_rows).
+    parts: int | str = "auto"
+    group_rows: int = 64  # auto / rows: target rows per part
     t1: float = 1.5  # column growth: stop when width > t1 × every row's uncovered nonzeros
     t2: float | None = None  # columns this full within the part always join (None: off)
     b1: int = 32  # rows per group (blocks are cut into groups this high)
     min_rows: int = 16  # parts with fewer rows are dropped
     b2: int = 1  # blocks with fewer columns are dropped
-    epsilon: float = 0.1  # partition imbalance
+    epsilon: float = 0.1  # partition imbalance (tightened where a part could miss min_rows)
     model: str = "graph"  # partition model: "graph" (row similarity) or "hypergraph"
     neighbors: int = 32  # graph model: strongest links kept per row
     objective: str = "cut"  # hypergraph model objective: cut, km1 or soed
@@ -92,8 +112,8 @@ class RegroupConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if not (self.parts == "auto" or (isinstance(self.parts, int) and self.parts >= 1)):
-            problems.append(f"parts must be a positive int or 'auto', got {self.parts!r}")
+        if not (self.parts in PART_RULES or (isinstance(self.parts, int) and self.parts >= 1)):
+            problems.append(f"parts must be a positive int, 'auto' or 'rows', got {self.parts!r}")
         for name in ("group_rows", "b1", "min_rows", "b2", "neighbors"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -130,12 +150,59 @@ class Group:
         return {"rows": list(self.rows), "cols": list(self.cols)}
 
 
-def _auto_parts(n_rows: int, config: RegroupConfig) -> tuple[int, int]:
-    """(parts, effective min_rows) for a layer with ``n_rows`` non-empty rows."""
+def _part_counts(n_rows: int, config: RegroupConfig) -> tuple[list[int], int]:
+    """(part counts to try, effective min_rows) for a layer with ``n_rows`` non-empty rows.
+
+    ``"rows"``: ``round(n_rows / group_rows)``. ``"auto"``: that count halved, as is and
+    doubled. All are bounded so that a part can reach ``min_rows``; a layer narrower
+    than ``min_rows`` is one part."""
     if n_rows < config.min_rows:
-        return 1, n_rows
-    parts = max(1, min(round(n_rows / config.group_rows), n_rows // config.min_rows))
-    return parts, config.min_rows
+        return [1], n_rows
+    most = n_rows // config.min_rows
+    base = max(1, min(round(n_rows / config.group_rows), most))
+    if config.parts == "rows":
+        return [base], config.min_rows
+    return sorted({max(1, base // 2), base, min(2 * base, most)}), config.min_rows
+
+
+@dataclass
+class _Layout:
+    """The blocks one partition of a layer gives, and how well they cover its nonzeros."""
+
+    parts: int
+    blocks: list[tuple[np.ndarray, np.ndarray, int]]  # (rows, cols, col run), largest first
+    dropped: list[str]  # why each dropped part was dropped
+    kept: int  # nonzeros inside the blocks
+    area: int  # block area, rows counted at least b1 high (one kernel row tile)
+
+    @property
+    def score(self) -> float:
+        return self.kept / self.area if self.area else 0.0
+
+    def rank(self) -> tuple:
+        # Partitions that keep every part first; then nonzeros per unit of area; ties go
+        # to fewer parts (fewer, taller blocks).
+        return (not self.dropped, self.score, -self.parts)
+
+
+def _layout(view, rows, block_of_row, parts, config, min_rows, runs_fit) -> _Layout:
+    members = [rows[block_of_row == b] for b in range(parts)]
+    # Largest part first (ties: the part holding the lowest row), as the kernel schedules.
+    members = sorted((m for m in members if m.size), key=lambda m: (-m.size, int(m[0])))
+    blocks, dropped, kept, area = [], [], 0, 0
+    for part_rows in members:
+        if part_rows.size < min_rows:
+            dropped.append(f"{part_rows.size} rows < min_rows={min_rows}")
+            continue
+        sub = view[part_rows]
+        cols, run = _choose_columns(sub, config, runs_fit)
+        if cols.size < config.b2:
+            dropped.append(f"{cols.size} columns < b2={config.b2}")
+            continue
+        blocks.append((part_rows, cols, run))
+        kept += int(sub[:, cols].sum())
+        area += max(int(part_rows.size), config.b1) * int(cols.size)
+    return _Layout(parts, blocks, dropped, kept, area)
 
 
 def _grow_columns(sub: np.ndarray, t1: float, t2: float | None, run: int = 1) -> np.ndarray:
@@ -197,47 +264,48 @@ def regroup_mask(
             ),
         )
 
-    n_rows = int(view.any(axis=1).sum())
-    if config.parts == "auto":
-        parts, min_rows = _auto_parts(n_rows, config)
-    else:
-        parts, min_rows = int(config.parts), config.min_rows
-    rows, block_of_row = partition_rows(
-        view, parts, model=config.model, neighbors=config.neighbors, epsilon=config.epsilon,
+    partitioner = RowPartitioner(
+        view, model=config.model, neighbors=config.neighbors, epsilon=config.epsilon,
         objective=config.objective, seed=config.seed, layer=name,
     )  # fmt: skip
-
-    members = [rows[block_of_row == b] for b in range(parts)]
-    # Largest part first (ties: the part holding the lowest row), as the kernel schedules.
-    members = sorted((m for m in members if m.size), key=lambda m: (-m.size, int(m[0])))
-    new_view = np.zeros_like(view)
-    groups: list[Group] = []
-    blocks, dropped_parts, runs = [], [], []
+    n_rows = partitioner.rows.size
+    if isinstance(config.parts, int):
+        counts, min_rows = [config.parts], config.min_rows
+    else:
+        counts, min_rows = _part_counts(n_rows, config)
     # Runs stay inside one tap only if they tile the channels: Cin a multiple of 8.
     runs_fit = mask.dim() == 4 and mask.shape[1] % COL_RUN == 0
-    for part_rows in members:
-        if part_rows.size < min_rows:
-            dropped_parts.append(f"{part_rows.size} rows < min_rows={min_rows}")
-            continue
-        cols, run = _choose_columns(view[part_rows], config, runs_fit)
-        if cols.size < config.b2:
-            dropped_parts.append(f"{cols.size} columns < b2={config.b2}")
-            continue
-        runs.append(run)  # one per kept block, as `blocks`
-        new_view[np.ix_(part_rows, cols)] = True
-        blocks.append([int(part_rows.size), int(cols.size)])
-        groups += _cut(part_rows, cols, config.b1)
-
-    if not groups:
+    # One partitioner call, for the most parts; each smaller count merges the parts of
+    # the next larger one (RowPartitioner.coarsen), so the search costs about one
+    # partition and a column growth per count.
+    tried = []
+    for i, parts in enumerate(sorted(counts, reverse=True)):
+        if i == 0:
+            labels = partitioner.split(parts, min_part=min_rows)
+        else:
+            labels = partitioner.coarsen(labels, tried[-1].parts, parts)
+        tried.append(_layout(view, partitioner.rows, labels, parts, config, min_rows, runs_fit))
+    tried.reverse()  # reported in ascending part counts
+    best = max(tried, key=_Layout.rank)
+    if not best.blocks:
         raise RegroupError(
-            f"{name}: regroup would empty this layer ({n_rows} non-empty rows in {parts} "
-            f"parts; dropped: {'; '.join(dropped_parts)}). Lower min_rows / b2 or use "
-            "parts='auto'"
+            f"{name}: regroup would empty this layer ({n_rows} non-empty rows in "
+            f"{best.parts} parts; dropped: {'; '.join(best.dropped)}). Lower min_rows / b2 "
+            "or use parts='auto'"
         )
+    new_view = np.zeros_like(view)
+    groups: list[Group] = []
+    for part_rows, cols, _run in best.blocks:
+        new_view[np.ix_(part_rows, cols)] = True
+        groups += _cut(part_rows, cols, config.b1)
+    detail = {}
+    if len(tried) > 1:  # what the search saw: [parts, score] per count tried
+        detail["part_scores"] = [[t.parts, round(t.score, 4)] for t in tried]
     new_mask = from_gemm_view(torch.from_numpy(new_view), mask.shape)
     report = LayerChange.compare(
-        name, mask, new_mask, "regrouped", parts=parts, groups=len(groups), blocks=blocks,
-        dropped_parts=dropped_parts, col_runs=runs,
+        name, mask, new_mask, "regrouped", parts=best.parts, groups=len(groups),
+        blocks=[[int(r.size), int(c.size)] for r, c, _ in best.blocks],
+        dropped_parts=best.dropped, col_runs=[run for _, _, run in best.blocks], **detail,
     )  # fmt: skip
     return new_mask, groups, report
 
