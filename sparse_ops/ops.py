@@ -217,9 +217,9 @@ def group_conv(
     if len(column_sets) == 1 and column_sets[0].every_row:
         # One column set over every row, in order (a regrouped block cut into b1-row
         # groups): the GEMM's [N·OH·OW, Cout] result is already the channels-last
-        # output, and bias and residual ride in the GEMM instead of passes of their own.
-        y = column_sets[0].run(x_cl, pack, (oh, ow), bias, residual)
-        return y.relu_() if relu else y
+        # output, and the bias rides in the GEMM (addmm) instead of a pass of its own.
+        y = column_sets[0].run(x_cl, pack, (oh, ow), bias)
+        return _epilogue_inplace(y, None, residual, relu, None)
     y = x.new_zeros(n, pack.out_channels, oh, ow).contiguous(memory_format=torch.channels_last)
     for column_set in column_sets:
         part = column_set.run(x_cl, pack, (oh, ow), None)
@@ -292,87 +292,42 @@ class _ColumnSet:
             self.weight = weight.contiguous().to(device, dtype)
             self.channels = channels.to(device)
 
-    def run(self, x_cl, pack: GroupPack, out_hw, bias=None, residual=None) -> torch.Tensor:
-        """This set's output rows (+ ``bias``) (+ ``residual``, ``[N, rows, OH, OW]``),
-        ``[N, rows, OH, OW]`` channels-last."""
+    def run(self, x_cl, pack: GroupPack, out_hw, bias) -> torch.Tensor:
+        """This set's output rows, ``[N, rows, OH, OW]`` channels-last (+ ``bias``)."""
         if not self.gather:
             inputs = select_channels(x_cl, self.channels)
-            y = F.conv2d(inputs, self.weight, bias, pack.stride, pack.padding, pack.dilation)
-            return y if residual is None else y.add_(residual)
-        n = x_cl.shape[0]
-        oh, ow = out_hw
-        nhwc, ones = _padded_nhwc(x_cl, pack.padding, with_ones=bias is not None)
-        hp, wp, width = nhwc.shape[1:]
-        offsets, span = self._offsets_for(wp, width, pack, ones)
+            return F.conv2d(inputs, self.weight, bias, pack.stride, pack.padding, pack.dilation)
+        n, c = x_cl.shape[:2]
+        (oh, ow), (ph, pw) = out_hw, pack.padding
+        padded = F.pad(x_cl, (pw, pw, ph, ph)) if ph or pw else x_cl
+        nhwc = padded.permute(0, 2, 3, 1).contiguous()
+        hp, wp = nhwc.shape[1:3]
+        offsets, span = self._offsets_for(wp, c, pack)
         (sh, sw) = pack.stride
         # Row (n, oy, ox) of this view starts at the input pixel under the window's corner;
         # a column's offset from there reaches its (ky, kx, c) element. The rows overlap
         # (read-only), and the last one ends inside the tensor (see _offsets_for).
-        windows = nhwc.as_strided((n, oh, ow, span), (hp * wp * width, sh * wp * width,
-                                                       sw * width, 1))  # fmt: skip
+        windows = nhwc.as_strided((n, oh, ow, span), (hp * wp * c, sh * wp * c, sw * c, 1))
         columns = torch.gather(windows, 3, offsets.expand(n, oh, ow, -1))
         flat = columns.view(n * oh * ow, -1)
-        weight_t = self._weight_with(bias, flat.dtype)
-        if residual is None:
-            out = flat @ weight_t
-        else:  # the GEMM accumulates onto the residual: no pass of its own for the add
-            rows = _pixel_rows(
-                residual.to(flat.dtype).contiguous(memory_format=torch.channels_last)
-            )
-            out = torch.addmm(rows, flat, weight_t)
+        weight_t = self.weight_t.to(flat.dtype)
+        out = flat @ weight_t if bias is None else torch.addmm(bias, flat, weight_t)
         return out.view(n, oh, ow, -1).permute(0, 3, 1, 2)
 
-    def _weight_with(self, bias, dtype) -> torch.Tensor:
-        """``[cols (+1), rows]``: with a bias, its row last, multiplied by the ones column
-        the padded input carries (the bias then costs no pass over the output)."""
-        if bias is None:
-            return self.weight_t.to(dtype)
-        key = (bias.data_ptr(), dtype)  # packs are immutable once run (see _torch_column_sets)
-        cached = self.__dict__.get("_with_bias")
-        if cached is None or cached[0] != key:
-            rows_bias = bias[self.rows].to(self.weight_t)[None, :]
-            cached = self._with_bias = (key, torch.cat([self.weight_t, rows_bias]).to(dtype))
-        return cached[1]
-
-    def _offsets_for(self, wp: int, width: int, pack, ones: bool) -> tuple[torch.Tensor, int]:
-        """Element offsets of the columns (and the ones column) from a window's corner in an
-        NHWC input of padded width ``wp`` and ``width`` channels, and the span the view
-        needs (``max offset + 1`` ≤ what is left of the tensor after the last window's
-        corner, since the last window fits)."""
-        key = (wp, width, ones)
-        cached = self._offsets.get(key)
+    def _offsets_for(self, wp: int, c: int, pack: GroupPack) -> tuple[torch.Tensor, int]:
+        """Element offsets of the columns from a window's corner in an NHWC input of
+        padded width ``wp``, and the span the view needs (``max offset + 1`` ≤ what is
+        left of the tensor after the last window's corner, since the last window fits)."""
+        cached = self._offsets.get(wp)
         if cached is None:
-            cin, kw = pack.in_channels, pack.kernel_size[1]
+            kw = pack.kernel_size[1]
             dh, dw = pack.dilation
-            taps = self.cols // cin
+            taps = self.cols // c
             ky, kx = taps // kw, taps % kw
-            offsets = (ky * dh * wp + kx * dw) * width + self.cols % cin
-            if ones:  # the ones channel (index cin) of the window's corner pixel
-                offsets = torch.cat([offsets, torch.tensor([cin])])
+            offsets = (ky * dh * wp + kx * dw) * c + self.cols % c
             offsets = offsets.to(self.weight_t.device)
-            cached = self._offsets[key] = (offsets.view(1, 1, 1, -1), int(offsets.max()) + 1)
+            cached = self._offsets[wp] = (offsets.view(1, 1, 1, -1), int(offsets.max()) + 1)
         return cached
-
-
-def _padded_nhwc(x_cl: torch.Tensor, padding, with_ones: bool) -> tuple[torch.Tensor, bool]:
-    """``x`` as a zero-padded NHWC tensor, plus (``with_ones``) a channel of ones after
-    the real ones. Only the border is zeroed (not the whole buffer, as F.pad does)."""
-    n, c, h, w = x_cl.shape
-    ph, pw = padding
-    if not (ph or pw or with_ones):
-        return x_cl.permute(0, 2, 3, 1), False
-    out = x_cl.new_empty(n, h + 2 * ph, w + 2 * pw, c + with_ones)
-    real = out[..., :c]
-    if ph:
-        real[:, :ph].zero_()
-        real[:, ph + h :].zero_()
-    if pw:
-        real[:, ph : ph + h, :pw].zero_()
-        real[:, ph : ph + h, pw + w :].zero_()
-    real[:, ph : ph + h, pw : pw + w].copy_(x_cl.permute(0, 2, 3, 1))
-    if with_ones:
-        out[..., c].fill_(1)
-    return out, with_ones
 
 
 def _torch_column_sets(pack: GroupPack, device, dtype) -> list[_ColumnSet] | None:
