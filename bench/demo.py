@@ -55,8 +55,8 @@ class DemoConfig:
     epochs: int = 4
     latency_batch: int = 64
     latency_size: int = 32
-    warmup: int = 2
-    repeats: int = 10
+    warmup: int = 3
+    repeats: int = 25
     seed: int = 0
 
 

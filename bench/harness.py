@@ -27,7 +27,7 @@ from sparse_ops.progress import Progress
 
 from . import BenchError
 from . import presets as preset_defs
-from .env import device_slug, environment, resolve_device
+from .env import device_slug, environment, resolve_device, steady_allocator
 from .providers import (
     PROVIDERS,
     Case,
@@ -131,6 +131,7 @@ def run(
     """Benchmark ``preset``; returns the result dict (see the module docstring)."""
     preset = preset_defs.PRESETS[preset] if isinstance(preset, str) else preset
     device = resolve_device(device)
+    steady_allocator()
     if dtype not in DTYPES:
         raise BenchError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     torch_dtype = DTYPES[dtype]
@@ -242,6 +243,7 @@ def measure_case(
     Every provider runs ``model``'s own weights under the ticket's masks (the ticket's
     stored weights, if any, are not loaded): speed does not depend on the values.
     """
+    steady_allocator()  # before any provider runs: the same for all (bench.env)
     ticket = unweighted(ticket)
     refs = {
         "dense": dense_ref if dense_ref is not None else _reference(model, None, x, device),
