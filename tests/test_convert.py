@@ -351,7 +351,8 @@ def test_gpu_path_cuda_graphs_and_inductor():
 
 
 def test_auto_mode_prices_group_units_for_the_target_device():
-    """On a CPU a group unit is slower than the dense conv (docs/CONVERT.md): auto avoids it."""
+    """At this ticket's block densities (80% sparse) a CPU group unit is slower than the
+    dense conv (docs/CONVERT.md, cost model): auto avoids it there, not on a GPU."""
     from bench.tickets import make_ticket
     from sparse_ops.convert import CostModel
 

@@ -24,10 +24,12 @@ class CostModel:
 
     The overhead depends on where the module runs (:meth:`for_device`): 1.3 for the
     Triton group kernel on a GPU (a starting value until GPU measurements calibrate
-    it), 20 for the CPU torch path, measured on this project's CPU machine
-    (``bench/``: 64–512-channel 3×3 layers at block densities 0.5–0.05 ran 1.1–3.5×
-    slower than oneDNN's *dense* conv, 5–32× per useful multiply-add), so on a CPU
-    ``auto`` keeps group layers as compacted dense convs unless they are very sparse.
+    it), 6 for the CPU torch path (one column gather + one GEMM per column set),
+    measured on this project's CPU machine in the demo's tuning run: regroup layers at
+    ~11% block density ran at 0.45–0.7 of oneDNN's dense conv with 32–64 channels
+    (5–6× per useful multiply-add) and at 1.05–1.2 of it with 16 channels at 32×32
+    (16-row groups, which the 32-row tile rounding prices at double). Measuring beats
+    either number: ``convert(..., tune=x)``.
 
     **Channel alignment** (``docs/CONVERT.md``, "Channel alignment"). The GPU channel
     kernel uses 16-byte vector and asynchronous copies only where every row it reads or
@@ -82,7 +84,7 @@ class CostModel:
     def for_device(cls, device: torch.device | str | None) -> CostModel:
         """The cost model for modules that run on ``device`` (None: a GPU)."""
         if device is not None and torch.device(device).type == "cpu":
-            return cls(group_overhead=20.0, channel_align=1)
+            return cls(group_overhead=6.0, channel_align=1)
         return cls()
 
 
