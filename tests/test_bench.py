@@ -234,3 +234,16 @@ def test_bench_models_stay_in_half_precision_range():
     folded_means = [m.running_mean.abs().max() for m in model.modules()
                     if isinstance(m, torch.nn.BatchNorm2d)]  # fmt: skip
     assert all(float(v) > 0 for v in folded_means)
+
+
+def test_steady_allocator_is_recorded():
+    """Every provider runs under the same allocator setting, and the results say which."""
+    import platform
+
+    from bench.env import environment, steady_allocator
+
+    state = steady_allocator()
+    assert steady_allocator() == state  # set once, idempotent
+    assert environment()["allocator"] == state
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert state["steady"] and "M_MMAP_MAX=0" in state["how"]

@@ -355,3 +355,23 @@ def test_cli_tune_for_cuda_needs_a_gpu(tmp_path, capsys):
     args = ["convert", str(tmp_path / "t.safetensors"), "--tune", "-o", str(tmp_path / "o")]
     assert main(args) == 2
     assert "--target cuda needs a GPU" in capsys.readouterr().err
+
+
+def test_cuda_candidates_include_cudnn_and_it_can_be_kept(monkeypatch):
+    """On CUDA each whole-layout channel unit also runs as cuDNN (TorchConv2d). Built for
+    'cuda' here and run on the CPU, where TorchConv2d computes the same conv."""
+    real = tune_module.candidates
+
+    def for_cuda(ctx, site, device):
+        return real(ctx, site, torch.device("cuda"))
+
+    monkeypatch.setattr(tune_module, "candidates", for_cuda)
+    fake = FakeTimes(lambda label, unit: 0.5 if label == "cudnn" else 2.0)
+    monkeypatch.setattr(tune_module, "time_interleaved", fake)
+    model = _model()
+    ticket = _ticket(model, "refill")
+    fast, report = _convert(model, ticket)
+    kept = [r for r in report.layers if r.detail.get("tuning", {}).get("chosen") == "cudnn"]
+    assert kept and all(r.representation == "cudnn" for r in kept)
+    assert all(isinstance(fast.get_submodule(r.name), TorchConv2d) for r in kept)
+    _assert_exact(fast, model, ticket)
