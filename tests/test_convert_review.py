@@ -9,6 +9,8 @@ removes from activations.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -308,3 +310,41 @@ def test_a_module_converted_under_inference_mode_runs():
         outside = fast(torch.ones(1, 3, 32, 32))
         torch.testing.assert_close(outside, model(torch.ones(1, 3, 32, 32)), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(inside, outside, rtol=0, atol=0)
+
+
+def test_masked_model_is_the_oracle_it_claims_to_be():
+    """masked_model, every converter test's reference: an eval copy computing W ⊙ M with
+    the ticket's weights (if any) loaded and prune re-parametrisations folded; the model
+    itself untouched."""
+    import torch.nn.utils.prune as prune
+
+    from sparse_ops import imp
+
+    torch.manual_seed(0)
+    model = models.create("res20s").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    names = imp.prunable(model)
+    masks = {n: torch.rand(model.get_parameter(n).shape, generator=g) < 0.5 for n in names}
+    weights = {k: v + 1.0 if v.is_floating_point() else v for k, v in before.items()}
+    ref = masked_model(model, Ticket(masks, weights, "res20s"))
+    assert not ref.training and model.training  # a copy, in eval mode
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    for name in names:
+        expected = weights[name] * masks[name]
+        torch.testing.assert_close(ref.get_parameter(name), expected, rtol=0, atol=0)
+    # Without ticket weights: the model's own, masked.
+    own = masked_model(model, Ticket(masks, None, "res20s"))
+    first = names[0]
+    torch.testing.assert_close(own.get_parameter(first), before[first] * masks[first])
+    # torch.nn.utils.prune hooks on the model are folded (weight_orig × weight_mask).
+    hooked = copy.deepcopy(model)
+    prune.custom_from_mask(hooked.get_submodule(first.removesuffix(".weight")), "weight",
+                           masks[first])  # fmt: skip
+    folded = masked_model(hooked)
+    assert not prune.is_pruned(folded)
+    torch.testing.assert_close(folded.get_parameter(first), before[first] * masks[first])
+    # A ticket that does not fit is a ConvertError naming the layer.
+    wrong = {first: torch.ones(1, 1, 1, 1, dtype=torch.bool)}
+    with pytest.raises(ConvertError, match="does not fit"):
+        masked_model(model, Ticket(wrong, None, "res20s"))

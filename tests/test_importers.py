@@ -669,9 +669,14 @@ def test_fp8_weights_are_checked(tmp_path):
 
 
 def test_weight_norm_model_can_be_checked():
+    """A parametrized weight (weight_norm) is still the maskable ``0.weight``: a mask of
+    its shape fits, one of another shape or name is refused, naming it."""
     model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(3, 2)))
-    t = Ticket({"0.weight": torch.ones(2, 3)})
-    t.check_fits(model)
+    Ticket({"0.weight": torch.ones(2, 3)}).check_fits(model)  # must not raise
+    with pytest.raises(TicketMismatchError, match=r"0\.weight \(3, 2\) vs \(2, 3\)"):
+        Ticket({"0.weight": torch.ones(3, 2)}).check_fits(model)
+    with pytest.raises(TicketMismatchError, match=r"not conv/linear weights.*'0\.other'"):
+        Ticket({"0.other": torch.ones(2, 3)}).check_fits(model)
 
 
 def test_open_lth_export_of_an_empty_ticket(tmp_path):

@@ -162,3 +162,22 @@ def test_whole_layout_conv_fuses_its_epilogue_exactly(shape, epilogue, fused, mo
     ref = expected(x, weight, bias, (s, p, d), res, relu)
     torch.testing.assert_close(y.double(), ref, **TOLERANCES[torch.float32])
     assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=shape_id)
+def test_group_path_for_very_many_column_sets_keeps_the_epilogue(shape, monkeypatch):
+    """Beyond _MANY_SETS column sets the CPU path runs one conv on the dense weight:
+    bias, residual and ReLU must still be applied."""
+    monkeypatch.setattr(ops, "_MANY_SETS", 0)
+    n, cin, cout, h, w, k, s, p, d = shape
+    g = torch.Generator().manual_seed(200 + SHAPES.index(shape))
+    weight, bias = conv_weight(cout, cin, k, g), torch.randn(cout, generator=g) + 3.0
+    x = torch.randn(n, cin, h, w, generator=g)
+    layout, mask = group_layout(cout, cin, k, "mixed", g)
+    pack = GroupPack.from_weight(weight, mask, layout, bias, stride=s, padding=p, dilation=d)
+    oh = (h + 2 * p - d * (k - 1) - 1) // s + 1
+    ow = (w + 2 * p - d * (k - 1) - 1) // s + 1
+    res = torch.randn(n, cout, oh, ow, generator=g)
+    y = ops.group_conv(x, pack, residual=res, relu=True)
+    ref = expected(x, pack.dense_weight(), bias, (s, p, d), res, True)
+    torch.testing.assert_close(y.double(), ref, **TOLERANCES[torch.float32])
