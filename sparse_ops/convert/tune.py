@@ -2,8 +2,10 @@
 
 ``convert(model, ticket, tune=x)`` builds the network as the cost model says, then:
 
-1. runs ``x`` through it once, keeping each unit's real inputs (the narrowed,
-   channels-last tensors of the converted network, residual included);
+1. runs ``x`` through it once; as each unit returns, its candidates are built and timed
+   right there, on the unit's live inputs (the narrowed, channels-last tensors of the
+   converted network, residual included), so one layer's extra activations are held at
+   a time; the chosen units are installed after the pass;
 2. builds every representation the mode allows for each site *in the layouts the passes
    assigned* (so any mix of choices still fits together): ``channel`` (the narrow unit,
    gathering and scattering channels as the layouts need), ``padded`` (the same unit
@@ -16,7 +18,7 @@
 3. checks each candidate computes what the built unit computes, then times them
    interleaved, call by call (so drift and other load hit all alike), after warm-up:
    CUDA events on a GPU, the wall clock on a CPU; median of at least ``min_repeats``
-   calls, more until the fastest one's p80 lies below the runner-up's p20 or the
+   calls, more until the fastest one's p80 lies below every other one's p20 or the
    site's time budget is spent. The fastest is kept; candidates within ``noise`` of it
    count as tied, and of those the one with the fewest multiply-adds wins (it is the
    one a faster or less loaded machine favours);
