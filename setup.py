@@ -15,9 +15,22 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=find_packages(
-        include=["sparse_ops", "sparse_ops.*", "kernels", "kernels.*", "bench", "bench.*"]
-    ),
+    # The repository's kernels/ and bench/ folders install as sparse_ops_kernels and
+    # sparse_ops_bench: bare `kernels` and `bench` are other distributions' import names
+    # (Hugging Face's `kernels`, which transformers uses), and installing both would
+    # shadow one of them. tests/test_packaging.py checks it.
+    packages=[
+        *find_packages(include=["sparse_ops", "sparse_ops.*"]),
+        *[
+            f"sparse_ops_kernels{p[len('kernels') :]}"
+            for p in find_packages(include=["kernels", "kernels.*"])
+        ],
+        *[
+            f"sparse_ops_bench{p[len('bench') :]}"
+            for p in find_packages(include=["bench", "bench.*"])
+        ],
+    ],
+    package_dir={"sparse_ops_kernels": "kernels", "sparse_ops_bench": "bench"},
     install_requires=[
         # CPU machines: install the CPU wheel first (pip install torch==2.13.0); a bare
         # "torch" may otherwise resolve to a multi-GB CUDA build.
@@ -38,8 +51,8 @@ setup(
         "console_scripts": ["sparse-ops=sparse_ops.cli:main"],
         # Subcommands that live in bench/ (sparse_ops never imports bench).
         "sparse_ops.commands": [
-            "bench = bench.cli:register_bench",
-            "demo = bench.cli:register_demo",
+            "bench = sparse_ops_bench.cli:register_bench",
+            "demo = sparse_ops_bench.cli:register_demo",
         ],
     },
     classifiers=[

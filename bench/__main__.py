@@ -1,4 +1,4 @@
-"""``python -m bench``: the benchmark command line (same as ``sparse-ops bench``)."""
+"""``python -m sparse_ops_bench``: the benchmark command line (same as ``sparse-ops bench``)."""
 
 import sys
 

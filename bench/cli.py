@@ -1,4 +1,5 @@
-"""``sparse-ops bench`` (also ``python -m bench``): run a preset, write JSON, Markdown, plots."""
+"""``sparse-ops bench`` (also ``python -m sparse_ops_bench``): run a preset, write JSON,
+Markdown, plots."""
 
 from __future__ import annotations
 
@@ -104,7 +105,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m sparse_ops_bench", description=__doc__)
     add_arguments(parser)
     return run_from_args(parser.parse_args(argv))
 

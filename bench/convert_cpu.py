@@ -1,6 +1,6 @@
 """CPU latency of a converted channel-pruned network vs the masked dense network.
 
-    python -m bench.convert_cpu [--arch res56s] [--batch 64] [--repeats 20]
+    python -m sparse_ops_bench.convert_cpu [--arch res56s] [--batch 64] [--repeats 20]
                                 [--out bench/results/cpu/convert_res56s.json]
 
 The ticket is a Refill ticket at 50% channel sparsity (masks drawn at density 0.5,

@@ -1,6 +1,7 @@
 """Elastic ticket on real data: stretch a refill ticket to a deeper net and retrain it.
 
-    python -m bench.elastic_digits [--src res20s] [--dst res32s] [--rounds 3] [--epochs 20]
+    python -m sparse_ops_bench.elastic_digits [--src res20s] [--dst res32s] [--rounds 3] \
+        [--epochs 20]
         [--lr 0.02] [--batch-size 64] [--image-size 16]
         [--out docs/results/elastic_digits_res20s_res32s.json]
 

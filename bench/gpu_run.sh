@@ -33,7 +33,7 @@ $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || {
     echo "no CUDA device: nothing to do" >&2
     exit 2
 }
-slug=$($PY -c "from bench.env import device_slug; print(device_slug('cuda'))")
+slug=$($PY -c "from sparse_ops_bench.env import device_slug; print(device_slug('cuda'))")
 [[ -n "$slug" ]] || { echo "cannot name the GPU" >&2; exit 2; }
 dest="${out_root:-bench/results}/${slug}"
 mkdir -p "$dest"
@@ -80,28 +80,28 @@ step() {  # step NAME COMMAND...: full log in $dest/NAME.log, its tail on stdout
 }
 
 step gpu_tests $PY -m pytest -q -m gpu tests/
-step kernel_floors $PY -m bench.kernel_floors --dtype float16 \
+step kernel_floors $PY -m sparse_ops_bench.kernel_floors --dtype float16 \
     --out "$dest/kernel_floors_float16.json"
 
 if [[ $quick == 1 ]]; then
     common=(--sparsities 0.5 0.8 --dtype float16 --methods refill regroup)
-    step cifar_res18 $PY -m bench --preset cifar --models res18 "${common[@]}" \
+    step cifar_res18 $PY -m sparse_ops_bench --preset cifar --models res18 "${common[@]}" \
         --providers cudnn folded masked narrow triton-dense ours --out "$dest"
-    step cifar_res18_graph $PY -m bench --preset cifar --models res18 "${common[@]}" \
+    step cifar_res18_graph $PY -m sparse_ops_bench --preset cifar --models res18 "${common[@]}" \
         --providers cudnn folded narrow triton-dense ours --graph --out "$dest/graph"
-    step paper_res18 $PY -m bench --preset paper --models res18 "${common[@]}" \
+    step paper_res18 $PY -m sparse_ops_bench --preset paper --models res18 "${common[@]}" \
         --providers cudnn narrow ours --out "$dest"
 else
     for dtype in float16 bfloat16; do
-        step "cifar_$dtype" $PY -m bench --preset cifar --dtype "$dtype" \
+        step "cifar_$dtype" $PY -m sparse_ops_bench --preset cifar --dtype "$dtype" \
             --methods "${methods[@]}" --out "$dest"
-        step "cifar_${dtype}_graph" $PY -m bench --preset cifar --dtype "$dtype" \
+        step "cifar_${dtype}_graph" $PY -m sparse_ops_bench --preset cifar --dtype "$dtype" \
             --methods refill regroup --graph --out "$dest/graph"
-        step "paper_$dtype" $PY -m bench --preset paper --dtype "$dtype" --out "$dest"
+        step "paper_$dtype" $PY -m sparse_ops_bench --preset paper --dtype "$dtype" --out "$dest"
     done
 fi
 echo
 echo "== summary ($(($(date +%s) - started)) s in all; results in $dest)"
 printf '%s\n' "${summary[@]}"
-$PY -m bench.summary "$dest" 2>/dev/null || true
+$PY -m sparse_ops_bench.summary "$dest" 2>/dev/null || true
 exit $status

@@ -1,7 +1,7 @@
 """Kernel microbenchmark: our two kernels against cuDNN on single layers (GPU).
 
-    python -m bench.kernel_floors [--dtype float16] [--batch 64] [--out FILE.json]
-    python -m bench.kernel_floors --smoke        # tiny shapes, CPU, Triton interpreter
+    python -m sparse_ops_bench.kernel_floors [--dtype float16] [--batch 64] [--out FILE.json]
+    python -m sparse_ops_bench.kernel_floors --smoke        # tiny shapes, CPU, Triton interpreter
 
 Two comparisons, each on every distinct 3×3 conv of the CIFAR networks, at the
 spatial size the layer sees in the network on 32×32 inputs, batch 64, channels-last:
@@ -105,7 +105,7 @@ def _indexed_channel_row(arch, s, hw, scale, batch, device, dtype, timing, g) ->
     adds: full-width activations read through ``in_idx`` and written through ``out_idx``
     (50% of each, scattered), pruned output channels filled in the same launch. cuDNN
     runs only the compacted conv on an input gathered beforehand (gather not timed)."""
-    from kernels.channel_conv import channel_conv2d
+    from sparse_ops_kernels.channel_conv import channel_conv2d
 
     cin, cout = max(2, s.in_channels // scale), max(2, s.out_channels // scale)
     hw = max(4, hw // scale)
@@ -134,8 +134,8 @@ def _indexed_channel_row(arch, s, hw, scale, batch, device, dtype, timing, g) ->
 
 def run(dtype: torch.dtype, batch: int, device: torch.device, timing: dict, scale: int = 1):
     """``scale`` > 1 divides channels and spatial sizes (the CPU smoke run)."""
-    from kernels.channel_conv import channel_conv2d
-    from kernels.group_conv import group_conv2d
+    from sparse_ops_kernels.channel_conv import channel_conv2d
+    from sparse_ops_kernels.group_conv import group_conv2d
 
     g = torch.Generator().manual_seed(0)
     rows = []

@@ -1,6 +1,6 @@
 """Static kernel report: every kernel × config × case × dtype compiled for sm_90a / sm_80.
 
-    python -m bench.kernel_static [--matrix full|ci] [--targets sm_90a sm_80] [--out DIR]
+    python -m sparse_ops_bench.kernel_static [--matrix full|ci] [--targets sm_90a sm_80] [--out DIR]
 
 Each case is a launch the product makes (the triton-dense baseline, converted channel
 units with and without index maps, fill channels, bias maps and residuals, group packs
@@ -135,7 +135,7 @@ def build_launch(case: Case, dtype: str):
                                memory_format=torch.channels_last)  # fmt: skip
     geometry = {"stride": case.stride, "padding": case.padding}
     if case.kernel == "channel":
-        from kernels.channel_conv import channel_conv_launch
+        from sparse_ops_kernels.channel_conv import channel_conv_launch
 
         keep_out = torch.ones(case.cout, dtype=torch.bool)
         keep_in = torch.ones(case.cin, dtype=torch.bool)
@@ -149,7 +149,7 @@ def build_launch(case: Case, dtype: str):
         return channel_conv_launch(x, plan, residual=residual, relu=case.relu,
                                    allow_tf32=allow_tf32, bias_map=bias_map,
                                    check_device=False)  # fmt: skip
-    from kernels.group_conv import group_conv_launch
+    from sparse_ops_kernels.group_conv import group_conv_launch
 
     k_total = k * k * case.cin
     layout = []
@@ -172,9 +172,9 @@ def build_launch(case: Case, dtype: str):
 
 def _kernel_module(case: Case):
     if case.kernel == "channel":
-        from kernels import channel_conv as module
+        from sparse_ops_kernels import channel_conv as module
     else:
-        from kernels import group_conv as module
+        from sparse_ops_kernels import group_conv as module
     return module
 
 
@@ -190,7 +190,7 @@ _SPILL_TABLES: dict[str, dict] = {}
 def ignore_spill_tables() -> None:
     """Offer every config, also those the kernels' SPILLS tables withhold (to measure
     them again: ``--all-configs``); :func:`withheld` still reads the tables."""
-    from kernels import channel_conv, group_conv
+    from sparse_ops_kernels import channel_conv, group_conv
 
     for name, module in (("channel", channel_conv), ("group", group_conv)):
         _SPILL_TABLES.setdefault(name, module.SPILLS)
@@ -200,7 +200,7 @@ def ignore_spill_tables() -> None:
 def withheld(row: dict) -> bool:
     """Whether the kernels' SPILLS tables keep this row's config from its launches on
     the row's Triton version (so the autotuner never runs it there)."""
-    from kernels import channel_conv, group_conv, launch
+    from sparse_ops_kernels import channel_conv, group_conv, launch
 
     module = channel_conv if row["kernel"] == "channel" else group_conv
     table = _SPILL_TABLES.get(row["kernel"], module.SPILLS)
@@ -296,9 +296,8 @@ _launches: dict = {}
 def compile_one(job) -> dict:
     """Compile one matrix entry; a row for the report (never raises)."""
     import triton
-
-    from bench import kernel_compile
-    from kernels.launch import config_id
+    from sparse_ops_bench import kernel_compile
+    from sparse_ops_kernels.launch import config_id
 
     case_name, dtype, index, target = job
     case = CASE_BY_NAME[case_name]
@@ -347,7 +346,7 @@ def _init_worker(all_configs: bool = False):
 
 
 def run_matrix(jobs, workers: int | None = None, progress=True, all_configs=False) -> list[dict]:
-    from bench import kernel_compile
+    from sparse_ops_bench import kernel_compile
 
     workers = workers or min(len(jobs), os.cpu_count() or 1) or 1
     rows = []
@@ -446,8 +445,7 @@ def environment() -> dict:
 
     import torch
     import triton
-
-    from bench.env import git_commit
+    from sparse_ops_bench.env import git_commit
 
     return {"triton": triton.__version__, "torch": torch.__version__,
             "python": platform.python_version(), "commit": git_commit(),
@@ -536,7 +534,8 @@ def _write(payload: dict, out: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.kernel_static", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m sparse_ops_bench.kernel_static",
+                                description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--matrix", choices=["full", "ci"], default="full")
     p.add_argument("--targets", nargs="+", default=list(("sm_90a", "sm_80")))
@@ -586,9 +585,9 @@ def main(argv=None) -> int:
         return 0
     interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     _isolate_environment()
-    if interpreted and "kernels.channel_conv" in sys.modules:
+    if interpreted and "sparse_ops_kernels.channel_conv" in sys.modules:
         p.error("TRITON_INTERPRET was set when the kernels were imported: unset it")
-    from bench import kernel_compile
+    from sparse_ops_bench import kernel_compile
 
     for t in args.targets:
         if t not in kernel_compile.TARGETS:

@@ -1,7 +1,7 @@
 """Host-side cost of one conv call, the kernel launch itself stubbed out: this tree vs an
 earlier revision, measured in one run.
 
-    python -m bench.launch_overhead [--baseline REV] [--calls 2000] [--out DIR]
+    python -m sparse_ops_bench.launch_overhead [--baseline REV] [--calls 2000] [--out DIR]
 
 For each side a fresh interpreter imports that side's ``kernels`` and ``sparse_ops``
 (the baseline's are extracted from git into a temporary folder), replaces the Triton
@@ -38,8 +38,8 @@ os.environ["TRITON_INTERPRET"] = "1"
 sys.path.insert(0, sys.argv[1])
 calls, repeats = int(sys.argv[2]), int(sys.argv[3])
 import torch
-import kernels.channel_conv as cc
-import kernels.group_conv as gc
+import sparse_ops_kernels.channel_conv as cc
+import sparse_ops_kernels.group_conv as gc
 from sparse_ops import nn as snn, ops
 from sparse_ops.formats import ChannelPlan, GroupPack
 
@@ -103,7 +103,8 @@ def _measure(path: str, calls: int, repeats: int) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.launch_overhead", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m sparse_ops_bench.launch_overhead",
+                                description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--baseline", default=DEFAULT_BASELINE, help="git revision to compare with")
     p.add_argument("--calls", type=int, default=2000)
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=7, help="alternating baseline/tree rounds")
     p.add_argument("--out", default=os.path.join("bench", "results", "cpu"))
     args = p.parse_args(argv)
-    from bench.env import cpu_name, git_commit
+    from sparse_ops_bench.env import cpu_name, git_commit
 
     # Rounds alternate the two sides, so a machine that speeds up or slows down during
     # the run (shared cores, frequency) affects both alike; the median round counts.

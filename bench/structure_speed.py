@@ -1,6 +1,7 @@
 """CPU time of the CPU-side work: structuring (regroup, refill), packing, conversion.
 
-    python -m bench.structure_speed [--repeats 3] [--out bench/results/cpu/structure_speed.json]
+    python -m sparse_ops_bench.structure_speed [--repeats 3] \
+        [--out bench/results/cpu/structure_speed.json]
 
 Workloads: one 512×4608 conv mask (512×512×3×3) at 80% random sparsity, the hardest
 case for the partitioner (no structure to find); and a whole CIFAR ResNet-18 ticket

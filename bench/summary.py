@@ -1,6 +1,6 @@
 """A short summary of a results folder, as ``bench/gpu_run.sh`` ends with.
 
-    python -m bench.summary DIR
+    python -m sparse_ops_bench.summary DIR
 
 One line per benchmark result in ``DIR`` (and ``DIR/graph``): for every preset result
 (``<preset>_<dtype>.json``), ours' speedup over the baseline per model, method and

@@ -2,7 +2,7 @@
 
     pytest bench/ --benchmark-only
 
-Speed is reported, never asserted; ``python -m bench.structure_speed`` writes a
+Speed is reported, never asserted; ``python -m sparse_ops_bench.structure_speed`` writes a
 results JSON with the environment.
 """
 

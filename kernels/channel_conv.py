@@ -265,7 +265,7 @@ CONFIG_SETS = {
 }
 CONFIGS = list({config_id(c): c for s in CONFIG_SETS.values() for c in s}.values())
 # Configs on which ptxas spills registers, by Triton (major, minor), launch class and
-# operand dtype: what `python -m bench.kernel_static --all-configs --matrix full` found
+# operand dtype: what `python -m sparse_ops_bench.kernel_static --all-configs --matrix full` found
 # (every case, dtype and target; printed by `--spill-table`), on Triton 3.6 (the GPU
 # machine's) and 3.9 (CI's). They are not offered on that version; a version never
 # measured gets every exclusion known. The test suite re-checks the installed version.

@@ -31,9 +31,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from sparse_ops_kernels import launch
 from torch import Tensor, nn
-
-from kernels import launch
 
 from . import ops
 from .errors import listing

@@ -19,8 +19,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
-
-from kernels import launch
+from sparse_ops_kernels import launch
 
 from .errors import SparseOpsError
 from .formats import FORMAT_VERSION, GROUP_FORMAT_VERSION, ChannelPlan, GroupPack
@@ -88,7 +87,7 @@ def channel_conv(
 ) -> torch.Tensor:
     """``bias_map`` ([Cout, OH, OW], optional) is added per position before the residual."""
     if _backend(x, backend) == "triton":
-        from kernels.channel_conv import channel_conv2d
+        from sparse_ops_kernels.channel_conv import channel_conv2d
 
         return channel_conv2d(
             x, plan, residual=residual, relu=relu, allow_tf32=allow_tf32, bias_map=bias_map
@@ -197,7 +196,7 @@ def group_conv(
     allow_tf32: bool | None = None,
 ) -> torch.Tensor:
     if _backend(x, backend) == "triton":
-        from kernels.group_conv import group_conv2d
+        from sparse_ops_kernels.group_conv import group_conv2d
 
         return group_conv2d(x, pack, residual=residual, relu=relu, allow_tf32=allow_tf32)
     call = launch.check_group_call(x, pack, residual, "group_conv", GROUP_FORMAT_VERSION, None)

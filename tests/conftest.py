@@ -55,7 +55,7 @@ class CompileJob:
         self.folder = Path(folder)
         self.log = open(self.folder / "kernel_static.log", "w")  # noqa: SIM115 (lives with the job)
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        command = [sys.executable, "-m", "bench.kernel_static", "--matrix", "ci",
+        command = [sys.executable, "-m", "sparse_ops_bench.kernel_static", "--matrix", "ci",
                    "--jobs", str(workers), "--out", str(self.folder)]  # fmt: skip
         root = Path(__file__).resolve().parents[1]
         # Its own process group, so stop() reaches the compile workers it spawns too.

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from sparse_ops_bench import BenchError, harness, report, tickets, timing
+from sparse_ops_bench.providers import PROVIDERS, Built, Provider, default_providers
 
-from bench import BenchError, harness, report, tickets, timing
-from bench.providers import PROVIDERS, Built, Provider, default_providers
 from sparse_ops import masks as mask_utils
 from sparse_ops import models
 from sparse_ops.cli import main
@@ -137,7 +137,7 @@ def test_bench_cli_json(capsys, tmp_path):
 
 
 def test_paper_preset_layers_are_distinct_3x3_convs():
-    from bench.presets import distinct_convs
+    from sparse_ops_bench.presets import distinct_convs
 
     layers = distinct_convs("res18", (3,))
     keys = {(s.in_channels, s.out_channels, s.stride) for s in layers}
@@ -148,7 +148,7 @@ def test_paper_preset_layers_are_distinct_3x3_convs():
 
 def test_kernel_floor_script_runs_its_cases_under_the_interpreter():
     """The GPU kernel microbenchmark's code path, on tiny shapes (no speed claimed)."""
-    from bench import kernel_floors
+    from sparse_ops_bench import kernel_floors
 
     rows = kernel_floors.run(torch.float32, 1, torch.device("cpu"),
                              {"warmup": 0, "repeats": 1}, scale=16)  # fmt: skip
@@ -217,7 +217,7 @@ def test_default_output_folder_cannot_shadow_the_bench_package():
 def test_bench_models_stay_in_half_precision_range():
     """An untrained deep ResNet with fixed BatchNorm statistics overflows fp16; the
     harness calibrates them on its own input distribution."""
-    from bench import presets
+    from sparse_ops_bench import presets
 
     preset = presets.PRESETS["cifar"]
     (_, model, shape, _), *_ = harness._cases(preset, ["res56s"])
@@ -240,7 +240,7 @@ def test_steady_allocator_is_recorded():
     """Every provider runs under the same allocator setting, and the results say which."""
     import platform
 
-    from bench.env import environment, steady_allocator
+    from sparse_ops_bench.env import environment, steady_allocator
 
     state = steady_allocator()
     assert steady_allocator() == state  # set once, idempotent

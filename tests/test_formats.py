@@ -339,7 +339,7 @@ def test_crafted_schedules_and_pointers_refused(g):
 def test_padding_columns_never_read_the_input(g):
     """A padding column's code has a tap bit no pixel has, so an Inf in the channels it
     names does not reach a group that never uses them (0 × Inf would be NaN)."""
-    from kernels import group_conv, launch
+    from sparse_ops_kernels import group_conv, launch
 
     weight = conv_weight(16, 16, 3, g)
     layout = [{"rows": list(range(16)), "cols": [tap * 16 + c for tap in range(9)

@@ -39,7 +39,7 @@ def ci_report(compile_job):
 
 
 def _describe(row) -> str:
-    from bench.kernel_static import _config_id
+    from sparse_ops_bench.kernel_static import _config_id
 
     return f"{row['kernel']} {row['case']} {row['dtype']} {row['target']} {_config_id(row)}"
 
@@ -72,7 +72,7 @@ def test_no_config_spills(ci_report):
 
 
 def test_aligned_channel_launches_use_vector_async_copies(ci_report):
-    from bench.kernel_static import CASE_BY_NAME, floor_failures
+    from sparse_ops_bench.kernel_static import CASE_BY_NAME, floor_failures
 
     payload, returncode, output = ci_report
     missed = [f"{_describe(r)}: {'; '.join(floor_failures(r))}" for r in payload["rows"]
@@ -87,8 +87,7 @@ def test_every_config_the_autotuner_may_pick_was_compiled(ci_report):
     """The matrix stays complete: each config set's configs (those not withheld on this
     Triton for spilling) all appear, on a launch of their class, fp16 and sm_90a."""
     import torch
-
-    from kernels import channel_conv, group_conv, launch
+    from sparse_ops_kernels import channel_conv, group_conv, launch
 
     payload, _, _ = ci_report
     seen: dict[tuple[str, str], set[str]] = {}

@@ -17,11 +17,11 @@ from kernel_cases import (
     poisoned_output,
     shape_id,
 )
+from sparse_ops_kernels import channel_conv, group_conv, launch
+from sparse_ops_kernels.channel_conv import channel_conv2d, channel_conv_launch
+from sparse_ops_kernels.errors import KernelInputError
+from sparse_ops_kernels.group_conv import group_conv2d, group_conv_launch
 
-from kernels import channel_conv, group_conv, launch
-from kernels.channel_conv import channel_conv2d, channel_conv_launch
-from kernels.errors import KernelInputError
-from kernels.group_conv import group_conv2d, group_conv_launch
 from sparse_ops.formats import ChannelPlan, GroupPack
 
 DTYPES = [torch.float32, torch.float16]

@@ -1,0 +1,44 @@
+"""Installed import names: ours only, never another distribution's.
+
+The repository's ``kernels/`` and ``bench/`` folders install as ``sparse_ops_kernels`` and
+``sparse_ops_bench``. A bare ``kernels`` is Hugging Face's hub-kernel loader (used by
+transformers) and ``bench`` too generic: installing a distribution that owns one of
+those names beside sparse-ops must leave both importable.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib import metadata
+
+OURS = {"sparse_ops", "sparse_ops_kernels", "sparse_ops_bench"}
+
+
+def test_installed_top_level_names_are_ours():
+    top_level = metadata.distribution("sparse-ops").read_text("top_level.txt")
+    assert set(top_level.split()) == OURS
+
+
+def test_another_kernels_package_and_ours_both_import(tmp_path):
+    """A stand-in for the PyPI ``kernels`` package first on the path, and a working
+    directory outside the repository (so its folders are not importable by name)."""
+    other = tmp_path / "site" / "kernels"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("OWNER = 'someone else'\n")
+    (tmp_path / "site" / "bench").mkdir()
+    (tmp_path / "site" / "bench" / "__init__.py").write_text("OWNER = 'someone else'\n")
+    probe = (
+        "import kernels, bench\n"
+        "assert kernels.OWNER == bench.OWNER == 'someone else'\n"
+        "import sparse_ops, sparse_ops.ops, sparse_ops_kernels.channel_conv\n"
+        "from sparse_ops_bench import cli\n"
+        "from sparse_ops.cli import main\n"
+        "assert main(['models']) == 0\n"
+        "print('both import')\n"
+    )
+    env = {"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "both import" in done.stdout
