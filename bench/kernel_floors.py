@@ -18,9 +18,10 @@ spatial size the layer sees in the network on 32×32 inputs, batch 64, channels-
              Floor (issue 5): ≥ 2.5× faster (VGG-16 / ResNet-18).
 
 Each pair's outputs are compared before timing (fp32 accumulate on both sides;
-tolerance by dtype). Timing: :func:`bench.timing.time_cuda` (CUDA events, warm-up, L2
-flushed, median of ``--repeats``). ``--smoke`` runs the same code on tiny shapes on
-the CPU under ``TRITON_INTERPRET=1`` (perf_counter), to check the script, not speed.
+tolerance by dtype: :func:`.providers.tolerance`, the benchmark's one policy). Timing:
+:func:`.timing.time_cuda` (CUDA events, warm-up, L2 flushed, median of ``--repeats``).
+``--smoke`` runs the same code on tiny shapes on the CPU under ``TRITON_INTERPRET=1``
+(perf_counter), to check the script, not speed.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from sparse_ops.formats import ChannelPlan, GroupPack
 
 from .env import environment
 from .presets import distinct_convs
+from .providers import tolerance
 from .tickets import group_mask
 from .timing import time_call
 
@@ -48,7 +50,6 @@ CHANNEL_ARCHS = ("res18", "res50")
 GROUP_ARCHS = ("vgg16_bn", "res18")
 CHANNEL_FLOOR = 0.8  # ours / cuDNN speed on the same compacted conv
 GROUP_FLOOR = 2.5  # speedup over dense cuDNN at 80% block sparsity
-TOLERANCE = {torch.float32: 5e-3, torch.float16: 2e-2, torch.bfloat16: 8e-2}
 
 
 def conv_input_sizes(arch: str, hw: int = 32) -> dict[str, int]:
@@ -87,9 +88,9 @@ def _relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
 def _checked(ours_fn, reference_fn, dtype: torch.dtype) -> dict[str, Any]:
     with torch.inference_mode():
         error = _relative_error(ours_fn(), reference_fn())
-    if error <= TOLERANCE[dtype]:
+    if error <= tolerance(dtype):
         return {"rel_error": error, "status": "ok"}
-    return {"rel_error": error, "status": f"wrong output: {error:.2e} > {TOLERANCE[dtype]:.0e}"}
+    return {"rel_error": error, "status": f"wrong output: {error:.2e} > {tolerance(dtype):.0e}"}
 
 
 def _timed(row: dict[str, Any], ours_fn, cudnn_fn, device, timing) -> dict[str, Any]:
