@@ -18,6 +18,7 @@ from importlib.metadata import entry_points
 from . import __version__, models
 from .errors import SparseOpsError, printable
 from .progress import Progress
+from .structure.methods import METHODS
 from .structure.partition import MODELS as PARTITION_MODELS
 from .structure.refill import ACTIVATION_CRITERIA, CRITERIA
 from .tables import format_table, shape_text
@@ -347,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=4, help="pruning rounds (default 4)")
     p.add_argument("--rate", type=float, default=0.2, help="share of remaining weights pruned")
     p.add_argument("--scope", choices=["global", "layer"], default="global")
-    p.add_argument("--post", choices=["none", "refill", "refill+", "regroup"], default="none")
+    p.add_argument("--post", choices=["none", *METHODS], default="none")
     p.add_argument("--epochs", type=int, default=15, help="training epochs per round")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
@@ -372,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("ticket", help="ticket file or open_lth level directory")
     p.add_argument("--arch", help="architecture to check the ticket against")
-    p.add_argument("--method", required=True, choices=["refill", "refill+", "regroup"])
+    p.add_argument("--method", required=True, choices=list(METHODS))
     p.add_argument("-o", "--output", required=True, help="output .safetensors file")
     p.add_argument("--data", help="batch source for feature_* / saliency criteria")
     p.add_argument("--data-dir", help="directory of the CIFAR binary release")

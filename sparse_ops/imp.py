@@ -37,7 +37,6 @@ built-in :class:`sparse_ops.training.Trainer` wraps the model in DDP); see
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,7 +66,6 @@ STEM = _Selector("stem")  # the first conv applied to the network input
 CLASSIFIER = _Selector("classifier")  # the last Linear
 DEFAULT_EXCLUDE: tuple = (STEM, nn.Linear)
 SCOPES = ("global", "layer")
-POSTS = ("refill", "refill+", "regroup")
 
 ExcludeItem = _Selector | type | str | Callable[[str, nn.Module], bool]
 
@@ -268,45 +266,14 @@ PostFn = Callable[[Ticket, nn.Module], Ticket]
 
 
 def resolve_post(post: str | PostFn | None, options: dict[str, Any] | None = None) -> PostFn | None:
-    """``None``/``"none"``, ``"refill"``, ``"refill+"``, ``"regroup"`` or a callable."""
-    options = dict(options or {})
-    if post is None or post == "none":
-        if options:
-            raise IMPError(f"post options {sorted(options)} given without a post method")
-        return None
-    if callable(post):
-        return post
-    from . import structure
+    """``None``/``"none"``, ``"refill"``, ``"refill+"``, ``"regroup"`` or a callable
+    (:func:`sparse_ops.structure.methods.resolve`, the one registry)."""
+    from .structure import methods
 
-    if post in ("refill", "refill+"):
-        if post == "refill+":
-            options.setdefault("extra", 0.1)
-            if options["extra"] <= 0:
-                raise IMPError("refill+ needs extra > 0 (the share of pruned channels refilled)")
-        _check_refill_options(options)
-        return lambda t, m: structure.refill(t, model=m, **options)
-    if post == "regroup":
-        config = structure.RegroupConfig(**options)
-        return lambda t, m: structure.regroup(t, config, model=m)
-    raise IMPError(f"unknown post-processing {post!r}; choose from none, {', '.join(POSTS)}")
-
-
-def _check_refill_options(options: dict[str, Any]) -> None:
-    """Refill's options checked before any training, not after round 0's."""
-    from .structure.refill import ACTIVATION_CRITERIA, CRITERIA, refill
-
-    allowed = set(inspect.signature(refill).parameters) - {"ticket", "model"}
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise IMPError(f"unknown refill options {unknown}; refill takes {sorted(allowed)}")
-    criterion = options.get("criterion", "l1")
-    if criterion not in CRITERIA:
-        raise IMPError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
-    if criterion in ACTIVATION_CRITERIA and options.get("batch") is None:
-        raise IMPError(
-            f"criterion {criterion!r} ranks channels by activations: pass "
-            "post_options={'batch': (inputs, targets)}"
-        )
+    try:
+        return methods.resolve(post, options)
+    except methods.MethodError as exc:
+        raise IMPError(str(exc)) from None
 
 
 def run(

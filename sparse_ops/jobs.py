@@ -14,6 +14,7 @@ from . import checkpoint_io, distributed, imp, models
 from . import data as datasets
 from .errors import SparseOpsError
 from .progress import Progress
+from .structure.methods import METHODS
 from .tables import format_table
 from .tickets import Ticket, load_ticket
 from .training import TrainConfig, Trainer
@@ -211,7 +212,7 @@ def restructure_job(
         options["batch"] = batch  # only refill's feature criteria read activations
     post = imp.resolve_post(method, options)
     if post is None:
-        raise imp.IMPError("restructure needs a method: refill, refill+ or regroup")
+        raise imp.IMPError(f"restructure needs a method: {', '.join(METHODS)}")
     result = post(ticket, None)
     path = result.save(out)
     report = result.meta["structure_report"]

@@ -5,7 +5,8 @@
 * :func:`transform` — elastic (E-LTH) stretch/squeeze to another depth, :mod:`.elastic`.
 
 Each returns a new :class:`~sparse_ops.Ticket` whose meta records the method, the
-parameters and a per-layer report (``meta["structure_report"]``).
+parameters and a per-layer report (``meta["structure_report"]``). :mod:`.methods` is
+the registry of them by name that IMP, ``restructure`` and the CLI read.
 """
 
 from .elastic import (
@@ -18,16 +19,19 @@ from .elastic import (
     resolve_mapping,
     transform,
 )
+from .methods import METHODS, MethodError, resolve
 from .refill import CRITERIA, RefillError, kept_channels, refill, refill_mask
 from .regroup import Group, RegroupConfig, RegroupError, groups_to_mask, regroup, regroup_mask
 from .report import LayerChange, render_changes
 
 __all__ = [
     "CRITERIA",
+    "METHODS",
     "STRATEGIES",
     "ElasticReport",
     "Group",
     "LayerChange",
+    "MethodError",
     "RefillError",
     "RegroupConfig",
     "RegroupError",
@@ -42,6 +46,7 @@ __all__ = [
     "regroup",
     "regroup_mask",
     "render_changes",
+    "resolve",
     "resolve_mapping",
     "transform",
 ]
