@@ -550,8 +550,10 @@ class GroupSparseConv2d(_Unit):
         """Pack ``prefix``, rebuilt only when a buffer was replaced (``.to()``, loading)."""
         caches = self.__dict__.setdefault("_pack_cache", {})
         cached = caches.get(prefix)
-        bias = tensors[-1]  # see ChannelPrunedConv2d._eager_plan for the version
-        version = _version_of(bias)
+        # The bias's version (see ChannelPrunedConv2d._eager_plan) and the values': the
+        # torch path keeps weights prepared from them on the pack, and a leftover pack
+        # has no bias whose version a load_state_dict would bump.
+        version = (_version_of(tensors[0]), _version_of(tensors[-1]))
         if (cached is None or cached[1] != version
                 or any(a is not c for a, c in zip(cached[0], tensors, strict=True))):  # fmt: skip
             pack = GroupPack(*tensors[:-1], _fp32(tensors[-1]), self.in_channels,

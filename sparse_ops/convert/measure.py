@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from ..checkpoint_io import write_text
-from ..nn import ChannelPrunedConv2d, GroupSparseConv2d
 
 CACHE_ENV = "SPARSE_OPS_CACHE_DIR"
 CACHE_VERSION = 1
@@ -144,8 +143,12 @@ class TuneCache:
             return Path(root) / "tuning.json"
         return Path(option)
 
-    def get(self, key: str) -> Any:
+    def get(self, key: str, valid: Callable[[Any], bool] | None = None) -> Any:
+        """The entry under ``key``, or None (a miss) where there is none or ``valid``
+        refuses it (an edited or foreign file)."""
         value = self.entries.get(key)
+        if value is not None and valid is not None and not valid(value):
+            value = None
         if value is None:
             self.misses += 1
         else:
@@ -175,8 +178,13 @@ def shapes_of(args: tuple) -> list:
 
 
 def network_signature(module: nn.Module) -> str:
+    """What a whole network's speed depends on: its graph (where it is one) and every
+    leaf module's :func:`unit_signature` by path (units, Relayouts, torch modules)."""
     digest = hashlib.sha256()
-    for _, unit in sorted(module.named_modules(), key=lambda kv: kv[0]):
-        if isinstance(unit, (ChannelPrunedConv2d, GroupSparseConv2d)):
-            digest.update(unit_signature(unit).encode())
+    code = getattr(module, "code", None)
+    if isinstance(code, str):
+        digest.update(code.encode())
+    for name, unit in sorted(module.named_modules(), key=lambda kv: kv[0]):
+        if next(unit.children(), None) is None:
+            digest.update(f"{name}:{unit_signature(unit)}".encode())
     return digest.hexdigest()

@@ -36,6 +36,7 @@ the timing.
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -206,8 +207,9 @@ def tune_site(
     key = cache_key(
         "site", env, shapes_of(args), [(c.label, unit_signature(c.unit)) for c in cands]
     )
-    cached = cache.get(key)
-    if isinstance(cached, dict) and set(cached) == {c.label for c in cands}:
+    labels = {c.label for c in cands}
+    cached = cache.get(key, lambda entry: _numbers(entry, labels))
+    if cached is not None:
         for c in cands:
             c.median_ms = float(cached[c.label])
     else:
@@ -292,6 +294,14 @@ def tune_network(
     return module, record
 
 
+def _numbers(entry: Any, labels: set[str]) -> bool:
+    """A cache entry holding a finite time for each of ``labels`` (at least): anything
+    else (an edited or foreign file) is timed again."""
+    return (isinstance(entry, dict) and set(entry) >= labels
+            and all(type(entry[k]) in (int, float) and math.isfinite(entry[k])
+                    for k in labels))  # fmt: skip
+
+
 def _install(module, ctx, rows, name: str, cand: Candidate, record: dict) -> None:
     module.set_submodule(name, cand.unit)
     row = cand.row
@@ -304,19 +314,26 @@ def _check_network(module, ctx, rows, example, device, options, baselines, per_s
     progress.update("timing the tuned network against the baselines")
     base = baselines()
     names = ["tuned", *base]
-    key = cache_key("network", env, list(example.shape),
-               {name: r["chosen"] for name, r in per_site.items()},
+    # The tuned network itself, not only its labels: the same labels over other units
+    # (another ticket, regroup or cost configuration) are another network. The noise
+    # decides the fallbacks kept with the times.
+    key = cache_key("network", env, list(example.shape), options.noise,
+               {name: r["chosen"] for name, r in per_site.items()}, network_signature(module),
                [(name, network_signature(m)) for name, m in base.items()])  # fmt: skip
-    cached = cache.get(key)
-    if isinstance(cached, dict) and set(cached.get("times_ms", {})) >= set(names):
+    cached = cache.get(key, lambda entry: isinstance(entry, dict)
+                       and _numbers(entry.get("times_ms"), set(names))
+                       and isinstance(entry.get("fallbacks", {}), dict))  # fmt: skip
+    if cached is not None:
         times = cached["times_ms"]
         for name, label in cached.get("fallbacks", {}).items():
-            if name in fallbacks and label in fallbacks[name]:
+            if name in fallbacks and isinstance(label, str) and label in fallbacks[name]:
                 per_site[name] = {**per_site[name], "chosen": label,
                                   "reason": "network fallback (cached)"}  # fmt: skip
                 _install(module, ctx, rows, name, fallbacks[name][label], per_site[name])
         return {"times_ms": times, "fallbacks": cached.get("fallbacks", {}),
-                "verdict": cached.get("verdict", ""), "cached": True}  # fmt: skip
+                "verdict": str(cached.get("verdict", "")),
+                "slower_than_baseline": cached.get("slower_than_baseline") is True,
+                "cached": True}  # fmt: skip
 
     def measure() -> dict[str, float]:
         nets = {"tuned": module, **base}
