@@ -246,11 +246,14 @@ def _cmd_transform(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .jobs import convert_job
 
+    if not args.tune and (args.tune_batch is not None or args.tune_cache is not None):
+        raise SparseOpsError("--tune-batch and --tune-cache only apply with --tune")
+    cache = args.tune_cache or "default"
     summary, report = convert_job(
         args.ticket, args.output, arch=args.arch, mode=args.mode, dtype=args.dtype,
         on_unstructured=args.on_unstructured, target=args.target,
-        tune_batch=args.tune_batch if args.tune else None,
-        tune_cache=None if args.tune_cache.lower() == "none" else args.tune_cache,
+        tune_batch=(64 if args.tune_batch is None else args.tune_batch) if args.tune else None,
+        tune_cache=None if cache.lower() == "none" else cache,
         progress=not args.json,
     )  # fmt: skip
     if args.json:
@@ -447,11 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
         "GPU) and keep the fastest; the whole network is checked against the folded dense "
         "and the narrowed one (docs/CONVERT.md, 'Tuning')",
     )  # fmt: skip
-    p.add_argument("--tune-batch", type=int, default=64, metavar="N",
-                   help="batch size to tune at (default: %(default)s)")  # fmt: skip
-    p.add_argument("--tune-cache", default="default", metavar="FILE",
-                   help="timing cache (default: $SPARSE_OPS_CACHE_DIR/tuning.json or "
-                   "~/.cache/sparse-ops/tuning.json); 'none' for no cache")  # fmt: skip
+    p.add_argument("--tune-batch", type=int, default=None, metavar="N",
+                   help="with --tune: batch size to tune at (default: 64)")  # fmt: skip
+    p.add_argument("--tune-cache", default=None, metavar="FILE",
+                   help="with --tune: timing cache (default: $SPARSE_OPS_CACHE_DIR/tuning.json "
+                   "or ~/.cache/sparse-ops/tuning.json); 'none' for no cache")  # fmt: skip
     p.add_argument("-o", "--output", required=True, help="output .safetensors file")
     p.add_argument("--report", action="store_true", help="print the per-layer report")
     p.add_argument("--json", action="store_true", help="print one JSON object")

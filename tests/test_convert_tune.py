@@ -375,3 +375,55 @@ def test_cuda_candidates_include_cudnn_and_it_can_be_kept(monkeypatch):
     assert kept and all(r.representation == "cudnn" for r in kept)
     assert all(isinstance(fast.get_submodule(r.name), TorchConv2d) for r in kept)
     _assert_exact(fast, model, ticket)
+
+
+def test_tune_options_of_the_cli_need_tune(tmp_path, capsys):
+    model = _model()
+    _ticket(model, "refill").save(tmp_path / "t.safetensors")
+    for extra in (["--tune-batch", "2"], ["--tune-cache", "none"]):
+        args = ["convert", str(tmp_path / "t.safetensors"), "--target", "cpu", *extra,
+                "-o", str(tmp_path / "o.safetensors")]  # fmt: skip
+        assert main(args) == 2
+        assert "only apply with --tune" in capsys.readouterr().err
+    args = ["convert", str(tmp_path / "t.safetensors"), "--target", "cpu", "--tune",
+            "--tune-batch", "0", "-o", str(tmp_path / "o.safetensors")]  # fmt: skip
+    assert main(args) == 2
+    assert "--tune-batch must be ≥ 1" in capsys.readouterr().err
+
+
+def test_a_candidate_that_raises_names_the_layer(monkeypatch):
+    real = tune_module.make_conv_unit
+
+    class Broken(nn.Module):
+        name = "broken"
+
+        def forward(self, *args):
+            raise RuntimeError("boom")
+
+    def broken(ctx, site, choice, **kw):
+        unit, row = real(ctx, site, choice, **kw)
+        return (Broken() if kw.get("zero_pad") else unit), row
+
+    monkeypatch.setattr(tune_module, "make_conv_unit", broken)
+    model = _model()
+    with pytest.raises(
+        ConvertError,
+        match=r"layer\d\.\d\.conv\d: tuning candidate 'padded' "
+        r"failed on the layer's input \(RuntimeError: boom\)",
+    ):
+        _convert(model, _ticket(model, "refill"))
+
+
+def test_the_equality_check_allows_tf32_rounding_on_cuda_only():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert tune_module._tolerance(torch.float32, cpu) == 1e-4
+    assert tune_module._tolerance(torch.float32, cuda) == 1e-2  # TF32 inputs
+    assert tune_module._tolerance(torch.float16, cuda) == tune_module._tolerance(torch.float16, cpu)
+
+
+def test_the_cache_key_holds_the_code_that_runs_the_units():
+    from sparse_ops.convert.measure import environment_key
+
+    key = environment_key(torch.device("cpu"), torch.float32)
+    assert {"device", "torch", "triton", "dtype", "code"} <= set(key)
+    assert len(key["code"]) == 16

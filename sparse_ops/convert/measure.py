@@ -4,6 +4,7 @@ candidate's structure, never its weight values)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -102,7 +103,27 @@ def environment_key(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
              else f"{platform.processor() or platform.machine()}/{os.cpu_count()} cpus/"
                   f"{torch.get_num_threads()} threads")  # fmt: skip
     return {"device": where, "torch": torch.__version__, "triton": triton_version,
-            "dtype": str(dtype)}  # fmt: skip
+            "dtype": str(dtype), "code": _code_digest()}  # fmt: skip
+
+
+@functools.cache
+def _code_digest() -> str:
+    """The source of what runs the units (torch paths, units, kernels): timings cached
+    by another version of it say nothing about this one."""
+    from .. import nn as units
+    from .. import ops
+
+    files = [Path(ops.__file__), Path(units.__file__)]
+    try:
+        import sparse_ops_kernels
+
+        files += sorted(Path(sparse_ops_kernels.__file__).parent.glob("*.py"))
+    except ImportError:  # Triton absent: the kernels are not what runs
+        pass
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def unit_signature(unit: nn.Module) -> str:
