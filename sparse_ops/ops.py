@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,7 @@ _GEMM_PENALTY = 2  # column gather + GEMM vs a dense conv, per useful multiply-a
 # The CPU channel path fuses the epilogue into oneDNN's conv where it can (tests turn it
 # off to check both paths compute the same).
 _FUSE_ON_CPU = True
+_PAD_BUFFER_LIMIT = 64  # padded input buffers kept per thread (see _padded_nhwc)
 _forced: list[str] = []
 
 
@@ -298,8 +300,7 @@ class _ColumnSet:
             return F.conv2d(inputs, self.weight, bias, pack.stride, pack.padding, pack.dilation)
         n, c = x_cl.shape[:2]
         (oh, ow), (ph, pw) = out_hw, pack.padding
-        padded = F.pad(x_cl, (pw, pw, ph, ph)) if ph or pw else x_cl
-        nhwc = padded.permute(0, 2, 3, 1).contiguous()
+        nhwc = _padded_nhwc(x_cl, ph, pw)
         hp, wp = nhwc.shape[1:3]
         offsets, span = self._offsets_for(wp, c, pack)
         (sh, sw) = pack.stride
@@ -319,14 +320,43 @@ class _ColumnSet:
         left of the tensor after the last window's corner, since the last window fits)."""
         cached = self._offsets.get(wp)
         if cached is None:
-            kw = pack.kernel_size[1]
-            dh, dw = pack.dilation
-            taps = self.cols // c
-            ky, kx = taps // kw, taps % kw
-            offsets = (ky * dh * wp + kx * dw) * c + self.cols % c
-            offsets = offsets.to(self.weight_t.device)
-            cached = self._offsets[wp] = (offsets.view(1, 1, 1, -1), int(offsets.max()) + 1)
+            cached = self._offsets[wp] = self._compute_offsets(wp, c, pack)
         return cached
+
+    @torch.inference_mode(False)  # kept for later calls, which may track gradients
+    def _compute_offsets(self, wp: int, c: int, pack: GroupPack) -> tuple[torch.Tensor, int]:
+        kw = pack.kernel_size[1]
+        dh, dw = pack.dilation
+        taps = self.cols // c
+        ky, kx = taps // kw, taps % kw
+        offsets = ((ky * dh * wp + kx * dw) * c + self.cols % c).to(self.weight_t.device)
+        return offsets.view(1, 1, 1, -1), int(offsets.max()) + 1
+
+
+_PAD_BUFFERS = threading.local()
+
+
+def _padded_nhwc(x_cl: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
+    """``x`` zero-padded, NHWC-contiguous. Inference calls reuse one buffer per shape,
+    dtype and device per thread, whose zero border stays: each call copies the interior
+    only (F.pad also zero-fills the whole tensor, a pass as long as the copy). The buffer
+    is only read before the call returns; calls that track gradients get a fresh tensor."""
+    if not (ph or pw):
+        return x_cl.permute(0, 2, 3, 1).contiguous()
+    if torch.is_grad_enabled() and x_cl.requires_grad:
+        return F.pad(x_cl, (pw, pw, ph, ph)).permute(0, 2, 3, 1).contiguous()
+    n, c, h, w = x_cl.shape
+    shape = (n, h + 2 * ph, w + 2 * pw, c)
+    buffers = _PAD_BUFFERS.__dict__.setdefault("by_key", {})
+    key = (shape, x_cl.dtype, x_cl.device)
+    buffer = buffers.get(key)
+    if buffer is None:
+        if len(buffers) >= _PAD_BUFFER_LIMIT:  # many shapes (a sweep): keep memory bounded
+            buffers.clear()
+        with torch.inference_mode(False):  # usable inside and outside inference mode
+            buffer = buffers[key] = x_cl.new_zeros(shape)
+    buffer[:, ph : ph + h, pw : pw + w].copy_(x_cl.permute(0, 2, 3, 1))
+    return buffer
 
 
 def _torch_column_sets(pack: GroupPack, device, dtype) -> list[_ColumnSet] | None:
@@ -336,12 +366,17 @@ def _torch_column_sets(pack: GroupPack, device, dtype) -> list[_ColumnSet] | Non
     memo = pack.__dict__.setdefault("_torch_sets", {})
     key = (str(device), dtype)
     if key not in memo:
-        sets = _column_sets(pack)
-        memo[key] = None if sets is None else [
-            _ColumnSet(rows, cols, torch.cat(tiles).float(), pack, device, dtype)
-            for rows, cols, tiles in sets
-        ]  # fmt: skip
+        with torch.inference_mode(False):  # prepared once, used in and outside inference
+            memo[key] = _prepare_column_sets(pack, device, dtype)
     return memo[key]
+
+
+def _prepare_column_sets(pack: GroupPack, device, dtype) -> list[_ColumnSet] | None:
+    sets = _column_sets(pack)
+    if sets is None:
+        return None
+    return [_ColumnSet(rows, cols, torch.cat(tiles).float(), pack, device, dtype)
+            for rows, cols, tiles in sets]  # fmt: skip
 
 
 def _column_sets(pack: GroupPack):

@@ -181,3 +181,30 @@ def test_group_path_for_very_many_column_sets_keeps_the_epilogue(shape, monkeypa
     y = ops.group_conv(x, pack, residual=res, relu=True)
     ref = expected(x, pack.dense_weight(), bias, (s, p, d), res, True)
     torch.testing.assert_close(y.double(), ref, **TOLERANCES[torch.float32])
+
+
+def test_group_gather_path_reuses_its_padded_buffer_safely(monkeypatch):
+    """The zero-bordered input buffer is reused across calls and units: each call sees its
+    own input, inside and outside inference mode, and a gradient-tracking call gets a
+    fresh tensor."""
+    monkeypatch.setattr(ops, "_GEMM_PENALTY", 0.0)  # every column set gathers
+    n, cin, cout, h, w, k, s, p, d = SHAPES[1]
+    g = torch.Generator().manual_seed(300)
+    packs = []
+    for _ in range(2):  # two units with the same input shape share the buffer
+        weight, bias = conv_weight(cout, cin, k, g), torch.randn(cout, generator=g)
+        layout, mask = group_layout(cout, cin, k, "mixed", g)
+        packs.append((GroupPack.from_weight(weight, mask, layout, bias, stride=s, padding=p,
+                                            dilation=d), bias))  # fmt: skip
+    inputs = [torch.randn(n, cin, h, w, generator=g) for _ in range(3)]
+    for mode in (torch.inference_mode, torch.no_grad):
+        with mode():
+            for x in inputs:
+                for pack, bias in packs:
+                    y = ops.group_conv(x, pack)
+                    ref = expected(x, pack.dense_weight(), bias, (s, p, d), None, False)
+                    torch.testing.assert_close(y.double(), ref, **TOLERANCES[torch.float32])
+    x = inputs[0].clone().requires_grad_(True)
+    pack, bias = packs[0]
+    ops.group_conv(x, pack).sum().backward()
+    assert x.grad is not None and bool(x.grad.abs().sum() > 0)
