@@ -427,3 +427,26 @@ def test_the_cache_key_holds_the_code_that_runs_the_units():
     key = environment_key(torch.device("cpu"), torch.float32)
     assert {"device", "torch", "triton", "dtype", "code"} <= set(key)
     assert len(key["code"]) == 16
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_tuning_on_cuda_times_triton_against_cudnn_and_stays_exact(dtype):
+    """The CUDA path: CUDA-event timing, the cudnn candidate next to the Triton units,
+    the TF32-aware equality check (fp32), and a module equal to the masked network."""
+    model = _model()
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    for kind in ("refill", "regroup"):
+        ticket = _ticket(model, kind)
+        fast, report = convert(model, ticket, mode="auto", on_unstructured="regroup",
+                               regroup=FAST_REGROUP, dtype=dtype, device="cuda", tune=x,
+                               tune_options=TuneOptions(cache=None),
+                               return_report=True)  # fmt: skip
+        record = report.notes["tuning"]
+        labels = {label for r in record["sites"].values() for label in r["times_ms"]}
+        assert "cudnn" in labels, labels
+        assert set(record["network"]["times_ms"]) == {"tuned", "folded", "narrow"}
+        ref = masked_model(model, ticket).cuda().to(dtype)
+        xd = x.cuda().to(dtype)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(xd).float(), ref(xd).float(), atol=3e-2, rtol=3e-2)
