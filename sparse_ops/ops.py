@@ -218,9 +218,8 @@ def group_conv(
     if len(column_sets) == 1 and column_sets[0].every_row:
         # One column set over every row, in order (a regrouped block cut into b1-row
         # groups): the GEMM's [N·OH·OW, Cout] result is already the channels-last
-        # output, and the bias rides in the GEMM (addmm) instead of a pass of its own.
-        y = column_sets[0].run(x_cl, pack, (oh, ow), bias)
-        return _epilogue_inplace(y, None, residual, relu, None)
+        # output, and the epilogue rides on it (see _ColumnSet.run).
+        return column_sets[0].run(x_cl, pack, (oh, ow), bias, residual, relu)
     y = x.new_zeros(n, pack.out_channels, oh, ow).contiguous(memory_format=torch.channels_last)
     for column_set in column_sets:
         part = column_set.run(x_cl, pack, (oh, ow), None)
@@ -293,11 +292,13 @@ class _ColumnSet:
             self.weight = weight.contiguous().to(device, dtype)
             self.channels = channels.to(device)
 
-    def run(self, x_cl, pack: GroupPack, out_hw, bias) -> torch.Tensor:
-        """This set's output rows, ``[N, rows, OH, OW]`` channels-last (+ ``bias``)."""
+    def run(self, x_cl, pack: GroupPack, out_hw, bias, residual=None, relu=False) -> torch.Tensor:
+        """This set's output rows, ``[N, rows, OH, OW]`` channels-last: ``relu?(rows + bias
+        + residual)`` (``residual``: ``[N, rows, OH, OW]``)."""
         if not self.gather:
             inputs = select_channels(x_cl, self.channels)
-            return F.conv2d(inputs, self.weight, bias, pack.stride, pack.padding, pack.dilation)
+            y = F.conv2d(inputs, self.weight, bias, pack.stride, pack.padding, pack.dilation)
+            return _epilogue_inplace(y, None, residual, relu, None)
         n, c = x_cl.shape[:2]
         (oh, ow), (ph, pw) = out_hw, pack.padding
         nhwc = _padded_nhwc(x_cl, ph, pw)
@@ -311,7 +312,21 @@ class _ColumnSet:
         columns = torch.gather(windows, 3, offsets.expand(n, oh, ow, -1))
         flat = columns.view(n * oh * ow, -1)
         weight_t = self.weight_t.to(flat.dtype)
-        out = flat @ weight_t if bias is None else torch.addmm(bias, flat, weight_t)
+        # Two passes over the output at most: the GEMM accumulates onto the residual (its
+        # copy is addmm's), then bias and ReLU in one fused op.
+        if residual is None:
+            out = flat @ weight_t
+        else:
+            rows = _pixel_rows(
+                residual.to(flat.dtype).contiguous(memory_format=torch.channels_last)
+            )
+            out = torch.addmm(rows, flat, weight_t)
+        if bias is not None and relu:
+            torch.ops.aten._add_relu_(out, bias)
+        elif bias is not None:
+            out.add_(bias)
+        elif relu:
+            out.relu_()
         return out.view(n, oh, ow, -1).permute(0, 3, 1, 2)
 
     def _offsets_for(self, wp: int, c: int, pack: GroupPack) -> tuple[torch.Tensor, int]:
