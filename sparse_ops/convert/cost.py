@@ -26,8 +26,8 @@ class CostModel:
     Triton group kernel on a GPU (a starting value until GPU measurements calibrate
     it), 6 for the CPU torch path (one column gather + one GEMM per column set),
     measured on this project's CPU machine in the demo's tuning run: regroup layers at
-    ~11% block density ran at 0.45–0.7 of oneDNN's dense conv with 32–64 channels
-    (5–6× per useful multiply-add) and at 1.05–1.2 of it with 16 channels at 32×32
+    ~11% block density ran at 0.53–0.8 of oneDNN's dense conv with 32–64 channels
+    (5–7× per useful multiply-add) and at 0.9–1.1 of it with 16 channels at 32×32
     (16-row groups, which the 32-row tile rounding prices at double). Measuring beats
     either number: ``convert(..., tune=x)``.
 
