@@ -320,6 +320,7 @@ def test_cudnn_candidate_is_the_same_conv():
     ({"min_repeats": 5, "max_repeats": 3}, "max_repeats must be ≥ min_repeats"),
     ({"noise": 1.5}, r"noise must lie in \[0, 1\)"),
     ({"site_budget_s": -1}, "site_budget_s must be ≥ 0"),
+    ({"network_budget_s": -1}, "network_budget_s must be ≥ 0"),
     ({"warmup": True}, "warmup must be an int"),
 ])  # fmt: skip
 def test_tune_options_are_checked(options, message):
@@ -450,3 +451,30 @@ def test_tuning_on_cuda_times_triton_against_cudnn_and_stays_exact(dtype):
         xd = x.cuda().to(dtype)
         with torch.no_grad():
             torch.testing.assert_close(fast(xd).float(), ref(xd).float(), atol=3e-2, rtol=3e-2)
+
+
+def test_interleaved_timing_rounds_and_budgets():
+    """Fixed rounds stop early once the budget is spent (never under min_repeats); open
+    rounds stop once the fastest call is separated or the budget is spent."""
+    import time
+
+    from sparse_ops.convert.measure import time_interleaved
+
+    cpu = torch.device("cpu")
+    options = TuneOptions(warmup=1, min_repeats=3, max_repeats=30)
+    calls = {"a": lambda: None, "b": lambda: None}
+    assert [len(v) for v in time_interleaved(calls, cpu, options, 1e9, repeats=7).values()] == [
+        7,
+        7,
+    ]
+    assert [len(v) for v in time_interleaved(calls, cpu, options, 0.0, repeats=7).values()] == [
+        3,
+        3,
+    ]
+    assert [len(v) for v in time_interleaved(calls, cpu, options, 0.0, repeats=2).values()] == [
+        2,
+        2,
+    ]
+    slow = {"fast": lambda: None, "slow": lambda: time.sleep(0.002)}
+    rounds = {len(v) for v in time_interleaved(slow, cpu, options, 1e9).values()}
+    assert rounds == {3}  # separated at the first check

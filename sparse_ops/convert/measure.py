@@ -66,9 +66,12 @@ def time_interleaved(
     budget_s: float,
     repeats: int | None = None,
 ) -> dict[str, list[float]]:
-    """Samples (ms) per named call, taken round-robin after ``options.warmup`` calls each:
-    ``repeats`` rounds, or from ``options.min_repeats`` to ``max_repeats`` rounds, stopping
-    once the fastest call is separated from the others or ``budget_s`` is spent."""
+    """Samples (ms) per named call, taken round-robin after ``options.warmup`` calls each.
+
+    Without ``repeats``: from ``options.min_repeats`` to ``max_repeats`` rounds, stopping
+    once the fastest call is separated from the others or ``budget_s`` is spent. With
+    ``repeats``: that many rounds, or fewer once ``budget_s`` is spent (never fewer than
+    ``min_repeats``), so a large network's check stays bounded."""
     timer = _Timer(device)
     samples: dict[str, list[float]] = {name: [] for name in calls}
     with torch.inference_mode():
@@ -78,15 +81,18 @@ def time_interleaved(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         started = time.perf_counter()
-        low = repeats or options.min_repeats
         high = repeats or options.max_repeats
+        low = min(options.min_repeats, high)
         for done in range(high):
             for name, fn in calls.items():
                 samples[name].append(timer(fn))
-            if done + 1 < low or repeats:
+            if done + 1 < low:
                 continue
             spent = time.perf_counter() - started > budget_s
-            if len(calls) < 2 or spent or _separated(list(samples.values())):
+            if repeats:
+                if spent:
+                    break
+            elif len(calls) < 2 or spent or _separated(list(samples.values())):
                 break
     return samples
 

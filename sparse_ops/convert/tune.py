@@ -76,6 +76,7 @@ class TuneOptions:
     max_repeats: int = 40
     site_budget_s: float = 0.3  # timing per site, once min_repeats are done
     network_repeats: int = 15
+    network_budget_s: float = 10.0  # the network check stops there, after min_repeats
     noise: float = 0.05
     # A file path, or None for no cache; "default": $SPARSE_OPS_CACHE_DIR/tuning.json,
     # else ~/.cache/sparse-ops/tuning.json.
@@ -91,8 +92,9 @@ class TuneOptions:
             raise ConvertError("TuneOptions.max_repeats must be ≥ min_repeats")
         if not 0 <= self.noise < 1:
             raise ConvertError(f"TuneOptions.noise must lie in [0, 1), got {self.noise!r}")
-        if not self.site_budget_s >= 0:
-            raise ConvertError(f"TuneOptions.site_budget_s must be ≥ 0, got {self.site_budget_s}")
+        for name in ("site_budget_s", "network_budget_s"):
+            if not getattr(self, name) >= 0:
+                raise ConvertError(f"TuneOptions.{name} must be ≥ 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -351,7 +353,8 @@ def _check_network(module, ctx, rows, example, device, options, baselines, per_s
     def measure() -> dict[str, float]:
         nets = {"tuned": module, **base}
         calls = {name: (lambda m=m: m(example)) for name, m in nets.items()}
-        samples = time_interleaved(calls, device, options, 0.0, repeats=options.network_repeats)
+        samples = time_interleaved(calls, device, options, options.network_budget_s,
+                                   repeats=options.network_repeats)  # fmt: skip
         return {name: statistics.median(s) for name, s in samples.items()}
 
     times = measure()
