@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import threading
 
 import torch
@@ -31,7 +32,7 @@ _GEMM_PENALTY = 2  # column gather + GEMM vs a dense conv, per useful multiply-a
 # The CPU channel path fuses the epilogue into oneDNN's conv where it can (tests turn it
 # off to check both paths compute the same).
 _FUSE_ON_CPU = True
-_PAD_BUFFER_LIMIT = 64  # padded input buffers kept per thread (see _padded_nhwc)
+_PAD_BUFFER_BYTES = 256 << 20  # padded input buffers kept per thread (see _padded_nhwc)
 _forced: list[str] = []
 
 
@@ -366,8 +367,9 @@ def _padded_nhwc(x_cl: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
     key = (shape, x_cl.dtype, x_cl.device)
     buffer = buffers.get(key)
     if buffer is None:
-        if len(buffers) >= _PAD_BUFFER_LIMIT:  # many shapes (a sweep): keep memory bounded
-            buffers.clear()
+        held = sum(b.numel() * b.element_size() for b in buffers.values())
+        if held + math.prod(shape) * x_cl.element_size() > _PAD_BUFFER_BYTES:
+            buffers.clear()  # many or large shapes (a sweep, a big network): memory bounded
         with torch.inference_mode(False):  # usable inside and outside inference mode
             buffer = buffers[key] = x_cl.new_zeros(shape)
     buffer[:, ph : ph + h, pw : pw + w].copy_(x_cl.permute(0, 2, 3, 1))
