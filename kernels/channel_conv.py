@@ -50,8 +50,6 @@ from . import launch
 from .epilogue import multiple_of, store_with_epilogue
 from .launch import config_id
 
-SUPPORTED_FORMAT_VERSION = 1
-
 
 @triton.jit
 def _conv_tile(
@@ -379,8 +377,8 @@ def channel_conv_launch(
     compile them for a GPU target. ``force_wide`` forces (or forbids) 64-bit offsets,
     which are otherwise used only for tensors spanning 2^30 elements or more (tests use it to
     run the 64-bit path on small tensors)."""
-    what = "channel_conv2d"
-    call = launch.check_channel_call(x, plan, residual, bias_map, what, SUPPORTED_FORMAT_VERSION,
+    what = "channel_conv"
+    call = launch.check_channel_call(x, plan, residual, bias_map, what,
                                      INTERPRETED if check_device else None)  # fmt: skip
     weight, in_idx, out_idx, fill_idx = plan.weight, plan.in_idx, plan.out_idx, plan.fill_idx
     bias = plan.bias
@@ -432,7 +430,7 @@ def channel_conv_launch(
                                INTERPRETER_CONFIG, y, m == 0)  # fmt: skip
 
 
-def channel_conv2d(
+def channel_conv(
     x: torch.Tensor,
     plan,
     *,
@@ -443,12 +441,8 @@ def channel_conv2d(
     config: triton.Config | None = None,
     bias_map: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run a ChannelPlan-like ``plan`` on ``x`` ([N, Cin, H, W]); returns [N, Cout, OH, OW].
-
-    ``plan`` provides ``weight`` ([Cout', kh, kw, Cin'], x's dtype), ``bias``,
-    ``in_idx``, ``out_idx``, ``fill_idx``, ``in_channels``, ``out_channels``,
-    ``stride``, ``padding``, ``dilation`` and ``format_version`` (see
-    :class:`sparse_ops.formats.ChannelPlan`). The output is channels-last. ``config``
+    """Run a :class:`~.formats.ChannelPlan` on ``x`` ([N, Cin, H, W]); returns
+    [N, Cout, OH, OW], channels-last. The plan's weight is in x's dtype. ``config``
     forces one ``triton.Config`` instead of autotuning.
     """
     spec = channel_conv_launch(x, plan, residual=residual, relu=relu, out=out,

@@ -59,11 +59,10 @@ import triton.language as tl
 from . import launch
 from .epilogue import multiple_of, store_with_epilogue
 from .errors import KernelInputError
+from .formats import COL_RUN
 from .launch import config_id
 
-SUPPORTED_FORMAT_VERSION = 2
 MAX_TAPS_PER_AXIS = 16  # tap bits: 16 for rows, 16 for columns, in one int32 per pixel
-COL_RUN = 8  # channels per run in a col_run pack: 16 bytes of fp16/bf16
 
 
 @triton.jit
@@ -287,8 +286,8 @@ def group_conv_launch(
 ) -> launch.KernelLaunch:
     """Check a call and build its launch (nothing runs); see
     :func:`kernels.channel_conv.channel_conv_launch`."""
-    what = "group_conv2d"
-    call = launch.check_group_call(x, pack, residual, what, SUPPORTED_FORMAT_VERSION,
+    what = "group_conv"
+    call = launch.check_group_call(x, pack, residual, what,
                                    INTERPRETED if check_device else None)  # fmt: skip
     n, _, h, w = x.shape
     block_n, k_pad = int(pack.block_n), int(pack.k_pad)
@@ -311,11 +310,11 @@ def group_conv_launch(
     x = launch.channels_last(x)
     m, tiles = n * oh * ow, pack.tile_group.numel()
     # A pack records max_cols on the host (groups_meta); reading col_ptr would sync.
-    max_cols = int(pack.max_cols) if hasattr(pack, "max_cols") else 0
+    max_cols = int(pack.max_cols)
     x_strides = launch.nhwc_strides(x)
     x_align = launch.alignment(*x_strides[:3])
     # Runs vectorise only if every tap offset is a multiple of the run too.
-    col_run = COL_RUN if int(getattr(pack, "col_run", 1)) == COL_RUN and x_align == COL_RUN else 1
+    col_run = COL_RUN if pack.col_run == COL_RUN and x_align == COL_RUN else 1
     args = (
         # A disabled feature's pointer is never read; the stand-ins only keep types right.
         x, pack.values,
@@ -348,7 +347,7 @@ def group_conv_launch(
                                interpreter_meta, y, m == 0 or tiles == 0)  # fmt: skip
 
 
-def group_conv2d(
+def group_conv(
     x: torch.Tensor,
     pack,
     *,
@@ -358,18 +357,15 @@ def group_conv2d(
     allow_tf32: bool | None = None,
     config: triton.Config | None = None,
 ) -> torch.Tensor:
-    """Run a GroupPack-like ``pack`` on ``x`` ([N, Cin, H, W]); returns [N, Cout, OH, OW].
-
-    ``pack`` provides the fields of :class:`sparse_ops.formats.GroupPack` (values in
-    x's dtype, int32 indices, int64 ``val_ptr``, ``block_n``, ``k_pad``, geometry and
-    ``format_version``). The output is channels-last. ``config`` forces one
+    """Run a :class:`~.formats.GroupPack` on ``x`` ([N, Cin, H, W]); returns
+    [N, Cout, OH, OW], channels-last. The pack's values are in x's dtype. ``config`` forces one
     ``triton.Config`` (its BLOCK_K must divide the pack's ``k_pad``).
     """
     spec = group_conv_launch(x, pack, residual=residual, relu=relu, out=out,
                              allow_tf32=allow_tf32)  # fmt: skip
     if config is not None and spec.constexprs["K_PAD"] % config.kwargs["BLOCK_K"]:
         raise KernelInputError(
-            f"group_conv2d: BLOCK_K={config.kwargs['BLOCK_K']} must divide "
+            f"group_conv: BLOCK_K={config.kwargs['BLOCK_K']} must divide "
             f"k_pad={spec.constexprs['K_PAD']}"
         )
     return launch.run(spec, config, INTERPRETED)

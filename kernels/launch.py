@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .errors import KernelInputError
+from .formats import ChannelPlan, GroupPack
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ELEMENT_BYTES = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
@@ -274,11 +275,19 @@ def input_precision(dtype: torch.dtype, allow_tf32: bool | None) -> str:
     return "tf32" if allow_tf32 else "ieee"
 
 
-def check_format_version(obj, supported: int, what: str) -> None:
-    version = getattr(obj, "format_version", None)
-    if version != supported:
+def check_format(packed, kind: type, what: str) -> None:
+    """``packed`` is a ``kind`` (a ChannelPlan or GroupPack) of the version these kernels
+    read. Instances are built at that version only (older ones are migrated), so a
+    version check here can fail only for a field changed after building."""
+    if not isinstance(packed, kind):
         raise KernelInputError(
-            f"{what} has format_version {version}; these kernels read version {supported}"
+            f"{what}: expected a {kind.__name__}, got {type(packed).__name__} "
+            "(build one with sparse_ops.packing)"
+        )
+    if packed.format_version != kind.VERSION:
+        raise KernelInputError(
+            f"{what}: {kind.__name__} format_version {packed.format_version}; these kernels "
+            f"read version {kind.VERSION}"
         )
 
 
@@ -351,13 +360,13 @@ class CallShape(NamedTuple):
 
 
 def check_channel_call(
-    x, plan, residual, bias_map, what: str, version: int, interpreted: bool | None
+    x, plan, residual, bias_map, what: str, interpreted: bool | None
 ) -> CallShape:
     """Every check a ChannelPlan call needs before touching memory (one set of rules and
     messages for the Triton launcher and the torch path). Index *values* are checked
-    where plans are built (sparse_ops.formats): reading them here would sync the GPU."""
-    if getattr(plan, "format_version", None) != version:
-        check_format_version(plan, version, f"{what}: plan")
+    when a plan is built (formats.ChannelPlan.check_indices): reading them here would
+    sync the GPU."""
+    check_format(plan, ChannelPlan, what)
     check_activation(x, what, interpreted)
     weight = plan.weight
     if weight.dim() != 4:
@@ -415,13 +424,10 @@ GROUP_PACK_INDEX = tuple((name, f"pack {name}") for name in (
     "fill_idx"))  # fmt: skip
 
 
-def check_group_call(
-    x, pack, residual, what: str, version: int, interpreted: bool | None
-) -> CallShape:
+def check_group_call(x, pack, residual, what: str, interpreted: bool | None) -> CallShape:
     """Every check a GroupPack call needs before touching memory (see
     :func:`check_channel_call`)."""
-    if getattr(pack, "format_version", None) != version:
-        check_format_version(pack, version, f"{what}: pack")
+    check_format(pack, GroupPack, what)
     check_activation(x, what, interpreted)
     check_same(pack.values, x, what, "pack values")
     for name, label in GROUP_PACK_INDEX:

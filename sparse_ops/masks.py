@@ -77,7 +77,7 @@ def column_index(ky: int, kx: int, c: int, *, kw: int, cin: int) -> int:
     return (ky * kw + kx) * cin + c
 
 
-def _row_groups(view: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def row_groups(view: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Group the non-empty rows of a bool matrix by identical column pattern.
 
     Returns ``(row_ids, group_of_row)`` for the non-empty rows. Rows are bit-packed
@@ -122,7 +122,7 @@ def mask_stats(mask: torch.Tensor, *, min_block_rows: float = DEFAULT_MIN_BLOCK_
     row_any = view.any(axis=1)
     empty_out = int((~row_any).sum())
     empty_in = int((~in_any).sum())
-    row_ids, group_of_row = _row_groups(view)
+    row_ids, group_of_row = row_groups(view)
     blocks = int(group_of_row.max()) + 1 if row_ids.size else 0
     mean_rows = row_ids.size / blocks if blocks else 0.0
 

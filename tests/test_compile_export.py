@@ -25,8 +25,11 @@ from torch.library import opcheck
 import sparse_ops.nn as units
 from sparse_ops import Ticket, imp, models, ops, structure
 from sparse_ops.convert import convert, masked_model
-from sparse_ops.formats import ChannelPlan, GroupPack
 from sparse_ops.masks import from_gemm_view
+from sparse_ops.nn import channel as channel_unit
+from sparse_ops.nn import group as group_unit
+from sparse_ops.nn.unit import plain_eager_call
+from sparse_ops.packing import pack_channels, pack_groups
 from sparse_ops.structure import RegroupConfig
 
 # Every check opcheck has, not only its defaults (which leave out the static AOT one).
@@ -75,12 +78,12 @@ def _channel_args(n=2, cin=5, cout=7, h=7, w=6, k=3, s=1, p=1, mask="both", bias
                   bias_map=False, residual=False, relu=True, dtype=torch.float32,
                   channels_last=True):  # fmt: skip
     g = torch.Generator().manual_seed(cin * cout + k + s)
-    plan = ChannelPlan.from_weight(
+    plan = pack_channels(
         conv_weight(cout, cin, k, g), channel_mask(cout, cin, k, mask, g),
         torch.randn(cout, generator=g) if bias else None, stride=s, padding=p,
     ).to(dtype=dtype)  # fmt: skip
     x, res, (oh, ow) = _inputs(n, cin, cout, h, w, k, s, p, dtype, g, residual, channels_last)
-    # The module passes bias and bias map in fp32 whatever the dtype (nn._fp32).
+    # The module passes bias and bias map in fp32 whatever the dtype (nn.unit.fp32).
     bmap = torch.randn(cout, oh, ow, generator=g) if bias_map else None
     indices = (plan.in_idx, plan.out_idx, plan.fill_idx)
     geometry = (list(plan.stride), list(plan.padding), list(plan.dilation))
@@ -145,7 +148,7 @@ def _group_args(n=2, cin=5, cout=19, h=7, w=6, k=3, s=1, p=1, layout="mixed", bi
         groups, mask = _all_rows_few_columns(cout, cin, k, g)
     else:
         groups, mask = group_layout(cout, cin, k, layout, g)
-    pack = GroupPack.from_weight(
+    pack = pack_groups(
         weight, mask, groups, torch.randn(cout, generator=g) if bias else None, stride=s,
         padding=p, block_n=block, k_pad=block,
     ).to(dtype=dtype)  # fmt: skip
@@ -161,7 +164,7 @@ def _group_args(n=2, cin=5, cout=19, h=7, w=6, k=3, s=1, p=1, layout="mixed", bi
 def test_opcheck_group_conv(kwargs, monkeypatch):
     kwargs = dict(kwargs)  # the parameter's own dict is shared between runs
     if kwargs.pop("many_sets", False):  # the path for more column sets than _MANY_SETS
-        monkeypatch.setattr(ops, "_MANY_SETS", 0)
+        monkeypatch.setattr(ops.group, "_MANY_SETS", 0)
     opcheck(GROUP_OP, _group_args(**kwargs), test_utils=ALL_CHECKS)
 
 
@@ -302,8 +305,8 @@ def test_opcheck_every_call_a_converted_network_makes(name, monkeypatch):
         return ("group", a[11] is None, a[12] is None, tuple(a[15]), tuple(a[16]), *a[19:22],
                 a[23])  # fmt: skip
 
-    monkeypatch.setattr(units, "channel_conv_op", recorder(CHANNEL_OP, channel_key))
-    monkeypatch.setattr(units, "group_conv_op", recorder(GROUP_OP, group_key))
+    monkeypatch.setattr(channel_unit, "channel_conv_op", recorder(CHANNEL_OP, channel_key))
+    monkeypatch.setattr(group_unit, "group_conv_op", recorder(GROUP_OP, group_key))
     # Plain eager units skip the dispatcher; here every call goes through the op.
     monkeypatch.setattr(units, "_plain_eager_call", lambda *tensors: False)
     with torch.no_grad():
@@ -397,7 +400,7 @@ def test_eager_units_call_the_op_only_when_something_may_record(monkeypatch):
 
         return call
 
-    monkeypatch.setattr(units, "channel_conv_op", spy("op", units.channel_conv_op))
+    monkeypatch.setattr(channel_unit, "channel_conv_op", spy("op", channel_unit.channel_conv_op))
     monkeypatch.setattr(ops, "channel_conv", spy("direct", ops.channel_conv))
     with torch.no_grad():
         direct = unit(x)
@@ -435,7 +438,7 @@ def test_kept_plan_sees_in_place_bias_updates_after_a_dtype_change():
         state["bias"] = state["bias"] + 100
         unit.load_state_dict(state)
         after = unit(x).float()
-        via_op = units.channel_conv_op(
+        via_op = channel_unit.channel_conv_op(
             x, unit.weight, unit.bias.float(), unit.in_idx, unit.out_idx, unit.fill_idx,
             None, None, unit.in_channels, unit.out_channels, list(unit.stride),
             list(unit.padding), list(unit.dilation), unit.relu,
@@ -448,9 +451,9 @@ def test_module_tensors_that_want_gradients_go_through_the_op():
     fast, _ = _network("refill-channel")
     unit = next(m for m in fast.modules() if isinstance(m, units.ChannelPrunedConv2d))
     x = torch.randn(1, unit.in_channels, 8, 8)
-    assert units._plain_eager_call(x, None, unit.weight, unit.bias)
+    assert plain_eager_call(x, None, unit.weight, unit.bias)
     weight = unit.weight.detach().requires_grad_()
     with torch.enable_grad():
-        assert not units._plain_eager_call(x, None, weight, unit.bias)
+        assert not plain_eager_call(x, None, weight, unit.bias)
     with torch.no_grad():
-        assert units._plain_eager_call(x, None, weight, unit.bias)
+        assert plain_eager_call(x, None, weight, unit.bias)

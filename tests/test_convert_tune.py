@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from sparse_ops_kernels.formats import ChannelPlan
 from torch import nn
 
 from sparse_ops import Ticket, imp, models, structure
@@ -22,7 +23,6 @@ from sparse_ops.convert import (
 )
 from sparse_ops.convert import tune as tune_module
 from sparse_ops.convert.units import as_torch_conv
-from sparse_ops.formats import ChannelPlan
 from sparse_ops.nn import ChannelPrunedConv2d, GroupSparseConv2d, TorchConv2d
 from sparse_ops.structure import RegroupConfig
 

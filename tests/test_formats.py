@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 from kernel_cases import channel_mask, conv_weight, group_layout
+from sparse_ops_kernels.errors import KernelInputError
+from sparse_ops_kernels.formats import ChannelPlan, FormatError, GroupPack
 
-from sparse_ops.formats import ChannelPlan, FormatError, GroupPack
+from sparse_ops import ops
 from sparse_ops.masks import gemm_view
+from sparse_ops.packing import pack_channels, pack_groups
 from sparse_ops.structure import RegroupConfig, regroup_mask
 
 
@@ -22,7 +26,7 @@ def g():
 def test_channel_plan_round_trip(g, mode):
     weight = conv_weight(17, 9, 3, g)
     mask = channel_mask(17, 9, 3, mode, g)
-    plan = ChannelPlan.from_weight(weight, mask, torch.randn(17), stride=2, padding=1)
+    plan = pack_channels(weight, mask, torch.randn(17), stride=2, padding=1)
     expected = weight if mask is None else weight * mask
     assert torch.equal(plan.dense_weight(), expected)
     kept_out = 17 if plan.out_idx is None else plan.out_idx.numel()
@@ -38,26 +42,26 @@ def test_channel_plan_rejects_unstructured_mask(g):
     mask = torch.ones(8, 4, 3, 3, dtype=torch.bool)
     mask[5, 2, 1, 1] = False
     with pytest.raises(FormatError, match=r"layer3.conv: mask is not channel-structured.*'5'"):
-        ChannelPlan.from_weight(weight, mask, name="layer3.conv")
+        pack_channels(weight, mask, name="layer3.conv")
 
 
 def test_channel_plan_checks_shapes(g):
     weight = conv_weight(8, 4, 3, g)
     with pytest.raises(FormatError, match=r"bias shape \(7,\) ≠ \(8,\)"):
-        ChannelPlan.from_weight(weight, None, torch.zeros(7))
+        pack_channels(weight, None, torch.zeros(7))
     with pytest.raises(FormatError, match="mask shape"):
-        ChannelPlan.from_weight(weight, torch.ones(8, 4, 1, 1))
+        pack_channels(weight, torch.ones(8, 4, 1, 1))
     with pytest.raises(FormatError, match="expected a conv weight"):
-        ChannelPlan.from_weight(torch.ones(8, 4))
+        pack_channels(torch.ones(8, 4))
     with pytest.raises(FormatError, match="stride and dilation must be ≥ 1"):
-        ChannelPlan.from_weight(weight, stride=0)
+        pack_channels(weight, stride=0)
 
 
 @pytest.mark.parametrize("mode", ["one-row", "no-groups", "dense", "mixed"])
 def test_group_pack_round_trip_and_padding(g, mode):
     weight = conv_weight(45, 7, 3, g)
     layout, mask = group_layout(45, 7, 3, mode, g)
-    pack = GroupPack.from_weight(weight, mask, layout, torch.randn(45), block_n=16, k_pad=32)
+    pack = pack_groups(weight, mask, layout, torch.randn(45), block_n=16, k_pad=32)
     assert torch.equal(pack.dense_weight(), weight * mask)
     assert (pack.row_ptr.diff() % 16 == 0).all() and (pack.col_ptr.diff() % 32 == 0).all()
     in_group = {r for grp in layout for r in grp["rows"]}
@@ -71,8 +75,8 @@ def test_group_pack_from_mask_alone_and_from_regroup(g):
     mask0 = torch.rand(64, 16, 3, 3, generator=g) < 0.3
     mask, groups, _ = regroup_mask(mask0, RegroupConfig(parts=2))
     weight = conv_weight(64, 16, 3, g)
-    by_layout = GroupPack.from_weight(weight, mask, [x.as_dict() for x in groups])
-    by_mask = GroupPack.from_weight(weight, mask)
+    by_layout = pack_groups(weight, mask, [x.as_dict() for x in groups])
+    by_mask = pack_groups(weight, mask)
     assert torch.equal(by_layout.dense_weight(), by_mask.dense_weight())
     assert torch.equal(by_mask.dense_weight(), weight * mask)
 
@@ -81,11 +85,11 @@ def test_schedule_puts_widest_groups_first_then_fill(g):
     weight = conv_weight(10, 4, 1, g)
     layout = [{"rows": [0], "cols": [0]}, {"rows": [1, 2], "cols": [0, 1, 2, 3]},
               {"rows": [3], "cols": [1, 2]}]  # fmt: skip
-    pack = GroupPack.from_weight(weight, None, layout, block_n=16, k_pad=16)
+    pack = pack_groups(weight, None, layout, block_n=16, k_pad=16)
     # all three groups pad to 16 columns; ties keep group order; then one fill tile
     assert pack.tile_group.tolist() == [0, 1, 2, -1]
     wide = [{"rows": [0], "cols": [0]}, {"rows": [1], "cols": list(range(20))}]
-    pack = GroupPack.from_weight(conv_weight(2, 20, 1, g), None, wide, block_n=16, k_pad=16)
+    pack = pack_groups(conv_weight(2, 20, 1, g), None, wide, block_n=16, k_pad=16)
     assert pack.tile_group.tolist() == [1, 0]
 
 
@@ -95,26 +99,26 @@ def test_group_pack_validation_messages(g):
         FormatError, match="conv9: rows shared by two groups: row 3 is in groups 0 and 1"
     ):
         shared = [{"rows": [1, 3], "cols": [0]}, {"rows": [3], "cols": [1]}]
-        GroupPack.from_weight(weight, None, shared, name="conv9")
+        pack_groups(weight, None, shared, name="conv9")
     with pytest.raises(
         FormatError, match=r"group 0 has indices out of range.*rows '8'.*columns '18'"
     ):
-        GroupPack.from_weight(weight, None, [{"rows": [8], "cols": [18]}])
+        pack_groups(weight, None, [{"rows": [8], "cols": [18]}])
     with pytest.raises(FormatError, match="lists a column twice"):
-        GroupPack.from_weight(weight, None, [{"rows": [0], "cols": [1, 1]}])
+        pack_groups(weight, None, [{"rows": [0], "cols": [1, 1]}])
     mask = torch.zeros(8, 2, 3, 3, dtype=torch.bool)
     mask[2, 1, 0, 2] = True  # column (ky=0, kx=2, c=1) = 5 of row 2, which no group owns
     with pytest.raises(
         FormatError, match=r"not the claimed group structure.*row 2, column 5 = \(ky=0, kx=2, c=1\)"
     ):
-        GroupPack.from_weight(weight, mask, [{"rows": [0], "cols": [5]}])
+        pack_groups(weight, mask, [{"rows": [0], "cols": [5]}])
 
 
 def test_zeros_inside_a_group_are_zero_weights(g):
     weight = conv_weight(4, 2, 1, g)
     mask = torch.zeros(4, 2, 1, 1, dtype=torch.bool)
     mask[0, 0] = True  # group claims rows 0,1 × cols 0,1 but the mask keeps one entry
-    pack = GroupPack.from_weight(weight, mask, [{"rows": [0, 1], "cols": [0, 1]}])
+    pack = pack_groups(weight, mask, [{"rows": [0, 1], "cols": [0, 1]}])
     assert torch.equal(pack.dense_weight(), weight * mask)
 
 
@@ -122,21 +126,38 @@ def test_zeros_inside_a_group_are_zero_weights(g):
 def test_state_round_trip_and_version(g, cls):
     weight = conv_weight(12, 5, 3, g)
     if cls is ChannelPlan:
-        packed = cls.from_weight(weight, channel_mask(12, 5, 3, "both", g), torch.randn(12))
+        packed = pack_channels(weight, channel_mask(12, 5, 3, "both", g), torch.randn(12))
     else:
         layout, mask = group_layout(12, 5, 3, "mixed", g)
-        packed = cls.from_weight(weight, mask, layout, torch.randn(12))
+        packed = pack_groups(weight, mask, layout, torch.randn(12))
     tensors, meta = packed.state()
     back = cls.from_state(tensors, meta)
     assert torch.equal(back.dense_weight(), packed.dense_weight())
-    newer = cls._version + 1
+    newer = cls.VERSION + 1
     meta["format_version"] = newer
     with pytest.raises(FormatError, match=f"format_version {newer} is not readable"):
         cls.from_state(tensors, meta)
+    # The one place a version lives: an instance at any other version cannot be built,
+    # so the launchers' isinstance check settles it.
+    fields = {f.name: getattr(packed, f.name) for f in dataclasses.fields(packed)}
+    with pytest.raises(FormatError, match=f"format_version {newer}: these kernels read"):
+        cls(**dict(fields, format_version=newer))
+
+
+def test_launchers_take_only_the_format_types(g):
+    """Kernels and the torch path refuse a look-alike instead of trusting its fields."""
+    from types import SimpleNamespace
+
+    plan = pack_channels(conv_weight(8, 4, 3, g), channel_mask(8, 4, 3, "both", g))
+    fake = SimpleNamespace(**{f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)})
+    x = torch.randn(1, 4, 6, 6)
+    with pytest.raises(KernelInputError, match="expected a ChannelPlan, got SimpleNamespace"):
+        ops.channel_conv(x, fake)
+    assert ops.channel_conv(x, plan).shape == (1, 8, 4, 4)
 
 
 def test_to_moves_weights_only(g):
-    plan = ChannelPlan.from_weight(conv_weight(8, 4, 3, g), channel_mask(8, 4, 3, "both", g),
+    plan = pack_channels(conv_weight(8, 4, 3, g), channel_mask(8, 4, 3, "both", g),
                                    torch.randn(8))  # fmt: skip
     half = plan.to(dtype=torch.float16)
     assert half.weight.dtype == torch.float16 and half.bias.dtype == torch.float32
@@ -146,7 +167,7 @@ def test_to_moves_weights_only(g):
 def test_group_columns_are_ky_kx_c(g):
     weight = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).view(2, 3, 2, 2)
     layout = [{"rows": [0, 1], "cols": list(range(12))}]
-    pack = GroupPack.from_weight(weight, None, layout, block_n=16, k_pad=16)
+    pack = pack_groups(weight, None, layout, block_n=16, k_pad=16)
     tile = pack.values[: 16 * 16].view(16, 16)[:2, :12]
     assert torch.equal(tile, gemm_view(weight))
 
@@ -158,7 +179,7 @@ def test_group_pack_records_its_widest_group_on_the_host():
     g = torch.Generator().manual_seed(5)
     weight = torch.randn(40, 12, 3, 3, generator=g)
     layout, mask = group_layout(40, 12, 3, "mixed", g)
-    pack = GroupPack.from_weight(weight, mask, layout, None, padding=1)
+    pack = pack_groups(weight, mask, layout, None, padding=1)
     ptr = pack.col_ptr.long()
     assert pack.groups_meta["max_cols"] == int((ptr[1:] - ptr[:-1]).max())
     unit = GroupSparseConv2d(pack)
@@ -168,7 +189,7 @@ def test_group_pack_records_its_widest_group_on_the_host():
     rows = [{"rows": [r], "cols": [r % 12]} for r in range(0, 40, 3)]
     leftover_mask = torch.zeros(40, 12, 3, 3, dtype=torch.bool)
     leftover_mask[torch.arange(0, 40, 3), torch.arange(0, 40, 3) % 12, 0, 0] = True
-    leftover = GroupPack.from_weight(weight, leftover_mask, rows, None, padding=1)
+    leftover = pack_groups(weight, leftover_mask, rows, None, padding=1)
     unit = GroupSparseConv2d(pack, leftover=leftover)
     tensors, config = unit.state()
     loaded = GroupSparseConv2d.from_state(tensors, json.loads(json.dumps(config)))
@@ -183,7 +204,7 @@ def test_hand_built_plans_and_packs_are_checked_where_they_are_made():
     g = torch.Generator().manual_seed(3)
     weight = conv_weight(8, 6, 3, g)
     mask = channel_mask(8, 6, 3, "both", g)
-    plan = ChannelPlan.from_weight(weight, mask, None)
+    plan = pack_channels(weight, mask, None)
     fields_ = dict(vars(plan))
     bad_in = fields_["in_idx"].clone()
     bad_in[-1] = 9
@@ -196,7 +217,7 @@ def test_hand_built_plans_and_packs_are_checked_where_they_are_made():
     ChannelPlan(**{**fields_, "in_idx": bad_in}, validate=False)  # the hot path's opt-out
 
     layout, gmask = group_layout(40, 12, 3, "mixed", g)
-    pack = GroupPack.from_weight(conv_weight(40, 12, 3, g), gmask, layout, None)
+    pack = pack_groups(conv_weight(40, 12, 3, g), gmask, layout, None)
     parts = dict(vars(pack))
     with pytest.raises(FormatError, match="values do not hold the rows × columns tiles"):
         GroupPack(**{**parts, "values": parts["values"][:10]})
@@ -222,7 +243,7 @@ def _run_layout(cin: int, k: int, runs: list[tuple[int, int]]):
 def test_column_codes_decode_col_idx(g, cin):
     weight = conv_weight(12, cin, 3, g)
     layout, mask = group_layout(12, cin, 3, "mixed", g)
-    pack = GroupPack.from_weight(weight, mask, layout, k_pad=16)
+    pack = pack_groups(weight, mask, layout, k_pad=16)
     code, idx = pack.col_code.long(), pack.col_idx.long()
     real = idx >= 0
     assert pack.col_code.dtype == torch.int32 and code.numel() == idx.numel()
@@ -242,20 +263,20 @@ def test_column_runs_detected_and_checked(g):
         {"rows": list(range(0, 30)), "cols": _run_layout(cin, k, [(0, 8), (4, 0), (8, 8)])},
         {"rows": [31, 35], "cols": _run_layout(cin, k, [(2, 0)])},
     ]  # narrower than k_pad
-    pack = GroupPack.from_weight(weight, None, runs)
+    pack = pack_groups(weight, None, runs)
     assert pack.col_run == 8
-    assert GroupPack.from_weight(weight, None, runs, col_run=1).col_run == 1
+    assert pack_groups(weight, None, runs, col_run=1).col_run == 1
     torch.testing.assert_close(pack.dense_weight(), weight * pack_mask(pack, weight))
     # A run of 8 that straddles two taps (channels 12..15 of tap 0, 0..3 of tap 1), and
     # one that is consecutive but not aligned (channels 4..11): not runs.
     for cols in ([12 + e for e in range(8)], [4 + e for e in range(8)]):
         layout = [{"rows": [0, 1], "cols": cols}]
-        assert GroupPack.from_weight(weight, None, layout).col_run == 1
+        assert pack_groups(weight, None, layout).col_run == 1
         with pytest.raises(FormatError, match="not runs of 8"):
-            GroupPack.from_weight(weight, None, layout, col_run=8)
+            pack_groups(weight, None, layout, col_run=8)
     # Cin not a multiple of 8: runs cannot tile a tap's channels.
     odd = conv_weight(8, 12, 1, g)
-    assert GroupPack.from_weight(odd, None, [{"rows": [0], "cols": list(range(8))}]).col_run == 1
+    assert pack_groups(odd, None, [{"rows": [0], "cols": list(range(8))}]).col_run == 1
 
 
 def pack_mask(pack, weight):
@@ -265,7 +286,7 @@ def pack_mask(pack, weight):
 def test_version_1_state_is_migrated(g):
     weight = conv_weight(20, 16, 3, g)
     layout = [{"rows": list(range(10)), "cols": _run_layout(16, 3, [(1, 8), (5, 0)])}]
-    pack = GroupPack.from_weight(weight, None, layout, torch.randn(20))
+    pack = pack_groups(weight, None, layout, torch.randn(20))
     tensors, meta = pack.state()
     del tensors["col_code"]  # what a version-1 writer stored
     meta.pop("col_run")
@@ -279,7 +300,7 @@ def test_version_1_state_is_migrated(g):
 def test_tampered_column_tables_refused(g):
     weight = conv_weight(20, 16, 3, g)
     layout, mask = group_layout(20, 16, 3, "mixed", g)
-    pack = GroupPack.from_weight(weight, mask, layout)
+    pack = pack_groups(weight, mask, layout)
     tensors, meta = pack.state()
     bad = dict(tensors, col_code=tensors["col_code"].clone())
     bad["col_code"][0] += 1 << 24  # a column that now reads another tap
@@ -310,7 +331,7 @@ def test_crafted_schedules_and_pointers_refused(g):
 
     weight = conv_weight(40, 16, 3, g)
     layout, mask = group_layout(40, 16, 3, "mixed", g)
-    pack = GroupPack.from_weight(weight, mask, layout, block_n=16, k_pad=16)
+    pack = pack_groups(weight, mask, layout, block_n=16, k_pad=16)
     assert pack.fill_idx.numel() and pack.num_groups
 
     def refused(match, **changes):
@@ -344,7 +365,7 @@ def test_padding_columns_never_read_the_input(g):
     weight = conv_weight(16, 16, 3, g)
     layout = [{"rows": list(range(16)), "cols": [tap * 16 + c for tap in range(9)
                                                  for c in range(8, 12)]}]  # fmt: skip
-    pack = GroupPack.from_weight(weight, None, layout, padding=1, k_pad=16)
+    pack = pack_groups(weight, None, layout, padding=1, k_pad=16)
     assert bool((pack.col_idx < 0).any())
     x = torch.randn(1, 16, 5, 5, generator=g)
     x[0, :8] = float("inf")  # channels no column of the group reads

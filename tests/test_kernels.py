@@ -18,11 +18,12 @@ from kernel_cases import (
     shape_id,
 )
 from sparse_ops_kernels import channel_conv, group_conv, launch
-from sparse_ops_kernels.channel_conv import channel_conv2d, channel_conv_launch
+from sparse_ops_kernels.channel_conv import channel_conv_launch
 from sparse_ops_kernels.errors import KernelInputError
-from sparse_ops_kernels.group_conv import group_conv2d, group_conv_launch
+from sparse_ops_kernels.formats import ChannelPlan
+from sparse_ops_kernels.group_conv import group_conv_launch
 
-from sparse_ops.formats import ChannelPlan, GroupPack
+from sparse_ops.packing import pack_channels, pack_groups
 
 DTYPES = [torch.float32, torch.float16]
 EPILOGUES = [(False, False), (True, False), (False, True), (True, True)]  # (residual, relu)
@@ -35,7 +36,7 @@ def _run_channel(shape, mask_mode, dtype, residual_on, relu, seed=0, nchw=False,
     weight = conv_weight(cout, cin, k, g)
     bias = torch.randn(cout, generator=g)
     mask = channel_mask(cout, cin, k, mask_mode, g)
-    plan = ChannelPlan.from_weight(weight, mask, bias, stride=s, padding=p, dilation=d)
+    plan = pack_channels(weight, mask, bias, stride=s, padding=p, dilation=d)
     plan = plan.to(DEVICE, dtype)
     x = torch.randn(n, cin, h, w, generator=g).to(dtype)
     oh = (h + 2 * p - d * (k - 1) - 1) // s + 1
@@ -78,7 +79,7 @@ def _run_group(shape, layout_mode, dtype, residual_on, relu, seed=0, block_n=32,
     weight = conv_weight(cout, cin, k, g)
     bias = torch.randn(cout, generator=g)
     layout, mask = group_layout(cout, cin, k, layout_mode, g)
-    pack = GroupPack.from_weight(weight, mask, layout, bias, stride=s, padding=p, dilation=d,
+    pack = pack_groups(weight, mask, layout, bias, stride=s, padding=p, dilation=d,
                                  block_n=block_n, k_pad=k_pad)  # fmt: skip
     pack = pack.to(DEVICE, dtype)
     x = torch.randn(n, cin, h, w, generator=g).to(dtype)
@@ -162,7 +163,7 @@ def test_group_conv_64_bit_offsets():
 
 def test_small_tensors_use_32_bit_offsets():
     g = torch.Generator().manual_seed(0)
-    plan = ChannelPlan.from_weight(conv_weight(8, 8, 3, g), None, None, padding=1).to(DEVICE)
+    plan = pack_channels(conv_weight(8, 8, 3, g), None, None, padding=1).to(DEVICE)
     spec = channel_conv_launch(torch.randn(1, 8, 5, 5, device=DEVICE), plan)
     assert spec.constexprs["WIDE"] is False
     assert spec.constexprs["X_ALIGN"] == 8 and spec.constexprs["W_ALIGN"] == 8
@@ -178,7 +179,7 @@ def test_wide_offsets_follow_a_views_span_not_its_size():
     assert launch.needs_wide_offsets(views=(residual,))
     assert not launch.needs_wide_offsets(dense=(residual,))  # what a numel check would say
     g = torch.Generator().manual_seed(0)
-    plan = ChannelPlan.from_weight(conv_weight(64, 64, 1, g), None, None)
+    plan = pack_channels(conv_weight(64, 64, 1, g), None, None)
     plan = plan.to("meta", torch.float16)
     x = torch.empty(80, 64, 256, 256, dtype=torch.float16, device="meta")
     x = x.contiguous(memory_format=torch.channels_last)
@@ -326,34 +327,34 @@ def test_group_conv_property(n, cin, cout, h, w, k, s, p, d, mode, residual_on, 
 
 def _plan(dtype=torch.float32, **kw):
     g = torch.Generator().manual_seed(0)
-    plan = ChannelPlan.from_weight(conv_weight(8, 4, 3, g), None, torch.zeros(8), padding=1, **kw)
+    plan = pack_channels(conv_weight(8, 4, 3, g), None, torch.zeros(8), padding=1, **kw)
     return plan.to(DEVICE, dtype)
 
 
 def test_launcher_rejects_dtype_mismatch():
     with pytest.raises(KernelInputError, match=r"plan weight dtype torch.float32 ≠ input dtype"):
-        channel_conv2d(torch.randn(1, 4, 5, 5, dtype=torch.float16, device=DEVICE), _plan())
+        channel_conv.channel_conv(torch.randn(1, 4, 5, 5, dtype=torch.float16, device=DEVICE), _plan())
 
 
 def test_launcher_rejects_wrong_channels_and_shapes():
     plan = _plan()
     with pytest.raises(KernelInputError, match="input has 5 channels, plan expects 4"):
-        channel_conv2d(torch.randn(1, 5, 5, 5, device=DEVICE), plan)
+        channel_conv.channel_conv(torch.randn(1, 5, 5, 5, device=DEVICE), plan)
     with pytest.raises(KernelInputError, match=r"must be a 4-D tensor"):
-        channel_conv2d(torch.randn(4, 5, 5, device=DEVICE), plan)
+        channel_conv.channel_conv(torch.randn(4, 5, 5, device=DEVICE), plan)
     with pytest.raises(KernelInputError, match=r"residual has shape \(1, 8, 4, 4\)"):
-        channel_conv2d(torch.randn(1, 4, 5, 5, device=DEVICE), plan,
+        channel_conv.channel_conv(torch.randn(1, 4, 5, 5, device=DEVICE), plan,
                        residual=torch.randn(1, 8, 4, 4, device=DEVICE))  # fmt: skip
     with pytest.raises(KernelInputError, match="too small"):
-        channel_conv2d(torch.randn(1, 4, 1, 1, device=DEVICE), _plan(dilation=3))
+        channel_conv.channel_conv(torch.randn(1, 4, 1, 1, device=DEVICE), _plan(dilation=3))
     with pytest.raises(KernelInputError, match="dtype torch.int64 not supported"):
-        channel_conv2d(torch.ones(1, 4, 5, 5, dtype=torch.int64, device=DEVICE), plan)
+        channel_conv.channel_conv(torch.ones(1, 4, 5, 5, dtype=torch.int64, device=DEVICE), plan)
 
 
 def _channel_entry(backend):
     """The launcher, or the torch path of sparse_ops.ops (same checks, same messages)."""
     if backend == "triton":
-        return channel_conv2d
+        return channel_conv.channel_conv
     from sparse_ops import ops
 
     return lambda x, plan, **kw: ops.channel_conv(x, plan, backend="torch", **kw)
@@ -361,7 +362,7 @@ def _channel_entry(backend):
 
 def _group_entry(backend):
     if backend == "triton":
-        return group_conv2d
+        return group_conv.group_conv
     from sparse_ops import ops
 
     return lambda x, pack, **kw: ops.group_conv(x, pack, backend="torch", **kw)
@@ -390,13 +391,12 @@ def test_both_backends_refuse_the_same_bad_calls(backend):
     by_hand = ChannelPlan(**{**vars(plan), "weight": w.permute(0, 2, 3, 1)})
     with pytest.raises(KernelInputError, match="plan weight must be contiguous"):
         conv(x, by_hand)
-    old = ChannelPlan(**{**vars(plan), "format_version": 99})
-    with pytest.raises(KernelInputError, match="format_version 99"):
-        conv(x, old)
+    with pytest.raises(KernelInputError, match="format_version 99"):  # refused when built
+        ChannelPlan(**{**vars(plan), "format_version": 99})
 
     g = torch.Generator().manual_seed(0)
     layout, mask = group_layout(20, 6, 3, "mixed", g)
-    pack = GroupPack.from_weight(conv_weight(20, 6, 3, g), mask, layout).to(DEVICE)
+    pack = pack_groups(conv_weight(20, 6, 3, g), mask, layout).to(DEVICE)
     with pytest.raises(KernelInputError, match="input has 16 channels, pack expects 6"):
         _group_entry(backend)(torch.randn(2, 16, 5, 5, device=DEVICE), pack)
     with pytest.raises(KernelInputError, match=r"residual has shape \(2, 20, 5, 6\)"):
@@ -408,12 +408,12 @@ def test_launcher_refuses_an_overlapping_out():
     plan = _plan()
     out = torch.zeros(1, 8, 1, 1, device=DEVICE).expand(2, 8, 5, 5)
     with pytest.raises(KernelInputError, match="out must be contiguous"):
-        channel_conv2d(torch.randn(2, 4, 5, 5, device=DEVICE), plan, out=out)
+        channel_conv.channel_conv(torch.randn(2, 4, 5, 5, device=DEVICE), plan, out=out)
 
 
 def _square_plan():
     g = torch.Generator().manual_seed(0)
-    plan = ChannelPlan.from_weight(conv_weight(4, 4, 3, g), None, torch.zeros(4), padding=1)
+    plan = pack_channels(conv_weight(4, 4, 3, g), None, torch.zeros(4), padding=1)
     return plan.to(DEVICE)
 
 
@@ -424,19 +424,19 @@ def test_launcher_refuses_an_out_that_shares_memory_with_an_input():
     x = buffer[:200].view(2, 4, 5, 5)
     residual = buffer[200:400].view(2, 4, 5, 5)
     with pytest.raises(KernelInputError, match="out overlaps the memory of x"):
-        channel_conv2d(x, plan, out=x)
+        channel_conv.channel_conv(x, plan, out=x)
     with pytest.raises(KernelInputError, match="out overlaps the memory of residual"):
-        channel_conv2d(x, plan, residual=residual, out=residual)
+        channel_conv.channel_conv(x, plan, residual=residual, out=residual)
     with pytest.raises(KernelInputError, match="out overlaps the memory of x"):
-        channel_conv2d(x, plan, out=buffer[100:300].view(2, 4, 5, 5))  # partly
+        channel_conv.channel_conv(x, plan, out=buffer[100:300].view(2, 4, 5, 5))  # partly
     maps = torch.randn(300, device=DEVICE)
     with pytest.raises(KernelInputError, match="out overlaps the memory of bias_map"):
-        channel_conv2d(x, plan, bias_map=maps[:100].view(4, 5, 5),
+        channel_conv.channel_conv(x, plan, bias_map=maps[:100].view(4, 5, 5),
                        out=maps[50:250].view(2, 4, 5, 5))  # fmt: skip
     # the buffer's third part is separate: accepted, and the result is right
     out = buffer[400:].view(2, 4, 5, 5)
-    expected = channel_conv2d(x, plan, residual=residual)
-    channel_conv2d(x, plan, residual=residual, out=out)
+    expected = channel_conv.channel_conv(x, plan, residual=residual)
+    channel_conv.channel_conv(x, plan, residual=residual, out=out)
     torch.testing.assert_close(out, expected)
 
 
@@ -444,22 +444,22 @@ def test_launcher_rejects_format_version():
     plan = _plan()
     plan.format_version = 99
     with pytest.raises(KernelInputError, match="format_version 99"):
-        channel_conv2d(torch.randn(1, 4, 5, 5, device=DEVICE), plan)
+        channel_conv.channel_conv(torch.randn(1, 4, 5, 5, device=DEVICE), plan)
 
 
 def test_group_launcher_checks_pack():
     g = torch.Generator().manual_seed(0)
     layout, mask = group_layout(20, 4, 3, "mixed", g)
     weight = conv_weight(20, 4, 3, g)
-    pack = GroupPack.from_weight(weight, mask, layout, block_n=24).to(DEVICE)
+    pack = pack_groups(weight, mask, layout, block_n=24).to(DEVICE)
     with pytest.raises(KernelInputError, match="block_n=24 and k_pad=32 must be powers of two"):
-        group_conv2d(torch.randn(1, 4, 5, 5, device=DEVICE), pack)
-    pack = GroupPack.from_weight(weight, mask, layout).to(DEVICE)
+        group_conv.group_conv(torch.randn(1, 4, 5, 5, device=DEVICE), pack)
+    pack = pack_groups(weight, mask, layout).to(DEVICE)
     with pytest.raises(KernelInputError, match="pack values dtype torch.float32 ≠ input dtype"):
-        group_conv2d(torch.randn(1, 4, 5, 5, device=DEVICE, dtype=torch.float16), pack)
+        group_conv.group_conv(torch.randn(1, 4, 5, 5, device=DEVICE, dtype=torch.float16), pack)
     pack.format_version = 0
     with pytest.raises(KernelInputError, match="format_version 0"):
-        group_conv2d(torch.randn(1, 4, 5, 5, device=DEVICE), pack)
+        group_conv.group_conv(torch.randn(1, 4, 5, 5, device=DEVICE), pack)
 
 
 # ---------------------------------------------------------------- GPU only
@@ -480,22 +480,22 @@ def test_every_autotune_config(which):
             g = torch.Generator().manual_seed(1)
             weight = conv_weight(cout, cin, k, g)
             mask = channel_mask(cout, cin, k, "both", g)
-            plan = ChannelPlan.from_weight(weight, mask, torch.randn(cout, generator=g), padding=p)
+            plan = pack_channels(weight, mask, torch.randn(cout, generator=g), padding=p)
             plan = plan.to("cuda", torch.float16)
             x = torch.randn(n, cin, h, w, generator=g).half()
             ref = expected(x, plan.dense_weight(), plan.bias, (s, p, d), None, True)
             out = poisoned_output(tuple(ref.shape), torch.float16, "cuda")
-            y = channel_conv2d(x.cuda(), plan, relu=True, out=out, config=config)
+            y = channel_conv.channel_conv(x.cuda(), plan, relu=True, out=out, config=config)
         else:
             n, cin, cout, h, w, k, s, p, d = shape
             g = torch.Generator().manual_seed(1)
             layout, mask = group_layout(cout, cin, k, "mixed", g)
-            pack = GroupPack.from_weight(conv_weight(cout, cin, k, g), mask, layout, padding=p,
+            pack = pack_groups(conv_weight(cout, cin, k, g), mask, layout, padding=p,
                                          k_pad=64).to("cuda", torch.float16)  # fmt: skip
             x = torch.randn(n, cin, h, w, generator=g).half()
             ref = expected(x, pack.dense_weight(), None, (s, p, d), None, True)
             out = poisoned_output(tuple(ref.shape), torch.float16, "cuda")
-            y = group_conv2d(x.cuda(), pack, relu=True, out=out, config=config)
+            y = group_conv.group_conv(x.cuda(), pack, relu=True, out=out, config=config)
         assert_matches(y, ref, torch.float16)
 
 
@@ -512,11 +512,11 @@ def test_tf32_switch():
     from kernel_cases import TOLERANCES
 
     g = torch.Generator().manual_seed(0)
-    plan = ChannelPlan.from_weight(conv_weight(64, 64, 3, g), None, None, padding=1).to("cuda")
+    plan = pack_channels(conv_weight(64, 64, 3, g), None, None, padding=1).to("cuda")
     x = torch.randn(2, 64, 16, 16, generator=g)
     ref = expected(x, plan.dense_weight(), None, (1, 1, 1), None, False)
-    exact = channel_conv2d(x.cuda(), plan, allow_tf32=False)
-    fast = channel_conv2d(x.cuda(), plan, allow_tf32=True)
+    exact = channel_conv.channel_conv(x.cuda(), plan, allow_tf32=False)
+    fast = channel_conv.channel_conv(x.cuda(), plan, allow_tf32=True)
     torch.testing.assert_close(exact.cpu().double(), ref, **TOLERANCES[torch.float32])
     torch.testing.assert_close(fast.cpu().double(), ref, **TOLERANCES["tf32"])
 
@@ -526,12 +526,12 @@ def test_offsets_beyond_two_to_the_31():
     """N·H·W·C > 2^31 elements: int32 offsets would wrap."""
     n, c, h, w = 1, 8, 16384, 16400  # 2.15e9 elements, 4.3 GB in fp16
     weight = torch.eye(c).view(c, c, 1, 1)
-    plan = ChannelPlan.from_weight(weight, None, None).to("cuda", torch.float16)
+    plan = pack_channels(weight, None, None).to("cuda", torch.float16)
     x = torch.empty(n, c, h, w, dtype=torch.float16, device="cuda").contiguous(
         memory_format=torch.channels_last
     )
     x.normal_()
-    y = channel_conv2d(x, plan)
+    y = channel_conv.channel_conv(x, plan)
     for hh, ww in [(0, 0), (h - 1, w - 1), (h // 2, 7), (h - 3, w // 3)]:
         torch.testing.assert_close(y[0, :, hh, ww], x[0, :, hh, ww])
     del x, y
@@ -546,16 +546,16 @@ def test_bias_map_is_added_per_position(backend):
     weight = conv_weight(12, 6, 3, g)
     mask = channel_mask(12, 6, 3, "both", g)
     bias = torch.randn(12, generator=g)
-    plan = ChannelPlan.from_weight(weight, mask, bias, padding=1).to(DEVICE)
+    plan = pack_channels(weight, mask, bias, padding=1).to(DEVICE)
     x = torch.randn(2, 6, 5, 4, generator=g)
     bias_map = torch.randn(12, 5, 4, generator=g)
     res = torch.randn(2, 12, 5, 4, generator=g)
     ref = expected(x, plan.dense_weight(), bias, (1, 1, 1), res + bias_map, True)
     if backend == "triton" or DEVICE == "cuda":
-        y = channel_conv2d(x.to(DEVICE), plan, residual=res.to(DEVICE), relu=True,
+        y = channel_conv.channel_conv(x.to(DEVICE), plan, residual=res.to(DEVICE), relu=True,
                            bias_map=bias_map.to(DEVICE), allow_tf32=False)  # fmt: skip
     else:
         y = ops.channel_conv(x, plan, residual=res, relu=True, bias_map=bias_map, backend="torch")
     assert_matches(y, ref, torch.float32)
     with pytest.raises(KernelInputError, match=r"bias_map has shape \(12, 4, 4\)"):
-        channel_conv2d(x.to(DEVICE), plan, bias_map=torch.zeros(12, 4, 4, device=DEVICE))
+        channel_conv.channel_conv(x.to(DEVICE), plan, bias_map=torch.zeros(12, 4, 4, device=DEVICE))

@@ -16,7 +16,7 @@ from kernel_cases import (
 
 from sparse_ops import ops
 from sparse_ops.errors import SparseOpsError
-from sparse_ops.formats import ChannelPlan, GroupPack
+from sparse_ops.packing import pack_channels, pack_groups
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
@@ -30,13 +30,13 @@ def test_torch_paths_match_reference(shape, residual_on):
     oh = (h + 2 * p - d * (k - 1) - 1) // s + 1
     ow = (w + 2 * p - d * (k - 1) - 1) // s + 1
     res = torch.randn(n, cout, oh, ow, generator=g) if residual_on else None
-    plan = ChannelPlan.from_weight(weight, channel_mask(cout, cin, k, "both", g), bias,
+    plan = pack_channels(weight, channel_mask(cout, cin, k, "both", g), bias,
                                    stride=s, padding=p, dilation=d)  # fmt: skip
     y = ops.channel_conv(x, plan, residual=res, relu=True)
     ref = expected(x, plan.dense_weight(), bias, (s, p, d), res, True)
     torch.testing.assert_close(y.double(), ref, **TOLERANCES[torch.float32])
     layout, mask = group_layout(cout, cin, k, "mixed", g)
-    pack = GroupPack.from_weight(weight, mask, layout, bias, stride=s, padding=p, dilation=d)
+    pack = pack_groups(weight, mask, layout, bias, stride=s, padding=p, dilation=d)
     y = ops.group_conv(x, pack, residual=res, relu=True)
     ref = expected(x, pack.dense_weight(), bias, (s, p, d), res, True)
     torch.testing.assert_close(y.double(), ref, **TOLERANCES[torch.float32])
@@ -45,7 +45,7 @@ def test_torch_paths_match_reference(shape, residual_on):
 def test_forced_triton_backend_matches_torch_on_cpu():
     g = torch.Generator().manual_seed(0)
     layout, mask = group_layout(20, 6, 3, "mixed", g)
-    pack = GroupPack.from_weight(conv_weight(20, 6, 3, g), mask, layout, padding=1)
+    pack = pack_groups(conv_weight(20, 6, 3, g), mask, layout, padding=1)
     x = torch.randn(2, 6, 5, 5, generator=g)
     a = ops.group_conv(x, pack, backend="torch")
     b = ops.group_conv(x, pack, backend="triton")  # the interpreter on this machine
@@ -54,7 +54,7 @@ def test_forced_triton_backend_matches_torch_on_cpu():
 
 def test_unknown_backend():
     g = torch.Generator().manual_seed(0)
-    plan = ChannelPlan.from_weight(conv_weight(4, 2, 1, g))
+    plan = pack_channels(conv_weight(4, 2, 1, g))
     with pytest.raises(SparseOpsError, match="backend must be one of"):
         ops.channel_conv(torch.randn(1, 2, 3, 3), plan, backend="cudnn")
 
@@ -67,14 +67,14 @@ def test_group_torch_path_both_strategies(shape, layout_kind, gemm_penalty, epil
                                           monkeypatch):  # fmt: skip
     """Each column set runs either as a gathered GEMM (bias and residual inside the GEMM
     when one set covers every row) or as a conv over its channels."""
-    monkeypatch.setattr(ops, "_GEMM_PENALTY", gemm_penalty)
+    monkeypatch.setattr(ops.group, "_GEMM_PENALTY", gemm_penalty)
     n, cin, cout, h, w, k, s, p, d = shape
     g = torch.Generator().manual_seed(7 + SHAPES.index(shape))
     weight = conv_weight(cout, cin, k, g)
     bias = None if epilogue == "residual" else torch.randn(cout, generator=g)
     x = torch.randn(n, cin, h, w, generator=g)
     layout, mask = group_layout(cout, cin, k, layout_kind, g)
-    pack = GroupPack.from_weight(weight, mask, layout, bias, stride=s, padding=p, dilation=d)
+    pack = pack_groups(weight, mask, layout, bias, stride=s, padding=p, dilation=d)
     oh = (h + 2 * p - d * (k - 1) - 1) // s + 1
     ow = (w + 2 * p - d * (k - 1) - 1) // s + 1
     res = None if epilogue == "none" else torch.randn(n, cout, oh, ow, generator=g)
@@ -109,7 +109,7 @@ def test_channel_path_never_writes_into_the_plan_bias():
     mask = torch.zeros(6, 5, 1, 1, dtype=torch.bool)
     mask[[0, 2, 5]] = True  # output channels 1, 3, 4 empty: an out_idx scatter
     bias = torch.randn(6, generator=g)
-    plan = ChannelPlan.from_weight(weight, mask, bias)
+    plan = pack_channels(weight, mask, bias)
     kept_bias = plan.bias.clone()
     x = torch.randn(1, 5, 1, 1, generator=g)
     ref = expected(x, plan.dense_weight(), bias, (1, 0, 1), None, True)
@@ -129,7 +129,7 @@ def test_channel_path_runs_a_fully_pruned_layer(with_bias, with_residual):
     weight = conv_weight(6, 5, 3, g)
     mask = torch.zeros(6, 5, 3, 3, dtype=torch.bool)
     bias = torch.randn(6, generator=g) if with_bias else None
-    plan = ChannelPlan.from_weight(weight, mask, bias, stride=2, padding=1)
+    plan = pack_channels(weight, mask, bias, stride=2, padding=1)
     x = torch.randn(2, 5, 7, 9, generator=g)
     res = torch.randn(2, 6, 4, 5, generator=g) if with_residual else None
     y = ops.channel_conv(x, plan, residual=res, relu=True)
@@ -144,7 +144,7 @@ def test_channel_path_runs_a_fully_pruned_layer(with_bias, with_residual):
 def test_whole_layout_conv_fuses_its_epilogue_exactly(shape, epilogue, fused, monkeypatch):
     """Every output channel computed: oneDNN's fused conv (bias, residual, ReLU in the
     primitive) and the separate passes agree with the reference."""
-    monkeypatch.setattr(ops, "_FUSE_ON_CPU", fused)
+    monkeypatch.setattr(ops.channel, "_FUSE_ON_CPU", fused)
     n, cin, cout, h, w, k, s, p, d = shape
     g = torch.Generator().manual_seed(100 + SHAPES.index(shape))
     weight, bias = conv_weight(cout, cin, k, g), torch.randn(cout, generator=g)
@@ -157,7 +157,7 @@ def test_whole_layout_conv_fuses_its_epilogue_exactly(shape, epilogue, fused, mo
         if epilogue != "nchw-res":
             res = res.contiguous(memory_format=torch.channels_last)
     relu = "relu" in epilogue
-    plan = ChannelPlan.from_weight(weight, None, bias, stride=s, padding=p, dilation=d)
+    plan = pack_channels(weight, None, bias, stride=s, padding=p, dilation=d)
     y = ops.channel_conv(x, plan, residual=res, relu=relu)
     ref = expected(x, weight, bias, (s, p, d), res, relu)
     torch.testing.assert_close(y.double(), ref, **TOLERANCES[torch.float32])
@@ -168,13 +168,13 @@ def test_whole_layout_conv_fuses_its_epilogue_exactly(shape, epilogue, fused, mo
 def test_group_path_for_very_many_column_sets_keeps_the_epilogue(shape, monkeypatch):
     """Beyond _MANY_SETS column sets the CPU path runs one conv on the dense weight:
     bias, residual and ReLU must still be applied."""
-    monkeypatch.setattr(ops, "_MANY_SETS", 0)
+    monkeypatch.setattr(ops.group, "_MANY_SETS", 0)
     n, cin, cout, h, w, k, s, p, d = shape
     g = torch.Generator().manual_seed(200 + SHAPES.index(shape))
     weight, bias = conv_weight(cout, cin, k, g), torch.randn(cout, generator=g) + 3.0
     x = torch.randn(n, cin, h, w, generator=g)
     layout, mask = group_layout(cout, cin, k, "mixed", g)
-    pack = GroupPack.from_weight(weight, mask, layout, bias, stride=s, padding=p, dilation=d)
+    pack = pack_groups(weight, mask, layout, bias, stride=s, padding=p, dilation=d)
     oh = (h + 2 * p - d * (k - 1) - 1) // s + 1
     ow = (w + 2 * p - d * (k - 1) - 1) // s + 1
     res = torch.randn(n, cout, oh, ow, generator=g)
@@ -187,14 +187,14 @@ def test_group_gather_path_reuses_its_padded_buffer_safely(monkeypatch):
     """The zero-bordered input buffer is reused across calls and units: each call sees its
     own input, inside and outside inference mode, and a gradient-tracking call gets a
     fresh tensor."""
-    monkeypatch.setattr(ops, "_GEMM_PENALTY", 0.0)  # every column set gathers
+    monkeypatch.setattr(ops.group, "_GEMM_PENALTY", 0.0)  # every column set gathers
     n, cin, cout, h, w, k, s, p, d = SHAPES[1]
     g = torch.Generator().manual_seed(300)
     packs = []
     for _ in range(2):  # two units with the same input shape share the buffer
         weight, bias = conv_weight(cout, cin, k, g), torch.randn(cout, generator=g)
         layout, mask = group_layout(cout, cin, k, "mixed", g)
-        packs.append((GroupPack.from_weight(weight, mask, layout, bias, stride=s, padding=p,
+        packs.append((pack_groups(weight, mask, layout, bias, stride=s, padding=p,
                                             dilation=d), bias))  # fmt: skip
     inputs = [torch.randn(n, cin, h, w, generator=g) for _ in range(3)]
     for mode in (torch.inference_mode, torch.no_grad):

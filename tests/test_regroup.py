@@ -9,8 +9,10 @@ import torch
 from hypothesis import given, settings
 
 from sparse_ops import Ticket, load_ticket, models
+from sparse_ops.layouts import GroupLayout
 from sparse_ops.masks import from_gemm_view, gemm_view, mask_stats
-from sparse_ops.structure import RegroupConfig, RegroupError, groups_to_mask, regroup, regroup_mask
+from sparse_ops.packing import pack_groups
+from sparse_ops.structure import RegroupConfig, RegroupError, regroup, regroup_mask
 from sparse_ops.structure import partition as partition_module
 from sparse_ops.structure.partition import PartitionerError
 
@@ -161,7 +163,7 @@ def _check_layout(mask_shape, new, groups, b1):
         assert not seen & set(g.rows), "rows shared by two groups"
         seen |= set(g.rows)
         assert list(g.cols) == sorted(g.cols)
-    assert torch.equal(groups_to_mask(groups, mask_shape), new)
+    assert torch.equal(GroupLayout.of(groups).to_mask(mask_shape), new)
 
 
 @settings(max_examples=25, deadline=None)
@@ -187,7 +189,7 @@ def test_output_is_union_of_dense_blocks_with_disjoint_rows(cout, cin, k, densit
 def test_all_zero_and_fully_dense_layers():
     empty = torch.zeros(64, 32, 3, 3, dtype=torch.bool)
     new, groups, change = regroup_mask(empty)
-    assert not new.any() and groups == [] and change.status == "empty"
+    assert not new.any() and len(groups) == 0 and change.status == "empty"
     dense = torch.ones(70, 5, 3, 3, dtype=torch.bool)
     new, groups, change = regroup_mask(dense)
     assert torch.equal(new, dense) and change.status == "dense"
@@ -282,7 +284,7 @@ def test_ticket_regroup_skips_linear_and_depthwise_and_round_trips(tmp_path):
         "linear.weight": "skipped: linear",
     }
     layout = out.meta["groups"]["layers.1.conv2.weight"]
-    assert torch.equal(groups_to_mask(layout, (128, 64, 1, 1)), out.masks["layers.1.conv2.weight"])
+    assert torch.equal(GroupLayout.of(layout).to_mask((128, 64, 1, 1)), out.masks["layers.1.conv2.weight"])
     back = load_ticket(out.save(tmp_path / "g.safetensors"))
     assert back.meta["groups"] == out.meta["groups"]
     assert back.meta["structure_report"]["params"]["parts"] == 2
@@ -309,7 +311,7 @@ def test_regroup_of_a_real_ticket_keeps_rows_disjoint():
         rows = [r for g in layout for r in g["rows"]]
         assert len(rows) == len(set(rows)), name
         assert np.array_equal(
-            groups_to_mask(layout, tuple(masks[name].shape)).numpy(), out.masks[name].numpy()
+            GroupLayout.of(layout).to_mask(tuple(masks[name].shape)).numpy(), out.masks[name].numpy()
         )
 
 
@@ -331,7 +333,6 @@ def _run_structured_mask(cout: int, cin: int, seed: int, noise: float = 0.0) -> 
 
 @pytest.mark.parametrize("cin", [16, 24])
 def test_col_run_8_chooses_aligned_runs(cin):
-    from sparse_ops.formats import GroupPack
 
     mask = _run_structured_mask(64, cin, seed=cin, noise=0.02)
     new, groups, report = regroup_mask(mask, RegroupConfig(col_run=8, group_rows=32))
@@ -341,9 +342,9 @@ def test_col_run_8_chooses_aligned_runs(cin):
         assert cols.size % 8 == 0
         runs = cols.reshape(-1, 8)
         assert (runs[:, 0] % 8 == 0).all() and (np.diff(runs, axis=1) == 1).all()
-    pack = GroupPack.from_weight(torch.randn(mask.shape), new, [g.as_dict() for g in groups])
+    pack = pack_groups(torch.randn(mask.shape), new, [g.as_dict() for g in groups])
     assert pack.col_run == 8
-    assert torch.equal(groups_to_mask(groups, mask.shape), new)
+    assert torch.equal(GroupLayout.of(groups).to_mask(mask.shape), new)
 
 
 def test_col_run_keeps_planted_runs_and_auto_takes_them():

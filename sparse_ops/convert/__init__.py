@@ -29,10 +29,11 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
+from sparse_ops_kernels.formats import ChannelPlan
 from torch import fx, nn
 
-from ..formats import ChannelPlan
 from ..nn import ChannelPrunedConv2d, TorchConv2d
+from ..packing import pack_channels
 from ..structure.regroup import RegroupConfig
 from ..tables import format_table
 from ..tickets import Ticket
@@ -368,7 +369,7 @@ def _replace_modules(dense, masks, mode, dtype, example, exc):
         if module.groups != 1:
             unit = TorchConv2d(w, b, groups=module.groups, name=name, **geometry)
         else:
-            plan = ChannelPlan.from_weight(w, None, b, **geometry)
+            plan = pack_channels(w, None, b, **geometry)
             unit = ChannelPrunedConv2d(plan.to(dtype=dtype or w.dtype), name=name)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, unit)

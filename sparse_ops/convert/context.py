@@ -9,6 +9,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
+from ..layouts import GroupLayout
 from ..structure.regroup import RegroupConfig
 from . import patterns
 from .cost import CostModel
@@ -19,8 +20,8 @@ from .prepare import ConvertError
 class Choice:
     kind: str  # "channel", "group", "torch"
     structure: str
-    layout: list[dict] | None = None  # groups for a group unit
-    leftover: list[dict] | None = None  # one-row groups keeping a regrouped layer exact
+    layout: GroupLayout | None = None  # groups for a group unit
+    leftover: GroupLayout | None = None  # one-row groups keeping a regrouped layer exact
     note: str = ""
 
 

@@ -47,10 +47,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..masks import gemm_view
 from ..nn import ChannelPrunedConv2d
 from ..progress import Progress
-from ..structure.regroup import regroup_mask
 from ..tables import format_table
 from . import patterns
 from .context import Choice, Context, LayerRow
@@ -64,7 +62,7 @@ from .measure import (
     unit_signature,
 )
 from .prepare import ConvertError
-from .units import LEFTOVER_ROWS, _layout, _leftover_groups, as_torch_conv, make_conv_unit
+from .units import as_torch_conv, group_layout, make_conv_unit, regrouped
 
 
 @dataclass(frozen=True)
@@ -146,13 +144,10 @@ def candidates(ctx: Context, site: patterns.Site, device: torch.device) -> list[
     labels = {c.label for c in out}
     if (mask is not None and whole and ctx.mode in ("auto", "group") and "group" not in labels
             and structure in ("channel", "group")):  # fmt: skip
-        add("group", Choice("group", structure, _layout(ctx, site, mask)))
+        add("group", Choice("group", structure, group_layout(ctx, site, mask)))
     if (mask is not None and whole and ctx.mode == "auto" and "regroup" not in labels
             and ctx.on_unstructured == "regroup" and structure == "unstructured"):  # fmt: skip
-        new_mask, groups, _ = regroup_mask(mask, ctx.regroup, name=site.name)
-        leftover_view = gemm_view(mask) & ~gemm_view(new_mask)
-        leftover = _leftover_groups(leftover_view, LEFTOVER_ROWS) or None
-        add("regroup", Choice("group", structure, [g.as_dict() for g in groups], leftover))
+        add("regroup", regrouped(ctx, site, mask, structure))
     return out
 
 

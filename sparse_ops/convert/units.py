@@ -3,14 +3,14 @@ weights cut to the layouts the passes assigned, and the report row of each."""
 
 from __future__ import annotations
 
-import math
-
 import torch
+from sparse_ops_kernels.formats import ChannelPlan
 from torch import fx, nn
 
-from ..formats import ChannelPlan, GroupPack
-from ..masks import from_gemm_view, gemm_view, mask_stats
+from ..layouts import Group, GroupLayout
+from ..masks import gemm_view, mask_stats
 from ..nn import ChannelPrunedConv2d, GroupSparseConv2d, TorchConv2d
+from ..packing import pack_groups
 from ..structure.regroup import regroup_mask
 from . import patterns
 from .context import Choice, LayerRow
@@ -32,9 +32,9 @@ def choose(ctx, site: patterns.Site) -> Choice:
     if ctx.mode == "channel" and structure == "channel":
         return Choice("channel", structure)
     if ctx.mode == "group" and structure in ("channel", "group"):
-        return Choice("group", structure, _layout(ctx, site, mask))
+        return Choice("group", structure, group_layout(ctx, site, mask))
     if ctx.mode == "auto" and structure in ("channel", "group"):
-        layout = _layout(ctx, site, mask)
+        layout = group_layout(ctx, site, mask)
         if _group_cost(ctx, site, layout) < _channel_cost(ctx, site):
             return Choice("group", structure, layout)
         return Choice("channel", structure)
@@ -42,48 +42,28 @@ def choose(ctx, site: patterns.Site) -> Choice:
     if ctx.on_unstructured == "dense":
         return Choice("channel", structure, note="masked dense (unstructured)")
     if ctx.on_unstructured == "regroup":
-        new_mask, groups, _ = regroup_mask(mask, ctx.regroup, name=site.name)
-        leftover_view = gemm_view(mask) & ~gemm_view(new_mask)
-        leftover = _leftover_groups(leftover_view, LEFTOVER_ROWS)
-        note = f"regrouped, {int(leftover_view.sum())} leftover nonzeros"
-        layout = [g.as_dict() for g in groups]
-        return Choice("group", structure, layout, leftover or None, note=note)
+        return regrouped(ctx, site, mask, structure)
     return Choice("error", structure)
 
 
-def _layout(ctx, site: patterns.Site, mask: torch.Tensor) -> list[dict]:
+def regrouped(ctx, site: patterns.Site, mask: torch.Tensor, structure: str) -> Choice:
+    """A group unit of the regrouped mask, plus one-row groups of what regroup dropped
+    (the leftover), so the layer stays exact."""
+    new_mask, layout, _ = regroup_mask(mask, ctx.regroup, name=site.name)
+    leftover_view = gemm_view(mask) & ~gemm_view(new_mask)
+    leftover = _leftover_groups(leftover_view, LEFTOVER_ROWS)
+    note = f"regrouped, {int(leftover_view.sum())} leftover nonzeros"
+    return Choice("group", structure, layout, leftover if len(leftover) else None, note=note)
+
+
+def group_layout(ctx, site: patterns.Site, mask: torch.Tensor) -> GroupLayout:
     """The ticket's group layout if it still covers the mask; else read off the mask."""
-    view = gemm_view(mask.bool())
     stored = ctx.stored_layouts.get(site.name)
-    if stored and not bool((view & ~_covered(stored, view.shape)).any()):
-        return stored
-    rows, cols = [], []
-    patterns_, inverse = torch.unique(view, dim=0, return_inverse=True)
-    for g in range(patterns_.shape[0]):
-        members = torch.nonzero(inverse == g).flatten()
-        if patterns_[g].any():
-            rows.append(members.tolist())
-            cols.append(torch.nonzero(patterns_[g]).flatten().tolist())
-    return [{"rows": r, "cols": c} for r, c in zip(rows, cols, strict=True)]
-
-
-def _covered(layout: list[dict], shape: tuple[int, int]) -> torch.Tensor:
-    """The GEMM-view entries a group layout covers (rows × cols of every group)."""
-    n_groups = len(layout)
-    columns = torch.zeros(n_groups + 1, shape[1], dtype=torch.bool)  # last: no group
-    group_of_row = torch.full((shape[0],), n_groups, dtype=torch.long)
-    claimed = 0
-    for i, g in enumerate(layout):
-        columns[i, torch.as_tensor(g["cols"], dtype=torch.long)] = True
-        group_of_row[torch.as_tensor(g["rows"], dtype=torch.long)] = i
-        claimed += len(g["rows"])
-    if claimed == int((group_of_row < n_groups).sum()):
-        return columns[group_of_row]  # rows disjoint: each row covers its group's columns
-    covered = torch.zeros(shape, dtype=torch.bool)
-    for g in layout:  # a row in several groups covers the union of their columns
-        rows = torch.as_tensor(g["rows"], dtype=torch.long)
-        covered[rows[:, None], torch.as_tensor(g["cols"], dtype=torch.long)[None, :]] = True
-    return covered
+    if stored:
+        layout = GroupLayout.of(stored)
+        if layout.covers(mask):
+            return layout
+    return GroupLayout.from_mask(mask)
 
 
 def _spatial(ctx, site: patterns.Site) -> int:
@@ -99,10 +79,8 @@ def _channel_cost(ctx, site: patterns.Site) -> float:
     return 2.0 * rows * ins * w.shape[2] * w.shape[3] * _spatial(ctx, site)
 
 
-def _group_cost(ctx, site: patterns.Site, layout: list[dict]) -> float:
-    bn, kp = ctx.cost.block_n, ctx.cost.k_pad
-    padded = sum(math.ceil(len(g["rows"]) / bn) * bn * math.ceil(len(g["cols"]) / kp) * kp
-                 for g in layout)  # fmt: skip
+def _group_cost(ctx, site: patterns.Site, layout: GroupLayout) -> float:
+    padded = layout.padded_size(ctx.cost.block_n, ctx.cost.k_pad)
     return 2.0 * padded * _spatial(ctx, site) * ctx.cost.group_overhead
 
 
@@ -275,21 +253,21 @@ def _rows_reading(nz: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
 def _group_unit(ctx, site, choice, w, b, relu, dtype, geometry, row):
     mask = ctx.masks.get(f"{site.name}.weight")
     keep = (w != 0) if mask is None else mask.bool()
-    blocks = _covered(choice.layout, gemm_view(keep).shape)
-    main_mask = from_gemm_view(blocks, tuple(w.shape)) & keep
+    blocks = choice.layout.to_mask(tuple(w.shape))
+    main_mask = blocks & keep
     common = dict(stride=geometry["stride"], padding=geometry["padding"],
                   dilation=geometry["dilation"], name=site.name)  # fmt: skip
     blocking = {"block_n": ctx.cost.block_n, "k_pad": ctx.cost.k_pad}
-    pack = GroupPack.from_weight(w, main_mask, choice.layout, b.float(), **blocking, **common)
+    pack = pack_groups(w, main_mask, choice.layout, b.float(), **blocking, **common)
     leftover = None
     if choice.leftover:
-        left_mask = keep & ~from_gemm_view(blocks, tuple(w.shape))
-        leftover = GroupPack.from_weight(w, left_mask, choice.leftover, None, block_n=16,
-                                         k_pad=16, **common).to(dtype=dtype)  # fmt: skip
+        left_mask = keep & ~blocks
+        leftover = pack_groups(w, left_mask, choice.leftover, None, block_n=16, k_pad=16,
+                               **common).to(dtype=dtype)  # fmt: skip
     unit = GroupSparseConv2d(pack.to(dtype=dtype), relu=relu, leftover=leftover, name=site.name)
     spatial = _spatial(ctx, site)
-    nnz_groups = sum(len(g["rows"]) * len(g["cols"]) for g in choice.layout)
-    nnz_left = sum(len(g["rows"]) * len(g["cols"]) for g in (choice.leftover or []))
+    nnz_groups = choice.layout.padded_size(1, 1)
+    nnz_left = choice.leftover.padded_size(1, 1) if choice.leftover else 0
     row.flops_after = 2 * (nnz_groups + nnz_left) * spatial
     row.params_after = nnz_groups + nnz_left
     # The kernel multiplies whole padded tiles (block_n rows × k_pad columns).
@@ -344,11 +322,11 @@ def linear_unit(ctx, node: fx.Node, *, narrow: bool) -> nn.Linear:
     return new.eval()
 
 
-def _leftover_groups(view: torch.Tensor, rows_per_group: int) -> list[dict]:
+def _leftover_groups(view: torch.Tensor, rows_per_group: int) -> GroupLayout:
     """Rows holding leftover nonzeros, in chunks sharing the union of their columns."""
     rows = torch.nonzero(view.any(1)).flatten()
     groups = []
     for chunk in rows.split(rows_per_group):
         cols = torch.nonzero(view[chunk].any(0)).flatten()
-        groups.append({"rows": chunk.tolist(), "cols": cols.tolist()})
-    return groups
+        groups.append(Group(tuple(chunk.tolist()), tuple(cols.tolist())))
+    return GroupLayout(tuple(groups))

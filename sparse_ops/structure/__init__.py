@@ -9,6 +9,7 @@ parameters and a per-layer report (``meta["structure_report"]``). :mod:`.methods
 the registry of them by name that IMP, ``restructure`` and the CLI read.
 """
 
+from ..layouts import Group, GroupLayout
 from .elastic import (
     STRATEGIES,
     ElasticReport,
@@ -21,7 +22,7 @@ from .elastic import (
 )
 from .methods import METHODS, MethodError, resolve
 from .refill import CRITERIA, RefillError, kept_channels, refill, refill_mask
-from .regroup import Group, RegroupConfig, RegroupError, groups_to_mask, regroup, regroup_mask
+from .regroup import RegroupConfig, RegroupError, regroup, regroup_mask
 from .report import LayerChange, render_changes
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "STRATEGIES",
     "ElasticReport",
     "Group",
+    "GroupLayout",
     "LayerChange",
     "MethodError",
     "RefillError",
@@ -37,7 +39,6 @@ __all__ = [
     "RegroupError",
     "StageMapping",
     "arch_layout",
-    "groups_to_mask",
     "kept_channels",
     "named_mapping",
     "parse_mapping",

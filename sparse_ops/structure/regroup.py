@@ -70,11 +70,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from sparse_ops_kernels.formats import COL_RUN
 from torch import nn
 
 from ..errors import SparseOpsError
-from ..formats import COL_RUN
-from ..masks import from_gemm_view, gemm_view
+from ..layouts import Group, GroupLayout
+from ..masks import gemm_view
 from ..tickets import Ticket
 from .layers import CONV, layer_kinds, select
 from .partition import MODELS, OBJECTIVES, RowPartitioner
@@ -137,17 +138,6 @@ class RegroupConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class Group:
-    """One dense block: output rows × GEMM columns (flat (ky, kx, c) indices)."""
-
-    rows: tuple[int, ...]
-    cols: tuple[int, ...]
-
-    def as_dict(self) -> dict:
-        return {"rows": list(self.rows), "cols": list(self.cols)}
 
 
 def _part_counts(n_rows: int, config: RegroupConfig) -> tuple[list[int], int]:
@@ -246,16 +236,16 @@ def _choose_columns(sub: np.ndarray, config: RegroupConfig, runs_fit: bool):
 
 def regroup_mask(
     mask: torch.Tensor, config: RegroupConfig | None = None, *, name: str = "<mask>"
-) -> tuple[torch.Tensor, list[Group], LayerChange]:
-    """Regroup one conv (4-D) or linear (2-D) mask: new mask, groups, report."""
+) -> tuple[torch.Tensor, GroupLayout, LayerChange]:
+    """Regroup one conv (4-D) or linear (2-D) mask: new mask, its layout, report."""
     config = config or RegroupConfig()
     mask = mask.detach().to("cpu", torch.bool)
     view = gemm_view(mask).numpy()
     if not view.any():
-        return mask.clone(), [], LayerChange.compare(name, mask, mask, "empty")
+        return mask.clone(), GroupLayout(()), LayerChange.compare(name, mask, mask, "empty")
     if view.all():
         rows = np.arange(view.shape[0])
-        groups = _cut(rows, np.arange(view.shape[1]), config.b1)
+        groups = GroupLayout(tuple(_cut(rows, np.arange(view.shape[1]), config.b1)))
         return (
             mask.clone(),
             groups,
@@ -293,15 +283,12 @@ def regroup_mask(
             f"{best.parts} parts; dropped: {'; '.join(best.dropped)}). Lower min_rows / b2 "
             "or use parts='auto'"
         )
-    new_view = np.zeros_like(view)
-    groups: list[Group] = []
-    for part_rows, cols, _run in best.blocks:
-        new_view[np.ix_(part_rows, cols)] = True
-        groups += _cut(part_rows, cols, config.b1)
+    cut = (g for rows, cols, _ in best.blocks for g in _cut(rows, cols, config.b1))
+    groups = GroupLayout(tuple(cut))
     detail = {}
     if len(tried) > 1:  # what the search saw: [parts, score] per count tried
         detail["part_scores"] = [[t.parts, round(t.score, 4)] for t in tried]
-    new_mask = from_gemm_view(torch.from_numpy(new_view), mask.shape)
+    new_mask = groups.to_mask(tuple(mask.shape))
     report = LayerChange.compare(
         name, mask, new_mask, "regrouped", parts=best.parts, groups=len(groups),
         blocks=[[int(r.size), int(c.size)] for r, c, _ in best.blocks],
@@ -316,17 +303,6 @@ def _cut(rows: np.ndarray, cols: np.ndarray, b1: int) -> list[Group]:
     return [
         Group(tuple(int(r) for r in rows[i : i + b1]), col_tuple) for i in range(0, rows.size, b1)
     ]
-
-
-def groups_to_mask(groups: list[Group] | list[dict], shape: tuple[int, ...]) -> torch.Tensor:
-    """The mask a group layout describes (1 inside every block, 0 elsewhere)."""
-    cout = shape[0]
-    k = int(np.prod(shape[1:]))
-    view = np.zeros((cout, k), dtype=bool)
-    for g in groups:
-        rows, cols = (g["rows"], g["cols"]) if isinstance(g, dict) else (g.rows, g.cols)
-        view[np.ix_(np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64))] = True
-    return from_gemm_view(torch.from_numpy(view), shape)
 
 
 def regroup(
@@ -366,7 +342,7 @@ def regroup(
             change = LayerChange.compare(name, masks[name], masks[name], f"skipped: {kinds[name]}")
         else:
             masks[name], groups, change = regroup_mask(masks[name], config, name=name)
-            layouts[name] = [g.as_dict() for g in groups]
+            layouts[name] = groups.as_meta()
         changes.append(change)
     meta = dict(ticket.meta, method="regroup", groups=layouts)
     meta["structure_report"] = {

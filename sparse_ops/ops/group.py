@@ -1,192 +1,32 @@
-"""Run a packed conv layer: Triton kernels on CUDA tensors, plain torch on CPU tensors.
-
-``channel_conv(x, plan)`` and ``group_conv(x, pack)`` compute exactly
-:func:`sparse_ops.reference.conv2d` with the plan's or pack's masked dense weight
-(bias, optional residual, optional ReLU), on every output channel.
-
-``backend``:
-    ``"auto"``    Triton for CUDA tensors, torch for CPU tensors;
-    ``"triton"``  the Triton kernel (CPU tensors need ``TRITON_INTERPRET=1``);
-    ``"torch"``   the torch path: a smaller dense conv for a ChannelPlan; for a
-                  GroupPack, one dense GEMM per distinct column set on the unfolded
-                  input (one dense conv when there are very many sets).
-"""
+"""``group_conv``: a GroupPack's conv, on the Triton kernel or on torch (per column set:
+a gather + GEMM or a dense conv over the set's channels, whichever multiplies less)."""
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 import threading
 
 import torch
 import torch.nn.functional as F
 from sparse_ops_kernels import launch
+from sparse_ops_kernels.formats import GroupPack
 
-from .errors import SparseOpsError
-from .formats import FORMAT_VERSION, GROUP_FORMAT_VERSION, ChannelPlan, GroupPack
+from .common import (
+    epilogue,
+    epilogue_inplace,
+    pixel_rows,
+    resolve_backend,
+    scatter_channels_,
+    select_channels,
+)
 
-BACKENDS = ("auto", "triton", "torch")
 _MANY_SETS = 512  # beyond this many distinct column sets the CPU path runs one dense conv
+
+
 _GEMM_PENALTY = 2  # column gather + GEMM vs a dense conv, per useful multiply-add
-# The CPU channel path fuses the epilogue into oneDNN's conv where it can (tests turn it
-# off to check both paths compute the same).
-_FUSE_ON_CPU = True
+
+
 _PAD_BUFFER_BYTES = 256 << 20  # padded input buffers kept per thread (see _padded_nhwc)
-_forced: list[str] = []
-
-
-@contextlib.contextmanager
-def backend(name: str):
-    """Run every ``backend="auto"`` call inside the block on ``name``.
-
-    E.g. ``with ops.backend("triton"): converted(x)`` drives a whole converted model
-    through the Triton kernels (on CPU tensors: under ``TRITON_INTERPRET=1``).
-    """
-    if name not in BACKENDS:
-        raise SparseOpsError(f"backend must be one of {BACKENDS}, got {name!r}")
-    _forced.append(name)
-    try:
-        yield
-    finally:
-        _forced.pop()
-
-
-def _backend(x: torch.Tensor, backend: str) -> str:
-    if backend not in BACKENDS:
-        raise SparseOpsError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto" and _forced and _forced[-1] != "auto":
-        return _forced[-1]
-    if backend == "auto":
-        return "triton" if x.is_cuda else "torch"
-    return backend
-
-
-def _epilogue(
-    y: torch.Tensor,
-    bias: torch.Tensor | None,
-    residual: torch.Tensor | None,
-    relu: bool,
-    bias_map: torch.Tensor | None = None,
-) -> torch.Tensor:
-    if bias is not None:
-        y = y + bias.to(y.dtype).view(1, -1, 1, 1)
-    if bias_map is not None:
-        y = y + bias_map.to(y.dtype)
-    if residual is not None:
-        y = y + residual.to(y.dtype)
-    return torch.relu(y) if relu else y
-
-
-def channel_conv(
-    x: torch.Tensor,
-    plan: ChannelPlan,
-    *,
-    residual: torch.Tensor | None = None,
-    relu: bool = False,
-    backend: str = "auto",
-    allow_tf32: bool | None = None,
-    bias_map: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``bias_map`` ([Cout, OH, OW], optional) is added per position before the residual."""
-    if _backend(x, backend) == "triton":
-        from sparse_ops_kernels.channel_conv import channel_conv2d
-
-        return channel_conv2d(
-            x, plan, residual=residual, relu=relu, allow_tf32=allow_tf32, bias_map=bias_map
-        )
-    # The launcher's checks, so both backends refuse the same inputs with the same words.
-    call = launch.check_channel_call(x, plan, residual, bias_map, "channel_conv",
-                                     FORMAT_VERSION, None)  # fmt: skip
-    # Channels-last on the CPU too: the plan's [Cout', kh, kw, Cin'] weight permuted to
-    # [Cout', Cin', kh, kw] is a channels-last tensor, which oneDNN then uses without a
-    # per-call reorder.
-    x = x.contiguous(memory_format=torch.channels_last)
-    inputs = x if plan.in_idx is None else select_channels(x, plan.in_idx.long())
-    weight = plan.weight.permute(0, 3, 1, 2).to(x.dtype)
-    if weight.numel() == 0:  # every weight pruned: oneDNN refuses empty convs
-        compact = x.new_zeros(call.n, weight.shape[0], call.oh, call.ow)
-        compact = compact.contiguous(memory_format=torch.channels_last)
-    elif plan.out_idx is None:  # every output channel computed: bias fused into the conv
-        bias = None if plan.bias is None else plan.bias.to(x.dtype)
-        if bias_map is None and _onednn_fusion(inputs, weight, residual):
-            return _fused_conv(inputs, weight, bias, plan, residual, relu)
-        y = F.conv2d(inputs, weight, bias, plan.stride, plan.padding, plan.dilation)
-        return _epilogue_inplace(y, None, residual, relu, bias_map)
-    else:
-        compact = F.conv2d(inputs, weight, None, plan.stride, plan.padding, plan.dilation)
-    if plan.out_idx is None:  # no weight, every output channel kept: the epilogue alone
-        y = compact.clone()
-        if plan.bias is not None:
-            y.add_(plan.bias.to(x.dtype).view(1, -1, 1, 1))
-        return _epilogue_inplace(y, None, residual, relu, bias_map)
-    n, _, oh, ow = compact.shape
-    # Start from what every channel gets (bias, residual), then add the computed rows.
-    if residual is not None:
-        y = residual.to(x.dtype).contiguous(memory_format=torch.channels_last).clone()
-        if plan.bias is not None:
-            y.add_(plan.bias.to(x.dtype).view(1, -1, 1, 1))
-    elif plan.bias is not None:
-        # A fresh tensor, never a view of the bias: y is updated in place below (an
-        # expanded [1, C, 1, 1] view already counts as channels-last contiguous).
-        y = torch.empty(n, plan.out_channels, oh, ow, dtype=compact.dtype,
-                        device=compact.device, memory_format=torch.channels_last)  # fmt: skip
-        y.copy_(plan.bias.to(x.dtype).view(1, -1, 1, 1).expand_as(y))
-    else:
-        y = compact.new_zeros(n, plan.out_channels, oh, ow).contiguous(
-            memory_format=torch.channels_last
-        )
-    scatter_channels_(y, plan.out_idx.long(), compact, add=True)
-    return _epilogue_inplace(y, None, None, relu, bias_map)
-
-
-@functools.cache
-def _has_onednn_pointwise() -> bool:
-    mkldnn = getattr(torch.ops, "mkldnn", None)
-    return torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_convolution_pointwise")
-
-
-def _onednn_fusion(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> bool:
-    """Whether oneDNN's fused conv (the op torch.compile's CPU backend emits) can run this
-    layer: CPU fp32 tensors, channels-last input and residual of the output's shape."""
-    if not (_FUSE_ON_CPU and x.device.type == "cpu" and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and _has_onednn_pointwise()):  # fmt: skip
-        return False
-    if not x.is_contiguous(memory_format=torch.channels_last) or x.numel() == 0:
-        return False
-    return residual is None or (
-        residual.dtype == torch.float32
-        and residual.is_contiguous(memory_format=torch.channels_last)
-    )
-
-
-def _fused_conv(x, weight, bias, plan: ChannelPlan, residual, relu: bool) -> torch.Tensor:
-    """conv + bias (+ residual) (+ ReLU) in one oneDNN primitive: the epilogue is applied
-    to each output tile while it is in cache, not in passes of its own over the output."""
-    geometry = (list(plan.padding), list(plan.stride), list(plan.dilation), 1)
-    if residual is None:
-        unary = "relu" if relu else "none"
-        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *geometry, unary, [], "")
-    return torch.ops.mkldnn._convolution_pointwise.binary(
-        x, residual, weight, bias, *geometry, "add", None, "relu" if relu else None, [], ""
-    )
-
-
-def _epilogue_inplace(
-    y: torch.Tensor,
-    bias: torch.Tensor | None,
-    residual: torch.Tensor | None,
-    relu: bool,
-    bias_map: torch.Tensor | None,
-) -> torch.Tensor:
-    """The epilogue on a freshly made ``y`` (not aliased: safe to update in place)."""
-    if bias is not None:
-        y.add_(bias.to(y.dtype).view(1, -1, 1, 1))
-    if bias_map is not None:
-        y.add_(bias_map.to(y.dtype))
-    if residual is not None:
-        y.add_(residual.to(y.dtype))
-    return y.relu_() if relu else y
 
 
 def group_conv(
@@ -198,11 +38,11 @@ def group_conv(
     backend: str = "auto",
     allow_tf32: bool | None = None,
 ) -> torch.Tensor:
-    if _backend(x, backend) == "triton":
-        from sparse_ops_kernels.group_conv import group_conv2d
+    if resolve_backend(x, backend) == "triton":
+        from sparse_ops_kernels import group_conv as kernel
 
-        return group_conv2d(x, pack, residual=residual, relu=relu, allow_tf32=allow_tf32)
-    call = launch.check_group_call(x, pack, residual, "group_conv", GROUP_FORMAT_VERSION, None)
+        return kernel.group_conv(x, pack, residual=residual, relu=relu, allow_tf32=allow_tf32)
+    call = launch.check_group_call(x, pack, residual, "group_conv", None)
     n, cin = x.shape[:2]
     column_sets = _torch_column_sets(pack, x.device, x.dtype)
     if column_sets is None:  # very many distinct column sets: one conv on the dense weight
@@ -212,7 +52,7 @@ def group_conv(
         weight[rows.to(x.device), cols.to(x.device)] = values.to(x.device, x.dtype)
         weight = weight.view(pack.out_channels, kh, kw, cin).permute(0, 3, 1, 2).contiguous()
         y = F.conv2d(x, weight, None, pack.stride, pack.padding, pack.dilation)
-        return _epilogue(y, pack.bias, residual, relu)
+        return epilogue(y, pack.bias, residual, relu)
     oh, ow = call.oh, call.ow
     x_cl = x.contiguous(memory_format=torch.channels_last)  # once, not per column set
     bias = None if pack.bias is None else pack.bias.to(x.dtype)
@@ -225,42 +65,7 @@ def group_conv(
     for column_set in column_sets:
         part = column_set.run(x_cl, pack, (oh, ow), None)
         scatter_channels_(y, column_set.rows, part, add=False)
-    return _epilogue_inplace(y, bias, residual, relu, None)
-
-
-def select_channels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x[:, index]`` that stays channels-last for a channels-last 4-D ``x``.
-
-    ``index_select`` on dim 1 returns NCHW, which would make the next conv transpose it
-    back (or a kernel read it with a strided channel axis)."""
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        n, _, h, w = x.shape
-        picked = _pixel_rows(x).index_select(1, index)
-        return picked.view(n, h, w, index.numel()).permute(0, 3, 1, 2)
-    return x.index_select(1, index)
-
-
-def scatter_channels_(y: torch.Tensor, index: torch.Tensor, src: torch.Tensor, add: bool):
-    """``y[:, index] (+)= src`` in place, for a channels-last ``y``."""
-    rows = _pixel_rows(y)
-    values = _pixel_rows(src.contiguous(memory_format=torch.channels_last)).to(y.dtype)
-    if add:
-        rows.index_add_(1, index, values)
-    else:
-        rows.index_copy_(1, index, values)
-    return y
-
-
-def _pixel_rows(x: torch.Tensor) -> torch.Tensor:
-    """The ``[N·H·W, C]`` view of a channels-last ``x`` (writes land in ``x``).
-
-    Channel gathers and scatters run on this 2-D view: on the CPU several times faster
-    than the same ``index_*`` op on dim 1 (or dim 3 of the NHWC permute) of the 4-D tensor
-    (measured 0.4 vs 3.7 ms gather and 0.5 vs 3.0 ms scatter-add at 64×32..64×16×16)."""
-    n, c, h, w = x.shape
-    if not x.is_contiguous(memory_format=torch.channels_last):
-        raise ValueError(f"_pixel_rows needs a channels-last tensor, got strides {x.stride()}")
-    return x.permute(0, 2, 3, 1).view(n * h * w, c)
+    return epilogue_inplace(y, bias, residual, relu, None)
 
 
 class _ColumnSet:
@@ -299,7 +104,7 @@ class _ColumnSet:
         if not self.gather:
             inputs = select_channels(x_cl, self.channels)
             y = F.conv2d(inputs, self.weight, bias, pack.stride, pack.padding, pack.dilation)
-            return _epilogue_inplace(y, None, residual, relu, None)
+            return epilogue_inplace(y, None, residual, relu, None)
         n, c = x_cl.shape[:2]
         (oh, ow), (ph, pw) = out_hw, pack.padding
         nhwc = _padded_nhwc(x_cl, ph, pw)
@@ -318,7 +123,7 @@ class _ColumnSet:
         if residual is None:
             out = flat @ weight_t
         else:
-            rows = _pixel_rows(
+            rows = pixel_rows(
                 residual.to(flat.dtype).contiguous(memory_format=torch.channels_last)
             )
             out = torch.addmm(rows, flat, weight_t)

@@ -1,4 +1,6 @@
-"""Packed formats of structured convolution weights, as the kernels read them.
+"""Packed formats of structured convolution weights: the contract between the packer
+(``sparse_ops.packing``) and the kernels. Fields, the checks every kernel relies on, the
+saved state and the version all live here, so a launcher accepts exactly these types.
 
 Both formats describe one conv layer ``W[Cout, Cin, kh, kw]`` (under a mask) of the
 full input and output channel spaces. Channels a format does not compute still get the
@@ -43,86 +45,36 @@ the most columns first (longest K loops start first), then the epilogue-only til
 tap starting at multiples of 8 (the kernel then reads them as 16-byte vectors), else 1.
 
 Both formats carry ``format_version``, because converted modules are saved and loaded:
-ChannelPlan 1, GroupPack 2 (``col_code`` and ``col_run`` added). A version-1 GroupPack
-is migrated when loaded: its codes follow from ``col_idx``, its runs from the codes.
+``ChannelPlan.VERSION`` is 1, ``GroupPack.VERSION`` 2 (``col_code`` and ``col_run``
+added). A version-1 GroupPack is migrated when built: its codes follow from ``col_idx``,
+its runs from the codes. Any other version is refused when an instance is built, so a
+plan or pack that exists is one the kernels read.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import InitVar, dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from .errors import SparseOpsError, listing
-from .masks import _row_groups, gemm_view
+from .errors import KernelInputError
 
-FORMAT_VERSION = 1  # ChannelPlan
-# GroupPack 2: column codes decoded on the host (col_code) and column runs (col_run).
-# A version-1 pack (no col_code) is migrated on load: the codes follow from col_idx.
-GROUP_FORMAT_VERSION = 2
 COL_RUN = 8  # channels per run in a col_run pack: one 16-byte vector of fp16/bf16
-_CODE_CHANNELS = 1 << 16  # col_code = c | kx << 16 | ky << 24
-_CODE_TAPS = 1 << 7
+CODE_CHANNELS = 1 << 16  # col_code = c | kx << 16 | ky << 24
+CODE_TAPS = 1 << 7
 
 
-class FormatError(SparseOpsError):
-    """A weight/mask/layout that cannot be packed as asked."""
-
-
-def _pair(v: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    a, b = v
-    return (int(a), int(b))
-
-
-def _geometry(weight: torch.Tensor, stride, padding, dilation, name: str) -> dict[str, Any]:
-    if weight.dim() != 4:
-        raise FormatError(
-            f"{name}: expected a conv weight [Cout, Cin, kh, kw], got {tuple(weight.shape)}"
-        )
-    geometry = {
-        "stride": _pair(stride),
-        "padding": _pair(padding),
-        "dilation": _pair(dilation),
-    }
-    if min(geometry["stride"]) < 1 or min(geometry["dilation"]) < 1 or min(geometry["padding"]) < 0:
-        raise FormatError(
-            f"{name}: stride and dilation must be ≥ 1 and padding ≥ 0, got {geometry}"
-        )
-    return geometry
-
-
-def _check_mask(weight: torch.Tensor, mask: torch.Tensor | None, name: str) -> torch.Tensor:
-    if mask is None:
-        return torch.ones(weight.shape, dtype=torch.bool)
-    if tuple(mask.shape) != tuple(weight.shape):
-        raise FormatError(
-            f"{name}: mask shape {tuple(mask.shape)} ≠ weight shape {tuple(weight.shape)}"
-        )
-    return mask.detach().to("cpu").bool()
-
-
-def _check_bias(bias: torch.Tensor | None, cout: int, name: str) -> torch.Tensor | None:
-    if bias is None:
-        return None
-    if tuple(bias.shape) != (cout,):
-        raise FormatError(f"{name}: bias shape {tuple(bias.shape)} ≠ ({cout},)")
-    return bias.detach().to(torch.float32).contiguous()
-
-
-def _index(values) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(values, dtype=np.int32)).contiguous()
+class FormatError(KernelInputError):
+    """A packed format whose fields contradict each other, a version these kernels do not
+    read, or a weight / mask / layout that cannot be packed as asked."""
 
 
 class _Packed:
     """Shared behaviour: device/dtype moves and a flat state for saving."""
 
-    _tensors: tuple[str, ...] = ()
-    _version: int = FORMAT_VERSION
+    VERSION: ClassVar[int]
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         """A copy on ``device`` with weights in ``dtype`` (indices stay int, bias fp32)."""
@@ -163,10 +115,10 @@ class _Packed:
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]):
         version = int(meta.get("format_version", -1))
-        if version > cls._version or version < 1:
+        if version > cls.VERSION or version < 1:
             raise FormatError(
-                f"{cls.__name__} format_version {version} is not readable by this sparse-ops "
-                f"(reads 1..{cls._version}); upgrade sparse-ops"
+                f"{cls.__name__} format_version {version} is not readable by these kernels "
+                f"(they read 1..{cls.VERSION}); upgrade sparse-ops"
             )
         if meta.get("format") != cls.__name__:
             raise FormatError(f"state is a {meta.get('format')}, not a {cls.__name__}")
@@ -180,6 +132,26 @@ class _Packed:
             else:
                 kwargs[f.name] = None
         return cls(**kwargs)
+
+
+def _check_version(packed: _Packed) -> None:
+    """Only the current version is ever built (older ones are migrated first), so the
+    launchers' one check, ``isinstance``, also settles the version."""
+    if packed.format_version != packed.VERSION:
+        raise FormatError(
+            f"{type(packed).__name__} format_version {packed.format_version}: these kernels "
+            f"read version {packed.VERSION}"
+        )
+
+
+def check_code_range(in_channels: int, kernel_size: tuple[int, int], what: str) -> None:
+    """A column code holds the channel in 16 bits and each tap coordinate in 7."""
+    if in_channels >= CODE_CHANNELS or max(kernel_size) >= CODE_TAPS:
+        raise FormatError(
+            f"{what}: {in_channels} input channels or a {kernel_size[0]}×{kernel_size[1]} "
+            f"kernel exceed what a column code holds ({CODE_CHANNELS - 1} channels, "
+            f"{CODE_TAPS - 1} taps per axis)"
+        )
 
 
 def _check_range(t: torch.Tensor | None, low: int, high: int, what: str) -> None:
@@ -206,10 +178,13 @@ class ChannelPlan(_Packed):
     stride: tuple[int, int]
     padding: tuple[int, int]
     dilation: tuple[int, int]
-    format_version: int = FORMAT_VERSION
+    format_version: int = 1
     validate: InitVar[bool] = True
 
+    VERSION: ClassVar[int] = 1
+
     def __post_init__(self, validate: bool) -> None:
+        _check_version(self)
         if validate:
             self.check_indices()
 
@@ -239,47 +214,6 @@ class ChannelPlan(_Packed):
     def kernel_size(self) -> tuple[int, int]:
         return (int(self.weight.shape[1]), int(self.weight.shape[2]))
 
-    @classmethod
-    def from_weight(
-        cls,
-        weight: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        bias: torch.Tensor | None = None,
-        *,
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] = 0,
-        dilation: int | tuple[int, int] = 1,
-        name: str = "<layer>",
-    ) -> ChannelPlan:
-        """Compact ``weight`` under a channel-structured ``mask`` (None: dense)."""
-        geometry = _geometry(weight, stride, padding, dilation, name)
-        m = _check_mask(weight, mask, name)
-        cout, cin = int(weight.shape[0]), int(weight.shape[1])
-        keep_out = m.flatten(1).any(1)
-        keep_in = m.any(dim=(0, 2, 3))
-        product = keep_out[:, None, None, None] & keep_in[None, :, None, None]
-        if not torch.equal(product.expand_as(m), m):
-            partial = (product.expand_as(m) & ~m).flatten(1).any(1).nonzero().flatten().tolist()
-            raise FormatError(
-                f"{name}: mask is not channel-structured (kept output channels × kept input "
-                f"channels): output channels {listing(partial, 6)} keep only part of the "
-                "kept input channels' weights"
-            )
-        out_rows = keep_out.nonzero().flatten()
-        in_cols = keep_in.nonzero().flatten()
-        compact = weight.detach()[out_rows][:, in_cols]  # [Cout', Cin', kh, kw]
-        fill = (~keep_out).nonzero().flatten()
-        return cls(
-            weight=compact.permute(0, 2, 3, 1).contiguous(),
-            bias=_check_bias(bias, cout, name),
-            in_idx=None if bool(keep_in.all()) else _index(in_cols),
-            out_idx=None if bool(keep_out.all()) else _index(out_rows),
-            fill_idx=None if fill.numel() == 0 else _index(fill),
-            in_channels=cin,
-            out_channels=cout,
-            format_version=FORMAT_VERSION,
-            **geometry,
-        )
 
     def dense_weight(self) -> torch.Tensor:
         """The masked dense weight ``[Cout, Cin, kh, kw]`` this plan computes with."""
@@ -318,21 +252,22 @@ class GroupPack(_Packed):
     block_n: int
     k_pad: int
     col_run: int = 1  # COL_RUN: columns come in aligned runs of 8 channels of one tap
-    format_version: int = GROUP_FORMAT_VERSION
+    format_version: int = 2
     groups_meta: dict = field(default_factory=dict)  # sizes, for reports and tuning keys
     validate: InitVar[bool] = True
 
-    _version = GROUP_FORMAT_VERSION
+    VERSION: ClassVar[int] = 2
 
     def __post_init__(self, validate: bool) -> None:
         if self.col_code is None:  # a version-1 pack: derive what version 2 stores
             self.col_code = column_codes(self.col_idx, self.in_channels, self.kernel_size)
-            self.format_version = GROUP_FORMAT_VERSION
+            self.format_version = self.VERSION
         if self.col_run is None:  # not recorded (version 1): runs if the columns are
             on_cpu = self.col_code.device.type == "cpu"
             runs = on_cpu and has_column_runs(self.col_code, self.in_channels)
             self.col_run = COL_RUN if runs else 1
         self.col_run = int(self.col_run)
+        _check_version(self)
         if validate:
             self.check_indices()
 
@@ -347,12 +282,7 @@ class GroupPack(_Packed):
             raise FormatError(
                 f"GroupPack: block_n={self.block_n} and k_pad={self.k_pad} must be ≥ 1"
             )
-        if self.in_channels >= _CODE_CHANNELS or max(self.kernel_size) >= _CODE_TAPS:
-            raise FormatError(
-                f"GroupPack: {self.in_channels} input channels or kernel {self.kernel_size} "
-                f"exceed what a column code holds ({_CODE_CHANNELS - 1} channels, "
-                f"{_CODE_TAPS - 1} taps per axis)"
-            )
+        check_code_range(self.in_channels, self.kernel_size, "GroupPack")
         groups = int(self.row_ptr.numel()) - 1
         ptrs = {"row_ptr": self.row_ptr, "col_ptr": self.col_ptr, "val_ptr": self.val_ptr}
         for name, ptr in ptrs.items():
@@ -407,7 +337,7 @@ class GroupPack(_Packed):
         index arrays (the kernel masks padding, not a tile that starts elsewhere)."""
         blocks = (rows // self.block_n).numpy()
         group_of = np.repeat(np.arange(blocks.size), blocks)
-        first = self.row_ptr[:-1].long().numpy()[group_of] + _ranks(blocks) * self.block_n
+        first = self.row_ptr[:-1].long().numpy()[group_of] + ranks(blocks) * self.block_n
         fill = np.arange(0, int(self.fill_idx.numel()), self.block_n)
         expected = np.concatenate([group_of, np.full(fill.size, -1)]), np.concatenate([first, fill])
         actual = self.tile_group.long().numpy(), self.tile_row.long().numpy()
@@ -429,7 +359,7 @@ class GroupPack(_Packed):
         if code.dtype != torch.int32 or not torch.equal(code, expected):
             raise FormatError(
                 "GroupPack col_code: must be the int32 decoding of col_idx "
-                "(c | kx << 16 | ky << 24; see formats.column_codes for padding columns)"
+                "(c | kx << 16 | ky << 24; see column_codes for padding columns)"
             )
         if self.col_run not in (1, COL_RUN):
             raise FormatError(f"GroupPack col_run must be 1 or {COL_RUN}, got {self.col_run}")
@@ -460,145 +390,6 @@ class GroupPack(_Packed):
         ptr = self.col_ptr.cpu()
         return int((ptr[1:] - ptr[:-1]).max()) if self.num_groups else 0
 
-    @classmethod
-    def from_weight(
-        cls,
-        weight: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        layout: Sequence[dict | Any] | None = None,
-        bias: torch.Tensor | None = None,
-        *,
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] = 0,
-        dilation: int | tuple[int, int] = 1,
-        block_n: int = 32,
-        k_pad: int = 32,
-        col_run: int | None = None,
-        name: str = "<layer>",
-    ) -> GroupPack:
-        """Pack ``weight`` as dense groups.
-
-        ``col_run``: ``8`` declares (and checks) that every group's columns are runs of 8
-        consecutive channels of one tap starting at multiples of 8, so the kernel reads
-        them as 16-byte vectors; ``1`` declares nothing; ``None`` detects it.
-
-        ``layout`` is a list of groups with ``rows`` and ``cols`` (flat (ky, kx, c)
-        columns), e.g. ``ticket.meta["groups"][name]``. Without it, the groups are read
-        off ``mask``: rows with identical column sets form one group. With both, every
-        nonzero of ``mask`` must lie inside a group. Entries inside a group that the mask
-        prunes become zero weights. With a layout and no mask, the layout is the mask.
-        """
-        geometry = _geometry(weight, stride, padding, dilation, name)
-        if block_n < 1 or k_pad < 1:
-            raise FormatError(f"{name}: block_n and k_pad must be ≥ 1")
-        cout, cin, kh, kw = (int(s) for s in weight.shape)
-        k_total = kh * kw * cin
-        if layout is None and mask is None:
-            layout = [{"rows": list(range(cout)), "cols": list(range(k_total))}]
-        elif layout is None:
-            view = gemm_view(_check_mask(weight, mask, name)).numpy()
-            rows, group_of_row = _row_groups(view)
-            layout = []
-            for g in range(int(group_of_row.max()) + 1 if rows.size else 0):
-                members = rows[group_of_row == g]
-                layout.append({"rows": members.tolist(),
-                               "cols": np.flatnonzero(view[members[0]]).tolist()})  # fmt: skip
-        rows_cat, cols_cat, n_rows, n_cols = _validated_groups(layout, cout, k_total, name)
-        n_groups = n_rows.size
-        # Every (row, column) entry of every group, vectorised: entry k of group g is
-        # (rows_g[k // cols_g], cols_g[k % cols_g]).
-        sizes = n_rows * n_cols
-        group_of = np.repeat(np.arange(n_groups), sizes)
-        first = np.repeat(np.cumsum(sizes) - sizes, sizes)
-        local = np.arange(int(sizes.sum())) - first
-        width = np.repeat(n_cols, sizes)
-        i_local, j_local = local // np.maximum(width, 1), local % np.maximum(width, 1)
-        row_start = np.cumsum(n_rows) - n_rows
-        col_start = np.cumsum(n_cols) - n_cols
-        entry_rows = rows_cat[row_start[group_of] + i_local]
-        entry_cols = cols_cat[col_start[group_of] + j_local]
-        covered = np.zeros((cout, k_total), dtype=bool)
-        covered[entry_rows, entry_cols] = True
-        if mask is None:  # the layout defines the mask
-            m = torch.from_numpy(covered).view(cout, kh, kw, cin).permute(0, 3, 1, 2)
-        else:
-            m = _check_mask(weight, mask, name)
-            outside = gemm_view(m).numpy() & ~covered
-            if outside.any():
-                r, c = np.nonzero(outside)
-                raise FormatError(
-                    f"{name}: mask is not the claimed group structure: {int(outside.sum())} "
-                    f"nonzeros lie outside every group (e.g. row {int(r[0])}, column {int(c[0])}"
-                    f" = (ky={int(c[0]) // cin // kw}, kx={int(c[0]) // cin % kw}, "
-                    f"c={int(c[0]) % cin}))"
-                )
-
-        w_view = gemm_view(weight.detach() * m.to(weight.dtype))
-        r_pad = -(-n_rows // block_n) * block_n
-        c_pad = -(-n_cols // k_pad) * k_pad
-        row_ptr = np.concatenate([[0], np.cumsum(r_pad)]).astype(np.int64)
-        col_ptr = np.concatenate([[0], np.cumsum(c_pad)]).astype(np.int64)
-        val_ptr = np.concatenate([[0], np.cumsum(r_pad * c_pad)]).astype(np.int64)
-        row_idx = np.full(int(row_ptr[-1]), -1, dtype=np.int64)
-        row_idx[row_ptr[np.repeat(np.arange(n_groups), n_rows)] + _ranks(n_rows)] = rows_cat
-        col_idx = np.full(int(col_ptr[-1]), -1, dtype=np.int64)
-        col_idx[col_ptr[np.repeat(np.arange(n_groups), n_cols)] + _ranks(n_cols)] = cols_cat
-        if cin >= _CODE_CHANNELS or max(kh, kw) >= _CODE_TAPS:
-            raise FormatError(
-                f"{name}: {cin} input channels or a {kh}×{kw} kernel exceed what a column "
-                f"code holds ({_CODE_CHANNELS - 1} channels, {_CODE_TAPS - 1} taps per axis)"
-            )
-        col_code = column_codes(_index(col_idx), cin, (kh, kw))
-        runs = has_column_runs(col_code, cin)
-        if col_run is None:
-            col_run = COL_RUN if runs else 1
-        elif col_run == COL_RUN and not runs:
-            raise FormatError(
-                f"{name}: col_run={COL_RUN} asked for, but a group's columns are not runs of "
-                f"{COL_RUN} consecutive channels of one tap starting at multiples of {COL_RUN}"
-            )
-        values = torch.zeros(int(val_ptr[-1]), dtype=weight.dtype)
-        if entry_rows.size:
-            flat = val_ptr[group_of] + i_local * np.repeat(c_pad, sizes) + j_local
-            values[torch.from_numpy(flat)] = w_view[torch.from_numpy(entry_rows),
-                                                    torch.from_numpy(entry_cols)]  # fmt: skip
-        in_group = np.zeros(cout, dtype=bool)
-        in_group[rows_cat] = True
-        fill = np.flatnonzero(~in_group)
-
-        # Schedule: (group, row tile), most columns first; then epilogue-only tiles.
-        order = np.lexsort((np.arange(n_groups), -c_pad))
-        tiles_per = r_pad // block_n
-        tile_group = np.repeat(order, tiles_per[order])
-        tile_row = row_ptr[tile_group] + _ranks(tiles_per[order]) * block_n
-        fill_tiles = np.arange(0, fill.size, block_n)
-        tile_group = np.concatenate([tile_group, np.full(fill_tiles.size, -1)])
-        tile_row = np.concatenate([tile_row, fill_tiles])
-        return cls(
-            values=values,
-            val_ptr=torch.from_numpy(val_ptr),
-            row_idx=_index(row_idx),
-            row_ptr=_index(row_ptr),
-            col_idx=_index(col_idx),
-            col_code=col_code,
-            col_ptr=_index(col_ptr),
-            tile_group=_index(tile_group),
-            tile_row=_index(tile_row),
-            fill_idx=_index(fill),
-            bias=_check_bias(bias, cout, name),
-            in_channels=cin,
-            out_channels=cout,
-            kernel_size=(kh, kw),
-            block_n=int(block_n),
-            k_pad=int(k_pad),
-            col_run=int(col_run),
-            format_version=GROUP_FORMAT_VERSION,
-            groups_meta={
-                "sizes": np.stack([n_rows, n_cols], 1).tolist(),
-                "max_cols": int(np.diff(col_ptr).max()) if col_ptr.size > 1 else 0,
-            },
-            **geometry,
-        )
 
     def entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(rows, gemm_columns, values)`` of every stored (non-padding) weight."""
@@ -663,53 +454,7 @@ def _sorted_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return a[order], b[order]
 
 
-def _ranks(counts: np.ndarray) -> np.ndarray:
+def ranks(counts: np.ndarray) -> np.ndarray:
     """``[0..c0), [0..c1), ...`` concatenated."""
     counts = np.asarray(counts, dtype=np.int64)
     return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
-
-
-def _validated_groups(layout, cout: int, k_total: int, name: str):
-    """Concatenated rows and (sorted) columns of every group, with per-group counts."""
-    rows_list, cols_list = [], []
-    for group in layout:
-        rows = group["rows"] if isinstance(group, dict) else group.rows
-        cols = group["cols"] if isinstance(group, dict) else group.cols
-        rows_list.append(np.asarray(rows, dtype=np.int64).reshape(-1))
-        cols_list.append(np.asarray(cols, dtype=np.int64).reshape(-1))
-    n_rows = np.array([r.size for r in rows_list], dtype=np.int64)
-    n_cols = np.array([c.size for c in cols_list], dtype=np.int64)
-    rows = np.concatenate(rows_list) if rows_list else np.zeros(0, dtype=np.int64)
-    cols = np.concatenate(cols_list) if cols_list else np.zeros(0, dtype=np.int64)
-    group_of_row = np.repeat(np.arange(n_rows.size), n_rows)
-    group_of_col = np.repeat(np.arange(n_cols.size), n_cols)
-    bad_r = (rows < 0) | (rows >= cout)
-    bad_c = (cols < 0) | (cols >= k_total)
-    if bad_r.any() or bad_c.any():
-        g = int(group_of_row[bad_r][0]) if bad_r.any() else int(group_of_col[bad_c][0])
-        raise FormatError(
-            f"{name}: group {g} has indices out of range (rows must be in [0, {cout}), "
-            f"columns in [0, {k_total})): rows {listing(rows[bad_r & (group_of_row == g)], 4)}, "
-            f"columns {listing(cols[bad_c & (group_of_col == g)], 4)}"
-        )
-    order = np.lexsort((cols, group_of_col))  # sort columns within each group
-    cols, group_of_col = cols[order], group_of_col[order]
-    repeated = (cols[1:] == cols[:-1]) & (group_of_col[1:] == group_of_col[:-1])
-    if repeated.any():
-        raise FormatError(
-            f"{name}: group {int(group_of_col[1:][repeated][0])} lists a column twice"
-        )
-    if rows.size:
-        by_row = np.lexsort((group_of_row, rows))
-        same = rows[by_row][1:] == rows[by_row][:-1]
-        if same.any():
-            k = int(np.flatnonzero(same)[0])
-            r, ga, gb = (
-                int(rows[by_row][k]),
-                int(group_of_row[by_row][k]),
-                int(group_of_row[by_row][k + 1]),
-            )
-            raise FormatError(
-                f"{name}: rows shared by two groups: row {r} is in groups {ga} and {gb}"
-            )
-    return rows, cols, n_rows, n_cols
