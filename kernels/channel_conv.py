@@ -48,7 +48,6 @@ import triton.language as tl
 
 from . import launch
 from .epilogue import multiple_of, store_with_epilogue
-from .launch import config_id
 
 
 @triton.jit
@@ -214,21 +213,27 @@ def channel_conv_kernel(
 # count favours the nested loop whenever a tap has two or more channel blocks, so only
 # two configs offer it, for the autotuner to measure whether hiding the per-tap pipeline
 # drain pays on the device.
-def _config(bm, bn, bk, warps, stages, flat=False):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "FLAT": flat},
-                         num_warps=warps, num_stages=stages)  # fmt: skip
-
-
-VECTOR_CONFIGS = [
-    _config(128, 128, 32, 8, 3), _config(128, 64, 32, 4, 3), _config(64, 128, 32, 4, 3),
-    _config(128, 64, 64, 4, 2), _config(64, 64, 64, 4, 3), _config(128, 32, 32, 4, 4),
-    _config(64, 32, 32, 4, 4), _config(256, 64, 32, 8, 3),
-    _config(128, 64, 32, 4, 3, flat=True), _config(64, 64, 32, 4, 3, flat=True),
-]  # fmt: skip
-SCALAR_CONFIGS = [
-    _config(64, 64, 32, 8, 3), _config(128, 64, 32, 8, 2), _config(128, 32, 32, 8, 3),
-    _config(32, 64, 32, 4, 3), _config(64, 32, 32, 4, 2),
-]  # fmt: skip
+CONFIG_IDS = {
+    "vector": [
+        "128x128x32 w8 s3", "128x64x32 w4 s3", "64x128x32 w4 s3", "128x64x64 w4 s2",
+        "64x64x64 w4 s3", "128x32x32 w4 s4", "64x32x32 w4 s4", "256x64x32 w8 s3",
+        "128x64x32 w4 s3 flat", "64x64x32 w4 s3 flat",
+    ],
+    "scalar": [
+        "64x64x32 w8 s3", "128x64x32 w8 s2", "128x32x32 w8 s3", "32x64x32 w4 s3",
+        "64x32x32 w4 s2",
+    ],
+    "scalar-scatter": [
+        "64x64x32 w8 s3", "128x32x32 w8 s3", "64x32x32 w4 s2", "32x64x32 w4 s3",
+        "64x32x32 w4 s4",
+    ],
+    # Exact fp32 (allow_tf32=False) runs tl.dot on CUDA cores, operand fragments held in
+    # registers: short K blocks (16, tl.dot's least) and modest tiles.
+    "fma": [
+        "32x32x16 w4 s2", "64x32x16 w4 s2", "32x64x16 w4 s2", "64x32x16 w8 s2",
+        "32x32x16 w2 s2", "64x64x16 w8 s2",
+    ],
+}
 # A scattered epilogue (rows written through out_idx) holds a 64-bit address per
 # accumulator element: only tiles of at most 32 accumulators per thread.
 _SCATTER_ACCUMULATORS = 32
@@ -239,29 +244,13 @@ def _fits_scatter(config: triton.Config) -> bool:
     return kw["BLOCK_M"] * kw["BLOCK_N"] <= _SCATTER_ACCUMULATORS * 32 * config.num_warps
 
 
+_vector = [launch.config_from_id(c) for c in CONFIG_IDS["vector"]]
 CONFIG_SETS = {
-    "vector": VECTOR_CONFIGS,
-    "vector-scatter": [c for c in VECTOR_CONFIGS if _fits_scatter(c)],
-    "scalar": SCALAR_CONFIGS,
-    "scalar-scatter": [
-        _config(64, 64, 32, 8, 3),
-        _config(128, 32, 32, 8, 3),
-        _config(64, 32, 32, 4, 2),
-        _config(32, 64, 32, 4, 3),
-        _config(64, 32, 32, 4, 4),
-    ],
-    # Exact fp32 (allow_tf32=False) runs tl.dot on CUDA cores, operand fragments held in
-    # registers: short K blocks (16, tl.dot's least) and modest tiles.
-    "fma": [
-        _config(32, 32, 16, 4, 2),
-        _config(64, 32, 16, 4, 2),
-        _config(32, 64, 16, 4, 2),
-        _config(64, 32, 16, 8, 2),
-        _config(32, 32, 16, 2, 2),
-        _config(64, 64, 16, 8, 2),
-    ],
-}
-CONFIGS = list({config_id(c): c for s in CONFIG_SETS.values() for c in s}.values())
+    "vector": _vector,
+    "vector-scatter": [c for c in _vector if _fits_scatter(c)],
+    **{kind: [launch.config_from_id(c) for c in CONFIG_IDS[kind]]
+       for kind in ("scalar", "scalar-scatter", "fma")},
+}  # fmt: skip
 # Configs on which ptxas spills registers, by Triton (major, minor), launch class and
 # operand dtype: what `python -m sparse_ops_bench.kernel_static --all-configs --matrix full` found
 # (every case, dtype and target; printed by `--spill-table`), on Triton 3.6 (the GPU
@@ -345,13 +334,9 @@ def candidate_configs(dtype: torch.dtype, constexprs: dict) -> list[triton.Confi
     return launch.select_configs(CONFIG_SETS[config_set], spills, QUICK[config_set])
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    return candidate_configs(named_args["x_ptr"].dtype, kwargs)
-
-
-channel_conv_tuned = triton.autotune(
-    configs=CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs}
-)(channel_conv_kernel)
+channel_conv_tuned, CONFIGS = launch.autotuned(
+    channel_conv_kernel, CONFIG_SETS, AUTOTUNE_KEY, candidate_configs
+)
 
 # Under the interpreter (CPU) one small config: tuning there would only cost time.
 INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "FLAT": False}

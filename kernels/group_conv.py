@@ -60,7 +60,6 @@ from . import launch
 from .epilogue import multiple_of, store_with_epilogue
 from .errors import KernelInputError
 from .formats import COL_RUN
-from .launch import config_id
 
 MAX_TAPS_PER_AXIS = 16  # tap bits: 16 for rows, 16 for columns, in one int32 per pixel
 
@@ -182,24 +181,19 @@ def group_conv_kernel(
 # - "tensor-run": column runs (COL_RUN = 8), 16-byte cp.async for both operands and a
 #   few addresses per thread, so larger tiles fit;
 # - "fma": exact fp32 (allow_tf32=False), tl.dot on CUDA cores, fragments in registers.
-def _config(bm, bk, warps, stages):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
-
-
-CONFIG_SETS = {
+# BLOCK_N is the pack's block_n ("pack" in the ids).
+CONFIG_IDS = {
     "tensor": [
-        _config(64, 32, 4, 4), _config(128, 16, 4, 4), _config(64, 16, 2, 4),
-        _config(32, 32, 4, 3), _config(32, 16, 2, 3), _config(64, 64, 4, 3),
-        _config(64, 64, 4, 2), _config(32, 64, 4, 2),
+        "64xpackx32 w4 s4", "128xpackx16 w4 s4", "64xpackx16 w2 s4", "32xpackx32 w4 s3",
+        "32xpackx16 w2 s3", "64xpackx64 w4 s3", "64xpackx64 w4 s2", "32xpackx64 w4 s2",
     ],
     "tensor-run": [
-        _config(128, 32, 4, 3), _config(128, 32, 4, 4), _config(256, 32, 8, 3),
-        _config(64, 32, 4, 4), _config(128, 16, 4, 4), _config(64, 16, 2, 4),
+        "128xpackx32 w4 s3", "128xpackx32 w4 s4", "256xpackx32 w8 s3", "64xpackx32 w4 s4",
+        "128xpackx16 w4 s4", "64xpackx16 w2 s4",
     ],
-    "fma": [_config(32, 32, 4, 2), _config(64, 16, 4, 2), _config(32, 16, 4, 2),
-            _config(64, 16, 2, 2)],
-}  # fmt: skip
-CONFIGS = list({config_id(c): c for s in CONFIG_SETS.values() for c in s}.values())
+    "fma": ["32xpackx32 w4 s2", "64xpackx16 w4 s2", "32xpackx16 w4 s2", "64xpackx16 w2 s2"],
+}
+CONFIG_SETS = {kind: [launch.config_from_id(c) for c in ids] for kind, ids in CONFIG_IDS.items()}
 # Configs ptxas spills on, by Triton (major, minor) and "class" or "class/dtype"; see
 # kernels.channel_conv.SPILLS. Measured with bench.kernel_static --all-configs.
 SPILLS: dict[tuple[int, int], dict[str, set[str]]] = {
@@ -244,13 +238,9 @@ def candidate_configs(dtype: torch.dtype, constexprs: dict) -> list[triton.Confi
     return launch.select_configs(fitting, spills, QUICK[kind])
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    return candidate_configs(named_args["x_ptr"].dtype, kwargs)
-
-
-group_conv_tuned = triton.autotune(
-    configs=CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs}
-)(group_conv_kernel)
+group_conv_tuned, CONFIGS = launch.autotuned(
+    group_conv_kernel, CONFIG_SETS, AUTOTUNE_KEY, candidate_configs
+)
 
 # What the kernel reads besides x, the residual and the bias (an out= may not overlap them).
 GROUP_PACK_TENSORS = ("values", "val_ptr", *(name for name, _ in launch.GROUP_PACK_INDEX))

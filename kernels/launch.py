@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
+import triton
 
 from .errors import KernelInputError
 from .formats import ChannelPlan, GroupPack
@@ -145,12 +146,40 @@ def config_id(config) -> str:
     return name + (" flat" if kw.get("FLAT") else "")
 
 
+_CONFIG_ID = re.compile(r"(\d+)x(\d+|pack)x(\d+) w(\d+) s(\d+)( flat)?")
+
+
+def config_from_id(name: str) -> triton.Config:
+    """The inverse of :func:`config_id`. Each kernel keeps its configs as these ids, the
+    names its spill tables, quick lists and the static report use too. ``pack`` for
+    BLOCK_N: a group kernel's row tile is the pack's ``block_n``, not a config's."""
+    parsed = _CONFIG_ID.fullmatch(name)
+    if parsed is None:
+        raise ValueError(f"config id {name!r} is not 'BMxBNxBK w<warps> s<stages>[ flat]'")
+    bm, bn, bk, warps, stages, flat = parsed.groups()
+    kwargs = {"BLOCK_M": int(bm), "BLOCK_K": int(bk)}
+    if bn != "pack":  # the channel kernel: its own BLOCK_N and the FLAT loop flag
+        kwargs = {"BLOCK_M": int(bm), "BLOCK_N": int(bn), "BLOCK_K": int(bk), "FLAT": bool(flat)}
+    return triton.Config(kwargs, num_warps=int(warps), num_stages=int(stages))
+
+
+def autotuned(kernel, config_sets: dict[str, list], key: list[str], candidates: Callable):
+    """``kernel`` behind ``triton.autotune`` over every config of ``config_sets``, each
+    launch pruned to ``candidates(operand dtype, constexprs)`` (its class's set minus the
+    spilling configs); returns ``(tuned kernel, every config)``."""
+    every = list({config_id(c): c for s in config_sets.values() for c in s}.values())
+
+    def prune(configs, named_args, **constexprs):
+        return candidates(named_args["x_ptr"].dtype, constexprs)
+
+    tuned = triton.autotune(configs=every, key=key, prune_configs_by={"early_config_prune": prune})
+    return tuned(kernel), every
+
+
 def triton_version(version: str | None = None) -> tuple[int, int] | None:
     """(major, minor) of ``version`` (default: the installed Triton's); None if it does not
     parse. Accepts "3.6.0", "3.6.0+git…", "3.6rc1"."""
     if version is None:
-        import triton
-
         version = triton.__version__
     parsed = re.match(r"(\d+)\.(\d+)", version)
     return (int(parsed[1]), int(parsed[2])) if parsed else None

@@ -145,7 +145,7 @@ ALIGNED_SHAPES = [(2, 16, 24, 9, 9, 3, 1, 1, 1), (1, 32, 8, 6, 7, 1, 2, 0, 1)]
 @pytest.mark.parametrize("mask_mode", ["dense", "both"])
 def test_channel_conv_flat_k_loop(shape, mask_mode):
     """The FLAT configs walk (tap, channel block) steps in one loop: same result."""
-    flat = channel_conv._config(32, 32, 16, 4, 2, flat=True)
+    flat = launch.config_from_id("32x32x16 w4 s2 flat")
     _run_channel(shape, mask_mode, torch.float32, True, True, seed=7, config=flat)
 
 
@@ -559,3 +559,18 @@ def test_bias_map_is_added_per_position(backend):
     assert_matches(y, ref, torch.float32)
     with pytest.raises(KernelInputError, match=r"bias_map has shape \(12, 4, 4\)"):
         channel_conv.channel_conv(x.to(DEVICE), plan, bias_map=torch.zeros(12, 4, 4, device=DEVICE))
+
+
+@pytest.mark.parametrize("module", [channel_conv, group_conv], ids=["channel", "group"])
+def test_config_tables_are_data_the_ids_name(module):
+    """Configs are kept as ids: each parses back to itself, and every id a spill table or
+    a quick list names is one of the kernel's configs."""
+    ids = [i for kind in module.CONFIG_IDS.values() for i in kind]
+    assert [launch.config_id(launch.config_from_id(i)) for i in ids] == ids
+    known = {launch.config_id(c) for c in module.CONFIGS}
+    assert set(ids) == known
+    named = {i for v in module.QUICK.values() for i in v}
+    named |= {i for table in module.SPILLS.values() for v in table.values() for i in v}
+    assert named <= known, sorted(named - known)
+    with pytest.raises(ValueError, match="is not 'BMxBNxBK"):
+        launch.config_from_id("64x64 w4")
