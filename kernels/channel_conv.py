@@ -51,6 +51,32 @@ from .epilogue import multiple_of, store_with_epilogue
 
 
 @triton.jit
+def _tap_pixels(x_img, ih, iw, m_mask, H, W, stride_xh, stride_xw, WIDE: tl.constexpr):
+    """Each tile pixel's input offset at one tap, and whether that tap is in the image."""
+    inside = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    if WIDE:
+        x_pix = x_img + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
+    else:
+        x_pix = x_img + ih * stride_xh + iw * stride_xw
+    return x_pix, inside
+
+
+@triton.jit
+def _input_tile(x_ptr, in_idx_ptr, x_pix, inside, rk, k_mask, stride_xc,
+                HAS_IN_IDX: tl.constexpr, WIDE: tl.constexpr):  # fmt: skip
+    """The [BLOCK_M pixels, BLOCK_K channels] operand at one tap: channels ``rk`` of the
+    plan's inputs, read through ``in_idx`` when the plan gathers them; zeros off-image."""
+    if HAS_IN_IDX:
+        ch = tl.load(in_idx_ptr + rk, mask=k_mask, other=0)
+    else:
+        ch = rk
+    if WIDE:
+        ch = ch.to(tl.int64)
+    return tl.load(x_ptr + x_pix[:, None] + ch[None, :] * stride_xc,
+                   mask=inside[:, None] & k_mask[None, :], other=0.0)  # fmt: skip
+
+
+@triton.jit
 def _conv_tile(
     x_ptr, w_ptr, in_idx_ptr, rm, m_mask, nb, oh, ow, rn, n_mask,
     H, W, C_IN, stride_xn, stride_xh, stride_xw, stride_xc,
@@ -79,23 +105,12 @@ def _conv_tile(
             c0 = (step - tap * c_steps) * BLOCK_K
             ky = tap // KW
             kx = tap - ky * KW
-            ih = ih0 + ky * DIL_H
-            iw = iw0 + kx * DIL_W
-            inside = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            if WIDE:
-                x_pix = x_img + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
-            else:
-                x_pix = x_img + ih * stride_xh + iw * stride_xw
+            x_pix, inside = _tap_pixels(x_img, ih0 + ky * DIL_H, iw0 + kx * DIL_W, m_mask,
+                                        H, W, stride_xh, stride_xw, WIDE)  # fmt: skip
             rk = c0 + rk0
             k_mask = rk < C_IN
-            if HAS_IN_IDX:
-                ch = tl.load(in_idx_ptr + rk, mask=k_mask, other=0)
-            else:
-                ch = rk
-            if WIDE:
-                ch = ch.to(tl.int64)
-            a = tl.load(x_ptr + x_pix[:, None] + ch[None, :] * stride_xc,
-                        mask=inside[:, None] & k_mask[None, :], other=0.0)  # fmt: skip
+            a = _input_tile(x_ptr, in_idx_ptr, x_pix, inside, rk, k_mask, stride_xc,
+                            HAS_IN_IDX, WIDE)  # fmt: skip
             b = tl.load(w_ptr + w_row[None, :] + (tap * C_IN + rk)[:, None],
                         mask=n_mask[None, :] & k_mask[:, None], other=0.0)  # fmt: skip
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
@@ -103,24 +118,14 @@ def _conv_tile(
         for ky in range(KH):
             ih = ih0 + ky * DIL_H
             for kx in range(KW):
-                iw = iw0 + kx * DIL_W
-                inside = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                if WIDE:
-                    x_pix = x_img + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
-                else:
-                    x_pix = x_img + ih * stride_xh + iw * stride_xw
+                x_pix, inside = _tap_pixels(x_img, ih, iw0 + kx * DIL_W, m_mask, H, W,
+                                            stride_xh, stride_xw, WIDE)  # fmt: skip
                 w_tap = w_row + (ky * KW + kx) * C_IN
                 for c0 in range(0, C_IN, BLOCK_K):
                     rk = c0 + rk0
                     k_mask = rk < C_IN
-                    if HAS_IN_IDX:
-                        ch = tl.load(in_idx_ptr + rk, mask=k_mask, other=0)
-                    else:
-                        ch = rk
-                    if WIDE:
-                        ch = ch.to(tl.int64)
-                    a = tl.load(x_ptr + x_pix[:, None] + ch[None, :] * stride_xc,
-                                mask=inside[:, None] & k_mask[None, :], other=0.0)  # fmt: skip
+                    a = _input_tile(x_ptr, in_idx_ptr, x_pix, inside, rk, k_mask, stride_xc,
+                                    HAS_IN_IDX, WIDE)  # fmt: skip
                     b = tl.load(w_ptr + w_tap[None, :] + rk[:, None],
                                 mask=n_mask[None, :] & k_mask[:, None], other=0.0)  # fmt: skip
                     acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
