@@ -18,7 +18,10 @@ setup(
     # The repository's kernels/ and bench/ folders install as sparse_ops_kernels and
     # sparse_ops_bench: bare `kernels` and `bench` are other distributions' import names
     # (Hugging Face's `kernels`, which transformers uses), and installing both would
-    # shadow one of them. tests/test_packaging.py checks it.
+    # shadow one of them. tests/test_packaging.py checks it. bench/scripts/ (the runnable
+    # one-offs, `python -m sparse_ops_bench.scripts.NAME`) installs as
+    # sparse_ops_bench.scripts; its gpu_run.sh and bench/results/ stay in the checkout
+    # (the script runs the checkout's tests/).
     packages=[
         *find_packages(include=["sparse_ops", "sparse_ops.*"]),
         *[

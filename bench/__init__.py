@@ -1,5 +1,8 @@
 """Timing harness, baselines, reports, plots and the demo (imports ``sparse_ops``, never the
-reverse: ``sparse-ops bench`` and ``sparse-ops demo`` are registered as entry points)."""
+reverse: ``sparse-ops bench`` and ``sparse-ops demo`` are registered as entry points).
+
+The modules here are the library; the runnable one-offs over it live in
+:mod:`sparse_ops_bench.scripts` (``python -m sparse_ops_bench.scripts.NAME``)."""
 
 from sparse_ops.errors import SparseOpsError
 

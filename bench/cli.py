@@ -10,6 +10,7 @@ import sys
 from sparse_ops.progress import Progress
 
 from . import harness, report
+from .checks import is_wrong
 from .presets import PRESETS
 from .providers import PROVIDERS
 from .tickets import METHODS
@@ -64,7 +65,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         for line in report.summary_lines(result):
             print(line)
         print(f"results in {out}/")
-    bad = [r for r in result["rows"] if r["status"].startswith("wrong output")]
+    bad = [r for r in result["rows"] if is_wrong(r)]
     return 1 if bad else 0
 
 

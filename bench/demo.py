@@ -42,6 +42,7 @@ from sparse_ops.tickets import Ticket
 from sparse_ops.training import TrainConfig, Trainer
 
 from . import harness
+from .checks import compare_predictions, converted_ok
 from .env import environment, resolve_device
 from .providers import baseline_provider, default_providers
 
@@ -111,10 +112,7 @@ def run_demo(
             y_ref, y_fast = reference(test_x), fast(test_x)
         checks[method] = {
             "mode": METHODS[method],
-            "max_abs_diff": float((y_fast - y_ref).abs().max()),
-            "same_predictions": bool((y_fast.argmax(1) == y_ref.argmax(1)).all()),
-            "accuracy_masked": 100.0 * float((y_ref.argmax(1) == test_y).float().mean()),
-            "accuracy_converted": 100.0 * float((y_fast.argmax(1) == test_y).float().mean()),
+            **compare_predictions(y_fast, y_ref, test_y),
             "flops_ratio": report.flops_after / report.flops_dense,
             "params_ratio": report.params_after / report.params_dense,
             "representations": sorted({r.representation for r in report.layers}),
@@ -186,7 +184,7 @@ def _latency(config, finals, num_classes, shape, device, progress) -> dict[str, 
 
 def _summary(config, dataset, runs, checks, latency, device, start) -> dict[str, Any]:
     base = baseline_provider(device)
-    ok = all(c["same_predictions"] and c["max_abs_diff"] < 1e-3 for c in checks.values())
+    ok = all(converted_ok(c) for c in checks.values())
     ok = ok and all(r["status"] == "ok" for rows in latency.values() for r in rows)
     imp_rows = {method: [_round_row(t) for t in tickets] for method, tickets in runs.items()}
     return {

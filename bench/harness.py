@@ -27,6 +27,7 @@ from sparse_ops.progress import Progress
 
 from . import BenchError
 from . import presets as preset_defs
+from .checks import check_output
 from .env import device_slug, environment, resolve_device, steady_allocator
 from .providers import (
     PROVIDERS,
@@ -36,7 +37,6 @@ from .providers import (
     default_providers,
     unweighted,
 )
-from .providers import tolerance as tolerance_for
 from .tickets import make_ticket
 from .timing import time_call
 
@@ -106,11 +106,6 @@ def _calibrate_bn(model: nn.Module, input_shape: tuple[int, ...]) -> None:
             model.eval()
             for m, momentum in zip(norms, momenta, strict=True):
                 m.momentum = momentum
-
-
-def _relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
-    y = y.float()
-    return float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
 
 
 def run(
@@ -279,13 +274,12 @@ def _measure(name: str, case: Case, x: torch.Tensor, refs: dict, timing: dict) -
         xd = x.to(case.device, case.dtype).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             y = built.run(xd)
-        error = _relative_error(y, refs[built.computes])
-        row |= {"computes": built.computes, "rel_error": error, "note": built.note}
+        check = check_output(y, refs[built.computes], case.dtype)
+        row |= {"computes": built.computes, "rel_error": check["rel_error"], "note": built.note}
         if built.details is not None:
             row["details"] = built.details
-        if not error <= tolerance_for(case.dtype):
-            row["status"] = (f"wrong output: max|y-ref|/max|ref| = {error:.2e} > "
-                             f"{tolerance_for(case.dtype):.0e}")  # fmt: skip
+        if check["status"] != "ok":
+            row["status"] = check["status"]
             return row
         row |= time_call(lambda: built.run(xd), case.device, **timing)
         row["status"] = "ok"

@@ -22,13 +22,13 @@
 
 Every provider runs in the benchmark's dtype. Before any timing, each provider's output
 is compared with the function it claims to compute (the dense or the masked network in
-fp32), so a fast wrong answer is reported as an error, never as a speedup.
+fp32, by the one check policy of :mod:`.checks`), so a fast wrong answer is reported as an
+error, never as a speedup.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -183,11 +183,3 @@ def check_providers(names: list[str], device: torch.device) -> list[str]:
     if wrong:
         raise BenchError(f"providers {wrong} do not run on {device.type}")
     return names
-
-
-@functools.cache
-def tolerance(dtype: torch.dtype) -> float:
-    """Largest accepted max|y − ref| / max|ref| against the fp32 reference."""
-    # tf32 convs (cuDNN's default) and fp16/bf16 storage bound the error; the relative
-    # measure keeps deep networks with large activations comparable to single layers.
-    return {torch.float32: 5e-3, torch.float16: 2e-2, torch.bfloat16: 8e-2}[dtype]

@@ -55,8 +55,8 @@ class CompileJob:
         self.folder = Path(folder)
         self.log = open(self.folder / "kernel_static.log", "w")  # noqa: SIM115 (lives with the job)
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        command = [sys.executable, "-m", "sparse_ops_bench.kernel_static", "--matrix", "ci",
-                   "--jobs", str(workers), "--out", str(self.folder)]  # fmt: skip
+        command = [sys.executable, "-m", "sparse_ops_bench.scripts.kernel_static",
+                   "--matrix", "ci", "--jobs", str(workers), "--out", str(self.folder)]  # fmt: skip
         root = Path(__file__).resolve().parents[1]
         # Its own process group, so stop() reaches the compile workers it spawns too.
         self.process = subprocess.Popen(
@@ -111,7 +111,7 @@ def pytest_unconfigure(config):
 
 @pytest.fixture(scope="session")
 def compile_job(request, tmp_path_factory):
-    """The running (or a new) ``bench.kernel_static --matrix ci`` subprocess."""
+    """The running (or a new) ``sparse_ops_bench.scripts.kernel_static --matrix ci`` job."""
     job = getattr(request.config, "_compile_job", None)
     if job is None:
         job = CompileJob(os.cpu_count() or 1, str(tmp_path_factory.mktemp("kernel_static")))

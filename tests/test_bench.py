@@ -118,6 +118,26 @@ def test_a_provider_with_a_wrong_answer_is_reported_not_timed(monkeypatch, tmp_p
     assert "WRONG" in report.markdown(result) and "Not timed" in report.markdown(result)
 
 
+def test_one_check_policy_judges_every_output():
+    """bench/checks.py holds the tolerance and the comparison; nothing else in bench/ has
+    its own copy (the harness, the demo and the kernel floors import it)."""
+    from pathlib import Path
+
+    from sparse_ops_bench import checks
+
+    ref = torch.tensor([1.0, -2.0, 4.0])
+    assert checks.check_output(ref * 1.001, ref, torch.float32) == {
+        "rel_error": pytest.approx(1e-3, abs=1e-5), "status": "ok"}  # fmt: skip
+    wrong = checks.check_output((ref * 1.1).half(), ref, torch.float16)
+    assert checks.is_wrong(wrong) and wrong["rel_error"] == pytest.approx(0.1, abs=2e-3)
+    assert checks.tolerance(torch.bfloat16) > checks.tolerance(torch.float16)
+    bench = Path(checks.__file__).parent
+    own = ("def tolerance", "clamp_min(1e-12)")
+    copies = [p.relative_to(bench) for p in bench.rglob("*.py")
+              if p.name != "checks.py" and any(s in p.read_text() for s in own)]  # fmt: skip
+    assert copies == []
+
+
 def test_bench_cli_bad_input_is_one_line(capsys, tmp_path):
     assert main(["bench", "--providers", "cudnn", "--device", "cpu", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
@@ -148,7 +168,7 @@ def test_paper_preset_layers_are_distinct_3x3_convs():
 
 def test_kernel_floor_script_runs_its_cases_under_the_interpreter():
     """The GPU kernel microbenchmark's code path, on tiny shapes (no speed claimed)."""
-    from sparse_ops_bench import kernel_floors
+    from sparse_ops_bench.scripts import kernel_floors
 
     rows = kernel_floors.run(torch.float32, 1, torch.device("cpu"),
                              {"warmup": 0, "repeats": 1}, scale=16)  # fmt: skip

@@ -2,13 +2,13 @@
 
 The interpreter the other kernel tests use never compiles anything, so it cannot see
 a type error in a branch, a register spill or a lost vector load. This test compiles
-the ``ci`` matrix of ``bench.kernel_static`` (every autotune config of every launch
+the ``ci`` matrix of ``bench/scripts/kernel_static.py`` (every autotune config of every launch
 class × fp16/bf16/fp32, on a launch of that class; every other launch the product makes
 once) with the specialisation a real launch would get, in a subprocess without
 ``TRITON_INTERPRET`` (started right after collection: see ``conftest.py``), and requires:
 every compile succeeds, nothing spills, every config the autotuner may pick on this
 Triton was compiled, and the aligned channel launches keep 16-byte asynchronous copies
-and vector stores (``kernel_static.floor_failures``).
+and vector stores (``static_report.floor_failures``).
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ def ci_report(compile_job):
 
 
 def _describe(row) -> str:
-    from sparse_ops_bench.kernel_static import _config_id
+    from sparse_ops_bench.static_report import config_label
 
-    return f"{row['kernel']} {row['case']} {row['dtype']} {row['target']} {_config_id(row)}"
+    return f"{row['kernel']} {row['case']} {row['dtype']} {row['target']} {config_label(row)}"
 
 
 def test_every_launch_compiles_for_sm90a_and_sm80(ci_report):
@@ -72,7 +72,8 @@ def test_no_config_spills(ci_report):
 
 
 def test_aligned_channel_launches_use_vector_async_copies(ci_report):
-    from sparse_ops_bench.kernel_static import CASE_BY_NAME, floor_failures
+    from sparse_ops_bench.static_cases import CASE_BY_NAME
+    from sparse_ops_bench.static_report import floor_failures
 
     payload, returncode, output = ci_report
     missed = [f"{_describe(r)}: {'; '.join(floor_failures(r))}" for r in payload["rows"]

@@ -33,6 +33,7 @@ def test_another_kernels_package_and_ours_both_import(tmp_path):
         "assert kernels.OWNER == bench.OWNER == 'someone else'\n"
         "import sparse_ops, sparse_ops.ops, sparse_ops_kernels.channel_conv\n"
         "from sparse_ops_bench import cli\n"
+        "import sparse_ops_bench.scripts.kernel_static, sparse_ops_bench.scripts.summary\n"
         "from sparse_ops.cli import main\n"
         "assert main(['models']) == 0\n"
         "print('both import')\n"

@@ -1,7 +1,8 @@
 """Kernel microbenchmark: our two kernels against cuDNN on single layers (GPU).
 
-    python -m sparse_ops_bench.kernel_floors [--dtype float16] [--batch 64] [--out FILE.json]
-    python -m sparse_ops_bench.kernel_floors --smoke        # tiny shapes, CPU, Triton interpreter
+    python -m sparse_ops_bench.scripts.kernel_floors [--dtype float16] [--batch 64]
+                                                     [--out FILE.json]
+    python -m sparse_ops_bench.scripts.kernel_floors --smoke  # tiny shapes, CPU, interpreter
 
 Two comparisons, each on every distinct 3×3 conv of the CIFAR networks, at the
 spatial size the layer sees in the network on 32×32 inputs, batch 64, channels-last:
@@ -18,8 +19,9 @@ spatial size the layer sees in the network on 32×32 inputs, batch 64, channels-
              Floor (issue 5): ≥ 2.5× faster (VGG-16 / ResNet-18).
 
 Each pair's outputs are compared before timing (fp32 accumulate on both sides;
-tolerance by dtype: :func:`.providers.tolerance`, the benchmark's one policy). Timing:
-:func:`.timing.time_cuda` (CUDA events, warm-up, L2 flushed, median of ``--repeats``).
+:func:`sparse_ops_bench.checks.check_output`, the benchmark's one policy: tolerance by
+dtype). Timing: :func:`sparse_ops_bench.timing.time_cuda` (CUDA events, warm-up, L2
+flushed, median of ``--repeats``).
 ``--smoke`` runs the same code on tiny shapes on the CPU under ``TRITON_INTERPRET=1``
 (perf_counter), to check the script, not speed.
 """
@@ -40,11 +42,11 @@ from sparse_ops import models
 from sparse_ops.checkpoint_io import write_text
 from sparse_ops.formats import ChannelPlan, GroupPack
 
-from .env import environment
-from .presets import distinct_convs
-from .providers import tolerance
-from .tickets import group_mask
-from .timing import time_call
+from ..checks import check_output
+from ..env import environment
+from ..presets import distinct_convs
+from ..tickets import group_mask
+from ..timing import time_call
 
 CHANNEL_ARCHS = ("res18", "res50")
 GROUP_ARCHS = ("vgg16_bn", "res18")
@@ -80,17 +82,9 @@ def _layers(archs, min_out: int = 0):
                 yield arch, shape, sizes[shape.source]
 
 
-def _relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
-    y, ref = y.float(), ref.float()
-    return float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
-
-
 def _checked(ours_fn, reference_fn, dtype: torch.dtype) -> dict[str, Any]:
     with torch.inference_mode():
-        error = _relative_error(ours_fn(), reference_fn())
-    if error <= tolerance(dtype):
-        return {"rel_error": error, "status": "ok"}
-    return {"rel_error": error, "status": f"wrong output: {error:.2e} > {tolerance(dtype):.0e}"}
+        return check_output(ours_fn(), reference_fn(), dtype)
 
 
 def _timed(row: dict[str, Any], ours_fn, cudnn_fn, device, timing) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """CPU latency of a converted channel-pruned network vs the masked dense network.
 
-    python -m sparse_ops_bench.convert_cpu [--arch res56s] [--batch 64] [--repeats 20]
-                                [--out bench/results/cpu/convert_res56s.json]
+    python -m sparse_ops_bench.scripts.convert_cpu [--arch res56s] [--batch 64] [--repeats 20]
+                                        [--out bench/results/cpu/convert_res56s.json]
 
 The ticket is a Refill ticket at 50% channel sparsity (masks drawn at density 0.5,
 then refilled), the converter runs in channel mode, and both models are timed in the
@@ -19,8 +19,8 @@ import torch
 from sparse_ops import Ticket, convert, imp, masked_model, models, structure
 from sparse_ops.checkpoint_io import write_text
 
-from .env import environment
-from .timing import time_cpu
+from ..env import environment
+from ..timing import time_cpu
 
 
 def refill_ticket(arch: str, density: float = 0.5, seed: int = 0) -> tuple[torch.nn.Module, Ticket]:

@@ -4,10 +4,10 @@
 # (JSON with the environment and raw samples, Markdown, PNG, one log per step); commit
 # that folder.
 #
-#     OUT=/some/dir [PYTHON=python3] bash bench/gpu_run.sh [--quick]
+#     OUT=/some/dir [PYTHON=python3] bash bench/scripts/gpu_run.sh [--quick]
 #
 # --quick: one network per preset and two sparsities, for a device budget of minutes:
-# the kernels offer only the configs bench.kernel_static ranks best
+# the kernels offer only the configs the static kernel report ranks best
 # (SPARSE_OPS_TUNING=quick), tuned configs are cached on disk and reused by every later
 # step (TRITON_CACHE_AUTOTUNING), and the whole run stops starting steps once
 # QUICK_BUDGET_S seconds (default 450) have passed; each step is cut at what is left.
@@ -17,7 +17,7 @@ set -uo pipefail
 started=$(date +%s)
 out_root=${OUT:-}
 [[ -n "$out_root" && "$out_root" != /* ]] && out_root="$PWD/$out_root"  # caller's folder
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."  # the checkout's root
 unset TRITON_INTERPRET  # kernels must compile for the GPU, not run in the interpreter
 
 PY=${PYTHON:-python}
@@ -80,7 +80,7 @@ step() {  # step NAME COMMAND...: full log in $dest/NAME.log, its tail on stdout
 }
 
 step gpu_tests $PY -m pytest -q -m gpu tests/
-step kernel_floors $PY -m sparse_ops_bench.kernel_floors --dtype float16 \
+step kernel_floors $PY -m sparse_ops_bench.scripts.kernel_floors --dtype float16 \
     --out "$dest/kernel_floors_float16.json"
 
 if [[ $quick == 1 ]]; then
@@ -103,5 +103,5 @@ fi
 echo
 echo "== summary ($(($(date +%s) - started)) s in all; results in $dest)"
 printf '%s\n' "${summary[@]}"
-$PY -m sparse_ops_bench.summary "$dest" 2>/dev/null || true
+$PY -m sparse_ops_bench.scripts.summary "$dest" 2>/dev/null || true
 exit $status

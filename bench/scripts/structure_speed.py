@@ -1,6 +1,6 @@
 """CPU time of the CPU-side work: structuring (regroup, refill), packing, conversion.
 
-    python -m sparse_ops_bench.structure_speed [--repeats 3] \
+    python -m sparse_ops_bench.scripts.structure_speed [--repeats 3] \
         [--out bench/results/cpu/structure_speed.json]
 
 Workloads: one 512×4608 conv mask (512×512×3×3) at 80% random sparsity, the hardest
@@ -28,8 +28,8 @@ from sparse_ops.checkpoint_io import write_text
 from sparse_ops.formats import GroupPack
 from sparse_ops.tables import format_table
 
-from . import tickets
-from .env import environment
+from .. import tickets
+from ..env import environment
 
 
 def random_mask(shape: tuple[int, ...], density: float, seed: int = 0) -> torch.Tensor:

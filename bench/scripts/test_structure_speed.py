@@ -1,9 +1,9 @@
 """pytest-benchmark microbenchmarks of the CPU-side structuring work.
 
-    pytest bench/ --benchmark-only
+    pytest bench/scripts/ --benchmark-only
 
-Speed is reported, never asserted; ``python -m sparse_ops_bench.structure_speed`` writes a
-results JSON with the environment.
+Speed is reported, never asserted; ``python -m sparse_ops_bench.scripts.structure_speed``
+writes a results JSON with the environment.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""A short summary of a results folder, as ``bench/gpu_run.sh`` ends with.
+"""A short summary of a results folder, as ``bench/scripts/gpu_run.sh`` ends with.
 
-    python -m sparse_ops_bench.summary DIR
+    python -m sparse_ops_bench.scripts.summary DIR
 
 One line per benchmark result in ``DIR`` (and ``DIR/graph``): for every preset result
 (``<preset>_<dtype>.json``), ours' speedup over the baseline per model, method and
@@ -22,7 +22,7 @@ def _floor_line(path: Path, result: dict) -> str:
 
 
 def lines(folder: Path) -> list[str]:
-    from .report import summary_lines
+    from ..report import summary_lines
 
     out = []
     for path in sorted([*folder.glob("*.json"), *folder.glob("graph/*.json")]):

@@ -1,7 +1,8 @@
 """Host-side cost of one conv call, the kernel launch itself stubbed out: this tree vs an
 earlier revision, measured in one run.
 
-    python -m sparse_ops_bench.launch_overhead [--baseline REV] [--calls 2000] [--out DIR]
+    python -m sparse_ops_bench.scripts.launch_overhead [--baseline REV] [--calls 2000]
+                                                       [--out DIR]
 
 For each side a fresh interpreter imports that side's ``kernels`` and ``sparse_ops``
 (the baseline's are extracted from git into a temporary folder), replaces the Triton
@@ -29,7 +30,7 @@ import tempfile
 import time
 
 DEFAULT_BASELINE = "d4fb944"  # main before the compile-gate work (issue 13)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Runs in a fresh interpreter with one side's packages first on sys.path.
 _PROBE = r"""
@@ -103,7 +104,7 @@ def _measure(path: str, calls: int, repeats: int) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sparse_ops_bench.launch_overhead",
+    p = argparse.ArgumentParser(prog="python -m sparse_ops_bench.scripts.launch_overhead",
                                 description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--baseline", default=DEFAULT_BASELINE, help="git revision to compare with")

@@ -1,7 +1,7 @@
 """Elastic ticket on real data: stretch a refill ticket to a deeper net and retrain it.
 
-    python -m sparse_ops_bench.elastic_digits [--src res20s] [--dst res32s] [--rounds 3] \
-        [--epochs 20]
+    python -m sparse_ops_bench.scripts.elastic_digits [--src res20s] [--dst res32s] \
+        [--rounds 3] [--epochs 20]
         [--lr 0.02] [--batch-size 64] [--image-size 16]
         [--out docs/results/elastic_digits_res20s_res32s.json]
 
@@ -43,7 +43,7 @@ from sparse_ops.structure import transform
 from sparse_ops.tables import format_table
 from sparse_ops.training import TrainConfig, Trainer
 
-from .env import environment
+from ..env import environment
 
 
 def train_ticket(ticket: Ticket, trainer: Trainer) -> dict[str, Any]:
