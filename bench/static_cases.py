@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sparse_ops.packing import pack_channels, pack_groups
+
 DTYPES = ("float16", "bfloat16", "float32", "float32-ieee")
 
 
@@ -103,7 +105,6 @@ def build_launch(case: Case, dtype: str):
     """The KernelLaunch a real call of ``case`` makes (CPU tensors, nothing runs)."""
     import torch
 
-    from sparse_ops.formats import ChannelPlan, GroupPack
 
     g = torch.Generator().manual_seed(0)
     dt = torch_dtype(dtype)
@@ -129,7 +130,7 @@ def build_launch(case: Case, dtype: str):
         if case.mask in ("in", "both"):
             keep_in[torch.randperm(case.cin, generator=g)[: case.cin // 3]] = False
         mask = (keep_out[:, None, None, None] & keep_in[None, :, None, None]).expand_as(weight)
-        plan = ChannelPlan.from_weight(weight, mask, bias, **geometry).to(dtype=dt)
+        plan = pack_channels(weight, mask, bias, **geometry).to(dtype=dt)
         bias_map = torch.zeros(case.cout, oh, ow) if case.bias_map else None
         return channel_conv_launch(x, plan, residual=residual, relu=case.relu,
                                    allow_tf32=allow_tf32, bias_map=bias_map,
@@ -149,7 +150,7 @@ def build_launch(case: Case, dtype: str):
         else:
             cols = torch.randperm(k_total, generator=g)[: max(1, k_total // 5)].tolist()
         layout.append({"rows": rows[start : min(start + size, keep)], "cols": cols})
-    pack = GroupPack.from_weight(weight, None, layout, bias, block_n=case.block_n,
+    pack = pack_groups(weight, None, layout, bias, block_n=case.block_n,
                                  k_pad=case.k_pad, **geometry).to(dtype=dt)  # fmt: skip
     return group_conv_launch(x, pack, residual=residual, relu=case.relu, allow_tf32=allow_tf32,
                              check_device=False)  # fmt: skip

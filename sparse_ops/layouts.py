@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from sparse_ops_kernels.formats import FormatError
 
 from .errors import listing

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from sparse_ops_kernels.formats import (
     COL_RUN,
     ChannelPlan,

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-from sparse_ops_bench import BenchError, harness, report, tickets, timing
-from sparse_ops_bench.providers import PROVIDERS, Built, Provider, default_providers
 
 from sparse_ops import masks as mask_utils
 from sparse_ops import models
 from sparse_ops.cli import main
+from sparse_ops_bench import BenchError, harness, report, tickets, timing
+from sparse_ops_bench.providers import PROVIDERS, Built, Provider, default_providers
 
 
 def test_percentile_and_summary():

@@ -353,9 +353,8 @@ def test_gpu_path_cuda_graphs_and_inductor():
 def test_auto_mode_prices_group_units_for_the_target_device():
     """At this ticket's block densities (80% sparse) a CPU group unit is slower than the
     dense conv (docs/CONVERT.md, cost model): auto avoids it there, not on a GPU."""
-    from sparse_ops_bench.tickets import make_ticket
-
     from sparse_ops.convert import CostModel
+    from sparse_ops_bench.tickets import make_ticket
 
     model = models.create("res20s").eval()
     ticket = make_ticket(model, "regroup", 0.8)

@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from sparse_ops_kernels.formats import ChannelPlan
 from torch import nn
 
 from sparse_ops import Ticket, imp, models, structure
@@ -25,6 +24,7 @@ from sparse_ops.convert import tune as tune_module
 from sparse_ops.convert.units import as_torch_conv
 from sparse_ops.nn import ChannelPrunedConv2d, GroupSparseConv2d, TorchConv2d
 from sparse_ops.structure import RegroupConfig
+from sparse_ops_kernels.formats import ChannelPlan
 
 TOL = {"atol": 1e-4, "rtol": 1e-4}
 FAST_REGROUP = RegroupConfig(parts=1)

@@ -8,13 +8,13 @@ import json
 import pytest
 import torch
 from kernel_cases import channel_mask, conv_weight, group_layout
-from sparse_ops_kernels.errors import KernelInputError
-from sparse_ops_kernels.formats import ChannelPlan, FormatError, GroupPack
 
 from sparse_ops import ops
 from sparse_ops.masks import gemm_view
 from sparse_ops.packing import pack_channels, pack_groups
 from sparse_ops.structure import RegroupConfig, regroup_mask
+from sparse_ops_kernels.errors import KernelInputError
+from sparse_ops_kernels.formats import ChannelPlan, FormatError, GroupPack
 
 
 @pytest.fixture

@@ -88,6 +88,7 @@ def test_every_config_the_autotuner_may_pick_was_compiled(ci_report):
     """The matrix stays complete: each config set's configs (those not withheld on this
     Triton for spilling) all appear, on a launch of their class, fp16 and sm_90a."""
     import torch
+
     from sparse_ops_kernels import channel_conv, group_conv, launch
 
     payload, _, _ = ci_report

@@ -17,13 +17,13 @@ from kernel_cases import (
     poisoned_output,
     shape_id,
 )
+
+from sparse_ops.packing import pack_channels, pack_groups
 from sparse_ops_kernels import channel_conv, group_conv, launch
 from sparse_ops_kernels.channel_conv import channel_conv_launch
 from sparse_ops_kernels.errors import KernelInputError
 from sparse_ops_kernels.formats import ChannelPlan
 from sparse_ops_kernels.group_conv import group_conv_launch
-
-from sparse_ops.packing import pack_channels, pack_groups
 
 DTYPES = [torch.float32, torch.float16]
 EPILOGUES = [(False, False), (True, False), (False, True), (True, True)]  # (residual, relu)

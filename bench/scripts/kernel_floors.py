@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from sparse_ops import models
 from sparse_ops.checkpoint_io import write_text
-from sparse_ops.formats import ChannelPlan, GroupPack
+from sparse_ops.packing import pack_channels, pack_groups
 
 from ..checks import check_output
 from ..env import environment
@@ -100,7 +100,7 @@ def _indexed_channel_row(arch, s, hw, scale, batch, device, dtype, timing, g) ->
     adds: full-width activations read through ``in_idx`` and written through ``out_idx``
     (50% of each, scattered), pruned output channels filled in the same launch. cuDNN
     runs only the compacted conv on an input gathered beforehand (gather not timed)."""
-    from sparse_ops_kernels.channel_conv import channel_conv2d
+    from sparse_ops_kernels.channel_conv import channel_conv
 
     cin, cout = max(2, s.in_channels // scale), max(2, s.out_channels // scale)
     hw = max(4, hw // scale)
@@ -109,7 +109,7 @@ def _indexed_channel_row(arch, s, hw, scale, batch, device, dtype, timing, g) ->
     w = torch.randn(cout, cin, 3, 3, generator=g) / (cin * 4.5) ** 0.5
     mask = torch.zeros(cout, cin, 3, 3, dtype=torch.bool)
     mask[keep_out[:, None], keep_in[None, :]] = True
-    plan = ChannelPlan.from_weight(w, mask, None, stride=s.stride, padding=s.padding)
+    plan = pack_channels(w, mask, None, stride=s.stride, padding=s.padding)
     plan = plan.to(device, dtype)
     x = torch.randn(batch, cin, hw, hw, generator=g).to(device, dtype)
     x = x.contiguous(memory_format=torch.channels_last)
@@ -117,7 +117,7 @@ def _indexed_channel_row(arch, s, hw, scale, batch, device, dtype, timing, g) ->
     w_compact = w[keep_out][:, keep_in].to(device, dtype)
     w_compact = w_compact.contiguous(memory_format=torch.channels_last)
     out_rows = keep_out.to(device)
-    ours = lambda x=x, plan=plan: channel_conv2d(x, plan)  # noqa: E731
+    ours = lambda x=x, plan=plan: channel_conv(x, plan)  # noqa: E731
     cudnn = lambda: F.conv2d(x_compact, w_compact, None, s.stride, s.padding)  # noqa: E731
     check = _checked(lambda: ours()[:, out_rows], cudnn, dtype)
     row = _timed(check, ours, cudnn, device, timing)
@@ -129,8 +129,8 @@ def _indexed_channel_row(arch, s, hw, scale, batch, device, dtype, timing, g) ->
 
 def run(dtype: torch.dtype, batch: int, device: torch.device, timing: dict, scale: int = 1):
     """``scale`` > 1 divides channels and spatial sizes (the CPU smoke run)."""
-    from sparse_ops_kernels.channel_conv import channel_conv2d
-    from sparse_ops_kernels.group_conv import group_conv2d
+    from sparse_ops_kernels.channel_conv import channel_conv
+    from sparse_ops_kernels.group_conv import group_conv
 
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -140,10 +140,10 @@ def run(dtype: torch.dtype, batch: int, device: torch.device, timing: dict, scal
         x = torch.randn(batch, cin, hw, hw, generator=g).to(device, dtype)
         x = x.contiguous(memory_format=torch.channels_last)
         w = torch.randn(cout, cin, 3, 3, generator=g) / (cin * 9) ** 0.5
-        plan = ChannelPlan.from_weight(w, None, None, stride=s.stride, padding=s.padding)
+        plan = pack_channels(w, None, None, stride=s.stride, padding=s.padding)
         plan = plan.to(device, dtype)
         wd = w.to(device, dtype).contiguous(memory_format=torch.channels_last)
-        ours = lambda x=x, plan=plan: channel_conv2d(x, plan)  # noqa: E731
+        ours = lambda x=x, plan=plan: channel_conv(x, plan)  # noqa: E731
         cudnn = lambda x=x, wd=wd, s=s: F.conv2d(x, wd, None, s.stride, s.padding)  # noqa: E731
         row = _timed(_checked(ours, cudnn, dtype), ours, cudnn, device, timing)
         rows.append({"kind": "channel", "arch": arch, "layer": s.source, "in_channels": cin,
@@ -157,11 +157,11 @@ def run(dtype: torch.dtype, batch: int, device: torch.device, timing: dict, scal
         x = x.contiguous(memory_format=torch.channels_last)
         w = torch.randn(cout, cin, 3, 3, generator=g) / (cin * 9 * 0.2) ** 0.5
         mask, layout = group_mask(tuple(w.shape), 0.2, g)
-        pack = GroupPack.from_weight(w, mask, layout, None, stride=s.stride, padding=s.padding)
+        pack = pack_groups(w, mask, layout, None, stride=s.stride, padding=s.padding)
         pack = pack.to(device, dtype)
         wd = (w * mask).to(device, dtype).contiguous(memory_format=torch.channels_last)
         dense = w.to(device, dtype).contiguous(memory_format=torch.channels_last)
-        ours = lambda x=x, pack=pack: group_conv2d(x, pack)  # noqa: E731
+        ours = lambda x=x, pack=pack: group_conv(x, pack)  # noqa: E731
         masked = lambda x=x, wd=wd, s=s: F.conv2d(x, wd, None, s.stride, s.padding)  # noqa: E731
         # Checked against the masked layer, timed against the *dense* one: what pruning saves.
         cudnn = lambda x=x, d=dense, s=s: F.conv2d(x, d, None, s.stride, s.padding)  # noqa: E731

@@ -60,6 +60,7 @@ _launches: dict = {}
 def compile_one(job) -> dict:
     """Compile one matrix entry; a row for the report (never raises)."""
     import triton
+
     from sparse_ops_bench import kernel_compile
     from sparse_ops_kernels.launch import config_id
 
@@ -150,6 +151,7 @@ def environment() -> dict:
 
     import torch
     import triton
+
     from sparse_ops_bench.env import git_commit
 
     return {"triton": triton.__version__, "torch": torch.__version__,

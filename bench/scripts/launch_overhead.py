@@ -9,7 +9,8 @@ For each side a fresh interpreter imports that side's ``kernels`` and ``sparse_o
 kernel objects with a no-op (so the number is Python, checks, allocation and dispatch:
 what our code costs per call, not Triton's launcher nor the GPU), and times:
 
-- ``channel launcher`` / ``group launcher``: ``channel_conv2d`` / ``group_conv2d``;
+- ``channel launcher`` / ``group launcher``: ``channel_conv`` / ``group_conv`` (named
+  ``channel_conv2d`` / ``group_conv2d`` before the formats moved into the kernels);
 - ``channel module`` / ``group module``: a converted unit's ``forward`` as a converted
   network calls it (``ChannelPrunedConv2d``, ``GroupSparseConv2d``, Triton backend).
 
@@ -29,7 +30,7 @@ import sys
 import tempfile
 import time
 
-DEFAULT_BASELINE = "d4fb944"  # main before the compile-gate work (issue 13)
+DEFAULT_BASELINE = "2b2b460"  # main before the formats moved into the kernels package
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Runs in a fresh interpreter with one side's packages first on sys.path.
@@ -38,11 +39,21 @@ import json, os, statistics, sys, time
 os.environ["TRITON_INTERPRET"] = "1"
 sys.path.insert(0, sys.argv[1])
 calls, repeats = int(sys.argv[2]), int(sys.argv[3])
+import importlib
 import torch
-import sparse_ops_kernels.channel_conv as cc
-import sparse_ops_kernels.group_conv as gc
 from sparse_ops import nn as snn, ops
-from sparse_ops.formats import ChannelPlan, GroupPack
+# This side's kernel package: whichever name its sparse_ops imported (an older tree calls
+# it kernels), so the stubs below replace the kernels that side's modules really call.
+kernel_package = "sparse_ops_kernels" if "sparse_ops_kernels" in sys.modules else "kernels"
+cc = importlib.import_module(kernel_package + ".channel_conv")
+gc = importlib.import_module(kernel_package + ".group_conv")
+try:
+    from sparse_ops.packing import pack_channels, pack_groups
+except ImportError:  # before the formats moved into the kernels package
+    from sparse_ops.formats import ChannelPlan, GroupPack
+    pack_channels, pack_groups = ChannelPlan.from_weight, GroupPack.from_weight
+channel_launcher = getattr(cc, "channel_conv2d", None) or cc.channel_conv
+group_launcher = getattr(gc, "group_conv2d", None) or gc.group_conv
 
 class InterpretedFunction:  # the launchers test for this class name: keep their path
     def __getitem__(self, grid):
@@ -56,10 +67,10 @@ w = torch.randn(64, 64, 3, 3)
 mask = torch.ones_like(w, dtype=torch.bool)
 mask[::3] = False
 mask[:, ::4] = False
-plan = ChannelPlan.from_weight(w, mask, torch.zeros(64), padding=1).to("cpu", torch.float16)
+plan = pack_channels(w, mask, torch.zeros(64), padding=1).to("cpu", torch.float16)
 layout = [{"rows": list(range(0, 32)), "cols": list(range(0, 200))},
           {"rows": list(range(32, 60)), "cols": list(range(100, 400))}]
-pack = GroupPack.from_weight(w, None, layout, torch.zeros(64), padding=1).to("cpu", torch.float16)
+pack = pack_groups(w, None, layout, torch.zeros(64), padding=1).to("cpu", torch.float16)
 x = torch.randn(1, 64, 8, 8).half().contiguous(memory_format=torch.channels_last)
 res = torch.randn(1, 64, 8, 8).half().contiguous(memory_format=torch.channels_last)
 channel_unit = snn.ChannelPrunedConv2d(plan, relu=True)
@@ -77,8 +88,8 @@ def per_call(fn):
     return {"median_us": statistics.median(samples), "samples_us": samples}
 
 result = {
-    "channel launcher": per_call(lambda: cc.channel_conv2d(x, plan, residual=res, relu=True)),
-    "group launcher": per_call(lambda: gc.group_conv2d(x, pack, residual=res, relu=True)),
+    "channel launcher": per_call(lambda: channel_launcher(x, plan, residual=res, relu=True)),
+    "group launcher": per_call(lambda: group_launcher(x, pack, residual=res, relu=True)),
 }
 with ops.backend("triton"), torch.no_grad():
     result["channel module"] = per_call(lambda: channel_unit(x, res))
@@ -91,6 +102,9 @@ def _extract(rev: str, folder: str) -> None:
     archive = subprocess.run(["git", "archive", rev, "kernels", "sparse_ops"], cwd=ROOT,
                              capture_output=True, check=True).stdout  # fmt: skip
     subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
+    # The folder installs as sparse_ops_kernels; without this name in the extracted tree
+    # a baseline that imports it would get this tree's installed kernels instead.
+    os.symlink("kernels", os.path.join(folder, "sparse_ops_kernels"))
 
 
 def _measure(path: str, calls: int, repeats: int) -> dict:

@@ -25,7 +25,7 @@ import torch
 
 from sparse_ops import Ticket, convert, imp, models, structure
 from sparse_ops.checkpoint_io import write_text
-from sparse_ops.formats import GroupPack
+from sparse_ops.packing import pack_groups
 from sparse_ops.tables import format_table
 
 from .. import tickets
@@ -74,7 +74,7 @@ def workloads() -> dict[str, Callable[[], object]]:
         lambda: structure.regroup(ticket),
         lambda: structure.refill(ticket),
         lambda: ticket.summary(),
-        lambda: GroupPack.from_weight(weight, group_mask, layout, padding=1),
+        lambda: pack_groups(weight, group_mask, layout, padding=1),
         lambda: convert(res56s, res56s_ticket, mode="channel"),
         lambda: convert(res18, res18_ticket, mode="auto"),
     ]

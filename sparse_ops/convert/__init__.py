@@ -29,8 +29,9 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
-from sparse_ops_kernels.formats import ChannelPlan
 from torch import fx, nn
+
+from sparse_ops_kernels.formats import ChannelPlan
 
 from ..nn import ChannelPrunedConv2d, TorchConv2d
 from ..packing import pack_channels

@@ -4,8 +4,9 @@ weights cut to the layouts the passes assigned, and the report row of each."""
 from __future__ import annotations
 
 import torch
-from sparse_ops_kernels.formats import ChannelPlan
 from torch import fx, nn
+
+from sparse_ops_kernels.formats import ChannelPlan
 
 from ..layouts import Group, GroupLayout
 from ..masks import gemm_view, mask_stats

@@ -11,9 +11,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
 from sparse_ops_kernels import launch
 from sparse_ops_kernels.formats import ChannelPlan, FormatError
-from torch import Tensor
 
 from .. import ops
 from . import saved
@@ -154,10 +155,7 @@ class ChannelPrunedConv2d(Unit):
 
     @classmethod
     def from_state(cls, tensors, config):
-        saved.name_field(config)
-        cin = saved.int_field(config, "in_channels", 1, saved.MAX_CHANNELS)
-        cout = saved.int_field(config, "out_channels", 1, saved.MAX_CHANNELS)
-        geometry = saved.geometry_fields(config)
+        cin, cout, geometry = saved.conv_fields(config)
         input_hw = saved.pair_field(config, "input_hw", 1, saved.MAX_INPUT_HW, optional=True)
         saved.check_tensor_names(tensors, config, cls._buffer_names)
         weight = saved.tensor_field(tensors, config, "weight", "float", 4)

@@ -7,9 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
+
 from sparse_ops_kernels import launch
 from sparse_ops_kernels.formats import FormatError, GroupPack
-from torch import Tensor
 
 from .. import ops
 from . import saved
@@ -156,11 +157,8 @@ class GroupSparseConv2d(Unit):
 
     @classmethod
     def from_state(cls, tensors, config):
-        saved.name_field(config)
-        cin = saved.int_field(config, "in_channels", 1, saved.MAX_CHANNELS)
-        cout = saved.int_field(config, "out_channels", 1, saved.MAX_CHANNELS)
+        cin, cout, geometry = saved.conv_fields(config)
         kernel = saved.pair_field(config, "kernel_size", 1, saved.MAX_KERNEL)
-        geometry = saved.geometry_fields(config)
         # col_run: absent in GroupPack version-1 files (derived from the columns then).
         block = (saved.int_field(config, "block_n", 1, saved.MAX_BLOCK), saved.int_field(config, "k_pad", 1, saved.MAX_BLOCK),
                  saved.col_run_field(config, config.get("col_run")))  # fmt: skip

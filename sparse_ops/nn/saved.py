@@ -8,6 +8,7 @@ account for."""
 from __future__ import annotations
 
 import torch
+
 from sparse_ops_kernels.formats import COL_RUN, FormatError
 
 from ..errors import listing
@@ -143,3 +144,12 @@ def geometry_fields(config: dict) -> dict:
         "padding": pair_field(config, "padding", 0, MAX_GEOMETRY),
         "dilation": pair_field(config, "dilation", 1, MAX_GEOMETRY),
     }
+
+
+def conv_fields(config: dict) -> tuple[int, int, dict]:
+    """``(in_channels, out_channels, geometry)`` of a conv unit's config, checked (the
+    name too, so every message after this can quote it)."""
+    name_field(config)
+    cin = int_field(config, "in_channels", 1, MAX_CHANNELS)
+    cout = int_field(config, "out_channels", 1, MAX_CHANNELS)
+    return cin, cout, geometry_fields(config)

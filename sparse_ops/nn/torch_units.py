@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from sparse_ops_kernels.formats import FormatError
 from torch import Tensor
+
+from sparse_ops_kernels.formats import FormatError
 
 from .. import ops
 from . import saved

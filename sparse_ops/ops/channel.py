@@ -7,6 +7,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+
 from sparse_ops_kernels import launch
 from sparse_ops_kernels.formats import ChannelPlan
 

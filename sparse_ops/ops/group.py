@@ -8,6 +8,7 @@ import threading
 
 import torch
 import torch.nn.functional as F
+
 from sparse_ops_kernels import launch
 from sparse_ops_kernels.formats import GroupPack
 

@@ -70,8 +70,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from sparse_ops_kernels.formats import COL_RUN
 from torch import nn
+
+from sparse_ops_kernels.formats import COL_RUN
 
 from ..errors import SparseOpsError
 from ..layouts import Group, GroupLayout
