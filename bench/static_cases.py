@@ -187,12 +187,12 @@ def ignore_spill_tables() -> None:
 def withheld(row: dict) -> bool:
     """Whether the kernels' SPILLS tables keep this row's config from its launches on
     the row's Triton version (so the autotuner never runs it there)."""
-    from sparse_ops_kernels import channel_conv, group_conv, launch
+    from sparse_ops_kernels import channel_conv, configs, group_conv
 
     module = channel_conv if row["kernel"] == "channel" else group_conv
     table = _SPILL_TABLES.get(row["kernel"], module.SPILLS)
     dtype = torch_dtype(row["dtype"])
-    return row.get("config_id") in launch.known_spills(table, row.get("launch_class", ""),
+    return row.get("config_id") in configs.known_spills(table, row.get("launch_class", ""),
                                                          dtype, row["triton"])  # fmt: skip
 
 

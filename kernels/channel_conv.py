@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launch
+from . import configs, launch
 from .epilogue import multiple_of, store_with_epilogue
 
 
@@ -205,7 +205,7 @@ def channel_conv_kernel(
 
 
 # Autotuning (GPU only). Two config sets, because what a tile can afford depends on how
-# its input loads (bench.kernel_static compiles every config of both for sm_90a and
+# its input loads (sparse_ops_bench.scripts.kernel_static compiles every config of both for sm_90a and
 # sm_80 and requires zero spills):
 # - vector launches (no input gather, 16-byte aligned rows): operands arrive by 16-byte
 #   cp.async, a few address registers per thread, so large tiles fit;
@@ -249,15 +249,15 @@ def _fits_scatter(config: triton.Config) -> bool:
     return kw["BLOCK_M"] * kw["BLOCK_N"] <= _SCATTER_ACCUMULATORS * 32 * config.num_warps
 
 
-_vector = [launch.config_from_id(c) for c in CONFIG_IDS["vector"]]
+_vector = [configs.config_from_id(c) for c in CONFIG_IDS["vector"]]
 CONFIG_SETS = {
     "vector": _vector,
     "vector-scatter": [c for c in _vector if _fits_scatter(c)],
-    **{kind: [launch.config_from_id(c) for c in CONFIG_IDS[kind]]
+    **{kind: [configs.config_from_id(c) for c in CONFIG_IDS[kind]]
        for kind in ("scalar", "scalar-scatter", "fma")},
 }  # fmt: skip
 # Configs on which ptxas spills registers, by Triton (major, minor), launch class and
-# operand dtype: what `python -m sparse_ops_bench.kernel_static --all-configs --matrix full` found
+# operand dtype: what `python -m sparse_ops_bench.scripts.kernel_static --all-configs --matrix full` found
 # (every case, dtype and target; printed by `--spill-table`), on Triton 3.6 (the GPU
 # machine's) and 3.9 (CI's). They are not offered on that version; a version never
 # measured gets every exclusion known. The test suite re-checks the installed version.
@@ -334,12 +334,12 @@ def launch_class(dtype: torch.dtype, constexprs: dict) -> str:
 def candidate_configs(dtype: torch.dtype, constexprs: dict) -> list[triton.Config]:
     """The configs the autotuner may pick for a launch with these feature flags."""
     kind = launch_class(dtype, constexprs)
-    spills = launch.known_spills(SPILLS, kind, dtype)
+    spills = configs.known_spills(SPILLS, kind, dtype)
     config_set = kind.split(":")[0]
-    return launch.select_configs(CONFIG_SETS[config_set], spills, QUICK[config_set])
+    return configs.select_configs(CONFIG_SETS[config_set], spills, QUICK[config_set])
 
 
-channel_conv_tuned, CONFIGS = launch.autotuned(
+channel_conv_tuned, CONFIGS = configs.autotuned(
     channel_conv_kernel, CONFIG_SETS, AUTOTUNE_KEY, candidate_configs
 )
 
@@ -363,7 +363,7 @@ def channel_conv_launch(
     force_wide: bool | None = None,
 ) -> launch.KernelLaunch:
     """Check a call and build its launch (nothing runs). ``check_device=False`` accepts
-    tensors on any device: ``bench.kernel_static`` builds launches from CPU tensors to
+    tensors on any device: ``sparse_ops_bench.static_cases`` builds launches from CPU tensors to
     compile them for a GPU target. ``force_wide`` forces (or forbids) 64-bit offsets,
     which are otherwise used only for tensors spanning 2^30 elements or more (tests use it to
     run the 64-bit path on small tensors)."""

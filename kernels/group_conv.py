@@ -56,7 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launch
+from . import configs, launch
 from .epilogue import multiple_of, store_with_epilogue
 from .errors import KernelInputError
 from .formats import COL_RUN
@@ -172,7 +172,7 @@ def group_conv_kernel(
 
 
 # Autotuning (GPU only). BLOCK_N is the pack's row tile, fixed by the format. Three
-# config sets, by how the gathered operand loads (bench.kernel_static compiles every
+# config sets, by how the gathered operand loads (sparse_ops_bench.scripts.kernel_static compiles every
 # config for sm_90a and sm_80; the test suite requires zero spills among those offered):
 # - "tensor": scalar gathers (any columns). A thread keeps an offset and tap bits for
 #   each of its pixels, so tiles of 32 pixels × 32 columns per warp (128×32 on 4 warps,
@@ -193,9 +193,9 @@ CONFIG_IDS = {
     ],
     "fma": ["32xpackx32 w4 s2", "64xpackx16 w4 s2", "32xpackx16 w4 s2", "64xpackx16 w2 s2"],
 }
-CONFIG_SETS = {kind: [launch.config_from_id(c) for c in ids] for kind, ids in CONFIG_IDS.items()}
+CONFIG_SETS = {kind: [configs.config_from_id(c) for c in ids] for kind, ids in CONFIG_IDS.items()}
 # Configs ptxas spills on, by Triton (major, minor) and "class" or "class/dtype"; see
-# kernels.channel_conv.SPILLS. Measured with bench.kernel_static --all-configs.
+# sparse_ops_kernels.channel_conv.SPILLS. Measured with sparse_ops_bench.scripts.kernel_static --all-configs.
 SPILLS: dict[tuple[int, int], dict[str, set[str]]] = {
     (3, 6): {
         'fma/float32': {'64xpackx16 w4 s2'},
@@ -232,13 +232,13 @@ def candidate_configs(dtype: torch.dtype, constexprs: dict) -> list[triton.Confi
     divide the pack's column padding (tiles are padded to K_PAD), and none that spills
     on this Triton. K_PAD is a power of two ≥ 16, so the BLOCK_K = 16 configs always fit."""
     kind = launch_class(dtype, constexprs)
-    spills = launch.known_spills(SPILLS, kind, dtype)
+    spills = configs.known_spills(SPILLS, kind, dtype)
     k_pad = constexprs["K_PAD"]
     fitting = [c for c in CONFIG_SETS[kind] if k_pad % c.kwargs["BLOCK_K"] == 0]
-    return launch.select_configs(fitting, spills, QUICK[kind])
+    return configs.select_configs(fitting, spills, QUICK[kind])
 
 
-group_conv_tuned, CONFIGS = launch.autotuned(
+group_conv_tuned, CONFIGS = configs.autotuned(
     group_conv_kernel, CONFIG_SETS, AUTOTUNE_KEY, candidate_configs
 )
 
@@ -259,7 +259,7 @@ def gather_transposed(version: str | None = None) -> bool:
     one pixel's columns: a thread then decodes one column code and keeps its pixels'
     offsets, which halves the loop (309 → 159 SASS instructions per iteration, 3.6,
     sm_90a, 64×32 tile)."""
-    minor = launch.triton_version(version)
+    minor = configs.triton_version(version)
     return minor is not None and minor < (3, 9)
 
 

@@ -9,7 +9,7 @@ channels-last.
 
 A launcher is split in two: ``*_launch`` checks a call and builds a :class:`KernelLaunch`
 (the kernel, its arguments, its grid) without running anything, and :func:`run` launches
-it. The split is what lets ``bench.kernel_static`` compile exactly what a real call would
+it. The split is what lets ``sparse_ops_bench.static_cases`` compile exactly what a real call would
 launch, for a GPU this machine does not have.
 
 The checks run on every call, so they are written to cost little: messages are only
@@ -19,13 +19,10 @@ of the launch overhead).
 
 from __future__ import annotations
 
-import os
-import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
-import triton
 
 from .errors import KernelInputError
 from .formats import ChannelPlan, GroupPack
@@ -135,90 +132,6 @@ def needs_wide_offsets(dense=(), views=()) -> bool:
     if any(t is not None and t.numel() >= WIDE_OFFSETS_AT for t in dense):
         return True
     return any(t is not None and element_span(t) >= WIDE_OFFSETS_AT for t in views)
-
-
-def config_id(config) -> str:
-    """A config's name in tables and reports: ``BMxBNxBK w<warps> s<stages>``, ``flat``
-    appended for a flattened K loop (BLOCK_N comes from the pack for group configs)."""
-    kw = config.kwargs
-    name = (f"{kw['BLOCK_M']}x{kw.get('BLOCK_N', 'pack')}x{kw['BLOCK_K']} "
-            f"w{config.num_warps} s{config.num_stages}")  # fmt: skip
-    return name + (" flat" if kw.get("FLAT") else "")
-
-
-_CONFIG_ID = re.compile(r"(\d+)x(\d+|pack)x(\d+) w(\d+) s(\d+)( flat)?")
-
-
-def config_from_id(name: str) -> triton.Config:
-    """The inverse of :func:`config_id`. Each kernel keeps its configs as these ids, the
-    names its spill tables, quick lists and the static report use too. ``pack`` for
-    BLOCK_N: a group kernel's row tile is the pack's ``block_n``, not a config's."""
-    parsed = _CONFIG_ID.fullmatch(name)
-    if parsed is None:
-        raise ValueError(f"config id {name!r} is not 'BMxBNxBK w<warps> s<stages>[ flat]'")
-    bm, bn, bk, warps, stages, flat = parsed.groups()
-    kwargs = {"BLOCK_M": int(bm), "BLOCK_K": int(bk)}
-    if bn != "pack":  # the channel kernel: its own BLOCK_N and the FLAT loop flag
-        kwargs = {"BLOCK_M": int(bm), "BLOCK_N": int(bn), "BLOCK_K": int(bk), "FLAT": bool(flat)}
-    return triton.Config(kwargs, num_warps=int(warps), num_stages=int(stages))
-
-
-def autotuned(kernel, config_sets: dict[str, list], key: list[str], candidates: Callable):
-    """``kernel`` behind ``triton.autotune`` over every config of ``config_sets``, each
-    launch pruned to ``candidates(operand dtype, constexprs)`` (its class's set minus the
-    spilling configs); returns ``(tuned kernel, every config)``."""
-    every = list({config_id(c): c for s in config_sets.values() for c in s}.values())
-
-    def prune(configs, named_args, **constexprs):
-        return candidates(named_args["x_ptr"].dtype, constexprs)
-
-    tuned = triton.autotune(configs=every, key=key, prune_configs_by={"early_config_prune": prune})
-    return tuned(kernel), every
-
-
-def triton_version(version: str | None = None) -> tuple[int, int] | None:
-    """(major, minor) of ``version`` (default: the installed Triton's); None if it does not
-    parse. Accepts "3.6.0", "3.6.0+git…", "3.6rc1"."""
-    if version is None:
-        version = triton.__version__
-    parsed = re.match(r"(\d+)\.(\d+)", version)
-    return (int(parsed[1]), int(parsed[2])) if parsed else None
-
-
-def known_spills(table: dict, kind: str, dtype: torch.dtype, version: str | None = None):
-    """Config ids that spill for launch class ``kind`` with ``dtype`` operands on Triton
-    ``version`` (default: the installed one; every version's, if it was never measured).
-    ``table`` maps (major, minor) to {"class" or "class/dtype": config ids}."""
-    keys = (kind, f"{kind}/{str(dtype).removeprefix('torch.')}")
-    minor = triton_version(version)
-    entries = [table[minor]] if minor in table else list(table.values())
-    return {c for entry in entries for key in keys for c in entry.get(key, ())}
-
-
-TUNING_MODES = ("full", "quick")
-
-
-def tuning_mode() -> str:
-    """``SPARSE_OPS_TUNING``: ``full`` (default) autotunes over every config of a launch's
-    class; ``quick`` over the few the static report ranks best (``QUICK`` in each kernel
-    module), for GPU sessions measured in minutes (``bench/gpu_run.sh --quick``)."""
-    mode = os.environ.get("SPARSE_OPS_TUNING", "full")
-    if mode not in TUNING_MODES:
-        raise KernelInputError(f"SPARSE_OPS_TUNING={mode!r}: expected one of {TUNING_MODES}")
-    return mode
-
-
-def select_configs(configs: list, withheld: set[str], quick: list[str]) -> list:
-    """``configs`` minus the ``withheld`` ids; in quick mode only the ``quick`` ids (or
-    the first config left, if none of them is)."""
-    kept = [c for c in configs if config_id(c) not in withheld]
-    if not kept:
-        # Only on a Triton never measured, where every version's exclusions apply at
-        # once: a spilling config is slower, not wrong, and the autotuner needs one.
-        kept = configs[:1]
-    if tuning_mode() == "quick":
-        kept = [c for c in kept if config_id(c) in quick] or kept[:1]
-    return kept
 
 
 # ---------------------------------------------------------------------- checks

@@ -89,7 +89,7 @@ def test_every_config_the_autotuner_may_pick_was_compiled(ci_report):
     Triton for spilling) all appear, on a launch of their class, fp16 and sm_90a."""
     import torch
 
-    from sparse_ops_kernels import channel_conv, group_conv, launch
+    from sparse_ops_kernels import channel_conv, configs, group_conv
 
     payload, _, _ = ci_report
     seen: dict[tuple[str, str], set[str]] = {}
@@ -98,14 +98,14 @@ def test_every_config_the_autotuner_may_pick_was_compiled(ci_report):
             config_set = r["launch_class"].split(":")[0]
             seen.setdefault((r["kernel"], config_set), set()).add(r["config_id"])
     for kernel, module in (("channel", channel_conv), ("group", group_conv)):
-        for name, configs in module.CONFIG_SETS.items():
+        for name, config_set in module.CONFIG_SETS.items():
             dtype = torch.float32 if name == "fma" else torch.float16
             classes = {
                 r["launch_class"]
                 for r in payload["rows"]
                 if r["kernel"] == kernel and r["launch_class"].split(":")[0] == name
             }
-            held = set().union(*(launch.known_spills(module.SPILLS, c, dtype) for c in classes))
-            expected = {launch.config_id(c) for c in configs} - held
+            held = set().union(*(configs.known_spills(module.SPILLS, c, dtype) for c in classes))
+            expected = {configs.config_id(c) for c in config_set} - held
             missing = expected - seen.get((kernel, name), set())
             assert not missing, f"{kernel} {name}: never compiled {sorted(missing)}"

@@ -19,7 +19,7 @@ from kernel_cases import (
 )
 
 from sparse_ops.packing import pack_channels, pack_groups
-from sparse_ops_kernels import channel_conv, group_conv, launch
+from sparse_ops_kernels import channel_conv, configs, group_conv, launch
 from sparse_ops_kernels.channel_conv import channel_conv_launch
 from sparse_ops_kernels.errors import KernelInputError
 from sparse_ops_kernels.formats import ChannelPlan
@@ -145,7 +145,7 @@ ALIGNED_SHAPES = [(2, 16, 24, 9, 9, 3, 1, 1, 1), (1, 32, 8, 6, 7, 1, 2, 0, 1)]
 @pytest.mark.parametrize("mask_mode", ["dense", "both"])
 def test_channel_conv_flat_k_loop(shape, mask_mode):
     """The FLAT configs walk (tap, channel block) steps in one loop: same result."""
-    flat = launch.config_from_id("32x32x16 w4 s2 flat")
+    flat = configs.config_from_id("32x32x16 w4 s2 flat")
     _run_channel(shape, mask_mode, torch.float32, True, True, seed=7, config=flat)
 
 
@@ -261,13 +261,13 @@ def test_quick_tuning_offers_the_ranked_configs(monkeypatch):
     monkeypatch.setenv("SPARSE_OPS_TUNING", "quick")
     quick = channel_conv.candidate_configs(torch.float16, flags)
     assert 1 <= len(quick) <= 2 < len(full)
-    assert {launch.config_id(c) for c in quick} <= set(channel_conv.QUICK["vector"])
+    assert {configs.config_id(c) for c in quick} <= set(channel_conv.QUICK["vector"])
     group_flags = {"K_PAD": 32, "INPUT_PRECISION": "ieee"}
     group_quick = group_conv.candidate_configs(torch.float16, group_flags)
     assert 1 <= len(group_quick) <= len(group_conv.QUICK["tensor"])
     for module in (channel_conv, group_conv):  # no typo in a QUICK list
         for name, ids in module.QUICK.items():
-            assert set(ids) <= {launch.config_id(c) for c in module.CONFIG_SETS[name]}
+            assert set(ids) <= {configs.config_id(c) for c in module.CONFIG_SETS[name]}
     monkeypatch.setenv("SPARSE_OPS_TUNING", "fast")
     with pytest.raises(KernelInputError, match="SPARSE_OPS_TUNING='fast'"):
         channel_conv.candidate_configs(torch.float16, flags)
@@ -278,15 +278,15 @@ def test_known_spills_follow_the_installed_version(monkeypatch):
 
     table = {(3, 6): {"scalar": {"a"}}, (3, 9): {"scalar/float32": {"b"}}}
     monkeypatch.setattr(triton, "__version__", "3.6.0")
-    assert launch.known_spills(table, "scalar", torch.float32) == {"a"}
+    assert configs.known_spills(table, "scalar", torch.float32) == {"a"}
     monkeypatch.setattr(triton, "__version__", "3.9.1")
-    assert launch.known_spills(table, "scalar", torch.float32) == {"b"}
-    assert launch.known_spills(table, "scalar", torch.float16) == set()
+    assert configs.known_spills(table, "scalar", torch.float32) == {"b"}
+    assert configs.known_spills(table, "scalar", torch.float16) == set()
     monkeypatch.setattr(triton, "__version__", "3.7.0")  # never measured: every exclusion
-    assert launch.known_spills(table, "scalar", torch.float32) == {"a", "b"}
+    assert configs.known_spills(table, "scalar", torch.float32) == {"a", "b"}
     for version in ("3.6rc1", "3.6.0+git1234"):
         monkeypatch.setattr(triton, "__version__", version)
-        assert launch.known_spills(table, "scalar", torch.float32) == {"a"}
+        assert configs.known_spills(table, "scalar", torch.float32) == {"a"}
 
 
 settings_kernel = settings(
@@ -566,11 +566,11 @@ def test_config_tables_are_data_the_ids_name(module):
     """Configs are kept as ids: each parses back to itself, and every id a spill table or
     a quick list names is one of the kernel's configs."""
     ids = [i for kind in module.CONFIG_IDS.values() for i in kind]
-    assert [launch.config_id(launch.config_from_id(i)) for i in ids] == ids
-    known = {launch.config_id(c) for c in module.CONFIGS}
+    assert [configs.config_id(configs.config_from_id(i)) for i in ids] == ids
+    known = {configs.config_id(c) for c in module.CONFIGS}
     assert set(ids) == known
     named = {i for v in module.QUICK.values() for i in v}
     named |= {i for table in module.SPILLS.values() for v in table.values() for i in v}
     assert named <= known, sorted(named - known)
     with pytest.raises(ValueError, match="is not 'BMxBNxBK"):
-        launch.config_from_id("64x64 w4")
+        configs.config_from_id("64x64 w4")
