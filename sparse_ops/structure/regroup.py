@@ -75,7 +75,7 @@ from torch import nn
 from ..errors import SparseOpsError
 from ..formats import COL_RUN
 from ..masks import from_gemm_view, gemm_view
-from ..tickets import Ticket
+from ..tickets.ticket import Ticket
 from .layers import CONV, layer_kinds, select
 from .partition import MODELS, OBJECTIVES, RowPartitioner
 from .report import LayerChange
