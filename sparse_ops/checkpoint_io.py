@@ -15,27 +15,30 @@ data are allowed, named one by one below. Any other global is refused, naming it
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import importlib
 import json
 import os
 import pickle
 import pickletools
 import re
-import signal
 import stat
 import struct
-import threading
 import warnings
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import OutputPathError, TicketFormatError
+from .errors import OutputPathError, TicketFormatError, first_line
+
+# The output-file helpers, importable from here as well: bench/ and convert/ write
+# through checkpoint_io.
+from .output_files import TEMP_TAG as TEMP_TAG
+from .output_files import atomic_output as atomic_output
+from .output_files import check_output_file as check_output_file
+from .output_files import temp_path as temp_path
+from .output_files import write_text as write_text
 
 SAFETENSORS = "safetensors"
 TORCH_ZIP = "torch-zip"
@@ -149,7 +152,7 @@ def load_torch(path: str | os.PathLike) -> Any:
         raise
     except Exception as exc:  # torch raises many types for damaged files
         raise TicketFormatError(
-            f"{path}: truncated or corrupt torch file ({_first_line(exc)})"
+            f"{path}: truncated or corrupt torch file ({first_line(exc)})"
         ) from None
 
 
@@ -185,12 +188,12 @@ def _check_zip(path: Path) -> bool:
     except zipfile.BadZipFile as exc:
         if sniff(path) == TORCH_ZIP:
             raise TicketFormatError(
-                f"{path}: truncated or corrupt torch file (zip: {_first_line(exc)})"
+                f"{path}: truncated or corrupt torch file (zip: {first_line(exc)})"
             ) from None
         return False  # the legacy format: not a zip, no CRCs to check
     except (OSError, EOFError, NotImplementedError, RuntimeError) as exc:
         raise TicketFormatError(
-            f"{path}: truncated or corrupt torch file (zip: {_first_line(exc)})"
+            f"{path}: truncated or corrupt torch file (zip: {first_line(exc)})"
         ) from None
     names = [info.filename for info in infos]
     return any(n.endswith(("/constants.pkl", "/code/__torch__.py")) or "/code/" in n for n in names)
@@ -273,7 +276,7 @@ def _legacy_declared_bytes(path: Path) -> int | None:
 def _weights_only_reason(exc: BaseException) -> str:
     """The unpickler's own explanation, without torch's generic advice around it."""
     match = re.search(r"WeightsUnpickler error: (.+?)(?:\n\n|$)", str(exc), re.S)
-    return " ".join((match[1] if match else _first_line(exc)).split())[:300]
+    return " ".join((match[1] if match else first_line(exc)).split())[:300]
 
 
 def _refusal(path: Path, refused: list[str]) -> TicketFormatError:
@@ -296,9 +299,12 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as exc:
         raise TicketFormatError(
-            f"{path}: truncated or corrupt safetensors file ({_first_line(exc)})"
+            f"{path}: truncated or corrupt safetensors file ({first_line(exc)})"
         ) from None
     return tensors, metadata
+
+
+_TORCH_SUFFIXES = (".pt", ".pth", ".tar", ".ckpt", ".bin")
 
 
 def write_safetensors(
@@ -324,142 +330,7 @@ def write_safetensors(
         try:
             save_file(owned, str(tmp), metadata=metadata)
         except SafetensorError as exc:
-            raise OutputPathError(f"{path}: cannot write ({_first_line(exc)})") from None
-
-
-# ---------------------------------------------------------------------- atomic writes
-#
-# Every file sparse-ops (and bench/) writes goes through atomic_output: written under a
-# hidden temporary name in the same folder, then renamed over the target, so a reader
-# never sees half a file. The temporary name says what it is and whose it was
-# (".<name>.sparse-ops-tmp-<pid>"): SIGTERM removes it before the process dies, and the
-# next write to the same target removes those a SIGKILLed process left.
-
-TEMP_TAG = ".sparse-ops-tmp-"
-_pending: set[Path] = set()
-_previous_sigterm: Any = None
-
-
-def temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}{TEMP_TAG}{os.getpid()}")
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path to write ``path``'s content to; on success it replaces
-    ``path`` in one rename, on any failure (or SIGTERM) it is removed.
-
-    Raises :class:`OutputPathError` naming ``path`` when it cannot hold a file."""
-    path = Path(path)
-    check_output_file(path)
-    _remove_stale_temps(path)
-    tmp = temp_path(path)
-    _pending.add(tmp)
-    _hook_sigterm()
-    try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # temp files may be private; the result is not
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise OutputPathError(f"{path}: cannot write ({_first_line(exc)})") from None
-    finally:
-        _pending.discard(tmp)
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    """``Path(path).write_text(text)``, atomically (see :func:`atomic_output`)."""
-    with atomic_output(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return Path(path)
-
-
-def _remove_stale_temps(path: Path) -> None:
-    """Temporary files of ``path`` whose writer no longer runs (killed mid-write)."""
-    try:
-        candidates = list(path.parent.glob(f".{glob.escape(path.name)}{TEMP_TAG}*"))
-    except OSError:
-        return
-    for stale in candidates:
-        pid = stale.name.rpartition(TEMP_TAG)[2]
-        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
-            continue
-        with contextlib.suppress(OSError):
-            stale.unlink()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process: alive
-        return True
-    return True
-
-
-def _hook_sigterm() -> None:
-    """Install (once) a SIGTERM handler that removes pending temporary files, then lets
-    the signal do what it did before (by default: end the process)."""
-    global _previous_sigterm
-    if threading.current_thread() is not threading.main_thread():
-        return
-    try:
-        if signal.getsignal(signal.SIGTERM) is _on_sigterm:
-            return
-        _previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
-    except (ValueError, OSError):  # no signals here (embedded interpreter)
-        _previous_sigterm = None
-
-
-def _on_sigterm(signum, frame) -> None:
-    global _previous_sigterm
-    for tmp in list(_pending):
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-    previous, _previous_sigterm = _previous_sigterm, None
-    signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-    if callable(previous):
-        previous(signum, frame)
-    else:  # SIG_DFL or SIG_IGN: deliver again, now that it is restored
-        os.kill(os.getpid(), signum)
-
-
-_TORCH_SUFFIXES = (".pt", ".pth", ".tar", ".ckpt", ".bin")
-
-
-def check_output_file(path: Path) -> None:
-    """Make ``path``'s folders; refuse a path that is a folder, a device or below a file."""
-    if path.is_dir():
-        raise OutputPathError(f"{path}: is a directory; give a file name to save to")
-    if path.exists() and not path.is_file():
-        raise OutputPathError(f"{path}: exists and is not a regular file; not replacing it")
-    parent = path.parent
-    for ancestor in (parent, *parent.parents):
-        if ancestor.exists():
-            if not ancestor.is_dir():
-                raise OutputPathError(f"{path}: {ancestor} is a file, not a directory")
-            break
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputPathError(f"{path}: cannot create {parent} ({_first_line(exc)})") from None
-
-
-def _umask() -> int:
-    """The process umask, read without setting it (os.umask would change it for a moment,
-    under any thread creating files meanwhile) where /proc allows."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o077)
-    os.umask(mask)
-    return mask
+            raise OutputPathError(f"{path}: cannot write ({first_line(exc)})") from None
 
 
 def _unsafe_globals(path: Path) -> list[str]:
@@ -499,10 +370,3 @@ def _numeric_dtype_classes() -> list[type]:
         if hasattr(dtypes, f"{n}DType")
     ]
 
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    if not lines:
-        return type(exc).__name__
-    line = lines[0]
-    return line if len(line) <= 300 else line[:299] + "…"

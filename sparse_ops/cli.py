@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -28,6 +29,7 @@ COMMAND_GROUP = "sparse_ops.commands"  # subcommands other packages (bench/) con
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
+    """list the built-in architectures"""
     entries = []
     for name in models.names():
         info = models.info(name)
@@ -57,6 +59,12 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    """per-layer density and structure of a ticket / checkpoint
+
+    Read a checkpoint in any recognised layout (our .safetensors tickets,
+    torch.nn.utils.prune state dicts, Structure-LTH checkpoints, open_lth level
+    directories or checkpoint.pth, plain state dicts whose zeros are the mask) and print
+    per-layer statistics."""
     from .inspection import inspect_report, render_inspect
 
     report = inspect_report(args.checkpoint, arch=args.arch)
@@ -145,36 +153,28 @@ def _structure_options(args: argparse.Namespace, method: str) -> dict:
     return {k: v for k, v in options.items() if v is not None}
 
 
-def _train_config(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        rewind_epoch=args.rewind_epoch,
-        seed=args.seed,
-    )
+def _options(args: argparse.Namespace, *names: str) -> dict:
+    """``{name: args.name}`` for options handed on under their command-line names."""
+    return {name: getattr(args, name) for name in names}
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
+    """iterative magnitude pruning, optionally with refill / regroup every round
+
+    Train a built-in architecture, then prune RATE of the remaining weights per round
+    (stem conv and Linear layers excluded), post-process, rewind and retrain. Writes one
+    ticket per round (round0.safetensors is the dense network) and summary.json to
+    --out. Data-parallel: torchrun --nproc-per-node N -m sparse_ops prune ...
+    (--batch-size is per process)."""
     from .jobs import prune_job, render_prune
 
+    train = _options(args, "epochs", "batch_size", "lr", "weight_decay", "rewind_epoch", "seed")
     summary = prune_job(
-        args.arch,
-        args.out,
-        data=args.data,
-        data_dir=args.data_dir,
-        image_size=args.image_size,
-        rounds=args.rounds,
-        rate=args.rate,
-        scope=args.scope,
-        post=args.post,
-        post_options=_structure_options(args, args.post),
-        train=_train_config(args),
-        progress=Progress(),
-        device=args.device,
-        workers=args.workers,
-    )
+        args.arch, args.out, post_options=_structure_options(args, args.post),
+        train=TrainConfig(**train), progress=Progress(),
+        **_options(args, "data", "data_dir", "image_size", "rounds", "rate", "scope", "post",
+                   "device", "workers"),
+    )  # fmt: skip
     from .distributed import is_main
 
     if not is_main():  # under torchrun: rank 0 reports for the job
@@ -187,6 +187,10 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
 
 def _cmd_restructure(args: argparse.Namespace) -> int:
+    """apply refill, refill+ or regroup to an existing ticket
+
+    Read a ticket in any recognised format, apply one structuring step and write the
+    result in our format."""
     from .jobs import restructure_job
     from .structure import LayerChange, render_changes
 
@@ -222,8 +226,14 @@ def _cmd_restructure(args: argparse.Namespace) -> int:
 
 
 def _cmd_transform(args: argparse.Namespace) -> int:
+    """stretch or squeeze a ticket to another depth of its family (E-LTH)
+
+    Elastic Lottery Ticket transform: copy a ticket's masks and weights (trained and
+    rewind, BN statistics included) block by block into a deeper or shallower network
+    of the same family. Stem, classifier and each stage's first block are copied
+    unchanged. Writes our ticket format."""
     from .structure.elastic import transform
-    from .tickets import load_ticket
+    from .tickets.loading import load_ticket
 
     if args.seed is not None and not args.random_extra:
         raise SparseOpsError("--seed only applies with --random-extra")
@@ -244,6 +254,12 @@ def _cmd_transform(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    """convert a ticket into a fast inference module (saved, no pickle)
+
+    Load a ticket (any recognised format), build its architecture, fold BatchNorm, fuse
+    ReLU/residual adds, run each conv as a channel-pruned, group-sparse or dense unit,
+    check the result against the masked dense network on a random batch, and save it
+    (load it back with sparse_ops.load_converted)."""
     from .jobs import convert_job
 
     if not args.tune and (args.tune_batch is not None or args.tune_cache is not None):
@@ -304,6 +320,32 @@ def _import_advice(package: str) -> str:
     return "reinstall with `pip install -e .`"
 
 
+def _command(
+    sub: argparse._SubParsersAction,
+    name: str,
+    handler: Callable[[argparse.Namespace], int],
+    *,
+    reads_ticket: bool = False,
+) -> argparse.ArgumentParser:
+    """Subcommand ``name``, run by ``handler``, whose docstring is its help: the first line
+    for the command list, the rest (re-wrapped) for its --help; ``reads_ticket`` adds the
+    ticket argument."""
+    summary, _, description = inspect.cleandoc(handler.__doc__ or "").partition("\n\n")
+    p = sub.add_parser(name, help=summary, description=description or None)
+    if reads_ticket:
+        p.add_argument("ticket", help="ticket file or open_lth level directory")
+    p.set_defaults(handler=handler)
+    return p
+
+
+def _output_file(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", required=True, help="output .safetensors file")
+
+
+def _json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparse-ops",
@@ -312,32 +354,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sparse-ops {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("models", help="list the built-in architectures")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(handler=_cmd_models)
+    p = _command(sub, "models", _cmd_models)
+    _json_flag(p)
 
-    p = sub.add_parser(
-        "inspect",
-        help="per-layer density and structure of a ticket / checkpoint",
-        description="Read a checkpoint in any recognised layout (our .safetensors tickets, "
-        "torch.nn.utils.prune state dicts, Structure-LTH checkpoints, open_lth level "
-        "directories or checkpoint.pth, plain state dicts whose zeros are the mask) and "
-        "print per-layer statistics.",
-    )
+    p = _command(sub, "inspect", _cmd_inspect)
     p.add_argument("checkpoint", help="file or open_lth level directory")
     p.add_argument("--arch", help="check the ticket against this architecture")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(handler=_cmd_inspect)
+    _json_flag(p)
 
-    p = sub.add_parser(
-        "prune",
-        help="iterative magnitude pruning, optionally with refill / regroup every round",
-        description="Train a built-in architecture, then prune RATE of the remaining weights "
-        "per round (stem conv and Linear layers excluded), post-process, rewind and retrain. "
-        "Writes one ticket per round (round0.safetensors is the dense network) and "
-        "summary.json to --out. Data-parallel: torchrun --nproc-per-node N -m sparse_ops "
-        "prune ... (--batch-size is per process).",
-    )
+    p = _command(sub, "prune", _cmd_prune)
     p.add_argument("--arch", required=True, help="built-in architecture (sparse-ops models)")
     p.add_argument(
         "--data", default="digits",
@@ -364,37 +389,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0,
                    help="DataLoader processes decoding images (imagefolder)")  # fmt: skip
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _json_flag(p)
     _add_structure_args(p)
-    p.set_defaults(handler=_cmd_prune)
 
-    p = sub.add_parser(
-        "restructure",
-        help="apply refill, refill+ or regroup to an existing ticket",
-        description="Read a ticket in any recognised format, apply one structuring step and "
-        "write the result in our format.",
-    )
-    p.add_argument("ticket", help="ticket file or open_lth level directory")
+    p = _command(sub, "restructure", _cmd_restructure, reads_ticket=True)
     p.add_argument("--arch", help="architecture to check the ticket against")
     p.add_argument("--method", required=True, choices=list(METHODS))
-    p.add_argument("-o", "--output", required=True, help="output .safetensors file")
+    _output_file(p)
     p.add_argument("--data", help="batch source for feature_* / saliency criteria")
     p.add_argument("--data-dir", help="directory of the CIFAR binary release")
     p.add_argument("--image-size", type=int)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _json_flag(p)
     _add_structure_args(p)
-    p.set_defaults(handler=_cmd_restructure)
 
-    p = sub.add_parser(
-        "transform",
-        help="stretch or squeeze a ticket to another depth of its family (E-LTH)",
-        description="Elastic Lottery Ticket transform: copy a ticket's masks and weights "
-        "(trained and rewind, BN statistics included) block by block into a deeper or "
-        "shallower network of the same family. Stem, classifier and each stage's first "
-        "block are copied unchanged. Writes our ticket format.",
-    )
-    p.add_argument("ticket", help="ticket file or open_lth level directory")
+    p = _command(sub, "transform", _cmd_transform, reads_ticket=True)
     p.add_argument(
         "--from",
         dest="src",
@@ -421,19 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="shuffle the masks of extra copies within each layer (control)",
     )
     p.add_argument("--seed", type=int, help="seed of --random-extra (default 0)")
-    p.add_argument("-o", "--output", required=True, help="output .safetensors file")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(handler=_cmd_transform)  # fmt: skip
+    _output_file(p)
+    _json_flag(p)
 
-    p = sub.add_parser(
-        "convert",
-        help="convert a ticket into a fast inference module (saved, no pickle)",
-        description="Load a ticket (any recognised format), build its architecture, fold "
-        "BatchNorm, fuse ReLU/residual adds, run each conv as a channel-pruned, group-sparse "
-        "or dense unit, check the result against the masked dense network on a random batch, "
-        "and save it (load it back with sparse_ops.load_converted).",
-    )
-    p.add_argument("ticket", help="ticket file or open_lth level directory")
+    p = _command(sub, "convert", _cmd_convert, reads_ticket=True)
     p.add_argument("--arch", help="architecture (default: the one the ticket names)")
     p.add_argument("--mode", choices=["auto", "channel", "group"], default="auto")
     p.add_argument(
@@ -455,10 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune-cache", default=None, metavar="FILE",
                    help="with --tune: timing cache (default: $SPARSE_OPS_CACHE_DIR/tuning.json "
                    "or ~/.cache/sparse-ops/tuning.json); 'none' for no cache")  # fmt: skip
-    p.add_argument("-o", "--output", required=True, help="output .safetensors file")
+    _output_file(p)
     p.add_argument("--report", action="store_true", help="print the per-layer report")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(handler=_cmd_convert)
+    _json_flag(p)
 
     # `bench` and `demo` live in bench/ (sparse_ops never imports it): they register
     # themselves through the "sparse_ops.commands" entry points declared in setup.py.

@@ -55,3 +55,13 @@ def listing(items, limit: int = 8) -> str:
         return "(none)"
     shown = ", ".join(repr(i) for i in items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, cut at 300 characters, for one-line
+    errors that quote a library's own message."""
+    lines = str(exc).strip().splitlines()
+    if not lines:
+        return type(exc).__name__
+    line = lines[0]
+    return line if len(line) <= 300 else line[:299] + "…"

@@ -28,7 +28,7 @@ from .errors import TicketMismatchError, listing
 from .importers import is_conv_or_linear_weight
 
 if TYPE_CHECKING:
-    from .tickets import Ticket
+    from .tickets.ticket import Ticket
 
 
 def to_prune_state(ticket: Ticket, which: str = "weights") -> dict[str, torch.Tensor]:

@@ -47,7 +47,7 @@ from torch.nn.utils import prune
 
 from . import distributed
 from .errors import SparseOpsError
-from .tickets import Ticket
+from .tickets.ticket import Ticket
 
 
 class IMPError(SparseOpsError):

@@ -11,7 +11,9 @@ from .errors import printable
 from .importers import is_conv_or_linear_weight
 from .masks import STRUCTURES
 from .tables import format_table, shape_text
-from .tickets import Ticket, load_ticket, maskable_weights
+from .tickets.fitting import maskable_weights
+from .tickets.loading import load_ticket
+from .tickets.ticket import Ticket
 
 
 def unpruned_layers(ticket: Ticket) -> list[str]:

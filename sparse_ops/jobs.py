@@ -16,7 +16,8 @@ from .errors import SparseOpsError
 from .progress import Progress
 from .structure.methods import METHODS
 from .tables import format_table
-from .tickets import Ticket, load_ticket
+from .tickets.loading import load_ticket
+from .tickets.ticket import Ticket
 from .training import TrainConfig, Trainer
 
 

@@ -25,6 +25,7 @@ from .common import (
     conv3x3,
     global_avg_pool,
     init_weights,
+    resnet_stages,
 )
 
 
@@ -82,14 +83,8 @@ class ResNetS(nn.Module):
         self.normalize = Normalize()
         self.conv1 = conv3x3(3, 16)
         self.bn1 = nn.BatchNorm2d(16)
-        cin = 16
-        for stage, width in enumerate((16, 32, 64)):
-            blocks = []
-            for j in range(n):
-                stride = 2 if stage > 0 and j == 0 else 1
-                blocks.append(block_a(cin, width, stride))
-                cin = width
-            self.add_module(f"layer{stage + 1}", nn.Sequential(*blocks))
+        for i, stage in enumerate(resnet_stages(block_a, 16, (16, 32, 64), n)):
+            self.add_module(f"layer{i + 1}", stage)
         self.fc = nn.Linear(64, num_classes)
         init_weights(self)
 
@@ -108,16 +103,11 @@ class OpenLTHResNet(nn.Module):
         n = blocks_per_stage(depth)
         self.conv = conv3x3(3, width)
         self.bn = nn.BatchNorm2d(width)
-        blocks = []
-        cin = width
-        for stage in range(3):
-            cout = width * 2**stage
-            for j in range(n):
-                stride = 2 if stage > 0 and j == 0 else 1
-                blocks.append(block_b(cin, cout, stride))
-                cin = cout
-        self.blocks = nn.Sequential(*blocks)
-        self.fc = nn.Linear(cin, num_classes)
+        widths = [width * 2**stage for stage in range(3)]
+        # open_lth numbers blocks across stages: one trunk, not one Sequential per stage
+        stages = resnet_stages(block_b, width, widths, n)
+        self.blocks = nn.Sequential(*(block for stage in stages for block in stage))
+        self.fc = nn.Linear(widths[-1], num_classes)
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

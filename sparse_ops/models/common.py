@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -83,3 +85,23 @@ class PostActBasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         return F.relu(self.bn2(self.conv2(out)) + self.residual(x))
+
+
+def resnet_stages(
+    make_block: Callable[[int, int, int], nn.Module],
+    cin: int,
+    widths: Sequence[int],
+    blocks_per_stage: int,
+) -> list[nn.Sequential]:
+    """The stages of a CIFAR ResNet, one ``nn.Sequential`` of blocks per width, built by
+    ``make_block(cin, cout, stride)``. Each stage after the first opens with a stride-2
+    block: that is where the resolution halves."""
+    stages = []
+    for stage, width in enumerate(widths):
+        blocks = []
+        for j in range(blocks_per_stage):
+            stride = 2 if stage > 0 and j == 0 else 1
+            blocks.append(make_block(cin, width, stride))
+            cin = width
+        stages.append(nn.Sequential(*blocks))
+    return stages

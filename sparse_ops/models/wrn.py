@@ -20,6 +20,7 @@ from .common import (
     conv3x3,
     global_avg_pool,
     init_weights,
+    resnet_stages,
 )
 
 
@@ -41,18 +42,11 @@ class WideBlock(PostActBasicBlock):
 class WRN32(nn.Module):
     def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = (32, 64, 128)):
         super().__init__()
-        blocks_per_stage = 5
         self.conv1 = conv3x3(3, widths[0])
         self.bn = nn.BatchNorm2d(widths[0])
-        cin = widths[0]
-        for stage, width in enumerate(widths):
-            blocks = []
-            for j in range(blocks_per_stage):
-                stride = 2 if stage > 0 and j == 0 else 1
-                blocks.append(WideBlock(cin, width, stride))
-                cin = width
-            self.add_module(f"layer{stage + 1}", nn.Sequential(*blocks))
-        self.linear = nn.Linear(cin, num_classes)
+        for i, stage in enumerate(resnet_stages(WideBlock, widths[0], widths, 5)):
+            self.add_module(f"layer{i + 1}", stage)
+        self.linear = nn.Linear(widths[-1], num_classes)
         self.normalize = Normalize()
         init_weights(self)
 

@@ -6,7 +6,7 @@ from torch import nn
 
 from .. import models
 from ..errors import TicketMismatchError
-from ..tickets import Ticket
+from ..tickets.ticket import Ticket
 
 CONV = "conv"
 LINEAR = "linear"

@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import SparseOpsError
-from ..tickets import Ticket
+from ..tickets.ticket import Ticket
 
 METHODS = ("refill", "refill+", "regroup")
 Step = Callable[[Ticket, nn.Module | None], Ticket]

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import Any
 
 import numpy as np
 import torch
@@ -228,24 +229,12 @@ class RowPartitioner:
         return labels
 
 
-def partition_rows(
-    view: np.ndarray,
-    parts: int,
-    *,
-    model: str = "graph",
-    neighbors: int = 32,
-    epsilon: float = 0.1,
-    objective: str = "cut",
-    seed: int = 0,
-    layer: str = "<mask>",
-) -> tuple[np.ndarray, np.ndarray]:
+def partition_rows(view: np.ndarray, parts: int, **options: Any) -> tuple[np.ndarray, np.ndarray]:
     """Partition the non-empty rows of bool matrix ``view`` into ``parts`` blocks, once.
 
-    Returns ``(rows, block_of_row)``: the non-empty row ids and each one's block in
-    ``0..parts-1`` (:meth:`RowPartitioner.split`).
+    ``options`` are :class:`RowPartitioner`'s (``model``, ``neighbors``, ``epsilon``,
+    ``objective``, ``seed``, ``layer``). Returns ``(rows, block_of_row)``: the non-empty
+    row ids and each one's block in ``0..parts-1`` (:meth:`RowPartitioner.split`).
     """
-    partitioner = RowPartitioner(
-        view, model=model, neighbors=neighbors, epsilon=epsilon, objective=objective,
-        seed=seed, layer=layer,
-    )  # fmt: skip
+    partitioner = RowPartitioner(view, **options)
     return partitioner.rows, partitioner.split(parts)

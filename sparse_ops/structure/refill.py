@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SparseOpsError
-from ..tickets import Ticket, unpruned_copy
+from ..tickets.fitting import unpruned_copy
+from ..tickets.ticket import Ticket
 from .layers import LINEAR, layer_kinds, select
 from .report import LayerChange
 

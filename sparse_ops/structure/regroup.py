@@ -77,7 +77,7 @@ from sparse_ops_kernels.formats import COL_RUN
 from ..errors import SparseOpsError
 from ..layouts import Group, GroupLayout
 from ..masks import gemm_view
-from ..tickets import Ticket
+from ..tickets.ticket import Ticket
 from .layers import CONV, layer_kinds, select
 from .partition import MODELS, OBJECTIVES, RowPartitioner
 from .report import LayerChange
