@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 
 from . import __version__, models
-from .errors import SparseOpsError, printable
+from .errors import USER_ERRORS, SparseOpsError, printable
 from .progress import Progress
 from .structure.methods import METHODS
 from .structure.partition import MODELS as PARTITION_MODELS
@@ -477,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():  # restores the global hook on the way out
             warnings.showwarning = _show_warning
             return args.handler(args)
-    except SparseOpsError as exc:
+    except USER_ERRORS as exc:
         print(f"sparse-ops: error: {printable(exc)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into head & co: not an error

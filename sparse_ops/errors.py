@@ -3,14 +3,23 @@
 Errors a user causes with bad input derive from :class:`SparseOpsError` (a
 ``ValueError``) and carry a one-line message naming the file, key or layer at fault;
 the ``sparse-ops`` CLI prints that line and exits with status 2 (as it does for output
-paths it cannot write). Anything else escaping is a bug in sparse_ops.
+paths it cannot write). The kernels package's ``KernelInputError`` (a launcher's check,
+or a ``FormatError``: a packed format that contradicts itself, a version it does not
+read, a weight that cannot be packed as asked) is a user error too, handled alike
+(:data:`USER_ERRORS`): it cannot derive from ``SparseOpsError``, because the kernels
+import nothing from sparse_ops. Anything else escaping is a bug in sparse_ops.
 """
 
 from __future__ import annotations
 
+from sparse_ops_kernels.errors import KernelInputError
+
 
 class SparseOpsError(ValueError):
     """Base class: bad input detected by sparse_ops."""
+
+
+USER_ERRORS = (SparseOpsError, KernelInputError)
 
 
 class TicketFormatError(SparseOpsError):
