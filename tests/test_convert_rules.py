@@ -13,12 +13,13 @@ from sparse_ops.convert import (
     ConvertError,
     SaveError,
     convert,
+    graph_reader,
+    graph_writer,
     load_converted,
     masked_model,
     register_module_rule,
     rules,
     save_converted,
-    serialize,
     unregister_module_rule,
 )
 
@@ -55,8 +56,12 @@ def _width_into_conv2(module) -> int:
 
 
 def test_saved_graph_allowlists_are_the_rules_tables():
-    assert serialize.FUNCTIONS is rules.FUNCTIONS and serialize.METHODS is rules.METHODS
-    assert serialize.TORCH_MODULES is rules.TORCH_MODULES
+    # Both sides of a saved file read the very tables the rules build.
+    for side in (graph_writer, graph_reader):
+        assert side.FUNCTIONS is rules.FUNCTIONS and side.METHODS is rules.METHODS
+        assert side.TORCH_MODULES is rules.TORCH_MODULES
+        assert side.FUNCTION_KWARGS is rules.FUNCTION_KWARGS
+        assert side.METHOD_KWARGS is rules.METHOD_KWARGS
     assert rules.FUNCTION_KWARGS.keys() == rules.FUNCTIONS.keys()
     assert rules.METHOD_KWARGS.keys() == rules.METHODS
     # Every op a rule converts can be saved: no rule names an op the table lacks.

@@ -700,7 +700,7 @@ class Case:
     # layers left unpruned (the classifier by default)
     unpruned: tuple[str, ...] = ("fc", "head")
     # whether save_converted should write it: every op in the graph is on the
-    # serializer's allowlist (sparse_ops/convert/serialize.py). False: it should refuse
+    # serializer's allowlist (sparse_ops/convert/rules/allowlists.py). False: it should refuse
     # with a SaveError naming the op.
     saves: bool = True
 
