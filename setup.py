@@ -34,6 +34,8 @@ setup(
         ],
     ],
     package_dir={"sparse_ops_kernels": "kernels", "sparse_ops_bench": "bench"},
+    # Each kernel's autotune config table (config sets, quick lists, spill tables).
+    package_data={"sparse_ops_kernels": ["*.json"]},
     install_requires=[
         # CPU machines: install the CPU wheel first (pip install torch==2.13.0); a bare
         # "torch" may otherwise resolve to a multi-GB CUDA build.

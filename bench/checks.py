@@ -42,8 +42,10 @@ def check_output(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> dict
     error = relative_error(y, ref)
     if error <= tolerance(dtype):
         return {"rel_error": error, "status": "ok"}
-    return {"rel_error": error, "status": f"{WRONG_OUTPUT}: max|y-ref|/max|ref| = {error:.2e} > "
-                                          f"{tolerance(dtype):.0e}"}  # fmt: skip
+    return {
+        "rel_error": error,
+        "status": f"{WRONG_OUTPUT}: max|y-ref|/max|ref| = {error:.2e} > {tolerance(dtype):.0e}",
+    }
 
 
 def is_wrong(row: dict[str, Any]) -> bool:

@@ -47,17 +47,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, help="untimed runs first (preset default)")
     p.add_argument("--graph", action="store_true", help="GPU: time CUDA-graph replays")
     p.add_argument("--out", help="output folder (default: sparse-ops-bench/<device>)")
-    p.add_argument("--json", action="store_true", help="print the result JSON")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print the result JSON")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     out = args.out or harness.default_out(args.device)
     progress = Progress(enabled=not args.json)
     result = harness.run(
-        args.preset, models_wanted=args.models, providers=args.providers, methods=args.methods,
-        sparsities=args.sparsities, dtype=args.dtype, device=args.device, repeats=args.repeats,
-        warmup=args.warmup, graph=args.graph, out=out, progress=progress,
-    )  # fmt: skip
+        args.preset,
+        models_wanted=args.models,
+        providers=args.providers,
+        methods=args.methods,
+        sparsities=args.sparsities,
+        dtype=args.dtype,
+        device=args.device,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        graph=args.graph,
+        out=out,
+        progress=progress,
+    )
     if args.json:
         print(json.dumps(result))
     else:

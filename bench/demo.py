@@ -91,8 +91,11 @@ def run_demo(
     dataset = datasets.load("digits", image_size=config.image_size, seed=config.seed)
     train = TrainConfig(epochs=config.epochs, batch_size=64, weight_decay=5e-4, seed=config.seed)
     trainer = Trainer(dataset, train, progress=progress)
-    step(1, f"IMP on {dataset.describe()} with {config.arch}: {config.rounds} rounds of "
-            f"{config.rate:.0%}, refill / regroup after every round")  # fmt: skip
+    step(
+        1,
+        f"IMP on {dataset.describe()} with {config.arch}: {config.rounds} rounds of "
+        f"{config.rate:.0%}, refill / regroup after every round",
+    )
     runs: dict[str, list[Ticket]] = {}
     for method in METHODS:
         runs[method] = _imp(config, method, dataset, trainer, progress)
@@ -105,8 +108,13 @@ def run_demo(
     converted, checks = {}, {}
     for method, ticket in finals.items():
         model = models.create(config.arch, dataset.num_classes).eval()
-        fast, report = convert(model, ticket, mode=METHODS[method], return_report=True,
-                               input_size=(3, config.image_size, config.image_size))  # fmt: skip
+        fast, report = convert(
+            model,
+            ticket,
+            mode=METHODS[method],
+            return_report=True,
+            input_size=(3, config.image_size, config.image_size),
+        )
         reference = masked_model(model, ticket)
         with torch.inference_mode():
             y_ref, y_fast = reference(test_x), fast(test_x)
@@ -120,13 +128,18 @@ def run_demo(
         converted[method] = fast
         save_converted(fast, out / f"{config.arch}_{method}_converted.safetensors")
         c = checks[method]
-        progress.line(f"      {method}: {c['mode']} units {c['representations']}, FLOPs "
-                      f"{100 * c['flops_ratio']:.1f}% of dense, max |Δ| {c['max_abs_diff']:.2e}, "
-                      f"same predictions: {c['same_predictions']}")  # fmt: skip
+        progress.line(
+            f"      {method}: {c['mode']} units {c['representations']}, FLOPs "
+            f"{100 * c['flops_ratio']:.1f}% of dense, max |Δ| {c['max_abs_diff']:.2e}, "
+            f"same predictions: {c['same_predictions']}"
+        )
 
     shape = (config.latency_batch, 3, config.latency_size, config.latency_size)
-    step(3, f"latency on {_where(device_)} at input {tuple(shape)}, "
-            f"median of {config.repeats} runs after {config.warmup} warm-up")  # fmt: skip
+    step(
+        3,
+        f"latency on {_where(device_)} at input {tuple(shape)}, "
+        f"median of {config.repeats} runs after {config.warmup} warm-up",
+    )
     latency = _latency(config, finals, dataset.num_classes, shape, device_, progress)
 
     step(4, f"write the table, plots and JSON to {out}/")
@@ -138,8 +151,10 @@ def run_demo(
     write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     verdict = "all checks passed" if summary["ok"] else "CHECKS FAILED"
     if not quiet:  # the result on stdout (progress went to stderr), so it can be piped
-        print(f"\n{table}\n\n{verdict} in {time.perf_counter() - start:.0f}s; "
-              f"outputs in {out}/", flush=True)  # fmt: skip
+        print(
+            f"\n{table}\n\n{verdict} in {time.perf_counter() - start:.0f}s; outputs in {out}/",
+            flush=True,
+        )
     return summary
 
 
@@ -148,13 +163,21 @@ def _imp(config, method, dataset, trainer, progress) -> list[Ticket]:
     model = models.create(config.arch, dataset.num_classes)
     tickets = []
     for ticket in imp.run(
-        model, config.rounds, trainer.fit, trainer.accuracy, rate=config.rate, post=method,
-        example_input=dataset.test.images[:1], arch=config.arch,
-    ):  # fmt: skip
+        model,
+        config.rounds,
+        trainer.fit,
+        trainer.accuracy,
+        rate=config.rate,
+        post=method,
+        example_input=dataset.test.images[:1],
+        arch=config.arch,
+    ):
         tickets.append(ticket)
-        progress.line(f"      {method} round {ticket.meta['round']}: sparsity "
-                      f"{100 * ticket.sparsity:.1f}%, test accuracy "
-                      f"{ticket.meta['accuracy']:.2f}%")  # fmt: skip
+        progress.line(
+            f"      {method} round {ticket.meta['round']}: sparsity "
+            f"{100 * ticket.sparsity:.1f}%, test accuracy "
+            f"{ticket.meta['accuracy']:.2f}%"
+        )
     return tickets
 
 
@@ -231,19 +254,38 @@ def render(summary: dict[str, Any]) -> str:
         check = summary["conversion"][method]
         by = {r["provider"]: r for r in rows_}
         t0 = by[base].get("median_ms")
-        cells = [f"{by[p]['median_ms']:.1f}" if by[p]["status"] == "ok" else "error"
-                 for p in providers]  # fmt: skip
+        cells = [
+            f"{by[p]['median_ms']:.1f}" if by[p]["status"] == "ok" else "error" for p in providers
+        ]
         ours = by.get("ours", {}).get("median_ms")
         folded = by.get("folded", {}).get("median_ms")
         speedup = f"{t0 / ours:.2f}×" if t0 and ours else ""
         vs_folded = f"{folded / ours:.2f}×" if folded and ours else ""
         same = "yes" if check["same_predictions"] else "NO"
-        rows.append([method, f"{100 * final['sparsity']:.1f}%", f"{final['accuracy']:.2f}%",
-                     f"{100 * check['flops_ratio']:.1f}%", *cells, speedup, vs_folded,
-                     _versus_best(by, base), same])  # fmt: skip
-    head = ["ticket", "sparsity", "accuracy", "FLOPs", *[f"{p} ms" for p in providers],
-            f"ours vs {base}", "ours vs folded", "ours / best other",
-            "converted == masked"]  # fmt: skip
+        rows.append(
+            [
+                method,
+                f"{100 * final['sparsity']:.1f}%",
+                f"{final['accuracy']:.2f}%",
+                f"{100 * check['flops_ratio']:.1f}%",
+                *cells,
+                speedup,
+                vs_folded,
+                _versus_best(by, base),
+                same,
+            ]
+        )
+    head = [
+        "ticket",
+        "sparsity",
+        "accuracy",
+        "FLOPs",
+        *[f"{p} ms" for p in providers],
+        f"ours vs {base}",
+        "ours vs folded",
+        "ours / best other",
+        "converted == masked",
+    ]
     env = summary["environment"]
     where = env.get("gpu") or f"{env.get('cpu')}, {env.get('torch_threads')} threads"
     first = next(iter(summary["latency"].values()))[0]
@@ -255,8 +297,9 @@ def render(summary: dict[str, Any]) -> str:
             if r["provider"] == "ours" and r.get("note"):
                 notes.append(f"- ours for {method}: {r['note']}")
             if r["provider"] == "ours" and r.get("details", {}).get("tuning_table"):
-                tables.append(f"ours for {method}, per layer:\n\n```text\n"
-                              f"{r['details']['tuning_table']}\n```")  # fmt: skip
+                tables.append(
+                    f"ours for {method}, per layer:\n\n```text\n{r['details']['tuning_table']}\n```"
+                )
     return (
         f"{summary['config']['arch']} on {summary['data']}; dense accuracy {dense_acc:.2f}%.\n"
         f"Latency: median ms at input {tuple(first['input'])} on {where}.\n\n"
@@ -276,8 +319,9 @@ def _versus_best(by: dict[str, dict], base: str) -> str:
     """ours / the fastest whole-network alternative (dense, folded, narrow): ≤ 1 is the
     goal ('never slower')."""
     ours = by.get("ours", {}).get("median_ms")
-    others = [by[p]["median_ms"] for p in (base, "folded", "narrow")
-              if by.get(p, {}).get("median_ms")]  # fmt: skip
+    others = [
+        by[p]["median_ms"] for p in (base, "folded", "narrow") if by.get(p, {}).get("median_ms")
+    ]
     return f"{ours / min(others):.2f}" if ours and others else ""
 
 
@@ -319,8 +363,12 @@ def _plots(summary: dict[str, Any], out: Path) -> list[Path]:
     paths = []
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for method, rounds in summary["imp"].items():
-        ax.plot([100 * r["sparsity"] for r in rounds], [r["accuracy"] for r in rounds],
-                marker="o", label=f"IMP + {method}")  # fmt: skip
+        ax.plot(
+            [100 * r["sparsity"] for r in rounds],
+            [r["accuracy"] for r in rounds],
+            marker="o",
+            label=f"IMP + {method}",
+        )
     ax.set_xlabel("sparsity (%)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{summary['config']['arch']} on digits: accuracy per IMP round", fontsize=10)
@@ -339,13 +387,17 @@ def _plots(summary: dict[str, Any], out: Path) -> list[Path]:
     for i, p in enumerate(providers):
         rows = [next(r for r in summary["latency"][m] if r["provider"] == p) for m in methods]
         med = [r.get("median_ms", float("nan")) for r in rows]
-        err = [[r.get("median_ms", 0) - r.get("p20_ms", 0) for r in rows],
-               [r.get("p80_ms", 0) - r.get("median_ms", 0) for r in rows]]  # fmt: skip
-        ax.bar([j + i * width for j in range(len(methods))], med, width, yerr=err, capsize=2,
-               label=p)  # fmt: skip
+        err = [
+            [r.get("median_ms", 0) - r.get("p20_ms", 0) for r in rows],
+            [r.get("p80_ms", 0) - r.get("median_ms", 0) for r in rows],
+        ]
+        ax.bar(
+            [j + i * width for j in range(len(methods))], med, width, yerr=err, capsize=2, label=p
+        )
     ax.set_xticks([j + width * (len(providers) - 1) / 2 for j in range(len(methods))])
-    ax.set_xticklabels([f"{m} ({100 * summary['imp'][m][-1]['sparsity']:.0f}% sparse)"
-                        for m in methods])  # fmt: skip
+    ax.set_xticklabels(
+        [f"{m} ({100 * summary['imp'][m][-1]['sparsity']:.0f}% sparse)" for m in methods]
+    )
     ax.set_ylabel("median latency (ms)")
     first = summary["latency"][methods[0]][0]
     ax.set_title(f"latency at input {tuple(first['input'])}, {summary['device']}", fontsize=10)

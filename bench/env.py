@@ -21,8 +21,11 @@ def git_commit() -> str | None:
         )
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT, capture_output=True, text=True, check=True,
-        ).stdout.strip()  # fmt: skip
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
     return out.stdout.strip() + ("+dirty" if dirty else "")
@@ -52,8 +55,12 @@ def steady_allocator() -> dict[str, object]:
             ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**30) == 1
         except (OSError, AttributeError):
             ok = False
-        _ALLOCATOR.update(steady=ok, how="glibc mallopt: M_MMAP_MAX=0, M_TRIM_THRESHOLD=1 GiB"
-                          if ok else "unchanged (not glibc)")  # fmt: skip
+        _ALLOCATOR.update(
+            steady=ok,
+            how="glibc mallopt: M_MMAP_MAX=0, M_TRIM_THRESHOLD=1 GiB"
+            if ok
+            else "unchanged (not glibc)",
+        )
     return dict(_ALLOCATOR)
 
 
@@ -100,8 +107,11 @@ def nvidia_driver() -> str | None:
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, check=True, timeout=20,
-        ).stdout  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=20,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     return out.strip().splitlines()[0] if out.strip() else None

@@ -49,8 +49,14 @@ class SingleConv(nn.Module):
 
     def __init__(self, shape: preset_defs.LayerShape):
         super().__init__()
-        self.conv = nn.Conv2d(shape.in_channels, shape.out_channels, shape.kernel_size,
-                              shape.stride, shape.padding, bias=False)  # fmt: skip
+        self.conv = nn.Conv2d(
+            shape.in_channels,
+            shape.out_channels,
+            shape.kernel_size,
+            shape.stride,
+            shape.padding,
+            bias=False,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -73,8 +79,13 @@ def _cases(
             for shape in preset_defs.distinct_convs(spec.arch, spec.kernel_sizes):
                 torch.manual_seed(0)
                 model = SingleConv(shape).eval()
-                desc = {"kind": "layer", "arch": spec.arch, "layer": shape.source,
-                        "count": shape.count, "shape": asdict(shape)}  # fmt: skip
+                desc = {
+                    "kind": "layer",
+                    "arch": spec.arch,
+                    "layer": shape.source,
+                    "count": shape.count,
+                    "shape": asdict(shape),
+                }
                 x_shape = (spec.batch, shape.in_channels, spec.hw, spec.hw)
                 yield desc, model, x_shape, ["conv.weight"]
 
@@ -134,11 +145,14 @@ def run(
     methods = list(methods or preset.methods)
     sparsities = list(sparsities or preset.sparsities)
     progress = progress or Progress()
-    timing = {"warmup": warmup if warmup is not None else preset.warmup,
-              "repeats": repeats if repeats is not None else preset.repeats}  # fmt: skip
+    timing = {
+        "warmup": warmup if warmup is not None else preset.warmup,
+        "repeats": repeats if repeats is not None else preset.repeats,
+    }
     if timing["repeats"] < 1 or timing["warmup"] < 0:
-        raise BenchError(f"need repeats ≥ 1 and warmup ≥ 0, got {timing['repeats']} and "
-                         f"{timing['warmup']}")  # fmt: skip
+        raise BenchError(
+            f"need repeats ≥ 1 and warmup ≥ 0, got {timing['repeats']} and {timing['warmup']}"
+        )
     if device.type == "cuda":
         timing |= {"flush_l2": True, "graph": graph}
     cases = list(_cases(preset, models_wanted))
@@ -150,8 +164,9 @@ def run(
         Path(out).mkdir(parents=True, exist_ok=True)
         partial = Path(out) / f"{preset.name}_{dtype}.partial.json"
     with _cudnn_benchmark(device.type == "cuda"):
-        rows, seconds = _run_cases(cases, methods, sparsities, providers, torch_dtype, device,
-                                   timing, progress, partial)  # fmt: skip
+        rows, seconds = _run_cases(
+            cases, methods, sparsities, providers, torch_dtype, device, timing, progress, partial
+        )
     result = {
         "schema": SCHEMA,
         "preset": preset.name,
@@ -206,14 +221,28 @@ def _run_cases(
             for sparsity in sparsities:
                 done += 1
                 label = desc["arch"] + (f" {desc['layer']}" if desc["layer"] else "")
-                progress.line(f"[{done}/{total}] {label} {method} {sparsity:.0%} "
-                              f"(t={time.perf_counter() - start:.0f}s)")  # fmt: skip
+                progress.line(
+                    f"[{done}/{total}] {label} {method} {sparsity:.0%} "
+                    f"(t={time.perf_counter() - start:.0f}s)"
+                )
                 ticket = make_ticket(model, method, sparsity, names=names, arch=None)
-                common = desc | {"method": method, "sparsity": sparsity,
-                                 "density": ticket.density, "input": list(input_shape)}  # fmt: skip
-                measured = measure_case(model, ticket, x, providers, dtype=torch_dtype,
-                                        device=device, timing=timing, dense_ref=dense_ref,
-                                        progress=progress)  # fmt: skip
+                common = desc | {
+                    "method": method,
+                    "sparsity": sparsity,
+                    "density": ticket.density,
+                    "input": list(input_shape),
+                }
+                measured = measure_case(
+                    model,
+                    ticket,
+                    x,
+                    providers,
+                    dtype=torch_dtype,
+                    device=device,
+                    timing=timing,
+                    dense_ref=dense_ref,
+                    progress=progress,
+                )
                 rows.extend(common | row for row in measured)
                 if partial is not None:
                     write_text(partial, json.dumps({"schema": SCHEMA, "rows": rows}) + "\n")
@@ -301,8 +330,11 @@ def _add_speedups(result: dict[str, Any]) -> None:
     def case(r: dict[str, Any]) -> tuple:  # the input shape separates batch 1 from 64
         return (r["kind"], r["arch"], r["layer"], r["method"], r["sparsity"], tuple(r["input"]))
 
-    baseline = {case(r): r.get("median_ms") for r in result["rows"]
-                if r["provider"] == base and r["status"] == "ok"}  # fmt: skip
+    baseline = {
+        case(r): r.get("median_ms")
+        for r in result["rows"]
+        if r["provider"] == base and r["status"] == "ok"
+    }
     for r in result["rows"]:
         t0 = baseline.get(case(r))
         if r["status"] == "ok" and t0:

@@ -37,9 +37,15 @@ import triton
 # divided by SM count and boost clock (H100/H200 SXM: 989 TFLOP/s fp16 over 132 SMs at
 # 1.83 GHz; A100: 312 over 108 at 1.41 GHz). "fma" is the CUDA-core fp32 rate.
 PEAK_FLOP_PER_CLOCK = {
-    (90, "fp16"): 4096, (90, "bf16"): 4096, (90, "tf32"): 2048, (90, "fma"): 256,
-    (80, "fp16"): 2048, (80, "bf16"): 2048, (80, "tf32"): 1024, (80, "fma"): 128,
-}  # fmt: skip
+    (90, "fp16"): 4096,
+    (90, "bf16"): 4096,
+    (90, "tf32"): 2048,
+    (90, "fma"): 256,
+    (80, "fp16"): 2048,
+    (80, "bf16"): 2048,
+    (80, "tf32"): 1024,
+    (80, "fma"): 128,
+}
 SCHEDULERS_PER_SM = 4
 TARGETS = {"sm_90a": 90, "sm_80": 80}
 
@@ -166,9 +172,33 @@ _PTXAS = {
 }
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _BRANCH = re.compile(r"\bBRA(?:\.[A-Z0-9.]+)?\s+(?:`?\()?0x([0-9a-f]+)")
-_INTEGER = ("IMAD", "IADD", "ISETP", "LEA", "SHF", "LOP", "SEL", "MOV", "IABS", "I2F", "F2I",
-            "PRMT", "SGXT", "ISCADD", "IMNMX", "VIMNMX", "R2UR", "S2R", "S2UR", "U", "P2R",
-            "R2P", "PLOP3", "CS2R", "FSEL")  # fmt: skip
+_INTEGER = (
+    "IMAD",
+    "IADD",
+    "ISETP",
+    "LEA",
+    "SHF",
+    "LOP",
+    "SEL",
+    "MOV",
+    "IABS",
+    "I2F",
+    "F2I",
+    "PRMT",
+    "SGXT",
+    "ISCADD",
+    "IMNMX",
+    "VIMNMX",
+    "R2UR",
+    "S2R",
+    "S2UR",
+    "U",
+    "P2R",
+    "R2P",
+    "PLOP3",
+    "CS2R",
+    "FSEL",
+)
 
 
 def parse_ptxas_log(log: str) -> dict[str, int]:
@@ -190,8 +220,9 @@ def sass_instructions(cubin: bytes) -> list[tuple[int, str]]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        sass = subprocess.run([tool, "--dump-sass", f.name], capture_output=True, text=True,
-                              check=True).stdout  # fmt: skip
+        sass = subprocess.run(
+            [tool, "--dump-sass", f.name], capture_output=True, text=True, check=True
+        ).stdout
     return [(int(a, 16), text) for a, text in _SASS_LINE.findall(sass)]
 
 
@@ -263,8 +294,9 @@ def loop_stats(instrs, bounds) -> LoopStats:
                 count["tma"] += 1
             else:
                 load_bits[_bits(op)] += 1
-        elif op.startswith(("BAR", "SYNCS", "WARPGROUP", "DEPBAR", "LDGDEPBAR", "WARPSYNC",
-                            "MEMBAR", "FENCE")):  # fmt: skip
+        elif op.startswith(
+            ("BAR", "SYNCS", "WARPGROUP", "DEPBAR", "LDGDEPBAR", "WARPSYNC", "MEMBAR", "FENCE")
+        ):
             count["bar"] += 1
         elif op.startswith("LDG"):
             count["ldg"] += 1
@@ -274,10 +306,16 @@ def loop_stats(instrs, bounds) -> LoopStats:
         elif op.startswith(_INTEGER):
             count["int"] += 1
     return LoopStats(
-        instructions=len(body), mma=count["mma"], async_copies=count["async"], tma=count["tma"],
-        global_loads=count["ldg"], shared_loads=count["lds"], integer=count["int"],
-        barriers=count["bar"], load_bits=dict(sorted(load_bits.items())),
-    )  # fmt: skip
+        instructions=len(body),
+        mma=count["mma"],
+        async_copies=count["async"],
+        tma=count["tma"],
+        global_loads=count["ldg"],
+        shared_loads=count["lds"],
+        integer=count["int"],
+        barriers=count["bar"],
+        load_bits=dict(sorted(load_bits.items())),
+    )
 
 
 def mma_kind(ptx: str) -> str:
@@ -297,13 +335,17 @@ def analyse(compiled, ptxas_log: str) -> KernelStats:
     bounds = innermost_mma_loop(instrs, fma=kind == "fma")
     ptx_async = sorted({m for m in re.findall(r"\b(cp\.async(?:\.bulk(?:\.tensor)?)?)\b", ptx)})
     return KernelStats(
-        registers=ptxas["registers"], spill_stores=ptxas["spill_stores"],
-        spill_loads=ptxas["spill_loads"], stack=ptxas["stack"],
-        shared=int(getattr(compiled.metadata, "shared", 0)), mma_kind=kind,
-        ptx_async=ptx_async, sass_instructions=len(instrs),
+        registers=ptxas["registers"],
+        spill_stores=ptxas["spill_stores"],
+        spill_loads=ptxas["spill_loads"],
+        stack=ptxas["stack"],
+        shared=int(getattr(compiled.metadata, "shared", 0)),
+        mma_kind=kind,
+        ptx_async=ptx_async,
+        sass_instructions=len(instrs),
         store_bits=dict(sorted(stores.items())),
         loop=loop_stats(instrs, bounds) if bounds else None,
-    )  # fmt: skip
+    )
 
 
 def issue_ceiling(

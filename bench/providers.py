@@ -98,40 +98,70 @@ def _on_backend(name: str, module: nn.Module) -> Callable[[torch.Tensor], torch.
 
 
 def _narrow(case: Case) -> Built:
-    fast = convert(case.model, unweighted(case.ticket), mode="channel", dtype=case.dtype,
-                   device=case.device, on_unstructured="dense",
-                   input_size=case.input_shape[1:])  # fmt: skip
+    fast = convert(
+        case.model,
+        unweighted(case.ticket),
+        mode="channel",
+        dtype=case.dtype,
+        device=case.device,
+        on_unstructured="dense",
+        input_size=case.input_shape[1:],
+    )
     return Built(_on_backend("torch", fast), "masked")
 
 
 def _ours(case: Case) -> Built:
     # Tuned afresh (no cache): a benchmark measures this machine as it is now.
     example = torch.randn(case.input_shape, generator=torch.Generator().manual_seed(1))
-    fast, report = convert(case.model, unweighted(case.ticket), mode="auto", dtype=case.dtype,
-                           device=case.device, on_unstructured="regroup",
-                           input_size=case.input_shape[1:], return_report=True,
-                           tune=example, tune_options=TuneOptions(cache=None))  # fmt: skip
+    fast, report = convert(
+        case.model,
+        unweighted(case.ticket),
+        mode="auto",
+        dtype=case.dtype,
+        device=case.device,
+        on_unstructured="regroup",
+        input_size=case.input_shape[1:],
+        return_report=True,
+        tune=example,
+        tune_options=TuneOptions(cache=None),
+    )
     kinds = sorted({r.representation for r in report.layers if r.kind == "conv"})
     tuning = report.notes["tuning"]
-    note = (f"{'/'.join(kinds)}; FLOPs {100 * report.flops_after / report.flops_dense:.1f}%; "
-            f"tuned in {tuning['seconds']:.1f} s")  # fmt: skip
-    details = {"tuning": tuning, "tuning_table": tuning_table(report.layers, tuning),
-               "layers": [{"name": r.name, "representation": r.representation}
-                          for r in report.layers]}  # fmt: skip
+    note = (
+        f"{'/'.join(kinds)}; FLOPs {100 * report.flops_after / report.flops_dense:.1f}%; "
+        f"tuned in {tuning['seconds']:.1f} s"
+    )
+    details = {
+        "tuning": tuning,
+        "tuning_table": tuning_table(report.layers, tuning),
+        "layers": [{"name": r.name, "representation": r.representation} for r in report.layers],
+    }
     return Built(fast, "masked", note, details)
 
 
 def _triton_dense(case: Case) -> Built:
     dense_ticket = Ticket({}, None, case.ticket.arch)
-    fast = convert(case.model, dense_ticket, mode="channel", dtype=case.dtype, device=case.device,
-                   input_size=case.input_shape[1:])  # fmt: skip
+    fast = convert(
+        case.model,
+        dense_ticket,
+        mode="channel",
+        dtype=case.dtype,
+        device=case.device,
+        input_size=case.input_shape[1:],
+    )
     return Built(_on_backend("triton", fast), "dense")
 
 
 def _folded(case: Case) -> Built:
     dense_ticket = Ticket({}, None, case.ticket.arch)
-    fast = convert(case.model, dense_ticket, mode="channel", dtype=case.dtype, device=case.device,
-                   input_size=case.input_shape[1:])  # fmt: skip
+    fast = convert(
+        case.model,
+        dense_ticket,
+        mode="channel",
+        dtype=case.dtype,
+        device=case.device,
+        input_size=case.input_shape[1:],
+    )
     return Built(_on_backend("torch", fast), "dense")
 
 

@@ -78,10 +78,14 @@ def markdown(result: dict[str, Any]) -> str:
         ours = by_provider.get("ours", {})
         speedup = f"{ours['speedup']:.2f}×" if "speedup" in ours else ""
         rows.append([label, method, f"{sparsity:.0%}", f"{density:.3f}", *cells, speedup])
-    table = format_table(["case", "method", "sparsity", "density", *providers, "speedup"], rows,
-                         markdown=True)  # fmt: skip
-    failures = [f"- {_case_label(r)} {r['method']} {r['sparsity']:.0%} {r['provider']}: "
-                f"{r['status']}" for r in result["rows"] if r["status"] != "ok"]  # fmt: skip
+    table = format_table(
+        ["case", "method", "sparsity", "density", *providers, "speedup"], rows, markdown=True
+    )
+    failures = [
+        f"- {_case_label(r)} {r['method']} {r['sparsity']:.0%} {r['provider']}: {r['status']}"
+        for r in result["rows"]
+        if r["status"] != "ok"
+    ]
     tail = "\n\nNot timed:\n" + "\n".join(failures) if failures else ""
     return head + "\n" + table + tail
 
@@ -100,8 +104,9 @@ def _series(rows: list[dict], provider: str, against: str | None = None) -> Seri
     layers: dict[float, set] = defaultdict(set)
     for r in rows:
         layers[r["sparsity"]].add(r["layer"])
-    complete = {s for s, names in layers.items()
-                if all((n, s, p) in ok for n in names for p in wanted)}  # fmt: skip
+    complete = {
+        s for s, names in layers.items() if all((n, s, p) in ok for n in names for p in wanted)
+    }
     acc: dict[float, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
     for r in rows:
         if r["provider"] != provider or r["status"] != "ok" or r["sparsity"] not in complete:
@@ -145,31 +150,42 @@ def plots(result: dict[str, Any], out: Path, stem: str) -> dict[str, Path]:
                 for p in result["providers"]:
                     xs, med, lo, hi = _series(rows, p)
                     if xs:
-                        err = [[m - a for m, a in zip(med, lo, strict=True)],
-                               [b - m for m, b in zip(med, hi, strict=True)]]  # fmt: skip
-                        ax.errorbar([100 * s for s in xs], med, yerr=err, marker="o",
-                                    capsize=2, label=p)  # fmt: skip
+                        err = [
+                            [m - a for m, a in zip(med, lo, strict=True)],
+                            [b - m for m, b in zip(med, hi, strict=True)],
+                        ]
+                        ax.errorbar(
+                            [100 * s for s in xs], med, yerr=err, marker="o", capsize=2, label=p
+                        )
                 ax.set_ylabel("latency (ms" + (", Σ layers)" if scope == "layers" else ")"))
             else:
                 for p in ("ours", "narrow"):
                     xb, tb, _, _ = _series(rows, base, p)
                     t0 = dict(zip(xb, tb, strict=True))
                     xs, med, _, _ = _series(rows, p, base)
-                    pts = [(100 * s, 100 * (1 - m / t0[s])) for s, m in zip(xs, med, strict=True)
-                           if s in t0]  # fmt: skip
+                    pts = [
+                        (100 * s, 100 * (1 - m / t0[s]))
+                        for s, m in zip(xs, med, strict=True)
+                        if s in t0
+                    ]
                     if pts:
                         # A slowdown beyond −100% would flatten every other point: such
                         # points sit on the floor as downward triangles.
                         xs_, ys_ = zip(*pts, strict=True)
-                        line = ax.plot(xs_, [max(y, SAVING_FLOOR) for y in ys_], marker="o",
-                                       label=f"{p} vs {base}")[0]  # fmt: skip
+                        line = ax.plot(
+                            xs_,
+                            [max(y, SAVING_FLOOR) for y in ys_],
+                            marker="o",
+                            label=f"{p} vs {base}",
+                        )[0]
                         low = [(x, SAVING_FLOOR) for x, y in pts if y < SAVING_FLOOR]
                         if low:
                             ax.plot(*zip(*low, strict=True), "v", c=line.get_color(), ms=9)
                 for sparsity, saving in PUBLISHED.get((arch, method), []):
                     if sparsity is None:
-                        ax.axhline(100 * saving, ls="--", c="gray", lw=1,
-                                   label="paper (sparsity not tied)")  # fmt: skip
+                        ax.axhline(
+                            100 * saving, ls="--", c="gray", lw=1, label="paper (sparsity not tied)"
+                        )
                     else:
                         ax.plot(100 * sparsity, 100 * saving, "k*", ms=10, label="paper")
                 ax.axhline(0, c="black", lw=0.5)
@@ -199,8 +215,9 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         xs, med, _, _ = _series(rows, "ours", result["baseline"])
         xb, tb, _, _ = _series(rows, result["baseline"], "ours")
         t0 = dict(zip(xb, tb, strict=True))
-        parts = [f"{100 * s:.0f}%: {t0[s] / m:.2f}×"
-                 for s, m in zip(xs, med, strict=True) if s in t0]  # fmt: skip
+        parts = [
+            f"{100 * s:.0f}%: {t0[s] / m:.2f}×" for s, m in zip(xs, med, strict=True) if s in t0
+        ]
         if parts:
             lines.append(f"{arch} {scope} {method}: " + ", ".join(parts))
     return lines

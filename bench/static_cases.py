@@ -48,46 +48,265 @@ class Case:
 
 
 CASES = [
-    Case("dense-3x3", "channel", 64, 64, 64, (32, 32), 3, 1, 1, relu=True, aligned=True,
-         note="CIFAR ResNet-18 layer1 conv; the triton-dense baseline"),
-    Case("dense-3x3-res", "channel", 64, 256, 256, (8, 8), 3, 1, 1, residual=True, relu=True,
-         aligned=True, note="ResNet-18 layer3 second conv, residual and ReLU fused"),
-    Case("dense-1x1-s2", "channel", 64, 128, 256, (16, 16), 1, 2, 0, aligned=True,
-         note="downsampling shortcut"),
-    Case("stem-7x7-s2", "channel", 8, 3, 64, (224, 224), 7, 2, 3, relu=True,
-         note="ImageNet stem: 3 input channels cannot be 16-byte aligned"),
-    Case("narrow-odd", "channel", 64, 307, 203, (16, 16), 3, 1, 1, relu=True,
-         note="narrowed activations of odd width, as a plan built without alignment"),
-    Case("narrow-aligned", "channel", 64, 312, 208, (16, 16), 3, 1, 1, relu=True, aligned=True,
-         note="the same widths padded to a multiple of 8, as the converter stores them"),
-    Case("gather-in", "channel", 64, 256, 256, (8, 8), 3, 1, 1, mask="in", residual=True,
-         relu=True, note="input channels read through in_idx (residual-tied layout)"),
-    Case("scatter-out", "channel", 64, 256, 256, (8, 8), 3, 1, 1, mask="out", relu=True,
-         note="rows written through out_idx, constant channels by fill tiles"),
-    Case("all-features", "channel", 64, 128, 128, (16, 16), 3, 1, 1, mask="both",
-         bias_map=True, residual=True, relu=True,
-         note="in_idx, out_idx, fill, bias map, residual, ReLU: the heaviest epilogue"),
-    Case("batch1-odd-s2", "channel", 1, 17, 33, (9, 7), 3, 2, 1, mask="both", residual=True,
-         note="batch 1, odd channels and sizes, stride 2"),
-    Case("groups-3x3", "group", 64, 256, 256, (8, 8), 3, 1, 1, mask="groups", residual=True,
-         relu=True, note="regroup pack: 32-row groups, rows in no group, residual, ReLU"),
-    Case("groups-512", "group", 64, 512, 512, (8, 8), 3, 1, 1, mask="groups", relu=True,
-         note="the floor case: 3x3 512→512, density 0.2, 32-row groups, arbitrary columns"),
-    Case("groups-512-run8", "group", 64, 512, 512, (8, 8), 3, 1, 1, mask="groups", relu=True,
-         col_run=8, aligned=True,
-         note="the same with columns in runs of 8 channels (RegroupConfig(col_run=8))"),
-    Case("groups-1x1-s2", "group", 64, 128, 256, (16, 16), 1, 2, 0, mask="groups",
-         note="group-sparse downsampling 1x1"),
-    Case("groups-7x7", "group", 8, 64, 64, (28, 28), 7, 1, 3, mask="groups", relu=True,
-         note="7x7 group pack"),
-    Case("groups-kpad64", "group", 64, 256, 256, (8, 8), 3, 1, 1, mask="groups", k_pad=64,
-         note="k_pad 64: the only packs BLOCK_K=64 configs may run on"),
-    Case("leftover", "group", 64, 256, 256, (8, 8), 3, 1, 1, mask="leftover", bias=False,
-         residual=True, relu=True, block_n=16, k_pad=16,
-         note="the converter's leftover pack: 16-row chunks, block_n = k_pad = 16"),
-    Case("groups-batch1-odd", "group", 1, 17, 33, (9, 7), 3, 2, 1, mask="groups",
-         note="batch 1, odd channels and sizes, stride 2"),
-]  # fmt: skip
+    Case(
+        "dense-3x3",
+        "channel",
+        64,
+        64,
+        64,
+        (32, 32),
+        3,
+        1,
+        1,
+        relu=True,
+        aligned=True,
+        note="CIFAR ResNet-18 layer1 conv; the triton-dense baseline",
+    ),
+    Case(
+        "dense-3x3-res",
+        "channel",
+        64,
+        256,
+        256,
+        (8, 8),
+        3,
+        1,
+        1,
+        residual=True,
+        relu=True,
+        aligned=True,
+        note="ResNet-18 layer3 second conv, residual and ReLU fused",
+    ),
+    Case(
+        "dense-1x1-s2",
+        "channel",
+        64,
+        128,
+        256,
+        (16, 16),
+        1,
+        2,
+        0,
+        aligned=True,
+        note="downsampling shortcut",
+    ),
+    Case(
+        "stem-7x7-s2",
+        "channel",
+        8,
+        3,
+        64,
+        (224, 224),
+        7,
+        2,
+        3,
+        relu=True,
+        note="ImageNet stem: 3 input channels cannot be 16-byte aligned",
+    ),
+    Case(
+        "narrow-odd",
+        "channel",
+        64,
+        307,
+        203,
+        (16, 16),
+        3,
+        1,
+        1,
+        relu=True,
+        note="narrowed activations of odd width, as a plan built without alignment",
+    ),
+    Case(
+        "narrow-aligned",
+        "channel",
+        64,
+        312,
+        208,
+        (16, 16),
+        3,
+        1,
+        1,
+        relu=True,
+        aligned=True,
+        note="the same widths padded to a multiple of 8, as the converter stores them",
+    ),
+    Case(
+        "gather-in",
+        "channel",
+        64,
+        256,
+        256,
+        (8, 8),
+        3,
+        1,
+        1,
+        mask="in",
+        residual=True,
+        relu=True,
+        note="input channels read through in_idx (residual-tied layout)",
+    ),
+    Case(
+        "scatter-out",
+        "channel",
+        64,
+        256,
+        256,
+        (8, 8),
+        3,
+        1,
+        1,
+        mask="out",
+        relu=True,
+        note="rows written through out_idx, constant channels by fill tiles",
+    ),
+    Case(
+        "all-features",
+        "channel",
+        64,
+        128,
+        128,
+        (16, 16),
+        3,
+        1,
+        1,
+        mask="both",
+        bias_map=True,
+        residual=True,
+        relu=True,
+        note="in_idx, out_idx, fill, bias map, residual, ReLU: the heaviest epilogue",
+    ),
+    Case(
+        "batch1-odd-s2",
+        "channel",
+        1,
+        17,
+        33,
+        (9, 7),
+        3,
+        2,
+        1,
+        mask="both",
+        residual=True,
+        note="batch 1, odd channels and sizes, stride 2",
+    ),
+    Case(
+        "groups-3x3",
+        "group",
+        64,
+        256,
+        256,
+        (8, 8),
+        3,
+        1,
+        1,
+        mask="groups",
+        residual=True,
+        relu=True,
+        note="regroup pack: 32-row groups, rows in no group, residual, ReLU",
+    ),
+    Case(
+        "groups-512",
+        "group",
+        64,
+        512,
+        512,
+        (8, 8),
+        3,
+        1,
+        1,
+        mask="groups",
+        relu=True,
+        note="the floor case: 3x3 512→512, density 0.2, 32-row groups, arbitrary columns",
+    ),
+    Case(
+        "groups-512-run8",
+        "group",
+        64,
+        512,
+        512,
+        (8, 8),
+        3,
+        1,
+        1,
+        mask="groups",
+        relu=True,
+        col_run=8,
+        aligned=True,
+        note="the same with columns in runs of 8 channels (RegroupConfig(col_run=8))",
+    ),
+    Case(
+        "groups-1x1-s2",
+        "group",
+        64,
+        128,
+        256,
+        (16, 16),
+        1,
+        2,
+        0,
+        mask="groups",
+        note="group-sparse downsampling 1x1",
+    ),
+    Case(
+        "groups-7x7",
+        "group",
+        8,
+        64,
+        64,
+        (28, 28),
+        7,
+        1,
+        3,
+        mask="groups",
+        relu=True,
+        note="7x7 group pack",
+    ),
+    Case(
+        "groups-kpad64",
+        "group",
+        64,
+        256,
+        256,
+        (8, 8),
+        3,
+        1,
+        1,
+        mask="groups",
+        k_pad=64,
+        note="k_pad 64: the only packs BLOCK_K=64 configs may run on",
+    ),
+    Case(
+        "leftover",
+        "group",
+        64,
+        256,
+        256,
+        (8, 8),
+        3,
+        1,
+        1,
+        mask="leftover",
+        bias=False,
+        residual=True,
+        relu=True,
+        block_n=16,
+        k_pad=16,
+        note="the converter's leftover pack: 16-row chunks, block_n = k_pad = 16",
+    ),
+    Case(
+        "groups-batch1-odd",
+        "group",
+        1,
+        17,
+        33,
+        (9, 7),
+        3,
+        2,
+        1,
+        mask="groups",
+        note="batch 1, odd channels and sizes, stride 2",
+    ),
+]
 CASE_BY_NAME = {c.name: c for c in CASES}
 
 
@@ -105,7 +324,6 @@ def build_launch(case: Case, dtype: str):
     """The KernelLaunch a real call of ``case`` makes (CPU tensors, nothing runs)."""
     import torch
 
-
     g = torch.Generator().manual_seed(0)
     dt = torch_dtype(dtype)
     allow_tf32 = dtype == "float32"
@@ -117,8 +335,7 @@ def build_launch(case: Case, dtype: str):
     ow = (w + 2 * case.padding - k) // case.stride + 1
     residual = None
     if case.residual:
-        residual = torch.empty(n, case.cout, oh, ow, dtype=dt,
-                               memory_format=torch.channels_last)  # fmt: skip
+        residual = torch.empty(n, case.cout, oh, ow, dtype=dt, memory_format=torch.channels_last)
     geometry = {"stride": case.stride, "padding": case.padding}
     if case.kernel == "channel":
         from sparse_ops_kernels.channel_conv import channel_conv_launch
@@ -132,9 +349,15 @@ def build_launch(case: Case, dtype: str):
         mask = (keep_out[:, None, None, None] & keep_in[None, :, None, None]).expand_as(weight)
         plan = pack_channels(weight, mask, bias, **geometry).to(dtype=dt)
         bias_map = torch.zeros(case.cout, oh, ow) if case.bias_map else None
-        return channel_conv_launch(x, plan, residual=residual, relu=case.relu,
-                                   allow_tf32=allow_tf32, bias_map=bias_map,
-                                   check_device=False)  # fmt: skip
+        return channel_conv_launch(
+            x,
+            plan,
+            residual=residual,
+            relu=case.relu,
+            allow_tf32=allow_tf32,
+            bias_map=bias_map,
+            check_device=False,
+        )
     from sparse_ops_kernels.group_conv import group_conv_launch
 
     k_total = k * k * case.cin
@@ -150,10 +373,12 @@ def build_launch(case: Case, dtype: str):
         else:
             cols = torch.randperm(k_total, generator=g)[: max(1, k_total // 5)].tolist()
         layout.append({"rows": rows[start : min(start + size, keep)], "cols": cols})
-    pack = pack_groups(weight, None, layout, bias, block_n=case.block_n,
-                                 k_pad=case.k_pad, **geometry).to(dtype=dt)  # fmt: skip
-    return group_conv_launch(x, pack, residual=residual, relu=case.relu, allow_tf32=allow_tf32,
-                             check_device=False)  # fmt: skip
+    pack = pack_groups(
+        weight, None, layout, bias, block_n=case.block_n, k_pad=case.k_pad, **geometry
+    ).to(dtype=dt)
+    return group_conv_launch(
+        x, pack, residual=residual, relu=case.relu, allow_tf32=allow_tf32, check_device=False
+    )
 
 
 def kernel_module(case: Case):
@@ -192,8 +417,9 @@ def withheld(row: dict) -> bool:
     module = channel_conv if row["kernel"] == "channel" else group_conv
     table = _SPILL_TABLES.get(row["kernel"], module.SPILLS)
     dtype = torch_dtype(row["dtype"])
-    return row.get("config_id") in configs.known_spills(table, row.get("launch_class", ""),
-                                                         dtype, row["triton"])  # fmt: skip
+    return row.get("config_id") in configs.known_spills(
+        table, row.get("launch_class", ""), dtype, row["triton"]
+    )
 
 
 # ---------------------------------------------------------------------- the matrix

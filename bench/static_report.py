@@ -78,8 +78,11 @@ def markdown(rows: list[dict], env: dict) -> str:
         "",
     ]
     if "commit_group_rows" in env:  # a report whose kernels were compiled in two runs
-        lines += [f"Channel kernel rows compiled at {env['commit_channel_rows']}, group kernel "
-                  f"rows at {env['commit_group_rows']}.", ""]  # fmt: skip
+        lines += [
+            f"Channel kernel rows compiled at {env['commit_channel_rows']}, group kernel "
+            f"rows at {env['commit_group_rows']}.",
+            "",
+        ]
     lines += [
         "Compiled ahead of time on a CPU, with the specialisation a real launch gets. "
         "`loop` = SASS instructions per iteration of the innermost MMA loop, per warp; "
@@ -92,14 +95,18 @@ def markdown(rows: list[dict], env: dict) -> str:
     failed = [r for r in rows if floor_failures(r)]
     held = [r for r in rows if r.get("withheld")]
     offered = [r for r in rows if not r.get("withheld")]
-    lines.append(f"{len(rows)} compiles: {len(offered)} of configs the autotuner may pick "
-                 f"on this Triton, {sum(not r['ok'] for r in offered)} of them failed, "
-                 f"{sum(bool(r['ok'] and r['stats']['spill_stores']) for r in offered)} spill, "
-                 f"{len(failed)} miss a floor; {len(held)} of configs the spill tables "
-                 "withhold on this Triton (marked *withheld*).")  # fmt: skip
+    lines.append(
+        f"{len(rows)} compiles: {len(offered)} of configs the autotuner may pick "
+        f"on this Triton, {sum(not r['ok'] for r in offered)} of them failed, "
+        f"{sum(bool(r['ok'] and r['stats']['spill_stores']) for r in offered)} spill, "
+        f"{len(failed)} miss a floor; {len(held)} of configs the spill tables "
+        "withhold on this Triton (marked *withheld*)."
+    )
     for r in failed:
-        lines.append(f"- {r['kernel']} {r['case']} {r['dtype']} {r['target']} {config_label(r)}: "
-                     + "; ".join(floor_failures(r)))  # fmt: skip
+        lines.append(
+            f"- {r['kernel']} {r['case']} {r['dtype']} {r['target']} {config_label(r)}: "
+            + "; ".join(floor_failures(r))
+        )
     lines.append("")
     header = (
         "| case | dtype | target | config | regs | spill B | smem KB | mma | loop instr "
@@ -113,19 +120,32 @@ def markdown(rows: list[dict], env: dict) -> str:
         for r in kernel_rows:
             if not r["ok"]:
                 why = r["error"].splitlines()[-1][:80]
-                lines.append(f"| {r['case']} | {r['dtype']} | {r['target']} | {config_label(r)} "
-                             f"| **fails**: {why} |||||||||")  # fmt: skip
+                lines.append(
+                    f"| {r['case']} | {r['dtype']} | {r['target']} | {config_label(r)} "
+                    f"| **fails**: {why} |||||||||"
+                )
                 continue
             s, loop = r["stats"], r["stats"]["loop"] or {}
             bits = ",".join(f"{b}×{n}" for b, n in loop.get("load_bits", {}).items() if n)
             stores = ",".join(f"{b}×{n}" for b, n in s["store_bits"].items())
             ceiling = "–" if r["ceiling"] is None else f"{100 * r['ceiling']:.1f}%"
             config = config_label(r) + (" *withheld*" if r.get("withheld") else "")
-            cells = [r["case"], r["dtype"], r["target"], config, s["registers"],
-                     s["spill_stores"], f"{s['shared'] / 1024:.0f}", s["mma_kind"],
-                     loop.get("instructions", "–"), loop.get("mma", "–"),
-                     f"{loop.get('async_copies', 0)} ({bits or '–'})",
-                     loop.get("global_loads", "–"), stores or "–", ceiling]  # fmt: skip
+            cells = [
+                r["case"],
+                r["dtype"],
+                r["target"],
+                config,
+                s["registers"],
+                s["spill_stores"],
+                f"{s['shared'] / 1024:.0f}",
+                s["mma_kind"],
+                loop.get("instructions", "–"),
+                loop.get("mma", "–"),
+                f"{loop.get('async_copies', 0)} ({bits or '–'})",
+                loop.get("global_loads", "–"),
+                stores or "–",
+                ceiling,
+            ]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines += ["", "## Cases", ""]
     lines += [f"- `{c.name}` ({c.kernel}): {c.note}" for c in CASES]
@@ -160,22 +180,17 @@ def spill_table(paths) -> dict[str, dict[tuple[int, int], dict[str, list[str]]]]
             key = f"{row['launch_class']}/{dtype}"
             entry = table.setdefault(row["kernel"], {}).setdefault(version, {})
             entry.setdefault(key, set()).add(row["config_id"])
-    return {k: {v: {c: sorted(ids) for c, ids in sorted(e.items())} for v, e in sorted(t.items())}
-            for k, t in table.items()}  # fmt: skip
+    return {
+        k: {v: {c: sorted(ids) for c, ids in sorted(e.items())} for v, e in sorted(t.items())}
+        for k, t in table.items()
+    }
 
 
 def spill_table_text(paths) -> str:
-    """:func:`spill_table` as the Python source of each kernel's SPILLS table."""
-    lines = []
+    """:func:`spill_table` as each kernel's ``"spills"`` entry of its JSON config table
+    (``kernels/<kernel>_conv.json``); a version with nothing spilling is an empty entry."""
+    blocks = []
     for kernel, table in spill_table(paths).items():
-        lines += [f"# kernels/{kernel}_conv.py", "SPILLS = {"]
-        for version, entry in table.items():
-            if not entry:
-                lines.append(f"    {version}: {{}},  # measured: nothing spills")
-                continue
-            lines.append(f"    {version}: {{")
-            for key, ids in entry.items():
-                lines.append(f"        {key!r}: {{{', '.join(repr(i) for i in ids)}}},")
-            lines.append("    },")
-        lines.append("}")
-    return "\n".join(lines)
+        entry = {f"{major}.{minor}": ids for (major, minor), ids in table.items()}
+        blocks.append(f'kernels/{kernel}_conv.json, "spills":\n{json.dumps(entry, indent=2)}')
+    return "\n".join(blocks)

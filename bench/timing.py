@@ -55,8 +55,7 @@ def time_cpu(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 20) ->
             start = time.perf_counter()
             fn()
             samples.append(1e3 * (time.perf_counter() - start))
-    return summarize(samples, timer="perf_counter", warmup=warmup,
-                     threads=torch.get_num_threads())  # fmt: skip
+    return summarize(samples, timer="perf_counter", warmup=warmup, threads=torch.get_num_threads())
 
 
 def time_cuda(
@@ -98,8 +97,12 @@ def time_cuda(
             end.record()
         torch.cuda.synchronize()
     samples = [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
-    return summarize(samples, timer="cuda_events" + ("+graph" if graph else ""),
-                     warmup=warmup, l2_flushed=flush_l2)  # fmt: skip
+    return summarize(
+        samples,
+        timer="cuda_events" + ("+graph" if graph else ""),
+        warmup=warmup,
+        l2_flushed=flush_l2,
+    )
 
 
 def time_call(fn: Callable[[], object], device: torch.device, **options: Any) -> dict[str, Any]:

@@ -47,108 +47,69 @@ import triton
 import triton.language as tl
 
 from . import configs, launch
+from .channel_tile import conv_tile
 from .epilogue import multiple_of, store_with_epilogue
 
 
 @triton.jit
-def _tap_pixels(x_img, ih, iw, m_mask, H, W, stride_xh, stride_xw, WIDE: tl.constexpr):
-    """Each tile pixel's input offset at one tap, and whether that tap is in the image."""
-    inside = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-    if WIDE:
-        x_pix = x_img + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
-    else:
-        x_pix = x_img + ih * stride_xh + iw * stride_xw
-    return x_pix, inside
-
-
-@triton.jit
-def _input_tile(x_ptr, in_idx_ptr, x_pix, inside, rk, k_mask, stride_xc,
-                HAS_IN_IDX: tl.constexpr, WIDE: tl.constexpr):  # fmt: skip
-    """The [BLOCK_M pixels, BLOCK_K channels] operand at one tap: channels ``rk`` of the
-    plan's inputs, read through ``in_idx`` when the plan gathers them; zeros off-image."""
-    if HAS_IN_IDX:
-        ch = tl.load(in_idx_ptr + rk, mask=k_mask, other=0)
-    else:
-        ch = rk
-    if WIDE:
-        ch = ch.to(tl.int64)
-    return tl.load(x_ptr + x_pix[:, None] + ch[None, :] * stride_xc,
-                   mask=inside[:, None] & k_mask[None, :], other=0.0)  # fmt: skip
-
-
-@triton.jit
-def _conv_tile(
-    x_ptr, w_ptr, in_idx_ptr, rm, m_mask, nb, oh, ow, rn, n_mask,
-    H, W, C_IN, stride_xn, stride_xh, stride_xw, stride_xc,
-    STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
-    KH: tl.constexpr, KW: tl.constexpr, HAS_IN_IDX: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, WIDE: tl.constexpr, FLAT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """The fp32 accumulator of one [BLOCK_M pixels, BLOCK_N rows] GEMM tile."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    ih0 = oh * STRIDE_H - PAD_H
-    iw0 = ow * STRIDE_W - PAD_W
-    if WIDE:
-        x_img = nb.to(tl.int64) * stride_xn
-        w_row = rn.to(tl.int64) * (KH * KW * C_IN)
-    else:
-        x_img = nb * stride_xn
-        w_row = rn * (KH * KW * C_IN)
-    rk0 = tl.arange(0, BLOCK_K)
-    if FLAT:
-        c_steps = tl.cdiv(C_IN, BLOCK_K)
-        for step in range(0, KH * KW * c_steps):
-            # (tap, channel block) from the step alone: state carried through an `if`
-            # would stop the software pipeliner from issuing copies ahead.
-            tap = step // c_steps
-            c0 = (step - tap * c_steps) * BLOCK_K
-            ky = tap // KW
-            kx = tap - ky * KW
-            x_pix, inside = _tap_pixels(x_img, ih0 + ky * DIL_H, iw0 + kx * DIL_W, m_mask,
-                                        H, W, stride_xh, stride_xw, WIDE)  # fmt: skip
-            rk = c0 + rk0
-            k_mask = rk < C_IN
-            a = _input_tile(x_ptr, in_idx_ptr, x_pix, inside, rk, k_mask, stride_xc,
-                            HAS_IN_IDX, WIDE)  # fmt: skip
-            b = tl.load(w_ptr + w_row[None, :] + (tap * C_IN + rk)[:, None],
-                        mask=n_mask[None, :] & k_mask[:, None], other=0.0)  # fmt: skip
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-    else:
-        for ky in range(KH):
-            ih = ih0 + ky * DIL_H
-            for kx in range(KW):
-                x_pix, inside = _tap_pixels(x_img, ih, iw0 + kx * DIL_W, m_mask, H, W,
-                                            stride_xh, stride_xw, WIDE)  # fmt: skip
-                w_tap = w_row + (ky * KW + kx) * C_IN
-                for c0 in range(0, C_IN, BLOCK_K):
-                    rk = c0 + rk0
-                    k_mask = rk < C_IN
-                    a = _input_tile(x_ptr, in_idx_ptr, x_pix, inside, rk, k_mask, stride_xc,
-                                    HAS_IN_IDX, WIDE)  # fmt: skip
-                    b = tl.load(w_ptr + w_tap[None, :] + rk[:, None],
-                                mask=n_mask[None, :] & k_mask[:, None], other=0.0)  # fmt: skip
-                    acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-    return acc
-
-
-@triton.jit
 def channel_conv_kernel(
-    x_ptr, w_ptr, bias_ptr, bmap_ptr, res_ptr, y_ptr, in_idx_ptr, out_idx_ptr, fill_idx_ptr,
-    M, H, W, OH, OW, C_IN, C_OUT, N_FILL,
-    stride_xn, stride_xh, stride_xw, stride_xc,
-    stride_yn, stride_yh, stride_yw, stride_yc,
-    stride_rn, stride_rh, stride_rw, stride_rc,
-    stride_bc, stride_bh, stride_bw,
-    STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
-    KH: tl.constexpr, KW: tl.constexpr,
-    HAS_IN_IDX: tl.constexpr, HAS_OUT_IDX: tl.constexpr, HAS_FILL: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_BIAS_MAP: tl.constexpr, HAS_RES: tl.constexpr,
-    RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    X_ALIGN: tl.constexpr, W_ALIGN: tl.constexpr, Y_ALIGN: tl.constexpr, WIDE: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    bmap_ptr,
+    res_ptr,
+    y_ptr,
+    in_idx_ptr,
+    out_idx_ptr,
+    fill_idx_ptr,
+    M,
+    H,
+    W,
+    OH,
+    OW,
+    C_IN,
+    C_OUT,
+    N_FILL,
+    stride_xn,
+    stride_xh,
+    stride_xw,
+    stride_xc,
+    stride_yn,
+    stride_yh,
+    stride_yw,
+    stride_yc,
+    stride_rn,
+    stride_rh,
+    stride_rw,
+    stride_rc,
+    stride_bc,
+    stride_bh,
+    stride_bw,
+    STRIDE_H,
+    STRIDE_W,
+    PAD_H,
+    PAD_W,
+    DIL_H,
+    DIL_W,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    HAS_IN_IDX: tl.constexpr,
+    HAS_OUT_IDX: tl.constexpr,
+    HAS_FILL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_BIAS_MAP: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    RELU: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    X_ALIGN: tl.constexpr,
+    W_ALIGN: tl.constexpr,
+    Y_ALIGN: tl.constexpr,
+    WIDE: tl.constexpr,
     FLAT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     # Alignment the launcher checked, stated so that loads and stores become vectors.
@@ -177,36 +138,109 @@ def channel_conv_kernel(
         fill_mask = rf < N_FILL
         fill_ch = tl.load(fill_idx_ptr + rf, mask=fill_mask, other=0)
         store_with_epilogue(
-            tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), y_ptr, bias_ptr, bmap_ptr,
-            res_ptr, fill_ch, fill_mask, m_mask, nb, oh, ow,
-            stride_yn, stride_yh, stride_yw, stride_yc, stride_rn, stride_rh, stride_rw,
-            stride_rc, stride_bc, stride_bh, stride_bw, HAS_BIAS, HAS_BIAS_MAP, HAS_RES, RELU,
+            tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+            y_ptr,
+            bias_ptr,
+            bmap_ptr,
+            res_ptr,
+            fill_ch,
+            fill_mask,
+            m_mask,
+            nb,
+            oh,
+            ow,
+            stride_yn,
+            stride_yh,
+            stride_yw,
+            stride_yc,
+            stride_rn,
+            stride_rh,
+            stride_rw,
+            stride_rc,
+            stride_bc,
+            stride_bh,
+            stride_bw,
+            HAS_BIAS,
+            HAS_BIAS_MAP,
+            HAS_RES,
+            RELU,
             WIDE,
-        )  # fmt: skip
+        )
     else:
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = rn < C_OUT
-        acc = _conv_tile(
-            x_ptr, w_ptr, in_idx_ptr, rm, m_mask, nb, oh, ow, rn, n_mask,
-            H, W, C_IN, stride_xn, stride_xh, stride_xw, stride_xc,
-            STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
-            KH, KW, HAS_IN_IDX, INPUT_PRECISION, WIDE, FLAT, BLOCK_M, BLOCK_N, BLOCK_K,
-        )  # fmt: skip
+        acc = conv_tile(
+            x_ptr,
+            w_ptr,
+            in_idx_ptr,
+            rm,
+            m_mask,
+            nb,
+            oh,
+            ow,
+            rn,
+            n_mask,
+            H,
+            W,
+            C_IN,
+            stride_xn,
+            stride_xh,
+            stride_xw,
+            stride_xc,
+            STRIDE_H,
+            STRIDE_W,
+            PAD_H,
+            PAD_W,
+            DIL_H,
+            DIL_W,
+            KH,
+            KW,
+            HAS_IN_IDX,
+            INPUT_PRECISION,
+            WIDE,
+            FLAT,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+        )
         if HAS_OUT_IDX:
             out_ch = tl.load(out_idx_ptr + rn, mask=n_mask, other=0)
         else:
             out_ch = rn
         store_with_epilogue(
-            acc, y_ptr, bias_ptr, bmap_ptr, res_ptr, out_ch, n_mask, m_mask, nb, oh, ow,
-            stride_yn, stride_yh, stride_yw, stride_yc, stride_rn, stride_rh, stride_rw,
-            stride_rc, stride_bc, stride_bh, stride_bw, HAS_BIAS, HAS_BIAS_MAP, HAS_RES, RELU,
+            acc,
+            y_ptr,
+            bias_ptr,
+            bmap_ptr,
+            res_ptr,
+            out_ch,
+            n_mask,
+            m_mask,
+            nb,
+            oh,
+            ow,
+            stride_yn,
+            stride_yh,
+            stride_yw,
+            stride_yc,
+            stride_rn,
+            stride_rh,
+            stride_rw,
+            stride_rc,
+            stride_bc,
+            stride_bh,
+            stride_bw,
+            HAS_BIAS,
+            HAS_BIAS_MAP,
+            HAS_RES,
+            RELU,
             WIDE,
-        )  # fmt: skip
+        )
 
 
 # Autotuning (GPU only). Two config sets, because what a tile can afford depends on how
-# its input loads (sparse_ops_bench.scripts.kernel_static compiles every config of both for sm_90a and
-# sm_80 and requires zero spills):
+# its input loads (the static report, bench/scripts/kernel_static.py, compiles every
+# config of both for sm_90a and sm_80 and requires zero spills):
 # - vector launches (no input gather, 16-byte aligned rows): operands arrive by 16-byte
 #   cp.async, a few address registers per thread, so large tiles fit;
 # - scalar launches (input channels gathered through in_idx, or rows that are not
@@ -217,28 +251,10 @@ def channel_conv_kernel(
 # iteration (182 vs 92 SASS instructions per iteration, sm_90a, 128×64×32): the static
 # count favours the nested loop whenever a tap has two or more channel blocks, so only
 # two configs offer it, for the autotuner to measure whether hiding the per-tap pipeline
-# drain pays on the device.
-CONFIG_IDS = {
-    "vector": [
-        "128x128x32 w8 s3", "128x64x32 w4 s3", "64x128x32 w4 s3", "128x64x64 w4 s2",
-        "64x64x64 w4 s3", "128x32x32 w4 s4", "64x32x32 w4 s4", "256x64x32 w8 s3",
-        "128x64x32 w4 s3 flat", "64x64x32 w4 s3 flat",
-    ],
-    "scalar": [
-        "64x64x32 w8 s3", "128x64x32 w8 s2", "128x32x32 w8 s3", "32x64x32 w4 s3",
-        "64x32x32 w4 s2",
-    ],
-    "scalar-scatter": [
-        "64x64x32 w8 s3", "128x32x32 w8 s3", "64x32x32 w4 s2", "32x64x32 w4 s3",
-        "64x32x32 w4 s4",
-    ],
-    # Exact fp32 (allow_tf32=False) runs tl.dot on CUDA cores, operand fragments held in
-    # registers: short K blocks (16, tl.dot's least) and modest tiles.
-    "fma": [
-        "32x32x16 w4 s2", "64x32x16 w4 s2", "32x64x16 w4 s2", "64x32x16 w8 s2",
-        "32x32x16 w2 s2", "64x64x16 w8 s2",
-    ],
-}
+# drain pays on the device. The sets, the QUICK lists and the SPILLS table are data, in
+# channel_conv.json next to this file.
+TABLE = configs.load_table(__file__)
+CONFIG_IDS = TABLE.config_ids
 # A scattered epilogue (rows written through out_idx) holds a 64-bit address per
 # accumulator element: only tiles of at most 32 accumulators per thread.
 _SCATTER_ACCUMULATORS = 32
@@ -253,71 +269,57 @@ _vector = [configs.config_from_id(c) for c in CONFIG_IDS["vector"]]
 CONFIG_SETS = {
     "vector": _vector,
     "vector-scatter": [c for c in _vector if _fits_scatter(c)],
-    **{kind: [configs.config_from_id(c) for c in CONFIG_IDS[kind]]
-       for kind in ("scalar", "scalar-scatter", "fma")},
-}  # fmt: skip
-# Configs on which ptxas spills registers, by Triton (major, minor), launch class and
-# operand dtype: what `python -m sparse_ops_bench.scripts.kernel_static --all-configs --matrix full` found
-# (every case, dtype and target; printed by `--spill-table`), on Triton 3.6 (the GPU
-# machine's) and 3.9 (CI's). They are not offered on that version; a version never
-# measured gets every exclusion known. The test suite re-checks the installed version.
-SPILLS: dict[tuple[int, int], dict[str, set[str]]] = {
-    (3, 6): {
-        'fma:scalar-scatter/float32': {
-            '32x32x16 w4 s2', '64x32x16 w4 s2', '64x32x16 w8 s2', '64x64x16 w8 s2',
-        },
-        'fma:scalar/float32': {'32x32x16 w2 s2', '64x64x16 w8 s2'},
-        'scalar/bfloat16': {'32x64x32 w4 s3', '64x32x32 w4 s2'},
-        'scalar/float16': {'32x64x32 w4 s3', '64x32x32 w4 s2'},
-        'scalar/float32': {'128x32x32 w8 s3', '64x32x32 w4 s2'},
-        'vector-scatter/bfloat16': {'128x32x32 w4 s4'},
-        'vector-scatter/float16': {'128x32x32 w4 s4'},
-        'vector-scatter/float32': {'64x64x64 w4 s3'},
-        'vector/bfloat16': {'128x32x32 w4 s4', '128x64x64 w4 s2'},
-        'vector/float16': {'128x32x32 w4 s4', '128x64x64 w4 s2'},
-        'vector/float32': {
-            '128x64x32 w4 s3', '128x64x64 w4 s2', '64x128x32 w4 s3', '64x64x64 w4 s3',
-        },
+    **{
+        kind: [configs.config_from_id(c) for c in CONFIG_IDS[kind]]
+        for kind in ("scalar", "scalar-scatter", "fma")
     },
-    (3, 9): {
-        'fma:scalar-scatter/float32': {
-            '32x32x16 w2 s2', '32x32x16 w4 s2', '32x64x16 w4 s2', '64x32x16 w4 s2',
-            '64x32x16 w8 s2',
-        },
-        'fma:scalar/float32': {
-            '32x32x16 w2 s2', '32x64x16 w4 s2', '64x32x16 w4 s2', '64x32x16 w8 s2',
-            '64x64x16 w8 s2',
-        },
-        'fma:vector-scatter/float32': {'32x32x16 w2 s2', '64x64x16 w8 s2'},
-        'scalar-scatter/float32': {'64x32x32 w4 s4'},
-        'scalar/float32': {'128x32x32 w8 s3'},
-        'vector-scatter/float32': {'128x32x32 w4 s4', '64x64x64 w4 s3'},
-        'vector/float32': {'128x64x64 w4 s2'},
-    },
-}  # fmt: skip
-# SPARSE_OPS_TUNING=quick: per set, two configs the static report ranks best on Triton 3.6
+}
+# SPILLS: configs on which ptxas spills registers, by Triton (major, minor), launch class
+# and operand dtype: what `python -m sparse_ops_bench.scripts.kernel_static --all-configs
+# --matrix full` found (every case, dtype and target; `--spill-table` prints the JSON), on
+# Triton 3.6 (the GPU machine's) and 3.9 (CI's). They are not offered on that version; a
+# version never measured gets every exclusion known. The test suite re-checks the installed version.
+SPILLS = TABLE.spills
+# QUICK (SPARSE_OPS_TUNING=quick): per set, two configs the static report ranks best on Triton 3.6
 # (mean issue ceiling over the set's cases, fp16, sm_90a). Where several reach 100% the
 # count cannot tell them apart: one large and one small tile, the small one for layers
 # that fill few waves.
-QUICK = {
-    "vector": ["128x128x32 w8 s3", "64x64x64 w4 s3"],
-    "vector-scatter": ["64x64x64 w4 s3", "64x32x32 w4 s4"],
-    "scalar": ["128x64x32 w8 s2", "64x64x32 w8 s3"],
-    "scalar-scatter": ["64x64x32 w8 s3", "32x64x32 w4 s3"],
-    "fma": ["64x64x16 w8 s2", "64x32x16 w4 s2"],
-}
+QUICK = TABLE.quick
 # Every shape quantity of the problem, and the flags candidate_configs reads: a config
 # tuned for one launch class must never be reused for another of the same shape.
-AUTOTUNE_KEY = ["M", "H", "W", "OH", "OW", "C_IN", "C_OUT", "N_FILL", "KH", "KW",
-                "STRIDE_H", "STRIDE_W", "PAD_H", "PAD_W", "DIL_H", "DIL_W",
-                "HAS_IN_IDX", "HAS_OUT_IDX", "X_ALIGN", "W_ALIGN", "INPUT_PRECISION"]  # fmt: skip
+AUTOTUNE_KEY = [
+    "M",
+    "H",
+    "W",
+    "OH",
+    "OW",
+    "C_IN",
+    "C_OUT",
+    "N_FILL",
+    "KH",
+    "KW",
+    "STRIDE_H",
+    "STRIDE_W",
+    "PAD_H",
+    "PAD_W",
+    "DIL_H",
+    "DIL_W",
+    "HAS_IN_IDX",
+    "HAS_OUT_IDX",
+    "X_ALIGN",
+    "W_ALIGN",
+    "INPUT_PRECISION",
+]
 
 
 def vector_loads(dtype: torch.dtype, constexprs: dict) -> bool:
     """Whether both GEMM operands of this launch load as 16-byte vectors."""
     size = launch.ELEMENT_BYTES[dtype]
-    return (not constexprs["HAS_IN_IDX"] and constexprs["X_ALIGN"] * size >= 16
-            and constexprs["W_ALIGN"] * size >= 16)  # fmt: skip
+    return (
+        not constexprs["HAS_IN_IDX"]
+        and constexprs["X_ALIGN"] * size >= 16
+        and constexprs["W_ALIGN"] * size >= 16
+    )
 
 
 def launch_class(dtype: torch.dtype, constexprs: dict) -> str:
@@ -368,17 +370,29 @@ def channel_conv_launch(
     which are otherwise used only for tensors spanning 2^30 elements or more (tests use it to
     run the 64-bit path on small tensors)."""
     what = "channel_conv"
-    call = launch.check_channel_call(x, plan, residual, bias_map, what,
-                                     INTERPRETED if check_device else None)  # fmt: skip
+    call = launch.check_channel_call(
+        x, plan, residual, bias_map, what, INTERPRETED if check_device else None
+    )
     weight, in_idx, out_idx, fill_idx = plan.weight, plan.in_idx, plan.out_idx, plan.fill_idx
     bias = plan.bias
     c_out, kh, kw, c_in = weight.shape
     n, h, w, oh, ow = call.n, call.h, call.w, call.oh, call.ow
     n_fill = 0 if fill_idx is None else fill_idx.numel()
-    y = launch.prepare_output(out, call.out_shape, x, what, {
-        "residual": residual, "bias_map": bias_map, "plan weight": weight, "plan bias": bias,
-        "plan in_idx": in_idx, "plan out_idx": out_idx, "plan fill_idx": fill_idx,
-    })  # fmt: skip
+    y = launch.prepare_output(
+        out,
+        call.out_shape,
+        x,
+        what,
+        {
+            "residual": residual,
+            "bias_map": bias_map,
+            "plan weight": weight,
+            "plan bias": bias,
+            "plan in_idx": in_idx,
+            "plan out_idx": out_idx,
+            "plan fill_idx": fill_idx,
+        },
+    )
     x = launch.channels_last(x)
     m = n * oh * ow
     x_strides, y_strides = launch.nhwc_strides(x), launch.nhwc_strides(y)
@@ -389,35 +403,59 @@ def channel_conv_launch(
     index_stub = launch.placeholder(x.device, torch.int32)
     float_stub = launch.placeholder(x.device, torch.float32)
     args = (
-        x, weight, bias if bias is not None else float_stub,
+        x,
+        weight,
+        bias if bias is not None else float_stub,
         bias_map if bias_map is not None else float_stub,
-        residual if residual is not None else y, y,
+        residual if residual is not None else y,
+        y,
         in_idx if in_idx is not None else index_stub,
         out_idx if out_idx is not None else index_stub,
         fill_idx if fill_idx is not None else index_stub,
-        m, h, w, oh, ow, c_in, c_out, n_fill,
-        *x_strides, *y_strides, *r_strides,
+        m,
+        h,
+        w,
+        oh,
+        ow,
+        c_in,
+        c_out,
+        n_fill,
+        *x_strides,
+        *y_strides,
+        *r_strides,
         *(bias_map.stride() if bias_map is not None else (0, 0, 0)),
-        *call.stride, *call.padding, *call.dilation,
-    )  # fmt: skip
+        *call.stride,
+        *call.padding,
+        *call.dilation,
+    )
     wide = launch.needs_wide_offsets(dense=(x, y, weight), views=(residual, bias_map))
     flags = {
-        "KH": kh, "KW": kw, "HAS_IN_IDX": in_idx is not None, "HAS_OUT_IDX": out_idx is not None,
-        "HAS_FILL": n_fill > 0, "HAS_BIAS": bias is not None,
-        "HAS_BIAS_MAP": bias_map is not None, "HAS_RES": residual is not None,
-        "RELU": bool(relu), "INPUT_PRECISION": launch.input_precision(x.dtype, allow_tf32),
-        "X_ALIGN": launch.alignment(*x_strides[:3]), "W_ALIGN": launch.alignment(c_in),
+        "KH": kh,
+        "KW": kw,
+        "HAS_IN_IDX": in_idx is not None,
+        "HAS_OUT_IDX": out_idx is not None,
+        "HAS_FILL": n_fill > 0,
+        "HAS_BIAS": bias is not None,
+        "HAS_BIAS_MAP": bias_map is not None,
+        "HAS_RES": residual is not None,
+        "RELU": bool(relu),
+        "INPUT_PRECISION": launch.input_precision(x.dtype, allow_tf32),
+        "X_ALIGN": launch.alignment(*x_strides[:3]),
+        "W_ALIGN": launch.alignment(c_in),
         "Y_ALIGN": launch.alignment(c_out, *y_strides[:3], *r_strides[:3]),
         "WIDE": wide if force_wide is None else bool(force_wide),
-    }  # fmt: skip
+    }
 
     def grid(meta):
         block_n = meta["BLOCK_N"]
-        return (launch.cdiv(m, meta["BLOCK_M"]), launch.cdiv(c_out, block_n)
-                + launch.cdiv(n_fill, block_n))  # fmt: skip
+        return (
+            launch.cdiv(m, meta["BLOCK_M"]),
+            launch.cdiv(c_out, block_n) + launch.cdiv(n_fill, block_n),
+        )
 
-    return launch.KernelLaunch(channel_conv_kernel, channel_conv_tuned, args, flags, grid,
-                               INTERPRETER_CONFIG, y, m == 0)  # fmt: skip
+    return launch.KernelLaunch(
+        channel_conv_kernel, channel_conv_tuned, args, flags, grid, INTERPRETER_CONFIG, y, m == 0
+    )
 
 
 def channel_conv(
@@ -435,6 +473,7 @@ def channel_conv(
     [N, Cout, OH, OW], channels-last. The plan's weight is in x's dtype. ``config``
     forces one ``triton.Config`` instead of autotuning.
     """
-    spec = channel_conv_launch(x, plan, residual=residual, relu=relu, out=out,
-                               allow_tf32=allow_tf32, bias_map=bias_map)  # fmt: skip
+    spec = channel_conv_launch(
+        x, plan, residual=residual, relu=relu, out=out, allow_tf32=allow_tf32, bias_map=bias_map
+    )
     return launch.run(spec, config, INTERPRETED)

@@ -9,9 +9,11 @@ the benchmark results print.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -19,12 +21,37 @@ import triton
 from .errors import KernelInputError
 
 
+@dataclass(frozen=True)
+class ConfigTable:
+    """One kernel's autotune data: config ids per launch class, the quick lists, and the
+    configs withheld per Triton (major, minor) for spilling, by class or class/dtype."""
+
+    config_ids: dict[str, list[str]]
+    quick: dict[str, list[str]]
+    spills: dict[tuple[int, int], dict[str, set[str]]]
+
+
+def load_table(kernel_file: str) -> ConfigTable:
+    """The table kept as JSON next to a kernel module (``group_conv.py`` →
+    ``group_conv.json``): data the static report regenerates (``--spill-table``), so it
+    lives apart from the code that reads it."""
+    with open(os.path.splitext(kernel_file)[0] + ".json", encoding="utf-8") as f:
+        data = json.load(f)
+    spills = {
+        tuple(int(p) for p in version.split(".")): {key: set(ids) for key, ids in entry.items()}
+        for version, entry in data["spills"].items()
+    }
+    return ConfigTable(data["config_sets"], data["quick"], spills)
+
+
 def config_id(config) -> str:
     """A config's name in tables and reports: ``BMxBNxBK w<warps> s<stages>``, ``flat``
     appended for a flattened K loop (BLOCK_N comes from the pack for group configs)."""
     kw = config.kwargs
-    name = (f"{kw['BLOCK_M']}x{kw.get('BLOCK_N', 'pack')}x{kw['BLOCK_K']} "
-            f"w{config.num_warps} s{config.num_stages}")  # fmt: skip
+    name = (
+        f"{kw['BLOCK_M']}x{kw.get('BLOCK_N', 'pack')}x{kw['BLOCK_K']} "
+        f"w{config.num_warps} s{config.num_stages}"
+    )
     return name + (" flat" if kw.get("FLAT") else "")
 
 

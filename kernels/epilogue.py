@@ -39,14 +39,34 @@ def multiple_of(value, ALIGN: tl.constexpr):
 
 @triton.jit
 def store_with_epilogue(
-    acc, y_ptr, bias_ptr, bmap_ptr, res_ptr,
-    out_ch, col_mask, m_mask, nb, oh, ow,
-    stride_yn, stride_yh, stride_yw, stride_yc,
-    stride_rn, stride_rh, stride_rw, stride_rc,
-    stride_bc, stride_bh, stride_bw,
-    HAS_BIAS: tl.constexpr, HAS_BIAS_MAP: tl.constexpr, HAS_RES: tl.constexpr,
-    RELU: tl.constexpr, WIDE: tl.constexpr,
-):  # fmt: skip
+    acc,
+    y_ptr,
+    bias_ptr,
+    bmap_ptr,
+    res_ptr,
+    out_ch,
+    col_mask,
+    m_mask,
+    nb,
+    oh,
+    ow,
+    stride_yn,
+    stride_yh,
+    stride_yw,
+    stride_yc,
+    stride_rn,
+    stride_rh,
+    stride_rw,
+    stride_rc,
+    stride_bc,
+    stride_bh,
+    stride_bw,
+    HAS_BIAS: tl.constexpr,
+    HAS_BIAS_MAP: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    RELU: tl.constexpr,
+    WIDE: tl.constexpr,
+):
     if HAS_BIAS:
         acc += tl.load(bias_ptr + out_ch, mask=col_mask, other=0.0)[None, :]
     out_mask = m_mask[:, None] & col_mask[None, :]

@@ -214,7 +214,6 @@ class ChannelPlan(_Packed):
     def kernel_size(self) -> tuple[int, int]:
         return (int(self.weight.shape[1]), int(self.weight.shape[2]))
 
-
     def dense_weight(self) -> torch.Tensor:
         """The masked dense weight ``[Cout, Cin, kh, kw]`` this plan computes with."""
         kh, kw = self.kernel_size
@@ -274,8 +273,17 @@ class GroupPack(_Packed):
     def check_indices(self) -> None:
         """Pointers, indices and tile sizes consistent with each other and in range: what
         the kernel trusts. CPU tensors only (see :meth:`ChannelPlan.check_indices`)."""
-        index = (self.val_ptr, self.row_idx, self.row_ptr, self.col_idx, self.col_code,
-                 self.col_ptr, self.tile_group, self.tile_row, self.fill_idx)  # fmt: skip
+        index = (
+            self.val_ptr,
+            self.row_idx,
+            self.row_ptr,
+            self.col_idx,
+            self.col_code,
+            self.col_ptr,
+            self.tile_group,
+            self.tile_row,
+            self.fill_idx,
+        )
         if any(t.device.type != "cpu" for t in index):
             return
         if self.block_n < 1 or self.k_pad < 1:
@@ -288,16 +296,20 @@ class GroupPack(_Packed):
         for name, ptr in ptrs.items():
             # Starting at 0 (with every step a whole block) keeps each group's offsets the
             # multiples of k_pad the kernel tells the compiler they are.
-            if (int(ptr.numel()) != groups + 1 or int(ptr[0]) != 0
-                    or bool((ptr[1:] < ptr[:-1]).any())):  # fmt: skip
+            if (
+                int(ptr.numel()) != groups + 1
+                or int(ptr[0]) != 0
+                or bool((ptr[1:] < ptr[:-1]).any())
+            ):
                 raise FormatError(
                     f"GroupPack {name}: must be {groups + 1} non-decreasing offsets from 0"
                 )
         rows = (self.row_ptr[1:] - self.row_ptr[:-1]).long()
         cols = (self.col_ptr[1:] - self.col_ptr[:-1]).long()
         tiles = self.val_ptr[1:] - self.val_ptr[:-1]
-        if groups and (not torch.equal(tiles, rows * cols)
-                       or int(self.val_ptr[-1]) > self.values.numel()):  # fmt: skip
+        if groups and (
+            not torch.equal(tiles, rows * cols) or int(self.val_ptr[-1]) > self.values.numel()
+        ):
             raise FormatError(
                 f"GroupPack values: {self.values.numel()} values do not hold the "
                 "rows × columns tiles val_ptr points to"
@@ -306,8 +318,9 @@ class GroupPack(_Packed):
             int(self.col_ptr[-1]) > self.col_idx.numel()
         ):
             raise FormatError("GroupPack: row_ptr/col_ptr point past row_idx/col_idx")
-        if groups and (bool((rows % self.block_n != 0).any())
-                       or bool((cols % self.k_pad != 0).any())):  # fmt: skip
+        if groups and (
+            bool((rows % self.block_n != 0).any()) or bool((cols % self.k_pad != 0).any())
+        ):
             # The kernel walks every group in whole BLOCK_N × K_PAD blocks.
             raise FormatError(
                 f"GroupPack: every group's rows and columns must be padded to multiples of "
@@ -319,8 +332,10 @@ class GroupPack(_Packed):
         self._check_codes()
         _check_range(self.fill_idx, 0, self.out_channels, "GroupPack fill_idx")
         named = torch.cat([self.row_idx[self.row_idx >= 0].long(), self.fill_idx.long()])
-        if not torch.equal(torch.bincount(named, minlength=self.out_channels),
-                           torch.ones(self.out_channels, dtype=torch.long)):  # fmt: skip
+        if not torch.equal(
+            torch.bincount(named, minlength=self.out_channels),
+            torch.ones(self.out_channels, dtype=torch.long),
+        ):
             # An output channel in no row and no fill tile would never be written.
             raise FormatError(
                 f"GroupPack: row_idx and fill_idx must name each of the {self.out_channels} "
@@ -389,7 +404,6 @@ class GroupPack(_Packed):
             return int(self.groups_meta["max_cols"])
         ptr = self.col_ptr.cpu()
         return int((ptr[1:] - ptr[:-1]).max()) if self.num_groups else 0
-
 
     def entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(rows, gemm_columns, values)`` of every stored (non-padding) weight."""

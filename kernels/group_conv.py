@@ -66,20 +66,60 @@ MAX_TAPS_PER_AXIS = 16  # tap bits: 16 for rows, 16 for columns, in one int32 pe
 
 @triton.jit
 def group_conv_kernel(
-    x_ptr, val_ptr, bias_ptr, res_ptr, y_ptr,
-    row_idx_ptr, row_ptr_ptr, col_code_ptr, col_ptr_ptr, vptr_ptr,
-    tile_group_ptr, tile_row_ptr, fill_idx_ptr,
-    M, H, W, OH, OW, N_FILL, NUM_TILES, MAX_COLS,
-    stride_xn, stride_xh, stride_xw, stride_xc,
-    stride_yn, stride_yh, stride_yw, stride_yc,
-    stride_rn, stride_rh, stride_rw, stride_rc,
-    KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
-    PAD_H: tl.constexpr, PAD_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, K_PAD: tl.constexpr, COL_RUN: tl.constexpr,
-    X_ALIGN: tl.constexpr, WIDE: tl.constexpr, GATHER_TRANSPOSED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    val_ptr,
+    bias_ptr,
+    res_ptr,
+    y_ptr,
+    row_idx_ptr,
+    row_ptr_ptr,
+    col_code_ptr,
+    col_ptr_ptr,
+    vptr_ptr,
+    tile_group_ptr,
+    tile_row_ptr,
+    fill_idx_ptr,
+    M,
+    H,
+    W,
+    OH,
+    OW,
+    N_FILL,
+    NUM_TILES,
+    MAX_COLS,
+    stride_xn,
+    stride_xh,
+    stride_xw,
+    stride_xc,
+    stride_yn,
+    stride_yh,
+    stride_yw,
+    stride_yc,
+    stride_rn,
+    stride_rh,
+    stride_rw,
+    stride_rc,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    STRIDE_H: tl.constexpr,
+    STRIDE_W: tl.constexpr,
+    PAD_H: tl.constexpr,
+    PAD_W: tl.constexpr,
+    DIL_H: tl.constexpr,
+    DIL_W: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    RELU: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    K_PAD: tl.constexpr,
+    COL_RUN: tl.constexpr,
+    X_ALIGN: tl.constexpr,
+    WIDE: tl.constexpr,
+    GATHER_TRANSPOSED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     pid = tl.program_id(0)
     pid_t = pid % NUM_TILES
     pid_m = pid // NUM_TILES
@@ -117,8 +157,11 @@ def group_conv_kernel(
         pix_bits = tl.where(m_mask, pix_bits, 0)
         if WIDE:
             v_base = tl.load(vptr_ptr + group) + row_in_group.to(tl.int64) * cols_pad
-            x_pix = (nb.to(tl.int64) * stride_xn + ih0.to(tl.int64) * stride_xh
-                     + iw0.to(tl.int64) * stride_xw)  # fmt: skip
+            x_pix = (
+                nb.to(tl.int64) * stride_xn
+                + ih0.to(tl.int64) * stride_xh
+                + iw0.to(tl.int64) * stride_xw
+            )
             v_rows = rr.to(tl.int64)[None, :] * cols_pad
         else:
             # int32 offsets (the launcher checked every tensor spans < 2^30 elements):
@@ -149,8 +192,9 @@ def group_conv_kernel(
                 col_bits = tl.max_constancy(col_bits, COL_RUN)
             if GATHER_TRANSPOSED:  # the same tile, built K-major (see gather_transposed)
                 inside_t = (pix_bits[None, :] & col_bits[:, None]) == col_bits[:, None]
-                a = tl.trans(tl.load(x_ptr + x_pix[None, :] + col_off[:, None], mask=inside_t,
-                                     other=0.0))  # fmt: skip
+                a = tl.trans(
+                    tl.load(x_ptr + x_pix[None, :] + col_off[:, None], mask=inside_t, other=0.0)
+                )
             else:
                 inside = (pix_bits[:, None] & col_bits[None, :]) == col_bits[None, :]
                 a = tl.load(x_ptr + x_pix[:, None] + col_off[None, :], mask=inside, other=0.0)
@@ -165,15 +209,39 @@ def group_conv_kernel(
     col_mask = out_ch >= 0
     # No position-dependent bias here: its pointer and strides are placeholders.
     store_with_epilogue(
-        acc, y_ptr, bias_ptr, bias_ptr, res_ptr, out_ch, col_mask, m_mask, nb, oh, ow,
-        stride_yn, stride_yh, stride_yw, stride_yc, stride_rn, stride_rh, stride_rw, stride_rc,
-        0, 0, 0, HAS_BIAS, False, HAS_RES, RELU, WIDE,
-    )  # fmt: skip
+        acc,
+        y_ptr,
+        bias_ptr,
+        bias_ptr,
+        res_ptr,
+        out_ch,
+        col_mask,
+        m_mask,
+        nb,
+        oh,
+        ow,
+        stride_yn,
+        stride_yh,
+        stride_yw,
+        stride_yc,
+        stride_rn,
+        stride_rh,
+        stride_rw,
+        stride_rc,
+        0,
+        0,
+        0,
+        HAS_BIAS,
+        False,
+        HAS_RES,
+        RELU,
+        WIDE,
+    )
 
 
 # Autotuning (GPU only). BLOCK_N is the pack's row tile, fixed by the format. Three
-# config sets, by how the gathered operand loads (sparse_ops_bench.scripts.kernel_static compiles every
-# config for sm_90a and sm_80; the test suite requires zero spills among those offered):
+# config sets, by how the gathered operand loads (the static report compiles every config
+# for sm_90a and sm_80; the test suite requires zero spills among those offered):
 # - "tensor": scalar gathers (any columns). A thread keeps an offset and tap bits for
 #   each of its pixels, so tiles of 32 pixels × 32 columns per warp (128×32 on 4 warps,
 #   256×32 on 8) spill on sm_90a and cost 332–341 instructions per iteration where
@@ -181,44 +249,41 @@ def group_conv_kernel(
 # - "tensor-run": column runs (COL_RUN = 8), 16-byte cp.async for both operands and a
 #   few addresses per thread, so larger tiles fit;
 # - "fma": exact fp32 (allow_tf32=False), tl.dot on CUDA cores, fragments in registers.
-# BLOCK_N is the pack's block_n ("pack" in the ids).
-CONFIG_IDS = {
-    "tensor": [
-        "64xpackx32 w4 s4", "128xpackx16 w4 s4", "64xpackx16 w2 s4", "32xpackx32 w4 s3",
-        "32xpackx16 w2 s3", "64xpackx64 w4 s3", "64xpackx64 w4 s2", "32xpackx64 w4 s2",
-    ],
-    "tensor-run": [
-        "128xpackx32 w4 s3", "128xpackx32 w4 s4", "256xpackx32 w8 s3", "64xpackx32 w4 s4",
-        "128xpackx16 w4 s4", "64xpackx16 w2 s4",
-    ],
-    "fma": ["32xpackx32 w4 s2", "64xpackx16 w4 s2", "32xpackx16 w4 s2", "64xpackx16 w2 s2"],
-}
+# The sets are data, in group_conv.json next to this file (BLOCK_N is the pack's block_n:
+# "pack" in the ids), with the SPILLS table (see channel_conv.py) and the QUICK lists:
+# the configs the static report ranks best on Triton 3.6 (fp16, sm_90a), and a
+# BLOCK_K = 16 one for the converter's leftover packs (k_pad 16).
+TABLE = configs.load_table(__file__)
+CONFIG_IDS = TABLE.config_ids
 CONFIG_SETS = {kind: [configs.config_from_id(c) for c in ids] for kind, ids in CONFIG_IDS.items()}
-# Configs ptxas spills on, by Triton (major, minor) and "class" or "class/dtype"; see
-# sparse_ops_kernels.channel_conv.SPILLS. Measured with sparse_ops_bench.scripts.kernel_static --all-configs.
-SPILLS: dict[tuple[int, int], dict[str, set[str]]] = {
-    (3, 6): {
-        'fma/float32': {'64xpackx16 w4 s2'},
-        'tensor-run/bfloat16': {'256xpackx32 w8 s3'},
-        'tensor-run/float16': {'256xpackx32 w8 s3'},
-    },
-    (3, 9): {
-        'fma/float32': {'32xpackx16 w4 s2', '64xpackx16 w4 s2'},
-    },
-}  # fmt: skip
-# SPARSE_OPS_TUNING=quick: the configs the static report ranks best on Triton 3.6 (fp16,
-# sm_90a), and a BLOCK_K = 16 one for the converter's leftover packs (k_pad 16).
-QUICK = {
-    "tensor": ["64xpackx32 w4 s4", "128xpackx16 w4 s4", "32xpackx32 w4 s3"],
-    "tensor-run": ["128xpackx32 w4 s3", "64xpackx32 w4 s4", "128xpackx16 w4 s4"],
-    "fma": ["32xpackx32 w4 s2", "64xpackx16 w2 s2"],
-}
+SPILLS = TABLE.spills
+QUICK = TABLE.quick
 # K_PAD and BLOCK_N are in the key because candidate_configs depends on them (a config
 # tuned for one pack's column padding must never be reused for another's), and so is
 # INPUT_PRECISION (it picks the config set).
-AUTOTUNE_KEY = ["M", "H", "W", "OH", "OW", "N_FILL", "NUM_TILES", "MAX_COLS", "KH", "KW",
-                "STRIDE_H", "STRIDE_W", "PAD_H", "PAD_W", "DIL_H", "DIL_W", "K_PAD",
-                "COL_RUN", "X_ALIGN", "BLOCK_N", "INPUT_PRECISION"]  # fmt: skip
+AUTOTUNE_KEY = [
+    "M",
+    "H",
+    "W",
+    "OH",
+    "OW",
+    "N_FILL",
+    "NUM_TILES",
+    "MAX_COLS",
+    "KH",
+    "KW",
+    "STRIDE_H",
+    "STRIDE_W",
+    "PAD_H",
+    "PAD_W",
+    "DIL_H",
+    "DIL_W",
+    "K_PAD",
+    "COL_RUN",
+    "X_ALIGN",
+    "BLOCK_N",
+    "INPUT_PRECISION",
+]
 
 
 def launch_class(dtype: torch.dtype, constexprs: dict) -> str:
@@ -277,8 +342,7 @@ def group_conv_launch(
     """Check a call and build its launch (nothing runs); see
     :func:`kernels.channel_conv.channel_conv_launch`."""
     what = "group_conv"
-    call = launch.check_group_call(x, pack, residual, what,
-                                   INTERPRETED if check_device else None)  # fmt: skip
+    call = launch.check_group_call(x, pack, residual, what, INTERPRETED if check_device else None)
     n, _, h, w = x.shape
     block_n, k_pad = int(pack.block_n), int(pack.k_pad)
     if block_n < 16 or block_n & (block_n - 1) or k_pad < 16 or k_pad & (k_pad - 1):
@@ -293,10 +357,17 @@ def group_conv_launch(
             "(the kernel keeps a pixel's in-image taps as bits of one int32)"
         )
     oh, ow = call.oh, call.ow
-    y = launch.prepare_output(out, call.out_shape, x, what, {
-        "residual": residual, "pack bias": pack.bias,
-        **{f"pack {name}": getattr(pack, name) for name in GROUP_PACK_TENSORS},
-    })  # fmt: skip
+    y = launch.prepare_output(
+        out,
+        call.out_shape,
+        x,
+        what,
+        {
+            "residual": residual,
+            "pack bias": pack.bias,
+            **{f"pack {name}": getattr(pack, name) for name in GROUP_PACK_TENSORS},
+        },
+    )
     x = launch.channels_last(x)
     m, tiles = n * oh * ow, pack.tile_group.numel()
     # A pack records max_cols on the host (groups_meta); reading col_ptr would sync.
@@ -307,34 +378,69 @@ def group_conv_launch(
     col_run = COL_RUN if pack.col_run == COL_RUN and x_align == COL_RUN else 1
     args = (
         # A disabled feature's pointer is never read; the stand-ins only keep types right.
-        x, pack.values,
+        x,
+        pack.values,
         pack.bias if pack.bias is not None else launch.placeholder(x.device, torch.float32),
-        residual if residual is not None else y, y,
-        pack.row_idx, pack.row_ptr, pack.col_code, pack.col_ptr, pack.val_ptr,
-        pack.tile_group, pack.tile_row, pack.fill_idx,
-        m, h, w, oh, ow, pack.fill_idx.numel(), tiles, max_cols,
-        *x_strides, *launch.nhwc_strides(y),
+        residual if residual is not None else y,
+        y,
+        pack.row_idx,
+        pack.row_ptr,
+        pack.col_code,
+        pack.col_ptr,
+        pack.val_ptr,
+        pack.tile_group,
+        pack.tile_row,
+        pack.fill_idx,
+        m,
+        h,
+        w,
+        oh,
+        ow,
+        pack.fill_idx.numel(),
+        tiles,
+        max_cols,
+        *x_strides,
+        *launch.nhwc_strides(y),
         *(launch.nhwc_strides(residual) if residual is not None else (0, 0, 0, 0)),
-    )  # fmt: skip
+    )
     flags = {
-        "KH": kh, "KW": kw, "STRIDE_H": call.stride[0], "STRIDE_W": call.stride[1],
-        "PAD_H": call.padding[0], "PAD_W": call.padding[1],
-        "DIL_H": call.dilation[0], "DIL_W": call.dilation[1],
-        "HAS_BIAS": pack.bias is not None, "HAS_RES": residual is not None, "RELU": bool(relu),
-        "INPUT_PRECISION": launch.input_precision(x.dtype, allow_tf32), "K_PAD": k_pad,
-        "COL_RUN": col_run, "X_ALIGN": x_align, "BLOCK_N": block_n,
+        "KH": kh,
+        "KW": kw,
+        "STRIDE_H": call.stride[0],
+        "STRIDE_W": call.stride[1],
+        "PAD_H": call.padding[0],
+        "PAD_W": call.padding[1],
+        "DIL_H": call.dilation[0],
+        "DIL_W": call.dilation[1],
+        "HAS_BIAS": pack.bias is not None,
+        "HAS_RES": residual is not None,
+        "RELU": bool(relu),
+        "INPUT_PRECISION": launch.input_precision(x.dtype, allow_tf32),
+        "K_PAD": k_pad,
+        "COL_RUN": col_run,
+        "X_ALIGN": x_align,
+        "BLOCK_N": block_n,
         "GATHER_TRANSPOSED": col_run == 1 and gather_transposed(),
         "WIDE": launch.needs_wide_offsets(dense=(x, y), views=(pack.values, residual))
-        if force_wide is None else bool(force_wide),
-    }  # fmt: skip
+        if force_wide is None
+        else bool(force_wide),
+    }
 
     def grid(meta):
         # One dimension, row tiles fastest (see the module docstring).
         return (launch.cdiv(m, meta["BLOCK_M"]) * tiles,)
 
     interpreter_meta = dict(INTERPRETER_CONFIG, BLOCK_K=min(INTERPRETER_CONFIG["BLOCK_K"], k_pad))
-    return launch.KernelLaunch(group_conv_kernel, group_conv_tuned, args, flags, grid,
-                               interpreter_meta, y, m == 0 or tiles == 0)  # fmt: skip
+    return launch.KernelLaunch(
+        group_conv_kernel,
+        group_conv_tuned,
+        args,
+        flags,
+        grid,
+        interpreter_meta,
+        y,
+        m == 0 or tiles == 0,
+    )
 
 
 def group_conv(
@@ -351,8 +457,7 @@ def group_conv(
     [N, Cout, OH, OW], channels-last. The pack's values are in x's dtype. ``config`` forces one
     ``triton.Config`` (its BLOCK_K must divide the pack's ``k_pad``).
     """
-    spec = group_conv_launch(x, pack, residual=residual, relu=relu, out=out,
-                             allow_tf32=allow_tf32)  # fmt: skip
+    spec = group_conv_launch(x, pack, residual=residual, relu=relu, out=out, allow_tf32=allow_tf32)
     if config is not None and spec.constexprs["K_PAD"] % config.kwargs["BLOCK_K"]:
         raise KernelInputError(
             f"group_conv: BLOCK_K={config.kwargs['BLOCK_K']} must divide "

@@ -75,8 +75,7 @@ def run(spec: KernelLaunch, config=None, interpreted: bool = False) -> torch.Ten
     if spec.empty:
         return spec.output
     if config is not None:
-        spec.kernel[spec.grid(config.kwargs)](*spec.args, **spec.constexprs,
-                                              **config.all_kwargs())  # fmt: skip
+        spec.kernel[spec.grid(config.kwargs)](*spec.args, **spec.constexprs, **config.all_kwargs())
     elif interpreted:
         meta = spec.interpreter_meta
         spec.kernel[spec.grid(meta)](*spec.args, **spec.constexprs, **meta)
@@ -361,9 +360,19 @@ def _check_index(t: torch.Tensor, length: int, x: torch.Tensor, what: str, label
     check_same(t, x, what, label, dtype=torch.int32)
 
 
-GROUP_PACK_INDEX = tuple((name, f"pack {name}") for name in (
-    "row_idx", "row_ptr", "col_idx", "col_code", "col_ptr", "tile_group", "tile_row",
-    "fill_idx"))  # fmt: skip
+GROUP_PACK_INDEX = tuple(
+    (name, f"pack {name}")
+    for name in (
+        "row_idx",
+        "row_ptr",
+        "col_idx",
+        "col_code",
+        "col_ptr",
+        "tile_group",
+        "tile_row",
+        "fill_idx",
+    )
+)
 
 
 def check_group_call(x, pack, residual, what: str, interpreted: bool | None) -> CallShape:
@@ -416,8 +425,10 @@ def check_residual(residual, shape: tuple[int, int, int, int], x: torch.Tensor, 
 
 def _call_shape(x, out_channels: int, kernel, geometry, what: str) -> CallShape:
     n, _, h, w = x.shape
-    stride, padding, dilation = (pair(v) for v in (geometry.stride, geometry.padding,
-                                                   geometry.dilation))  # fmt: skip
+    stride, padding, dilation = (
+        pair(v) for v in (geometry.stride, geometry.padding, geometry.dilation)
+    )
     oh, ow = output_hw(h, w, kernel, stride, padding, dilation, what)
-    return CallShape(n, h, w, oh, ow, tuple(kernel), stride, padding, dilation,
-                     (n, out_channels, oh, ow))  # fmt: skip
+    return CallShape(
+        n, h, w, oh, ow, tuple(kernel), stride, padding, dilation, (n, out_channels, oh, ow)
+    )

@@ -62,9 +62,22 @@ _NUMPY_DATA_GLOBALS = {
     "numpy._core.multiarray._reconstruct",
 }
 _NUMPY_NUMERIC_DTYPE_NAMES = (
-    "Bool", "Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64",
-    "Float16", "Float32", "Float64", "LongDouble", "Complex64", "Complex128",
-)  # fmt: skip
+    "Bool",
+    "Int8",
+    "Int16",
+    "Int32",
+    "Int64",
+    "UInt8",
+    "UInt16",
+    "UInt32",
+    "UInt64",
+    "Float16",
+    "Float32",
+    "Float64",
+    "LongDouble",
+    "Complex64",
+    "Complex128",
+)
 _NUMPY_NUMERIC_DTYPES = {f"numpy.dtypes.{n}DType" for n in _NUMPY_NUMERIC_DTYPE_NAMES}
 
 
@@ -78,9 +91,17 @@ def check_input_file(path: str | os.PathLike, error: type[Exception] = TicketFor
     except OSError as exc:
         raise error(f"{path}: cannot read ({exc.strerror or exc})") from None
     if not stat.S_ISREG(mode):
-        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
-                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-                else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")  # fmt: skip
+        kind = (
+            "a directory"
+            if stat.S_ISDIR(mode)
+            else "a FIFO"
+            if stat.S_ISFIFO(mode)
+            else "a device"
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket"
+            if stat.S_ISSOCK(mode)
+            else "not a regular file"
+        )
         raise error(f"{path}: {kind}, not a checkpoint file")
 
 
@@ -139,8 +160,9 @@ def load_torch(path: str | os.PathLike) -> Any:
                     f"{path}: unsupported or corrupt torch file ({_weights_only_reason(exc)}){hint}"
                 ) from None
             # The scan names the reconstructors; dtype classes show up only while loading.
-            allowed = [_resolve(g) for g in sorted(set(needed) | _NUMPY_DATA_GLOBALS)
-                       if _resolvable(g)] + _numeric_dtype_classes()  # fmt: skip
+            allowed = [
+                _resolve(g) for g in sorted(set(needed) | _NUMPY_DATA_GLOBALS) if _resolvable(g)
+            ] + _numeric_dtype_classes()
             with torch.serialization.safe_globals(allowed):
                 try:
                     return torch.load(path, map_location="cpu", weights_only=True)
@@ -199,9 +221,20 @@ def _check_zip(path: Path) -> bool:
     return any(n.endswith(("/constants.pkl", "/code/__torch__.py")) or "/code/" in n for n in names)
 
 
-_STORAGE_BYTES = {"Double": 8, "Float": 4, "Half": 2, "BFloat16": 2, "Long": 8, "Int": 4,
-                  "Short": 2, "Char": 1, "Byte": 1, "Bool": 1, "ComplexFloat": 8,
-                  "ComplexDouble": 16}  # fmt: skip
+_STORAGE_BYTES = {
+    "Double": 8,
+    "Float": 4,
+    "Half": 2,
+    "BFloat16": 2,
+    "Long": 8,
+    "Int": 4,
+    "Short": 2,
+    "Char": 1,
+    "Byte": 1,
+    "Bool": 1,
+    "ComplexFloat": 8,
+    "ComplexDouble": 16,
+}
 
 
 def _check_legacy(path: Path) -> None:
@@ -254,8 +287,12 @@ def _legacy_declared_bytes(path: Path) -> int | None:
                     stack.append(items)
                 elif name == "BINPERSID":
                     pid = stack.pop()
-                    if (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"
-                            and isinstance(pid[4], int)):  # fmt: skip
+                    if (
+                        isinstance(pid, tuple)
+                        and len(pid) >= 5
+                        and pid[0] == "storage"
+                        and isinstance(pid[4], int)
+                    ):
                         kind = pid[1][1].rpartition(" ")[2] if isinstance(pid[1], tuple) else ""
                         size = _STORAGE_BYTES.get(kind.removesuffix("Storage"), 1)
                         storages[pid[2]] = pid[4] * size
@@ -369,4 +406,3 @@ def _numeric_dtype_classes() -> list[type]:
         for n in _NUMPY_NUMERIC_DTYPE_NAMES
         if hasattr(dtypes, f"{n}DType")
     ]
-

@@ -102,14 +102,24 @@ def _t2(text: str) -> float | None:
 # (flag, option name, type, help); None defaults mean "the method's own default".
 _REFILL_ARGS = [
     ("--extra", "extra", float, "refill+: share of the pruned channels refilled (default 0.1)"),
-    ("--criterion", "criterion", str, "channel ranking: l1 (default), l2, remain, "
-     "feature_l1, feature_l2, saliency (the last three read activations: need --data)"),
-]  # fmt: skip
+    (
+        "--criterion",
+        "criterion",
+        str,
+        "channel ranking: l1 (default), l2, remain, "
+        "feature_l1, feature_l2, saliency (the last three read activations: need --data)",
+    ),
+]
 _CHOICES = {"criterion": CRITERIA, "model": PARTITION_MODELS}
 _REGROUP_ARGS = [
-    ("--parts", "parts", _int_or("auto", "rows"), "partitions per layer: an int, 'auto' "
-     "(default: the count around rows/group-rows whose blocks keep the most nonzeros per "
-     "unit of area) or 'rows' (round(rows/group-rows))"),
+    (
+        "--parts",
+        "parts",
+        _int_or("auto", "rows"),
+        "partitions per layer: an int, 'auto' "
+        "(default: the count around rows/group-rows whose blocks keep the most nonzeros per "
+        "unit of area) or 'rows' (round(rows/group-rows))",
+    ),
     ("--group-rows", "group_rows", int, "auto / rows parts: target rows per part (default 64)"),
     ("--t1", "t1", float, "column growth threshold (default 1.5)"),
     ("--t2", "t2", _t2, "columns this full within a part always join (default: off)"),
@@ -118,21 +128,28 @@ _REGROUP_ARGS = [
     ("--b2", "b2", int, "blocks with fewer columns are dropped (default 1)"),
     ("--partition-model", "model", str, "graph (default) or hypergraph"),
     ("--regroup-seed", "seed", int, "partitioner seed (default 0)"),
-    ("--col-run", "col_run", _int_or("auto"), "columns in runs of 8 channels of one tap (16-byte "
-     "loads in the group kernel): 1 (default), 8, or auto (runs where they keep ≥ 95%% of "
-     "the nonzeros single columns keep)"),
-]  # fmt: skip
+    (
+        "--col-run",
+        "col_run",
+        _int_or("auto"),
+        "columns in runs of 8 channels of one tap (16-byte "
+        "loads in the group kernel): 1 (default), 8, or auto (runs where they keep ≥ 95%% of "
+        "the nonzeros single columns keep)",
+    ),
+]
 
 
 def _add_structure_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("refill / refill+ options")
     for flag, dest, kind, text in _REFILL_ARGS:
-        group.add_argument(flag, dest=f"opt_{dest}", type=kind, help=text,
-                           choices=_CHOICES.get(dest))  # fmt: skip
+        group.add_argument(
+            flag, dest=f"opt_{dest}", type=kind, help=text, choices=_CHOICES.get(dest)
+        )
     group = parser.add_argument_group("regroup options")
     for flag, dest, kind, text in _REGROUP_ARGS:
-        group.add_argument(flag, dest=f"opt_{dest}", type=kind, help=text,
-                           choices=_CHOICES.get(dest))  # fmt: skip
+        group.add_argument(
+            flag, dest=f"opt_{dest}", type=kind, help=text, choices=_CHOICES.get(dest)
+        )
 
 
 def _structure_options(args: argparse.Namespace, method: str) -> dict:
@@ -170,11 +187,24 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
     train = _options(args, "epochs", "batch_size", "lr", "weight_decay", "rewind_epoch", "seed")
     summary = prune_job(
-        args.arch, args.out, post_options=_structure_options(args, args.post),
-        train=TrainConfig(**train), progress=Progress(),
-        **_options(args, "data", "data_dir", "image_size", "rounds", "rate", "scope", "post",
-                   "device", "workers"),
-    )  # fmt: skip
+        args.arch,
+        args.out,
+        post_options=_structure_options(args, args.post),
+        train=TrainConfig(**train),
+        progress=Progress(),
+        **_options(
+            args,
+            "data",
+            "data_dir",
+            "image_size",
+            "rounds",
+            "rate",
+            "scope",
+            "post",
+            "device",
+            "workers",
+        ),
+    )
     from .distributed import is_main
 
     if not is_main():  # under torchrun: rank 0 reports for the job
@@ -206,9 +236,13 @@ def _cmd_restructure(args: argparse.Namespace) -> int:
         dataset = load(args.data, args.data_dir, image_size=args.image_size)
         batch = (dataset.train.images[: args.batch_size], dataset.train.labels[: args.batch_size])
     _, summary = restructure_job(
-        args.ticket, args.output, args.method, arch=args.arch,
-        options=_structure_options(args, args.method), batch=batch,
-    )  # fmt: skip
+        args.ticket,
+        args.output,
+        args.method,
+        arch=args.arch,
+        options=_structure_options(args, args.method),
+        batch=batch,
+    )
     if args.json:
         _print_json(summary)
         return 0
@@ -241,9 +275,14 @@ def _cmd_transform(args: argparse.Namespace) -> int:
     if args.src is None and ticket.arch is None:
         raise SparseOpsError(f"{args.ticket}: the ticket names no architecture; pass --from")
     result, report = transform(
-        ticket, args.src, args.dst, args.mapping, random_extra=args.random_extra,
-        seed=args.seed or 0, return_report=True,
-    )  # fmt: skip
+        ticket,
+        args.src,
+        args.dst,
+        args.mapping,
+        random_extra=args.random_extra,
+        seed=args.seed or 0,
+        return_report=True,
+    )
     path = result.save(args.output)
     if args.json:
         _print_json({"input": str(args.ticket), "output": str(path), **report.to_dict()})
@@ -266,12 +305,17 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         raise SparseOpsError("--tune-batch and --tune-cache only apply with --tune")
     cache = args.tune_cache or "default"
     summary, report = convert_job(
-        args.ticket, args.output, arch=args.arch, mode=args.mode, dtype=args.dtype,
-        on_unstructured=args.on_unstructured, target=args.target,
+        args.ticket,
+        args.output,
+        arch=args.arch,
+        mode=args.mode,
+        dtype=args.dtype,
+        on_unstructured=args.on_unstructured,
+        target=args.target,
         tune_batch=(64 if args.tune_batch is None else args.tune_batch) if args.tune else None,
         tune_cache=None if cache.lower() == "none" else cache,
         progress=not args.json,
-    )  # fmt: skip
+    )
     if args.json:
         _print_json(summary)
         return 0
@@ -315,8 +359,10 @@ def _import_advice(package: str) -> str:
         spec = None
     if spec is not None and spec.origin is None and spec.submodule_search_locations:
         where = ", ".join(str(p) for p in spec.submodule_search_locations)
-        return (f"the folder {where} hides the installed {package!r} package; run from "
-                "another directory or rename that folder")  # fmt: skip
+        return (
+            f"the folder {where} hides the installed {package!r} package; run from "
+            "another directory or rename that folder"
+        )
     return "reinstall with `pip install -e .`"
 
 
@@ -365,14 +411,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "prune", _cmd_prune)
     p.add_argument("--arch", required=True, help="built-in architecture (sparse-ops models)")
     p.add_argument(
-        "--data", default="digits",
+        "--data",
+        default="digits",
         help="digits (default), cifar10, cifar100, synthetic, imagefolder (DIR/train/<class>/ "
         "and DIR/val/, as ImageNet and Tiny-ImageNet ship)",
-    )  # fmt: skip
+    )
     p.add_argument("--data-dir", help="directory of the CIFAR binary release / image folders")
-    p.add_argument("--image-size", type=int,
-                   help="resize digits/synthetic images (default 32); imagefolder crop size "
-                   "(default 224)")  # fmt: skip
+    p.add_argument(
+        "--image-size",
+        type=int,
+        help="resize digits/synthetic images (default 32); imagefolder crop size (default 224)",
+    )
     p.add_argument("--rounds", type=int, default=4, help="pruning rounds (default 4)")
     p.add_argument("--rate", type=float, default=0.2, help="share of remaining weights pruned")
     p.add_argument("--scope", choices=["global", "layer"], default="global")
@@ -383,11 +432,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--rewind-epoch", type=int, default=0, help="rewind point (0: init)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
-                   help="train on a GPU if there is one (auto, default), or as told; under "
-                   "torchrun each rank takes cuda:LOCAL_RANK (NCCL) or the CPU (gloo)")  # fmt: skip
-    p.add_argument("--workers", type=int, default=0,
-                   help="DataLoader processes decoding images (imagefolder)")  # fmt: skip
+    p.add_argument(
+        "--device",
+        choices=["auto", "cuda", "cpu"],
+        default="auto",
+        help="train on a GPU if there is one (auto, default), or as told; under "
+        "torchrun each rank takes cuda:LOCAL_RANK (NCCL) or the CPU (gloo)",
+    )
+    p.add_argument(
+        "--workers", type=int, default=0, help="DataLoader processes decoding images (imagefolder)"
+    )
     p.add_argument("--out", required=True, help="output folder")
     _json_flag(p)
     _add_structure_args(p)
@@ -437,24 +491,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", help="architecture (default: the one the ticket names)")
     p.add_argument("--mode", choices=["auto", "channel", "group"], default="auto")
     p.add_argument(
-        "--target", choices=["cuda", "cpu"], default="cuda",
+        "--target",
+        choices=["cuda", "cpu"],
+        default="cuda",
         help="the device the module will run on: --mode auto prices each layer's "
         "representations for it (default: %(default)s; the saved file runs on either)",
-    )  # fmt: skip
+    )
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
-    p.add_argument("--on-unstructured", choices=["error", "dense", "regroup"], default="error",
-                   help="layers whose mask the mode cannot run (default: error)")  # fmt: skip
     p.add_argument(
-        "--tune", action="store_true",
+        "--on-unstructured",
+        choices=["error", "dense", "regroup"],
+        default="error",
+        help="layers whose mask the mode cannot run (default: error)",
+    )
+    p.add_argument(
+        "--tune",
+        action="store_true",
         help="time every representation of each layer on the target (this machine's CPU or "
         "GPU) and keep the fastest; the whole network is checked against the folded dense "
         "and the narrowed one (docs/CONVERT.md, 'Tuning')",
-    )  # fmt: skip
-    p.add_argument("--tune-batch", type=int, default=None, metavar="N",
-                   help="with --tune: batch size to tune at (default: 64)")  # fmt: skip
-    p.add_argument("--tune-cache", default=None, metavar="FILE",
-                   help="with --tune: timing cache (default: $SPARSE_OPS_CACHE_DIR/tuning.json "
-                   "or ~/.cache/sparse-ops/tuning.json); 'none' for no cache")  # fmt: skip
+    )
+    p.add_argument(
+        "--tune-batch",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --tune: batch size to tune at (default: 64)",
+    )
+    p.add_argument(
+        "--tune-cache",
+        default=None,
+        metavar="FILE",
+        help="with --tune: timing cache (default: $SPARSE_OPS_CACHE_DIR/tuning.json "
+        "or ~/.cache/sparse-ops/tuning.json); 'none' for no cache",
+    )
     _output_file(p)
     p.add_argument("--report", action="store_true", help="print the per-layer report")
     _json_flag(p)

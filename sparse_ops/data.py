@@ -242,8 +242,16 @@ def image_folder(root: str | os.PathLike, *, image_size: int = 224, seed: int = 
 
     val_idx, train_idx = sorted(order[:n_val]), sorted(order[n_val:])
     test = FolderSplit(val_files, torch.tensor(val_labels, dtype=torch.int64), image_size)
-    return Dataset("imagefolder", part(train_idx), part(val_idx), test, len(classes),
-                   flip=True, pad=0, normalized=True)  # fmt: skip
+    return Dataset(
+        "imagefolder",
+        part(train_idx),
+        part(val_idx),
+        test,
+        len(classes),
+        flip=True,
+        pad=0,
+        normalized=True,
+    )
 
 
 def _images_under(folder: Path) -> list[Path]:
@@ -366,9 +374,12 @@ class FolderSplit:
         """Yield ``(images, labels)`` for each index tensor in ``batches``."""
         keys = [[(int(i), augment, seed) for i in b] for b in batches if len(b)]
         loader = torch.utils.data.DataLoader(
-            _Items(self), batch_sampler=keys, num_workers=workers,
-            persistent_workers=False, pin_memory=False,
-        )  # fmt: skip
+            _Items(self),
+            batch_sampler=keys,
+            num_workers=workers,
+            persistent_workers=False,
+            pin_memory=False,
+        )
         yield from loader
 
 
@@ -427,8 +438,9 @@ def _flip():
     return Image.Transpose.FLIP_LEFT_RIGHT
 
 
-def _random_resized_box(size: tuple[int, int], g: torch.Generator, scale=(0.08, 1.0),
-                        ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:  # fmt: skip
+def _random_resized_box(
+    size: tuple[int, int], g: torch.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
+) -> tuple[int, int, int, int]:
     """Inception-style crop box (left, top, right, bottom): a random area share and
     log-uniform aspect ratio, 10 tries, then the centre crop at the nearest ratio."""
     import math

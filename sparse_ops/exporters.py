@@ -50,8 +50,13 @@ def to_prune_state(ticket: Ticket, which: str = "weights") -> dict[str, torch.Te
 # dict strictly; nothing else is ever pruned there.
 STRUCTURE_LTH_UNPRUNED = ("conv1",)
 # Their SGD / MultiStepLR defaults (main_imp.py), used when a ticket records no recipe.
-_SLTH_RECIPE = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "milestones": (80, 120),
-                "gamma": 0.1}  # fmt: skip
+_SLTH_RECIPE = {
+    "lr": 0.1,
+    "momentum": 0.9,
+    "weight_decay": 1e-4,
+    "milestones": (80, 120),
+    "gamma": 0.1,
+}
 # Names of the convs this exporter gave all-ones masks, so load_ticket can drop them
 # again (their loader ignores keys it does not read).
 UNMASKED_KEY = "sparse_ops_unmasked"
@@ -117,9 +122,11 @@ def _is_slth_prunable(key: str, value: torch.Tensor) -> bool:
     # A 4-D floating ".weight" is a Conv2d weight (Conv1d/3d are 3-D/5-D, BN 1-D).
     module = key.removesuffix(".weight")
     return (
-        key.endswith(".weight") and value.dim() == 4 and value.is_floating_point()
+        key.endswith(".weight")
+        and value.dim() == 4
+        and value.is_floating_point()
         and module not in STRUCTURE_LTH_UNPRUNED
-    )  # fmt: skip
+    )
 
 
 def _with_masks(ticket: Ticket, masks: dict[str, torch.Tensor]) -> Ticket:
@@ -142,8 +149,9 @@ def _fresh_optimizer_state(ticket: Ticket, epoch: int) -> tuple[dict, dict]:
         epochs = int(train["epochs"])
         recipe["milestones"] = sorted({max(1, round(f * epochs)) for f in train["milestones"]})
     params = [torch.zeros(1, requires_grad=True) for _ in range(_parameter_count(ticket))]
-    optimizer = torch.optim.SGD(params, lr=recipe["lr"], momentum=recipe["momentum"],
-                                weight_decay=recipe["weight_decay"])  # fmt: skip
+    optimizer = torch.optim.SGD(
+        params, lr=recipe["lr"], momentum=recipe["momentum"], weight_decay=recipe["weight_decay"]
+    )
     scheduler = torch.optim.lr_scheduler.MultiStepLR(
         optimizer, list(recipe["milestones"]), recipe["gamma"]
     )

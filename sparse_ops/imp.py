@@ -334,8 +334,10 @@ def run(
         train_fn(model, RoundContext(r, rounds, capture))
         result = eval_fn(model)
         if isinstance(result, bool) or not isinstance(result, (int, float, dict)):
-            raise IMPError(f"eval_fn must return an accuracy (a number) or a dict of metrics, "
-                           f"got {type(result).__name__}")  # fmt: skip
+            raise IMPError(
+                f"eval_fn must return an accuracy (a number) or a dict of metrics, "
+                f"got {type(result).__name__}"
+            )
         metrics = dict(result) if isinstance(result, dict) else {"accuracy": float(result)}
         masks = current_masks(model, names)
         meta = dict(

@@ -266,8 +266,11 @@ def from_open_lth_checkpoint(ckpt: Mapping[str, Any], where: str) -> Imported:
     if not is_open_lth_state(state):
         imported = from_state_dict(state, f"{where}['model_state_dict']")
     else:
-        masks = {k[len("mask_") :].replace("___", "."): v for k, v in state.items()
-                 if k.startswith("mask_")}  # fmt: skip
+        masks = {
+            k[len("mask_") :].replace("___", "."): v
+            for k, v in state.items()
+            if k.startswith("mask_")
+        }
         weights = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
         imported = Imported(masks, weights, None, {})
     imported.meta["source_format"] = "open-lth-checkpoint"

@@ -48,9 +48,22 @@ def prune_job(
     only rank 0 writes files and prints progress. ``device``: auto, cuda or cpu;
     ``workers``: DataLoader processes for datasets decoded per sample (imagefolder).
     """
-    job = dict(arch=arch, out=out, data=data, data_dir=data_dir, image_size=image_size,
-               rounds=rounds, rate=rate, scope=scope, post=post, post_options=post_options,
-               train=train, progress=progress, device=device, workers=workers)  # fmt: skip
+    job = dict(
+        arch=arch,
+        out=out,
+        data=data,
+        data_dir=data_dir,
+        image_size=image_size,
+        rounds=rounds,
+        rate=rate,
+        scope=scope,
+        post=post,
+        post_options=post_options,
+        train=train,
+        progress=progress,
+        device=device,
+        workers=workers,
+    )
     if not distributed.launched():
         return _prune_job(**job)
     own_group = not torch.distributed.is_initialized()
@@ -70,15 +83,33 @@ def prune_job(
     return summary
 
 
-def _prune_job(*, arch, out, data, data_dir, image_size, rounds, rate, scope, post,
-               post_options, train, progress, device, workers) -> dict[str, Any]:  # fmt: skip
+def _prune_job(
+    *,
+    arch,
+    out,
+    data,
+    data_dir,
+    image_size,
+    rounds,
+    rate,
+    scope,
+    post,
+    post_options,
+    train,
+    progress,
+    device,
+    workers,
+) -> dict[str, Any]:
     """:func:`prune_job`'s work, inside the process group when there is one."""
     from .structure.refill import ACTIVATION_CRITERIA
 
     post_options = dict(post_options or {})
     # Activation criteria rank channels on a training batch, which this job supplies.
-    needs_batch = (post.startswith("refill") and "batch" not in post_options
-                   and post_options.get("criterion") in ACTIVATION_CRITERIA)  # fmt: skip
+    needs_batch = (
+        post.startswith("refill")
+        and "batch" not in post_options
+        and post_options.get("criterion") in ACTIVATION_CRITERIA
+    )
     imp.resolve_post(post, {**post_options, "batch": ()} if needs_batch else post_options)
     imp._check_rate(rate)  # bad options fail before any training
     progress = progress or Progress()
@@ -116,9 +147,17 @@ def _prune_job(*, arch, out, data, data_dir, image_size, rounds, rate, scope, po
         fits[ctx.round] = trainer.fit(m, ctx)
 
     for ticket in imp.run(
-        model, rounds, train_fn, trainer.accuracy, rate=rate, scope=scope, post=post,
-        post_options=post_options, example_input=example, arch=info.name,
-    ):  # fmt: skip
+        model,
+        rounds,
+        train_fn,
+        trainer.accuracy,
+        rate=rate,
+        scope=scope,
+        post=post,
+        post_options=post_options,
+        example_input=example,
+        arch=info.name,
+    ):
         r = ticket.meta["round"]
         # Cheap guard (a fingerprint per tensor): DDP keeps the ranks' weights equal, and
         # masks come from rank 0; anything else is a bug worth stopping for.
@@ -182,10 +221,17 @@ def _identity_normalize(model: torch.nn.Module, progress: Progress) -> None:
 def render_prune(summary: dict[str, Any]) -> str:
     headers = ["round", "density", "sparsity", "test acc %", "val acc %", "IMP density", "time s"]
     rows = [
-        [r["round"], r["density"], f"{100 * r['sparsity']:.2f}%", f"{r['accuracy']:.2f}",
-         f"{r['val_accuracy']:.2f}", r["imp_density"], f"{r['seconds']:.0f}"]
+        [
+            r["round"],
+            r["density"],
+            f"{100 * r['sparsity']:.2f}%",
+            f"{r['accuracy']:.2f}",
+            f"{r['val_accuracy']:.2f}",
+            r["imp_density"],
+            f"{r['seconds']:.0f}",
+        ]
         for r in summary["rounds"]
-    ]  # fmt: skip
+    ]
     final = summary["final"]
     return (
         f"IMP on {summary['arch']} / {summary['data']}, rate {summary['rate']}, "
@@ -254,8 +300,10 @@ def convert_job(
     if tune_batch is not None and tune_batch < 1:
         raise SparseOpsError(f"--tune-batch must be ≥ 1, got {tune_batch}")
     if tune_batch is not None and target == "cuda" and not torch.cuda.is_available():
-        raise SparseOpsError("--tune times the layers on the target: --target cuda needs a GPU "
-                             "here (or tune for this machine with --target cpu)")  # fmt: skip
+        raise SparseOpsError(
+            "--tune times the layers on the target: --target cuda needs a GPU "
+            "here (or tune for this machine with --target cpu)"
+        )
     ticket = load_ticket(source, arch=arch)
     if ticket.arch is None or not models.is_known(ticket.arch):
         raise SparseOpsError(f"{source}: the ticket names no built-in architecture; pass --arch")
@@ -265,11 +313,21 @@ def convert_job(
     if tune_batch is not None:
         size = models.info(ticket.arch).input_size
         example = torch.randn(tune_batch, *size, generator=torch.Generator().manual_seed(1))
-        tuning = {"tune": example, "device": target,
-                  "tune_options": TuneOptions(cache=tune_cache, progress=progress)}  # fmt: skip
-    fast, report = convert(model, ticket, mode=mode, dtype=torch_dtype,
-                           on_unstructured=on_unstructured, return_report=True,
-                           cost=CostModel.for_device(target), **tuning)  # fmt: skip
+        tuning = {
+            "tune": example,
+            "device": target,
+            "tune_options": TuneOptions(cache=tune_cache, progress=progress),
+        }
+    fast, report = convert(
+        model,
+        ticket,
+        mode=mode,
+        dtype=torch_dtype,
+        on_unstructured=on_unstructured,
+        return_report=True,
+        cost=CostModel.for_device(target),
+        **tuning,
+    )
     fast = fast.cpu()  # checked and saved from the CPU: the file runs on either device
     reference = masked_model(model, ticket)
     x = torch.randn(batch, *report.input_shape[1:], generator=torch.Generator().manual_seed(0))

@@ -103,8 +103,10 @@ class GroupLayout:
 
     def padded_size(self, block_n: int, k_pad: int) -> int:
         """Stored weights once each group is padded to ``block_n`` rows, ``k_pad`` columns."""
-        return sum(-(-len(g.rows) // block_n) * block_n * (-(-len(g.cols) // k_pad) * k_pad)
-                   for g in self.groups)  # fmt: skip
+        return sum(
+            -(-len(g.rows) // block_n) * block_n * (-(-len(g.cols) // k_pad) * k_pad)
+            for g in self.groups
+        )
 
     def checked_arrays(self, cout: int, k_total: int, name: str):
         """``(rows, cols, n_rows, n_cols)``: every group's rows and (sorted) columns
@@ -138,8 +140,11 @@ class GroupLayout:
             same = rows[by_row][1:] == rows[by_row][:-1]
             if same.any():
                 k = int(np.flatnonzero(same)[0])
-                row, first, second = (int(rows[by_row][k]), int(group_of_row[by_row][k]),
-                                      int(group_of_row[by_row][k + 1]))  # fmt: skip
+                row, first, second = (
+                    int(rows[by_row][k]),
+                    int(group_of_row[by_row][k]),
+                    int(group_of_row[by_row][k + 1]),
+                )
                 raise FormatError(
                     f"{name}: rows shared by two groups: row {row} is in groups {first} and "
                     f"{second}"

@@ -76,7 +76,6 @@ def _index(values) -> torch.Tensor:
     return torch.as_tensor(np.asarray(values, dtype=np.int32)).contiguous()
 
 
-
 def pack_channels(
     weight: torch.Tensor,
     mask: torch.Tensor | None = None,
@@ -206,8 +205,9 @@ def pack_groups(
     values = torch.zeros(int(val_ptr[-1]), dtype=weight.dtype)
     if entry_rows.size:
         flat = val_ptr[group_of] + i_local * np.repeat(c_pad, sizes) + j_local
-        values[torch.from_numpy(flat)] = w_view[torch.from_numpy(entry_rows),
-                                                torch.from_numpy(entry_cols)]  # fmt: skip
+        values[torch.from_numpy(flat)] = w_view[
+            torch.from_numpy(entry_rows), torch.from_numpy(entry_cols)
+        ]
     in_group = np.zeros(cout, dtype=bool)
     in_group[rows_cat] = True
     fill = np.flatnonzero(~in_group)

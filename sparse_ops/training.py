@@ -130,8 +130,9 @@ class Trainer:
         dx = torch.randint(0, 2 * p + 1, (n,), generator=g)
         rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None]
         cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :]
-        out = padded[torch.arange(n)[:, None, None, None], torch.arange(3)[None, :, None, None],
-                     rows, cols]  # fmt: skip
+        out = padded[
+            torch.arange(n)[:, None, None, None], torch.arange(3)[None, :, None, None], rows, cols
+        ]
         if self.data.flip:
             flip = torch.rand(n, generator=g) < 0.5
             out[flip] = out[flip].flip(-1)

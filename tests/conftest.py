@@ -55,14 +55,27 @@ class CompileJob:
         self.folder = Path(folder)
         self.log = open(self.folder / "kernel_static.log", "w")  # noqa: SIM115 (lives with the job)
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        command = [sys.executable, "-m", "sparse_ops_bench.scripts.kernel_static",
-                   "--matrix", "ci", "--jobs", str(workers), "--out", str(self.folder)]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "sparse_ops_bench.scripts.kernel_static",
+            "--matrix",
+            "ci",
+            "--jobs",
+            str(workers),
+            "--out",
+            str(self.folder),
+        ]
         root = Path(__file__).resolve().parents[1]
         # Its own process group, so stop() reaches the compile workers it spawns too.
         self.process = subprocess.Popen(
-            command, cwd=root, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+            command,
+            cwd=root,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
-        )  # fmt: skip
+        )
 
     def wait(self, timeout: float) -> int:
         try:

@@ -72,7 +72,9 @@ def write(directory: Path) -> None:
     for case, spec in CASES.items():
         model, ticket = model_and_ticket(spec["kind"])
         example = torch.randn(2, 3, 10, 10, generator=torch.Generator().manual_seed(2))
-        fast = convert(model, ticket, input_size=(3, 10, 10), on_unstructured=spec["on_unstructured"])
+        fast = convert(
+            model, ticket, input_size=(3, 10, 10), on_unstructured=spec["on_unstructured"]
+        )
         with torch.no_grad():
             out = fast(example)
         save_converted(fast, directory / f"{case}.safetensors")

@@ -44,8 +44,9 @@ def run(out: Path, batch_size: int, rounds: int, fail_rank: int | None) -> dict:
     device = distributed.init_from_env("cpu")
     torch.manual_seed(0)
     model = TwoConvNet()
-    trainer = Trainer(dataset(), TrainConfig(epochs=1, batch_size=batch_size, lr=0.05),
-                      device=device)  # fmt: skip
+    trainer = Trainer(
+        dataset(), TrainConfig(epochs=1, batch_size=batch_size, lr=0.05), device=device
+    )
 
     def train_fn(m, ctx):
         if ctx.round == 1 and distributed.rank() == fail_rank:
@@ -53,8 +54,9 @@ def run(out: Path, batch_size: int, rounds: int, fail_rank: int | None) -> dict:
         trainer.fit(m, ctx)
 
     record = {"rounds": []}
-    for ticket in imp.run(model, rounds, train_fn, trainer.accuracy, rate=0.5,
-                          example_input=torch.zeros(1, 3, 8, 8)):  # fmt: skip
+    for ticket in imp.run(
+        model, rounds, train_fn, trainer.accuracy, rate=0.5, example_input=torch.zeros(1, 3, 8, 8)
+    ):
         record["rounds"].append(
             {"masks": ticket.masks, "weights": ticket.weights, "accuracy": ticket.meta["accuracy"]}
         )

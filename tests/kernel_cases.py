@@ -67,8 +67,13 @@ def group_layout(cout: int, cin: int, k: int, mode: str, g: torch.Generator):
     elif mode == "dense":
         groups = [{"rows": list(range(cout)), "cols": list(range(k_total))}]
     elif mode == "one-row":
-        groups = [{"rows": [r], "cols": torch.randperm(k_total, generator=g)[: max(1, k_total // 3)]
-                   .tolist()} for r in perm[: min(cout, 5)]]  # fmt: skip
+        groups = [
+            {
+                "rows": [r],
+                "cols": torch.randperm(k_total, generator=g)[: max(1, k_total // 3)].tolist(),
+            }
+            for r in perm[: min(cout, 5)]
+        ]
     elif mode == "runs":  # columns in aligned runs of 8 channels of one tap (Cin % 8 == 0)
         groups, start = [], 0
         n_runs = k_total // 8
@@ -104,8 +109,9 @@ def poisoned_output(shape, dtype, device=DEVICE) -> torch.Tensor:
 
 def expected(x, dense_weight, bias, geometry, residual, relu):
     s, p, d = geometry
-    return reference.conv2d(x, dense_weight, bias, stride=s, padding=p, dilation=d,
-                            residual=residual, relu=relu)  # fmt: skip
+    return reference.conv2d(
+        x, dense_weight, bias, stride=s, padding=p, dilation=d, residual=residual, relu=relu
+    )
 
 
 def assert_matches(y: torch.Tensor, ref: torch.Tensor, dtype_key) -> None:

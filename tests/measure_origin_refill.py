@@ -44,10 +44,12 @@ def measure(ticket: Ticket, label: str) -> None:
             ours_extra[int(ours.masks[name].flatten(1).all(1).sum()) - k] += 1
             partial += bool((rows.any(1) & ~rows.all(1)).any())
         mine = Counter(mask_stats(ours.masks[n]).structure for n in ticket.masks)
-        print(f"{label} (density {ticket.density:.4f}) {criterion}: {len(ticket.masks)} layers; "
-              f"theirs {dict(kinds)}, full channels − K {dict(sorted(extra.items()))}, "
-              f"layers with partial rows {partial}; ours {dict(mine)}, full channels − K "
-              f"{dict(ours_extra)}")  # fmt: skip
+        print(
+            f"{label} (density {ticket.density:.4f}) {criterion}: {len(ticket.masks)} layers; "
+            f"theirs {dict(kinds)}, full channels − K {dict(sorted(extra.items()))}, "
+            f"layers with partial rows {partial}; ours {dict(mine)}, full channels − K "
+            f"{dict(ours_extra)}"
+        )
 
 
 def main(paths: list[str]) -> None:

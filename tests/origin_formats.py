@@ -126,8 +126,10 @@ def open_lth_level(
     mask = {k: torch.ones_like(init[k], dtype=torch.int32) for k in names}
     trained = init
     for _ in range(level):
-        trained = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
-                   for k, v in trained.items()}  # fmt: skip
+        trained = {
+            k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
+            for k, v in trained.items()
+        }
         mask = open_lth_sparse_global(trained, mask, 0.2, ignore)
 
     def masked(state: dict) -> dict:

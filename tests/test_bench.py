@@ -110,8 +110,15 @@ def test_a_provider_with_a_wrong_answer_is_reported_not_timed(monkeypatch, tmp_p
         return Built(lambda x: model(x) * 1.01, "dense")
 
     monkeypatch.setitem(PROVIDERS, "dense", Provider("dense", ("cpu",), wrong, "broken"))
-    result = harness.run("tiny", device="cpu", models_wanted=["res20s"], methods=["refill"],
-                         providers=["dense", "ours"], repeats=1, warmup=0)  # fmt: skip
+    result = harness.run(
+        "tiny",
+        device="cpu",
+        models_wanted=["res20s"],
+        methods=["refill"],
+        providers=["dense", "ours"],
+        repeats=1,
+        warmup=0,
+    )
     statuses = {r["provider"]: r["status"] for r in result["rows"]}
     assert statuses["dense"].startswith("wrong output") and statuses["ours"] == "ok"
     assert all("median_ms" not in r for r in result["rows"] if r["provider"] == "dense")
@@ -127,14 +134,19 @@ def test_one_check_policy_judges_every_output():
 
     ref = torch.tensor([1.0, -2.0, 4.0])
     assert checks.check_output(ref * 1.001, ref, torch.float32) == {
-        "rel_error": pytest.approx(1e-3, abs=1e-5), "status": "ok"}  # fmt: skip
+        "rel_error": pytest.approx(1e-3, abs=1e-5),
+        "status": "ok",
+    }
     wrong = checks.check_output((ref * 1.1).half(), ref, torch.float16)
     assert checks.is_wrong(wrong) and wrong["rel_error"] == pytest.approx(0.1, abs=2e-3)
     assert checks.tolerance(torch.bfloat16) > checks.tolerance(torch.float16)
     bench = Path(checks.__file__).parent
     own = ("def tolerance", "clamp_min(1e-12)")
-    copies = [p.relative_to(bench) for p in bench.rglob("*.py")
-              if p.name != "checks.py" and any(s in p.read_text() for s in own)]  # fmt: skip
+    copies = [
+        p.relative_to(bench)
+        for p in bench.rglob("*.py")
+        if p.name != "checks.py" and any(s in p.read_text() for s in own)
+    ]
     assert copies == []
 
 
@@ -147,9 +159,27 @@ def test_bench_cli_bad_input_is_one_line(capsys, tmp_path):
 
 
 def test_bench_cli_json(capsys, tmp_path):
-    argv = ["bench", "--preset", "tiny", "--device", "cpu", "--models", "res20s", "--methods",
-            "refill", "--providers", "dense", "narrow", "--repeats", "2", "--warmup", "0",
-            "--out", str(tmp_path), "--json"]  # fmt: skip
+    argv = [
+        "bench",
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--models",
+        "res20s",
+        "--methods",
+        "refill",
+        "--providers",
+        "dense",
+        "narrow",
+        "--repeats",
+        "2",
+        "--warmup",
+        "0",
+        "--out",
+        str(tmp_path),
+        "--json",
+    ]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert {r["provider"] for r in result["rows"]} == {"dense", "narrow"}
@@ -170,8 +200,9 @@ def test_kernel_floor_script_runs_its_cases_under_the_interpreter():
     """The GPU kernel microbenchmark's code path, on tiny shapes (no speed claimed)."""
     from sparse_ops_bench.scripts import kernel_floors
 
-    rows = kernel_floors.run(torch.float32, 1, torch.device("cpu"),
-                             {"warmup": 0, "repeats": 1}, scale=16)  # fmt: skip
+    rows = kernel_floors.run(
+        torch.float32, 1, torch.device("cpu"), {"warmup": 0, "repeats": 1}, scale=16
+    )
     kinds = {r["kind"] for r in rows}
     assert kinds == {"channel", "channel-indexed", "group"}
     assert {r["arch"] for r in rows if r["kind"] == "group"} == set(kernel_floors.GROUP_ARCHS)
@@ -183,26 +214,54 @@ def test_kernel_floor_script_runs_its_cases_under_the_interpreter():
 
 def test_speedups_pair_each_row_with_the_baseline_of_the_same_input():
     def row(provider, batch, ms):
-        return {"kind": "model", "arch": "resnet18", "layer": None, "method": "refill",
-                "sparsity": 0.5, "input": [batch, 3, 224, 224], "provider": provider,
-                "status": "ok", "median_ms": ms}  # fmt: skip
+        return {
+            "kind": "model",
+            "arch": "resnet18",
+            "layer": None,
+            "method": "refill",
+            "sparsity": 0.5,
+            "input": [batch, 3, 224, 224],
+            "provider": provider,
+            "status": "ok",
+            "median_ms": ms,
+        }
 
-    result = {"baseline": "cudnn",
-              "rows": [row("cudnn", 1, 2.0), row("ours", 1, 1.0), row("cudnn", 64, 40.0),
-                       row("ours", 64, 10.0)]}  # fmt: skip
+    result = {
+        "baseline": "cudnn",
+        "rows": [
+            row("cudnn", 1, 2.0),
+            row("ours", 1, 1.0),
+            row("cudnn", 64, 40.0),
+            row("ours", 64, 10.0),
+        ],
+    }
     harness._add_speedups(result)
     assert [r["speedup"] for r in result["rows"]] == [1.0, 2.0, 1.0, 4.0]
 
 
 def test_layer_sums_skip_a_sparsity_where_a_layer_failed():
     def row(provider, layer, sparsity, ms, status="ok"):
-        return {"provider": provider, "layer": layer, "sparsity": sparsity, "status": status,
-                "median_ms": ms, "p20_ms": ms, "p80_ms": ms, "count": 2}  # fmt: skip
+        return {
+            "provider": provider,
+            "layer": layer,
+            "sparsity": sparsity,
+            "status": status,
+            "median_ms": ms,
+            "p20_ms": ms,
+            "p80_ms": ms,
+            "count": 2,
+        }
 
-    rows = [row("dense", "a", 0.5, 1.0), row("dense", "b", 0.5, 1.0),
-            row("ours", "a", 0.5, 0.2), row("ours", "b", 0.5, 0.0, "error: x"),
-            row("dense", "a", 0.8, 1.0), row("dense", "b", 0.8, 1.0),
-            row("ours", "a", 0.8, 0.5), row("ours", "b", 0.8, 0.5)]  # fmt: skip
+    rows = [
+        row("dense", "a", 0.5, 1.0),
+        row("dense", "b", 0.5, 1.0),
+        row("ours", "a", 0.5, 0.2),
+        row("ours", "b", 0.5, 0.0, "error: x"),
+        row("dense", "a", 0.8, 1.0),
+        row("dense", "b", 0.8, 1.0),
+        row("ours", "a", 0.8, 0.5),
+        row("ours", "b", 0.8, 0.5),
+    ]
     xs, med, _, _ = report._series(rows, "ours", "dense")
     assert xs == [0.8] and med == [2.0]
 
@@ -242,8 +301,11 @@ def test_bench_models_stay_in_half_precision_range():
     preset = presets.PRESETS["cifar"]
     (_, model, shape, _), *_ = harness._cases(preset, ["res56s"])
     peaks = []
-    hooks = [m.register_forward_hook(lambda m, a, y: peaks.append(float(y.abs().max())))
-             for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]  # fmt: skip
+    hooks = [
+        m.register_forward_hook(lambda m, a, y: peaks.append(float(y.abs().max())))
+        for m in model.modules()
+        if isinstance(m, torch.nn.BatchNorm2d)
+    ]
     with torch.no_grad():
         model(torch.randn(2, *shape[1:], generator=torch.Generator().manual_seed(0)))
     for h in hooks:
@@ -251,8 +313,9 @@ def test_bench_models_stay_in_half_precision_range():
     assert len(peaks) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     assert max(peaks) < 1e3  # fp16 tops out at 65504
     assert not model.training
-    folded_means = [m.running_mean.abs().max() for m in model.modules()
-                    if isinstance(m, torch.nn.BatchNorm2d)]  # fmt: skip
+    folded_means = [
+        m.running_mean.abs().max() for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)
+    ]
     assert all(float(v) > 0 for v in folded_means)
 
 

@@ -111,9 +111,13 @@ def test_bad_input_exits_2_with_one_line(argv, fragment, slth_checkpoint, tmp_pa
     path, _ = slth_checkpoint
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\x00\x01 not a checkpoint")
-    subs = {"{missing}": str(tmp_path / "missing.pt"), "{garbage}": str(garbage),
-            "{ckpt}": str(path), "{tmp}": str(tmp_path),
-            "{converted}": str(tmp_path / "converted.safetensors")}  # fmt: skip
+    subs = {
+        "{missing}": str(tmp_path / "missing.pt"),
+        "{garbage}": str(garbage),
+        "{ckpt}": str(path),
+        "{tmp}": str(tmp_path),
+        "{converted}": str(tmp_path / "converted.safetensors"),
+    }
     if "{converted}" in argv:
         from sparse_ops import Ticket, convert, save_converted
 
@@ -160,13 +164,15 @@ def test_demo_quick_runs_the_whole_pipeline_and_checks_itself(tmp_path, capsys):
         "res20s_refill.safetensors",
         "res20s_regroup_converted.safetensors",
     ):
-        assert (out / name).is_file(), name  # fmt: skip
+        assert (out / name).is_file(), name
     results = (out / "results.md").read_text()
     assert "ours vs dense" in results and "regroup sparsity" in results
     for method, rounds in summary["imp"].items():  # the sparsest round within 1 point
         win = summary["winning"][method]
-        best = max((r for r in rounds if r["accuracy"] >= rounds[0]["accuracy"] - 1.0),
-                   key=lambda r: r["sparsity"])  # fmt: skip
+        best = max(
+            (r for r in rounds if r["accuracy"] >= rounds[0]["accuracy"] - 1.0),
+            key=lambda r: r["sparsity"],
+        )
         assert win == {k: best[k] for k in ("round", "sparsity", "accuracy")}, method
         assert f"- {method}: round {win['round']}, " in results
 
@@ -189,9 +195,11 @@ def test_output_folder_that_cannot_be_created(capsys):
 
 def test_broken_pipe_is_quiet():
     result = subprocess.run(
-        f"{sys.executable} -m sparse_ops models | head -1", shell=True, capture_output=True,
+        f"{sys.executable} -m sparse_ops models | head -1",
+        shell=True,
+        capture_output=True,
         text=True,
-    )  # fmt: skip
+    )
     assert result.stdout.startswith("name") and "Traceback" not in result.stderr
 
 
@@ -201,9 +209,24 @@ def test_broken_pipe_is_quiet():
 @pytest.fixture(scope="module")
 def pruned_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("prune")
-    argv = ["prune", "--arch", "res20s", "--data", "synthetic", "--image-size", "8",
-            "--rounds", "2", "--epochs", "1", "--post", "regroup", "--out", str(out),
-            "--json"]  # fmt: skip
+    argv = [
+        "prune",
+        "--arch",
+        "res20s",
+        "--data",
+        "synthetic",
+        "--image-size",
+        "8",
+        "--rounds",
+        "2",
+        "--epochs",
+        "1",
+        "--post",
+        "regroup",
+        "--out",
+        str(out),
+        "--json",
+    ]
     return out, argv
 
 
@@ -230,8 +253,19 @@ def test_restructure_refill_plus_json(pruned_run, tmp_path, capsys):
     if not (out / "round1.safetensors").exists():
         pytest.skip("needs the prune run")
     target = tmp_path / "refilled.safetensors"
-    argv = ["restructure", str(out / "round1.safetensors"), "--method", "refill+",
-            "--extra", "0.2", "--criterion", "remain", "-o", str(target), "--json"]  # fmt: skip
+    argv = [
+        "restructure",
+        str(out / "round1.safetensors"),
+        "--method",
+        "refill+",
+        "--extra",
+        "0.2",
+        "--criterion",
+        "remain",
+        "-o",
+        str(target),
+        "--json",
+    ]
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["method"] == "refill+" and summary["params"]["extra"] == 0.2
@@ -242,11 +276,29 @@ def test_restructure_refill_plus_json(pruned_run, tmp_path, capsys):
 def test_restructure_regroup_table(tmp_path, capsys):
     from sparse_ops import Ticket
 
-    masks = {f"layer3.{i}.conv{j}.weight": torch.rand(64, 64 if i or j == 2 else 32, 3, 3) < 0.3
-             for i in range(3) for j in (1, 2)}  # fmt: skip
+    masks = {
+        f"layer3.{i}.conv{j}.weight": torch.rand(64, 64 if i or j == 2 else 32, 3, 3) < 0.3
+        for i in range(3)
+        for j in (1, 2)
+    }
     src = Ticket(masks).save(tmp_path / "in.safetensors")
-    assert main(["restructure", str(src), "--arch", "res20s", "--method", "regroup",
-                 "--parts", "2", "-o", str(tmp_path / "g.safetensors")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "restructure",
+                str(src),
+                "--arch",
+                "res20s",
+                "--method",
+                "regroup",
+                "--parts",
+                "2",
+                "-o",
+                str(tmp_path / "g.safetensors"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "regrouped" in out and "layer3.2.conv2.weight" in out and "regroup: density" in out
 
@@ -256,17 +308,35 @@ def test_restructure_regroup_table(tmp_path, capsys):
     [
         (["prune", "--arch", "res20s", "--rate", "1.2", "--out", "{tmp}"], "rate must be in"),
         (["prune", "--arch", "res20s", "--rate", "0", "--out", "{tmp}"], "rate must be in"),
-        (["prune", "--arch", "res20s", "--post", "refill", "--t1", "2", "--out", "{tmp}"],
-         "options not used by refill: --t1"),
-        (["prune", "--arch", "res20s", "--parts", "4", "--out", "{tmp}"],
-         "--parts need a post-processing method"),
-        (["prune", "--arch", "res20s", "--data", "cifar10", "--data-dir", "{tmp}",
-          "--out", "{tmp}"], "missing data_batch_1.bin"),
+        (
+            ["prune", "--arch", "res20s", "--post", "refill", "--t1", "2", "--out", "{tmp}"],
+            "options not used by refill: --t1",
+        ),
+        (
+            ["prune", "--arch", "res20s", "--parts", "4", "--out", "{tmp}"],
+            "--parts need a post-processing method",
+        ),
+        (
+            [
+                "prune",
+                "--arch",
+                "res20s",
+                "--data",
+                "cifar10",
+                "--data-dir",
+                "{tmp}",
+                "--out",
+                "{tmp}",
+            ],
+            "missing data_batch_1.bin",
+        ),
         (["prune", "--arch", "res21s", "--out", "{tmp}"], "unknown architecture 'res21s'"),
-        (["prune", "--arch", "res20s", "--post", "regroup", "--t2", "3", "--out", "{tmp}"],
-         "t2 must be in (0, 1] or None"),
+        (
+            ["prune", "--arch", "res20s", "--post", "regroup", "--t2", "3", "--out", "{tmp}"],
+            "t2 must be in (0, 1] or None",
+        ),
     ],
-)  # fmt: skip
+)
 def test_prune_bad_input_exits_2(argv, fragment, tmp_path, capsys):
     assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
     err = capsys.readouterr().err.strip()
@@ -279,14 +349,42 @@ def test_restructure_ticket_that_does_not_fit(tmp_path, capsys):
     src = Ticket({"layer1.0.conv1.weight": torch.ones(16, 16, 3, 3)}).save(
         tmp_path / "t.safetensors"
     )
-    assert main(["restructure", str(src), "--arch", "res56s", "--method", "refill",
-                 "--criterion", "remain", "-o", str(tmp_path / "o.safetensors")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "restructure",
+                str(src),
+                "--arch",
+                "res56s",
+                "--method",
+                "refill",
+                "--criterion",
+                "remain",
+                "-o",
+                str(tmp_path / "o.safetensors"),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     bad = Ticket({"layer1.0.conv1.weight": torch.ones(16, 8, 3, 3)}).save(
         tmp_path / "b.safetensors"
     )
-    assert main(["restructure", str(bad), "--arch", "res20s", "--method", "refill",
-                 "-o", str(tmp_path / "o2.safetensors")]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "restructure",
+                str(bad),
+                "--arch",
+                "res20s",
+                "--method",
+                "refill",
+                "-o",
+                str(tmp_path / "o2.safetensors"),
+            ]
+        )
+        == 2
+    )
     assert "does not fit res20s" in capsys.readouterr().err
 
 
@@ -309,11 +407,9 @@ def test_convert_command_writes_a_module_equal_to_the_masked_network(
     model = models.create("res20s").eval()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        torch.testing.assert_close(fast(x), masked_model(model, refilled)(x), rtol=1e-4,
-                                   atol=1e-4)  # fmt: skip
+        torch.testing.assert_close(fast(x), masked_model(model, refilled)(x), rtol=1e-4, atol=1e-4)
 
-    assert main(["convert", str(ticket_path), "--mode", "channel", "-o", str(out),
-                 "--report"]) == 0  # fmt: skip
+    assert main(["convert", str(ticket_path), "--mode", "channel", "-o", str(out), "--report"]) == 0
     text = capsys.readouterr().out
     assert "layer1.0.conv1" in text and "% of dense FLOPs" in text
 
@@ -338,9 +434,14 @@ def test_a_folder_named_like_a_command_package_is_named_in_the_error(tmp_path, m
     assert "reinstall" in _import_advice("no_such_package_here")
 
 
-@pytest.mark.parametrize(("drop", "words"), [(4.72, "4.72 points below dense"),
-                                             (-4.72, "4.72 points above dense"),
-                                             (0.001, "same as dense")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("drop", "words"),
+    [
+        (4.72, "4.72 points below dense"),
+        (-4.72, "4.72 points above dense"),
+        (0.001, "same as dense"),
+    ],
+)
 def test_prune_summary_says_which_side_of_dense(drop, words):
     from sparse_ops.jobs import _versus_dense
 
@@ -356,8 +457,15 @@ def test_convert_target_prices_auto_mode_for_that_device(slth_checkpoint, tmp_pa
     ticket_path = regrouped.save(tmp_path / "regroup.safetensors")
     kinds = {}
     for target in ("cuda", "cpu"):
-        argv = ["convert", str(ticket_path), "--target", target, "-o",
-                str(tmp_path / f"{target}.safetensors"), "--json"]  # fmt: skip
+        argv = [
+            "convert",
+            str(ticket_path),
+            "--target",
+            target,
+            "-o",
+            str(tmp_path / f"{target}.safetensors"),
+            "--json",
+        ]
         assert main(argv) == 0
         summary = json.loads(capsys.readouterr().out)
         assert summary["target"] == target
@@ -372,15 +480,34 @@ def test_warnings_print_as_one_line(slth_checkpoint, tmp_path, capsys):
     argv = ["convert", str(path), "--arch", "res20s", "--on-unstructured", "dense", "-o", str(out)]
     assert main(argv) == 0
     err = capsys.readouterr().err.strip()
-    assert err == (f"sparse-ops: warning: {out}: written as safetensors; a .pth name suggests a "
-                   "torch.save file, which torch.load cannot read this as (sparse-ops reads it "
-                   "by content)")  # fmt: skip
+    assert err == (
+        f"sparse-ops: warning: {out}: written as safetensors; a .pth name suggests a "
+        "torch.save file, which torch.load cannot read this as (sparse-ops reads it "
+        "by content)"
+    )
 
 
 def test_prune_ranks_refill_channels_by_activations_on_a_training_batch(tmp_path, capsys):
-    argv = ["prune", "--arch", "res20s", "--data", "synthetic", "--image-size", "8",
-            "--rounds", "1", "--epochs", "1", "--post", "refill", "--criterion", "feature_l1",
-            "--out", str(tmp_path), "--json"]  # fmt: skip
+    argv = [
+        "prune",
+        "--arch",
+        "res20s",
+        "--data",
+        "synthetic",
+        "--image-size",
+        "8",
+        "--rounds",
+        "1",
+        "--epochs",
+        "1",
+        "--post",
+        "refill",
+        "--criterion",
+        "feature_l1",
+        "--out",
+        str(tmp_path),
+        "--json",
+    ]
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["post_options"] == {"criterion": "feature_l1"}
@@ -406,8 +533,17 @@ def test_convert_command_runs_a_vgg16_bn_ticket_with_a_fully_pruned_conv(tmp_pat
     masks["features.10.weight"] = torch.zeros_like(masks["features.10.weight"])
     ticket_path = Ticket(masks, arch="vgg16_bn").save(tmp_path / "collapsed.safetensors")
     out = tmp_path / "fast.safetensors"
-    argv = ["convert", str(ticket_path), "--mode", "channel", "--target", "cpu", "-o", str(out),
-            "--json"]  # fmt: skip
+    argv = [
+        "convert",
+        str(ticket_path),
+        "--mode",
+        "channel",
+        "--target",
+        "cpu",
+        "-o",
+        str(out),
+        "--json",
+    ]
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["max_abs_diff"] <= 1e-4 * max(1.0, summary["max_abs_output"])

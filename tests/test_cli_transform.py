@@ -39,16 +39,28 @@ def test_transform_json_defaults_from_to_the_tickets_arch(res32s_file, tmp_path,
     assert report["output"] == str(out) and report["random_extra"] is False
     source, result = load_ticket(res32s_file), load_ticket(out)
     assert result.arch == "res56s"
-    for key, src_key in [("layer2.6.conv1.weight", "layer2.3.conv1.weight"),
-                         ("layer3.8.bn2.running_var", "layer3.4.bn2.running_var")]:  # fmt: skip
+    for key, src_key in [
+        ("layer2.6.conv1.weight", "layer2.3.conv1.weight"),
+        ("layer3.8.bn2.running_var", "layer3.4.bn2.running_var"),
+    ]:
         assert torch.equal(result.weights[key], source.weights[src_key])
 
 
 def test_transform_text_output_for_a_squeeze(tmp_path, capsys):
     src = _ticket("cifar_resnet_56").save(tmp_path / "c56.safetensors")
     out = tmp_path / "c32.safetensors"
-    argv = ["transform", str(src), "--from", "cifar_resnet_56", "--to", "cifar_resnet_32",
-            "--mapping", "drop-interleaved", "-o", str(out)]  # fmt: skip
+    argv = [
+        "transform",
+        str(src),
+        "--from",
+        "cifar_resnet_56",
+        "--to",
+        "cifar_resnet_32",
+        "--mapping",
+        "drop-interleaved",
+        "-o",
+        str(out),
+    ]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "elastic cifar_resnet_56 → cifar_resnet_32 (drop-interleaved)" in text
@@ -62,16 +74,27 @@ def test_transform_random_extra_is_seeded(res32s_file, tmp_path, capsys):
     outs = []
     for i in range(2):
         out = tmp_path / f"r{i}.safetensors"
-        argv = ["transform", str(res32s_file), "--to", "res56s", "--random-extra", "--seed", "5",
-                "-o", str(out), "--json"]  # fmt: skip
+        argv = [
+            "transform",
+            str(res32s_file),
+            "--to",
+            "res56s",
+            "--random-extra",
+            "--seed",
+            "5",
+            "-o",
+            str(out),
+            "--json",
+        ]
         assert main(argv) == 0
         report = json.loads(capsys.readouterr().out)
         assert report["random_extra"] is True and report["seed"] == 5
         outs.append(load_ticket(out))
     assert all(torch.equal(outs[0].masks[k], outs[1].masks[k]) for k in outs[0].masks)
     source = load_ticket(res32s_file)
-    assert not torch.equal(outs[0].masks["layer1.2.conv1.weight"],
-                           source.masks["layer1.1.conv1.weight"])  # fmt: skip
+    assert not torch.equal(
+        outs[0].masks["layer1.2.conv1.weight"], source.masks["layer1.1.conv1.weight"]
+    )
 
 
 @pytest.mark.parametrize(

@@ -74,14 +74,31 @@ CHANNEL_CASES = [  # keyword arguments of _channel_args
 ]
 
 
-def _channel_args(n=2, cin=5, cout=7, h=7, w=6, k=3, s=1, p=1, mask="both", bias=True,
-                  bias_map=False, residual=False, relu=True, dtype=torch.float32,
-                  channels_last=True):  # fmt: skip
+def _channel_args(
+    n=2,
+    cin=5,
+    cout=7,
+    h=7,
+    w=6,
+    k=3,
+    s=1,
+    p=1,
+    mask="both",
+    bias=True,
+    bias_map=False,
+    residual=False,
+    relu=True,
+    dtype=torch.float32,
+    channels_last=True,
+):
     g = torch.Generator().manual_seed(cin * cout + k + s)
     plan = pack_channels(
-        conv_weight(cout, cin, k, g), channel_mask(cout, cin, k, mask, g),
-        torch.randn(cout, generator=g) if bias else None, stride=s, padding=p,
-    ).to(dtype=dtype)  # fmt: skip
+        conv_weight(cout, cin, k, g),
+        channel_mask(cout, cin, k, mask, g),
+        torch.randn(cout, generator=g) if bias else None,
+        stride=s,
+        padding=p,
+    ).to(dtype=dtype)
     x, res, (oh, ow) = _inputs(n, cin, cout, h, w, k, s, p, dtype, g, residual, channels_last)
     # The module passes bias and bias map in fp32 whatever the dtype (nn.unit.fp32).
     bmap = torch.randn(cout, oh, ow, generator=g) if bias_map else None
@@ -104,8 +121,10 @@ def _leftover_layout(mask: torch.Tensor) -> list[dict]:
     sharing the union of their columns (sparse_ops.convert.units._leftover_groups)."""
     view = mask.permute(0, 2, 3, 1).flatten(1)
     rows = view.any(1).nonzero().flatten()
-    return [{"rows": chunk.tolist(), "cols": view[chunk].any(0).nonzero().flatten().tolist()}
-            for chunk in rows.split(16)]  # fmt: skip
+    return [
+        {"rows": chunk.tolist(), "cols": view[chunk].any(0).nonzero().flatten().tolist()}
+        for chunk in rows.split(16)
+    ]
 
 
 def _all_rows_few_columns(cout, cin, k, g):
@@ -137,8 +156,22 @@ GROUP_CASES = [  # keyword arguments of _group_args
 ]
 
 
-def _group_args(n=2, cin=5, cout=19, h=7, w=6, k=3, s=1, p=1, layout="mixed", bias=True,
-                residual=False, relu=True, dtype=torch.float32, block=32):  # fmt: skip
+def _group_args(
+    n=2,
+    cin=5,
+    cout=19,
+    h=7,
+    w=6,
+    k=3,
+    s=1,
+    p=1,
+    layout="mixed",
+    bias=True,
+    residual=False,
+    relu=True,
+    dtype=torch.float32,
+    block=32,
+):
     g = torch.Generator().manual_seed(cin * cout + k + s)
     weight = conv_weight(cout, cin, k, g)
     if layout == "leftover":
@@ -149,15 +182,42 @@ def _group_args(n=2, cin=5, cout=19, h=7, w=6, k=3, s=1, p=1, layout="mixed", bi
     else:
         groups, mask = group_layout(cout, cin, k, layout, g)
     pack = pack_groups(
-        weight, mask, groups, torch.randn(cout, generator=g) if bias else None, stride=s,
-        padding=p, block_n=block, k_pad=block,
-    ).to(dtype=dtype)  # fmt: skip
+        weight,
+        mask,
+        groups,
+        torch.randn(cout, generator=g) if bias else None,
+        stride=s,
+        padding=p,
+        block_n=block,
+        k_pad=block,
+    ).to(dtype=dtype)
     x, res, _ = _inputs(n, cin, cout, h, w, k, s, p, dtype, g, residual)
-    return (x, pack.values, pack.val_ptr, pack.row_idx, pack.row_ptr, pack.col_idx,
-            pack.col_code, pack.col_ptr, pack.tile_group, pack.tile_row, pack.fill_idx,
-            pack.bias, res, cin, cout, list(pack.kernel_size), list(pack.stride),
-            list(pack.padding), list(pack.dilation), pack.block_n, pack.k_pad, pack.col_run,
-            pack.max_cols, relu)  # fmt: skip
+    return (
+        x,
+        pack.values,
+        pack.val_ptr,
+        pack.row_idx,
+        pack.row_ptr,
+        pack.col_idx,
+        pack.col_code,
+        pack.col_ptr,
+        pack.tile_group,
+        pack.tile_row,
+        pack.fill_idx,
+        pack.bias,
+        res,
+        cin,
+        cout,
+        list(pack.kernel_size),
+        list(pack.stride),
+        list(pack.padding),
+        list(pack.dilation),
+        pack.block_n,
+        pack.k_pad,
+        pack.col_run,
+        pack.max_cols,
+        relu,
+    )
 
 
 @pytest.mark.parametrize("kwargs", GROUP_CASES)
@@ -241,9 +301,16 @@ def _network(name: str, dtype: torch.dtype = torch.float32):
             ticket = structure.refill(ticket)
         elif kind == "regroup":
             ticket = structure.regroup(ticket, RegroupConfig(parts=1))
-        fast = convert(model, ticket, mode=mode, on_unstructured=policy,
-                       regroup=RegroupConfig(parts=1), input_size=(3, HW, HW),
-                       dtype=dtype, device=device)  # fmt: skip
+        fast = convert(
+            model,
+            ticket,
+            mode=mode,
+            on_unstructured=policy,
+            regroup=RegroupConfig(parts=1),
+            input_size=(3, HW, HW),
+            dtype=dtype,
+            device=device,
+        )
         _converted[name, dtype] = (fast, masked_model(model, ticket))
     return _converted[name, dtype]
 
@@ -298,12 +365,16 @@ def test_opcheck_every_call_a_converted_network_makes(name, monkeypatch):
         return record
 
     def channel_key(a):  # which of bias .. residual are None, stride, kernel, relu
-        return ("channel", *(t is None for t in a[2:8]), tuple(a[10]), tuple(a[1].shape[1:3]),
-                a[13])  # fmt: skip
+        return (
+            "channel",
+            *(t is None for t in a[2:8]),
+            tuple(a[10]),
+            tuple(a[1].shape[1:3]),
+            a[13],
+        )
 
     def group_key(a):  # bias, residual None; kernel, stride, block_n, k_pad, col_run, relu
-        return ("group", a[11] is None, a[12] is None, tuple(a[15]), tuple(a[16]), *a[19:22],
-                a[23])  # fmt: skip
+        return ("group", a[11] is None, a[12] is None, tuple(a[15]), tuple(a[16]), *a[19:22], a[23])
 
     monkeypatch.setattr(channel_unit, "channel_conv_op", recorder(CHANNEL_OP, channel_key))
     monkeypatch.setattr(group_unit, "group_conv_op", recorder(GROUP_OP, group_key))
@@ -439,10 +510,21 @@ def test_kept_plan_sees_in_place_bias_updates_after_a_dtype_change():
         unit.load_state_dict(state)
         after = unit(x).float()
         via_op = channel_unit.channel_conv_op(
-            x, unit.weight, unit.bias.float(), unit.in_idx, unit.out_idx, unit.fill_idx,
-            None, None, unit.in_channels, unit.out_channels, list(unit.stride),
-            list(unit.padding), list(unit.dilation), unit.relu,
-        ).float()  # fmt: skip
+            x,
+            unit.weight,
+            unit.bias.float(),
+            unit.in_idx,
+            unit.out_idx,
+            unit.fill_idx,
+            None,
+            None,
+            unit.in_channels,
+            unit.out_channels,
+            list(unit.stride),
+            list(unit.padding),
+            list(unit.dilation),
+            unit.relu,
+        ).float()
     assert not torch.allclose(after, before)
     torch.testing.assert_close(after, via_op, rtol=0, atol=0)
 

@@ -118,8 +118,14 @@ def test_through_triton_kernels_under_the_interpreter():
     x = torch.randn(1, 3, 8, 8)
     for kind, policy in [("refill", "error"), ("random", "regroup")]:
         ticket = _ticket(model, "res20s", kind)
-        fast = convert(model, ticket, mode="auto", on_unstructured=policy, regroup=FAST_REGROUP,
-                       input_size=(3, 8, 8))  # fmt: skip
+        fast = convert(
+            model,
+            ticket,
+            mode="auto",
+            on_unstructured=policy,
+            regroup=FAST_REGROUP,
+            input_size=(3, 8, 8),
+        )
         with torch.no_grad(), ops.backend("triton"):
             got = fast(x)
         with torch.no_grad():
@@ -146,8 +152,13 @@ def test_save_and_load_are_bitwise_identical(arch, kind, policy, tmp_path):
     """The property test's models (one per family), saved and loaded: the same bits out,
     at the conversion's input size (saved bias maps) and at another (recomputed ones)."""
     model = _trained_like(arch)
-    fast = convert(model, _ticket(model, arch, kind), on_unstructured=policy,
-                   regroup=FAST_REGROUP, input_size=(3, 32, 32))  # fmt: skip
+    fast = convert(
+        model,
+        _ticket(model, arch, kind),
+        on_unstructured=policy,
+        regroup=FAST_REGROUP,
+        input_size=(3, 32, 32),
+    )
     back = load_converted(save_converted(fast, tmp_path / "c.safetensors"))
     for shape in [(2, 3, 32, 32), (1, 3, 40, 40)]:
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(2))
@@ -365,8 +376,9 @@ def test_auto_mode_prices_group_units_for_the_target_device():
         fast, report = convert(model, ticket, mode="auto", device=device, return_report=True)
         kinds[device] = {r.representation for r in report.layers if r.kind == "conv"}
         with torch.no_grad():
-            torch.testing.assert_close(fast(x), masked_model(model, ticket)(x), rtol=1e-4,
-                                       atol=1e-4)  # fmt: skip
+            torch.testing.assert_close(
+                fast(x), masked_model(model, ticket)(x), rtol=1e-4, atol=1e-4
+            )
     assert "group" in kinds[None]
     assert "group" not in kinds["cpu"]
 
@@ -389,8 +401,12 @@ def test_a_model_pruned_by_ticket_apply_converts():
 
 @pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
 def test_an_unpruned_conv_with_another_padding_mode_is_refused(mode):
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode=mode), nn.BatchNorm2d(8),
-                        nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval()  # fmt: skip
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, padding_mode=mode),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+    ).eval()
     mask = torch.zeros(8, 8, 3, 3, dtype=torch.bool)
     mask[:4] = True
     with pytest.raises(ConvertError, match=rf"'0' \(padding=\(1, 1\), padding_mode='{mode}'\)"):
@@ -400,8 +416,9 @@ def test_an_unpruned_conv_with_another_padding_mode_is_refused(mode):
 def test_same_and_valid_padding_run_as_the_integers_they_mean():
     torch.manual_seed(0)
     same = nn.Conv2d(3, 8, 5, padding="same", dilation=2)
-    net = nn.Sequential(same, nn.ReLU(), nn.Conv2d(8, 8, 3, padding="valid"),
-                        nn.Conv2d(8, 6, 3, padding=1)).eval()  # fmt: skip
+    net = nn.Sequential(
+        same, nn.ReLU(), nn.Conv2d(8, 8, 3, padding="valid"), nn.Conv2d(8, 6, 3, padding=1)
+    ).eval()
     mask = torch.ones(6, 8, 3, 3, dtype=torch.bool)
     mask[0] = False  # one output channel pruned
     ticket = Ticket({"3.weight": mask})
@@ -449,8 +466,9 @@ def test_regroup_names_the_partitioning_model_keyword():
 def test_report_names_a_pruned_linear_layers_structure():
     net = nn.Sequential(nn.Flatten(), nn.Linear(48, 32)).eval()
     mask = torch.rand(32, 48, generator=torch.Generator().manual_seed(0)) < 0.5
-    fast, report = convert(net, Ticket({"1.weight": mask}), input_size=(3, 4, 4),
-                           return_report=True)  # fmt: skip
+    fast, report = convert(
+        net, Ticket({"1.weight": mask}), input_size=(3, 4, 4), return_report=True
+    )
     (row,) = report.layers
     assert (row.kind, row.structure, row.representation) == ("linear", "unstructured", "linear")
     assert row.detail["kept_weights"] == int(mask.sum())
@@ -467,8 +485,7 @@ def test_group_units_written_before_column_codes_still_load(tmp_path):
     from sparse_ops.checkpoint_io import read_safetensors
 
     model = _trained_like("res20s")
-    fast = convert(model, _ticket(model, "res20s", "regroup"), mode="group",
-                   regroup=FAST_REGROUP)  # fmt: skip
+    fast = convert(model, _ticket(model, "res20s", "regroup"), mode="group", regroup=FAST_REGROUP)
     path = save_converted(fast, tmp_path / "new.safetensors")
     tensors, metadata = read_safetensors(path)
     modules = json.loads(metadata["modules"])
@@ -481,8 +498,11 @@ def test_group_units_written_before_column_codes_still_load(tmp_path):
             if config.get("leftover"):
                 config["leftover"] = config["leftover"][:2]
             config["tensors"] = [t for t in config["tensors"] if not t.endswith("_col_code")]
-    save_file(old, str(tmp_path / "old.safetensors"),
-              metadata={**metadata, "modules": json.dumps(modules)})  # fmt: skip
+    save_file(
+        old,
+        str(tmp_path / "old.safetensors"),
+        metadata={**metadata, "modules": json.dumps(modules)},
+    )
     back = load_converted(tmp_path / "old.safetensors")
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():

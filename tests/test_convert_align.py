@@ -92,8 +92,13 @@ class Tiny(nn.Module):
 
     def __init__(self):
         super().__init__()
-        for name, (cin, cout, k) in {"a": (3, 64, 3), "b": (64, 64, 3), "c": (64, 16, 3),
-                                     "d": (16, 16, 3), "e": (16, 12, 1)}.items():  # fmt: skip
+        for name, (cin, cout, k) in {
+            "a": (3, 64, 3),
+            "b": (64, 64, 3),
+            "c": (64, 16, 3),
+            "d": (16, 16, 3),
+            "e": (16, 12, 1),
+        }.items():
             setattr(self, name, nn.Conv2d(cin, cout, k, padding=k // 2, bias=False))
             setattr(self, f"bn_{name}", nn.BatchNorm2d(cout))
         self.fc = nn.Linear(12, 10)
@@ -215,8 +220,9 @@ def _check_rule(fast, report, cost: CostModel) -> None:
 def test_refill_ticket_is_aligned_for_the_gpu(arch):
     model = _trained_like(arch)
     ticket = _ticket(model, arch, "refill")
-    fast, report = convert(model, ticket, mode="channel", input_size=(3, 32, 32),
-                           return_report=True)  # fmt: skip
+    fast, report = convert(
+        model, ticket, mode="channel", input_size=(3, 32, 32), return_report=True
+    )
     assert report.channel_align == ALIGN
     _check_rule(fast, report, GPU)
     units = _units(fast)
@@ -286,8 +292,10 @@ def test_report_accounting_with_alignment(arch):
 
 def _output_hw(fast, units) -> dict[str, tuple[int, int]]:
     shapes = {}
-    hooks = [u.register_forward_hook(lambda m, i, o: shapes.__setitem__(m.name, o.shape[2:]))
-             for u in units.values()]  # fmt: skip
+    hooks = [
+        u.register_forward_hook(lambda m, i, o: shapes.__setitem__(m.name, o.shape[2:]))
+        for u in units.values()
+    ]
     with torch.no_grad():
         fast(torch.randn(1, 3, 32, 32))
     for h in hooks:

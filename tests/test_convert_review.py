@@ -131,9 +131,10 @@ class IaddThroughAlias(nn.Module):
 
 
 @pytest.mark.parametrize(
-    "cls", [InplaceReluStatement, InplaceAddStatement, FunctionalInplaceStatement,
-            IaddThroughAlias], ids=lambda c: c.__name__,
-)  # fmt: skip
+    "cls",
+    [InplaceReluStatement, InplaceAddStatement, FunctionalInplaceStatement, IaddThroughAlias],
+    ids=lambda c: c.__name__,
+)
 def test_inplace_op_on_a_tensor_read_later(cls):
     """The constant channels of ``a`` were computed as if the in-place op had not run,
     and folded into c2's bias map with their pre-mutation values. ``b = a; b += 1`` is
@@ -212,9 +213,10 @@ class ModuleNamedLikeARelayout(nn.Module):
 
 
 @pytest.mark.parametrize(
-    ("cls", "device"), [(LinearTwiceThenModuleNamedFc2, "cpu"), (ModuleNamedLikeARelayout, None)],
+    ("cls", "device"),
+    [(LinearTwiceThenModuleNamedFc2, "cpu"), (ModuleNamedLikeARelayout, None)],
     ids=["linear_twice", "relayout"],
-)  # fmt: skip
+)
 def test_emitted_module_names_do_not_collide_with_the_models(cls, device):
     _check(cls, device)
 
@@ -248,8 +250,9 @@ def test_register_module_rule_takes_effect():
     try:
         model = _build(ThroughCustomUnary)
         ticket = _ticket(model)
-        fast, report = convert(model, ticket, mode="channel", device="cpu", input_size=SIZE,
-                               return_report=True)  # fmt: skip
+        fast, report = convert(
+            model, ticket, mode="channel", device="cpu", input_size=SIZE, return_report=True
+        )
         x = _input()
         with torch.no_grad():
             _assert_exact(fast(x), masked_model(model, ticket)(x))
@@ -339,8 +342,9 @@ def test_masked_model_is_the_oracle_it_claims_to_be():
     torch.testing.assert_close(own.get_parameter(first), before[first] * masks[first])
     # torch.nn.utils.prune hooks on the model are folded (weight_orig × weight_mask).
     hooked = copy.deepcopy(model)
-    prune.custom_from_mask(hooked.get_submodule(first.removesuffix(".weight")), "weight",
-                           masks[first])  # fmt: skip
+    prune.custom_from_mask(
+        hooked.get_submodule(first.removesuffix(".weight")), "weight", masks[first]
+    )
     folded = masked_model(hooked)
     assert not prune.is_pruned(folded)
     torch.testing.assert_close(folded.get_parameter(first), before[first] * masks[first])

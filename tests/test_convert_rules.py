@@ -126,9 +126,12 @@ def test_a_module_fx_cannot_trace_converts_once_registered_opaque():
 
 @pytest.mark.parametrize(
     ("module_type", "rule", "words"),
-    [(int, "unary", "nn.Module subclass"), (Swish, "elementwise", "must be one of"),
-     (Swish, 3, "a name or a Rule")],
-)  # fmt: skip
+    [
+        (int, "unary", "nn.Module subclass"),
+        (Swish, "elementwise", "must be one of"),
+        (Swish, 3, "a name or a Rule"),
+    ],
+)
 def test_register_module_rule_refuses_bad_arguments(module_type, rule, words):
     with pytest.raises(ConvertError, match=words):
         register_module_rule(module_type, rule)

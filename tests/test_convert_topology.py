@@ -105,9 +105,16 @@ def _input(size: tuple[int, int, int], seed: int = 2, batch: int = 2) -> torch.T
 
 
 def _convert(model: nn.Module, ticket: Ticket, variant: Variant, input_size):
-    return convert(model, ticket, mode=variant.mode, on_unstructured=variant.on_unstructured,
-                   device=variant.device, input_size=input_size, regroup=REGROUP,
-                   return_report=True)  # fmt: skip
+    return convert(
+        model,
+        ticket,
+        mode=variant.mode,
+        on_unstructured=variant.on_unstructured,
+        device=variant.device,
+        input_size=input_size,
+        regroup=REGROUP,
+        return_report=True,
+    )
 
 
 def assert_exact(got: torch.Tensor, ref: torch.Tensor) -> None:
@@ -180,8 +187,7 @@ def test_corpus_through_the_triton_kernels(name, variant):
 def test_corpus_tickets_have_the_structure_they_claim():
     """The corpus exercises what it says: channel tickets classify as channel, group
     tickets as group, unstructured ones as unstructured (bar the case's fixed masks)."""
-    want = {"channel": {"channel"}, "group": {"group", "channel"},
-            "unstructured": {"unstructured"}}  # fmt: skip
+    want = {"channel": {"channel"}, "group": {"group", "channel"}, "unstructured": {"unstructured"}}
     for case in CASES:
         model = _model(case)
         modules = dict(model.named_modules())
@@ -200,8 +206,11 @@ def test_corpus_tickets_have_the_structure_they_claim():
                     expect = expect | {"channel", "group", "dense"}
                 assert structure in expect, (case.name, kind, name, structure)
                 seen_group |= kind == "group" and structure == "group"
-        dense_convs = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)
-                       and m.groups == 1 and f"{n}.weight" not in fixed]  # fmt: skip
+        dense_convs = [
+            n
+            for n, m in modules.items()
+            if isinstance(m, nn.Conv2d) and m.groups == 1 and f"{n}.weight" not in fixed
+        ]
         assert seen_group or not dense_convs, case.name
 
 
@@ -240,8 +249,9 @@ class SpecNet(nn.Module):
                 width = out
             elif kind == "dw":
                 (stride,) = args
-                self.layers[f"{p}_conv"] = nn.Conv2d(width, width, 3, stride, 1, groups=width,
-                                                     bias=False)  # fmt: skip
+                self.layers[f"{p}_conv"] = nn.Conv2d(
+                    width, width, 3, stride, 1, groups=width, bias=False
+                )
                 self.layers[f"{p}_bn"] = nn.BatchNorm2d(width)
             elif kind in ("res", "preact"):
                 out, stride, shortcut = args
@@ -301,9 +311,11 @@ class SpecNet(nn.Module):
                     s = F.pad(sub, (0, 0, 0, 0, extra // 2, extra - extra // 2))
                 else:
                     if shortcut == "avgpool":
-                        source = (F.avg_pool2d(source, 2, 2, ceil_mode=True,
-                                               count_include_pad=False)
-                                  if stride > 1 else source)  # fmt: skip
+                        source = (
+                            F.avg_pool2d(source, 2, 2, ceil_mode=True, count_include_pad=False)
+                            if stride > 1
+                            else source
+                        )
                     s = layers[f"{p}_sc"](source)
                     if kind == "res":
                         s = layers[f"{p}_scbn"](s)
@@ -340,15 +352,31 @@ def networks(draw):
     stride-2 layer and pool has at least 2 pixels to work on."""
     size = draw(st.sampled_from([9, 11]))
     widths = st.integers(3, 14)
-    spec = [("conv", draw(st.integers(4, 14)), draw(st.sampled_from([3, 1])), 1,
-             draw(st.booleans()), draw(st.booleans()))]  # fmt: skip
+    spec = [
+        (
+            "conv",
+            draw(st.integers(4, 14)),
+            draw(st.sampled_from([3, 1])),
+            1,
+            draw(st.booleans()),
+            draw(st.booleans()),
+        )
+    ]
     width, hw = spec[0][1], size
     for _ in range(draw(st.integers(1, 4))):
         kind = draw(st.sampled_from(BLOCKS))
         stride = draw(st.sampled_from([1, 2])) if hw >= 2 else 1
         if kind == "conv":
-            spec.append(("conv", draw(widths), draw(st.sampled_from([3, 1])), stride,
-                         draw(st.booleans()), draw(st.booleans())))  # fmt: skip
+            spec.append(
+                (
+                    "conv",
+                    draw(widths),
+                    draw(st.sampled_from([3, 1])),
+                    stride,
+                    draw(st.booleans()),
+                    draw(st.booleans()),
+                )
+            )
             width = spec[-1][1]
         elif kind == "dw":
             spec.append(("dw", stride))
@@ -366,8 +394,17 @@ def networks(draw):
         elif kind == "cat":
             a, b = draw(widths), draw(widths)
             keep_input = stride == 1 and draw(st.booleans())
-            spec.append(("cat", a, draw(st.sampled_from([1, 3])), b,
-                         draw(st.sampled_from([1, 3])), stride, keep_input))  # fmt: skip
+            spec.append(
+                (
+                    "cat",
+                    a,
+                    draw(st.sampled_from([1, 3])),
+                    b,
+                    draw(st.sampled_from([1, 3])),
+                    stride,
+                    keep_input,
+                )
+            )
             width = a + b + (width if keep_input else 0)
         elif kind == "pool":
             if hw < 2:
@@ -408,10 +445,15 @@ def _random_mask(module: nn.Module, kind: str, g: torch.Generator) -> torch.Tens
 SHRINK = os.environ.get("SPARSE_OPS_SHRINK") == "1"
 
 
-@settings(max_examples=100, deadline=None, derandomize=True, database=None,
-          phases=[Phase.explicit, Phase.generate] + ([Phase.shrink] if SHRINK else []),
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-          print_blob=False)  # fmt: skip
+@settings(
+    max_examples=100,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    phases=[Phase.explicit, Phase.generate] + ([Phase.shrink] if SHRINK else []),
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=False,
+)
 @given(
     net=networks(),
     kinds=st.lists(st.sampled_from(MASK_KINDS), min_size=6, max_size=6),
@@ -422,12 +464,22 @@ SHRINK = os.environ.get("SPARSE_OPS_SHRINK") == "1"
 )
 # Failures the generator found (shrunk), kept as explicit examples: a pre-activation BN
 # reading a narrowed stem output; a fully pruned stem whose pool has no channel left.
-@example(net=(9, [("conv", 4, 3, 1, False, False), ("preact", 4, 1, "identity")]),
-         kinds=["pattern"] * 6, mask_seed=0, mode="auto", on_unstructured="dense",
-         device="cpu")  # fmt: skip
-@example(net=(9, [("conv", 12, 3, 1, False, False), ("pool", "max3")]),
-         kinds=["empty"] + ["channel"] * 5, mask_seed=0, mode="auto", on_unstructured="dense",
-         device="cpu")  # fmt: skip
+@example(
+    net=(9, [("conv", 4, 3, 1, False, False), ("preact", 4, 1, "identity")]),
+    kinds=["pattern"] * 6,
+    mask_seed=0,
+    mode="auto",
+    on_unstructured="dense",
+    device="cpu",
+)
+@example(
+    net=(9, [("conv", 12, 3, 1, False, False), ("pool", "max3")]),
+    kinds=["empty"] + ["channel"] * 5,
+    mask_seed=0,
+    mode="auto",
+    on_unstructured="dense",
+    device="cpu",
+)
 def test_random_networks_convert_exactly(net, kinds, mask_seed, mode, on_unstructured, device):
     size, spec = net
     torch.manual_seed(mask_seed)
@@ -442,8 +494,15 @@ def test_random_networks_convert_exactly(net, kinds, mask_seed, mode, on_unstruc
     ticket = Ticket(masks, imp.capture_state(model))
     input_size = (3, size, size)
     try:
-        fast = convert(model, ticket, mode=mode, on_unstructured=on_unstructured, device=device,
-                       input_size=input_size, regroup=REGROUP)  # fmt: skip
+        fast = convert(
+            model,
+            ticket,
+            mode=mode,
+            on_unstructured=on_unstructured,
+            device=device,
+            input_size=input_size,
+            regroup=REGROUP,
+        )
     except ConvertError as exc:  # never for these ops: they are all the converter's own
         raise AssertionError(f"refused: {exc}") from exc
     x = _input(input_size, seed=mask_seed + 1)

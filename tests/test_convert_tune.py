@@ -29,8 +29,9 @@ from sparse_ops_kernels.formats import ChannelPlan
 TOL = {"atol": 1e-4, "rtol": 1e-4}
 FAST_REGROUP = RegroupConfig(parts=1)
 # Real timing, as little of it as still exercises every step.
-QUICK = TuneOptions(warmup=1, min_repeats=1, max_repeats=2, site_budget_s=0.0,
-                    network_repeats=1, cache=None)  # fmt: skip
+QUICK = TuneOptions(
+    warmup=1, min_repeats=1, max_repeats=2, site_budget_s=0.0, network_repeats=1, cache=None
+)
 SHAPE = (2, 3, 16, 16)
 
 
@@ -64,8 +65,9 @@ def _x(seed: int = 2) -> torch.Tensor:
 
 def _convert(model, ticket, options=QUICK, **kw):
     kw = {"mode": "auto", "on_unstructured": "regroup", "regroup": FAST_REGROUP, **kw}
-    return convert(model, ticket, device="cpu", tune=_x(1), tune_options=options,
-                   return_report=True, **kw)  # fmt: skip
+    return convert(
+        model, ticket, device="cpu", tune=_x(1), tune_options=options, return_report=True, **kw
+    )
 
 
 def _assert_exact(fast, model, ticket):
@@ -98,10 +100,17 @@ def _units(module, kind):
     return [m for m in module.modules() if isinstance(m, kind)]
 
 
-@pytest.mark.parametrize(("kind", "mode", "policy"), [
-    ("refill", "auto", "error"), ("regroup", "auto", "error"), ("random", "auto", "regroup"),
-    ("random", "auto", "dense"), ("regroup", "channel", "dense"), ("regroup", "group", "error"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kind", "mode", "policy"),
+    [
+        ("refill", "auto", "error"),
+        ("regroup", "auto", "error"),
+        ("random", "auto", "regroup"),
+        ("random", "auto", "dense"),
+        ("regroup", "channel", "dense"),
+        ("regroup", "group", "error"),
+    ],
+)
 def test_tuned_module_equals_masked_network(kind, mode, policy):
     model = _model()
     ticket = _ticket(model, kind)
@@ -198,8 +207,10 @@ def test_network_slower_than_baseline_falls_back_layer_by_layer(monkeypatch):
 def test_still_slower_after_every_fallback_is_reported(monkeypatch):
     model = _model()
     ticket = _ticket(model, "regroup")
-    fake = FakeTimes(lambda label, unit: 0.5 if label == "group" else 1.0,
-                     lambda name, module: 10.0 if name == "tuned" else 1.0)  # fmt: skip
+    fake = FakeTimes(
+        lambda label, unit: 0.5 if label == "group" else 1.0,
+        lambda name, module: 10.0 if name == "tuned" else 1.0,
+    )
     monkeypatch.setattr(tune_module, "time_interleaved", fake)
     fast, report = _convert(model, ticket)
     net = report.notes["tuning"]["network"]
@@ -212,8 +223,14 @@ def test_still_slower_after_every_fallback_is_reported(monkeypatch):
 def test_cache_makes_the_second_conversion_skip_timing(monkeypatch, tmp_path):
     model = _model()
     ticket = _ticket(model, "regroup")
-    options = TuneOptions(warmup=1, min_repeats=1, max_repeats=1, site_budget_s=0,
-                          network_repeats=1, cache=tmp_path / "cache.json")  # fmt: skip
+    options = TuneOptions(
+        warmup=1,
+        min_repeats=1,
+        max_repeats=1,
+        site_budget_s=0,
+        network_repeats=1,
+        cache=tmp_path / "cache.json",
+    )
     fake = FakeTimes(lambda label, unit: 0.5 if label == "group" else 1.0)
     monkeypatch.setattr(tune_module, "time_interleaved", fake)
     _, report1 = _convert(model, ticket, options)
@@ -249,8 +266,9 @@ def test_unreadable_cache_is_only_slower(monkeypatch, tmp_path):
     path.write_text("{not json")
     model = _model()
     ticket = _ticket(model, "refill")
-    options = TuneOptions(warmup=1, min_repeats=1, max_repeats=1, site_budget_s=0,
-                          network_repeats=1, cache=path)  # fmt: skip
+    options = TuneOptions(
+        warmup=1, min_repeats=1, max_repeats=1, site_budget_s=0, network_repeats=1, cache=path
+    )
     fast, report = _convert(model, ticket, options)
     assert report.notes["tuning"]["cache_hits"] == 0
     assert json.loads(path.read_text())["entries"]  # rewritten whole
@@ -301,8 +319,9 @@ def test_a_candidate_computing_something_else_is_an_error(monkeypatch):
 def test_cudnn_candidate_is_the_same_conv():
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(6, 3, 3, 5, generator=g)  # [Cout, kh, kw, Cin]
-    plan = ChannelPlan(weight, torch.randn(6, generator=g), None, None, None, 5, 6, (2, 1),
-                       (1, 1), (1, 1))  # fmt: skip
+    plan = ChannelPlan(
+        weight, torch.randn(6, generator=g), None, None, None, 5, 6, (2, 1), (1, 1), (1, 1)
+    )
     unit = ChannelPrunedConv2d(plan, relu=True, name="layer")
     torch_unit = as_torch_conv(unit)
     assert isinstance(torch_unit, TorchConv2d) and torch_unit.relu and torch_unit.name == "layer"
@@ -310,19 +329,23 @@ def test_cudnn_candidate_is_the_same_conv():
     residual = torch.randn(2, 6, 5, 7, generator=g)
     torch.testing.assert_close(torch_unit(x, residual), unit(x, residual), **TOL)
     picked = torch.tensor([0, 2, 4], dtype=torch.int32)
-    gathered = ChannelPlan(weight[:, :, :, :3], plan.bias, picked, None, None, 5, 6, (2, 1),
-                           (1, 1), (1, 1))  # fmt: skip
+    gathered = ChannelPlan(
+        weight[:, :, :, :3], plan.bias, picked, None, None, 5, 6, (2, 1), (1, 1), (1, 1)
+    )
     assert as_torch_conv(ChannelPrunedConv2d(gathered)) is None  # a gather: no vendor conv
 
 
-@pytest.mark.parametrize(("options", "message"), [
-    ({"min_repeats": 0}, "min_repeats must be an int ≥ 1"),
-    ({"min_repeats": 5, "max_repeats": 3}, "max_repeats must be ≥ min_repeats"),
-    ({"noise": 1.5}, r"noise must lie in \[0, 1\)"),
-    ({"site_budget_s": -1}, "site_budget_s must be ≥ 0"),
-    ({"network_budget_s": -1}, "network_budget_s must be ≥ 0"),
-    ({"warmup": True}, "warmup must be an int"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"min_repeats": 0}, "min_repeats must be an int ≥ 1"),
+        ({"min_repeats": 5, "max_repeats": 3}, "max_repeats must be ≥ min_repeats"),
+        ({"noise": 1.5}, r"noise must lie in \[0, 1\)"),
+        ({"site_budget_s": -1}, "site_budget_s must be ≥ 0"),
+        ({"network_budget_s": -1}, "network_budget_s must be ≥ 0"),
+        ({"warmup": True}, "warmup must be an int"),
+    ],
+)
 def test_tune_options_are_checked(options, message):
     with pytest.raises(ConvertError, match=message):
         TuneOptions(**options)
@@ -341,8 +364,19 @@ def test_cli_convert_tune(tmp_path, capsys):
     ticket = _ticket(model, "refill")
     ticket.save(tmp_path / "t.safetensors")
     out = tmp_path / "fast.safetensors"
-    args = ["convert", str(tmp_path / "t.safetensors"), "--target", "cpu", "--tune",
-            "--tune-batch", "2", "--tune-cache", "none", "-o", str(out)]  # fmt: skip
+    args = [
+        "convert",
+        str(tmp_path / "t.safetensors"),
+        "--target",
+        "cpu",
+        "--tune",
+        "--tune-batch",
+        "2",
+        "--tune-cache",
+        "none",
+        "-o",
+        str(out),
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "tuned on" in printed and "network:" in printed
@@ -382,12 +416,28 @@ def test_tune_options_of_the_cli_need_tune(tmp_path, capsys):
     model = _model()
     _ticket(model, "refill").save(tmp_path / "t.safetensors")
     for extra in (["--tune-batch", "2"], ["--tune-cache", "none"]):
-        args = ["convert", str(tmp_path / "t.safetensors"), "--target", "cpu", *extra,
-                "-o", str(tmp_path / "o.safetensors")]  # fmt: skip
+        args = [
+            "convert",
+            str(tmp_path / "t.safetensors"),
+            "--target",
+            "cpu",
+            *extra,
+            "-o",
+            str(tmp_path / "o.safetensors"),
+        ]
         assert main(args) == 2
         assert "only apply with --tune" in capsys.readouterr().err
-    args = ["convert", str(tmp_path / "t.safetensors"), "--target", "cpu", "--tune",
-            "--tune-batch", "0", "-o", str(tmp_path / "o.safetensors")]  # fmt: skip
+    args = [
+        "convert",
+        str(tmp_path / "t.safetensors"),
+        "--target",
+        "cpu",
+        "--tune",
+        "--tune-batch",
+        "0",
+        "-o",
+        str(tmp_path / "o.safetensors"),
+    ]
     assert main(args) == 2
     assert "--tune-batch must be ≥ 1" in capsys.readouterr().err
 
@@ -439,10 +489,18 @@ def test_tuning_on_cuda_times_triton_against_cudnn_and_stays_exact(dtype):
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     for kind in ("refill", "regroup"):
         ticket = _ticket(model, kind)
-        fast, report = convert(model, ticket, mode="auto", on_unstructured="regroup",
-                               regroup=FAST_REGROUP, dtype=dtype, device="cuda", tune=x,
-                               tune_options=TuneOptions(cache=None),
-                               return_report=True)  # fmt: skip
+        fast, report = convert(
+            model,
+            ticket,
+            mode="auto",
+            on_unstructured="regroup",
+            regroup=FAST_REGROUP,
+            dtype=dtype,
+            device="cuda",
+            tune=x,
+            tune_options=TuneOptions(cache=None),
+            return_report=True,
+        )
         record = report.notes["tuning"]
         labels = {label for r in record["sites"].values() for label in r["times_ms"]}
         assert "cudnn" in labels, labels

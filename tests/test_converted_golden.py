@@ -26,7 +26,8 @@ def test_file_from_before_the_move_loads_and_computes_the_same(case):
         torch.testing.assert_close(loaded(saved["input"]), saved["output"], atol=1e-5, rtol=1e-5)
     # Today's converter, same model and ticket: the same function as the old file.
     model, ticket = model_and_ticket(CASES[case]["kind"])
-    fresh = convert(model, ticket, input_size=(3, 10, 10),
-                    on_unstructured=CASES[case]["on_unstructured"])
+    fresh = convert(
+        model, ticket, input_size=(3, 10, 10), on_unstructured=CASES[case]["on_unstructured"]
+    )
     with torch.no_grad():
         torch.testing.assert_close(fresh(saved["input"]), saved["output"], atol=1e-4, rtol=1e-4)

@@ -58,9 +58,10 @@ def test_cifar100_uses_the_fine_label(tmp_path):
     assert sorted(ds.test.labels.tolist()) == list(range(30))
 
 
-@pytest.mark.parametrize(("name", "files", "label_bytes", "label"),
-                         [("cifar10", ["data_batch_1.bin"], 1, 10),
-                          ("cifar100", ["train.bin", "test.bin"], 2, 100)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "files", "label_bytes", "label"),
+    [("cifar10", ["data_batch_1.bin"], 1, 10), ("cifar100", ["train.bin", "test.bin"], 2, 100)],
+)
 def test_out_of_range_label_names_the_file(tmp_path, name, files, label_bytes, label):
     if name == "cifar10":
         _write_cifar10(tmp_path)
@@ -148,9 +149,12 @@ def test_augmentation_keeps_shape_and_flips_only_when_allowed():
 
 @pytest.mark.parametrize(
     ("kwargs", "fragment"),
-    [({"epochs": 0}, "epochs"), ({"rewind_epoch": 9, "epochs": 3}, "rewind_epoch"),
-     ({"lr": 0}, "lr must be")],
-)  # fmt: skip
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"rewind_epoch": 9, "epochs": 3}, "rewind_epoch"),
+        ({"lr": 0}, "lr must be"),
+    ],
+)
 def test_bad_training_config(kwargs, fragment):
     with pytest.raises(TrainingError, match=fragment):
         TrainConfig(**kwargs)

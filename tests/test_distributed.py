@@ -26,10 +26,18 @@ def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")  # 2 ranks on 2 cores: no oversubscription
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node", "2", *args]  # fmt: skip
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=TIMEOUT)  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        *args,
+    ]
+    return subprocess.run(
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +48,18 @@ def ddp_and_single(tmp_path_factory):
     finally:
         sys.path.remove(str(HERE))
     root = tmp_path_factory.mktemp("ddp")
-    done = _torchrun([str(HERE / "ddp_worker.py"), "--out", str(root / "ddp"),
-                      "--batch-size", "16", "--rounds", "2"], root)  # fmt: skip
+    done = _torchrun(
+        [
+            str(HERE / "ddp_worker.py"),
+            "--out",
+            str(root / "ddp"),
+            "--batch-size",
+            "16",
+            "--rounds",
+            "2",
+        ],
+        root,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(root / "ddp" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     single = ddp_worker.run(root / "single", batch_size=32, rounds=2, fail_rank=None)
@@ -87,24 +105,49 @@ def test_two_ranks_equal_one_process_at_twice_the_batch(ddp_and_single, round_in
 
 def test_torchrun_cli_prune_writes_once(tmp_path):
     out = tmp_path / "run"
-    done = _torchrun(["-m", "sparse_ops", "prune", "--arch", "res20s", "--data", "synthetic",
-                      "--image-size", "8", "--rounds", "1", "--epochs", "1", "--batch-size",
-                      "64", "--device", "cpu", "--out", str(out), "--json"], tmp_path)  # fmt: skip
+    done = _torchrun(
+        [
+            "-m",
+            "sparse_ops",
+            "prune",
+            "--arch",
+            "res20s",
+            "--data",
+            "synthetic",
+            "--image-size",
+            "8",
+            "--rounds",
+            "1",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--json",
+        ],
+        tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout)  # one JSON object: only rank 0 printed
     assert summary["world_size"] == 2 and summary["device"] == "cpu"
     assert done.stderr.count("distributed: 2 ranks (gloo), batch 64 per rank, 128 per step") == 1
     assert sorted(p.name for p in out.iterdir()) == [
-        "round0.safetensors", "round1.safetensors", "summary.json"
-    ]  # fmt: skip
+        "round0.safetensors",
+        "round1.safetensors",
+        "summary.json",
+    ]
     ticket = load_ticket(out / "round1.safetensors")
     assert ticket.meta["world_size"] == 2
     assert ticket.density == pytest.approx(summary["final"]["density"])
 
 
 def test_a_failed_rank_fails_the_job_and_is_named(tmp_path):
-    done = _torchrun([str(HERE / "ddp_worker.py"), "--out", str(tmp_path), "--fail-rank", "1"],
-                     tmp_path)  # fmt: skip
+    done = _torchrun(
+        [str(HERE / "ddp_worker.py"), "--out", str(tmp_path), "--fail-rank", "1"], tmp_path
+    )
     assert done.returncode != 0
     assert "simulated failure of one rank" in done.stderr
     assert "rank      : 1 (local_rank: 1)" in done.stderr  # torchrun's root cause
@@ -114,9 +157,10 @@ def test_a_failed_rank_fails_the_job_and_is_named(tmp_path):
 # ---------------------------------------------------------------- single-process helpers
 
 
-@pytest.mark.parametrize(("world", "rank", "n", "shard", "usable"),
-                         [(1, 0, 7, [0, 1, 2, 3, 4, 5, 6], 7), (2, 1, 7, [3, 4, 5], 6),
-                          (3, 0, 7, [0, 1], 6)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("world", "rank", "n", "shard", "usable"),
+    [(1, 0, 7, [0, 1, 2, 3, 4, 5, 6], 7), (2, 1, 7, [3, 4, 5], 6), (3, 0, 7, [0, 1], 6)],
+)
 def test_shards_and_usable_length(monkeypatch, world, rank, n, shard, usable):
     monkeypatch.setattr(distributed, "world_size", lambda: world)
     monkeypatch.setattr(distributed, "rank", lambda: rank)

@@ -251,8 +251,9 @@ def test_one_mapping_for_stages_of_different_depths_hints_at_per_stage():
 
 
 def test_resolve_accepts_names_strings_and_dicts_per_stage():
-    stages = resolve_mapping(["interpolate", {0: [0], 1: [2, 1]}, "0:0;1:1;2:2"], (2, 2, 3),
-                             (3, 3, 3))  # fmt: skip
+    stages = resolve_mapping(
+        ["interpolate", {0: [0], 1: [2, 1]}, "0:0;1:1;2:2"], (2, 2, 3), (3, 3, 3)
+    )
     assert [str(s) for s in stages] == ["0:0;1:1,2", "0:0;1:2,1", "0:0;1:1;2:2"]
     assert stages[1].extras() == {1}  # the first listed target is the primary copy
 
@@ -357,8 +358,9 @@ def test_stretch_then_inverse_squeeze_returns_the_original_exactly():
 def test_random_extra_shuffles_only_the_extra_copies():
     ticket = _ticket("res32s")
     before = _snapshot(ticket)
-    out, report = transform(ticket, "res32s", "res56s", random_extra=True, seed=7,
-                            return_report=True)  # fmt: skip
+    out, report = transform(
+        ticket, "res32s", "res56s", random_extra=True, seed=7, return_report=True
+    )
     pairs = _cifar_pairs("res32s", "res56s", [0, 1, 1, 2, 2, 3, 3, 4, 4])
     extra_blocks = {f"layer{s}.{b}." for s in (1, 2, 3) for b in (2, 4, 6, 8)}
     shuffled = 0
@@ -497,8 +499,21 @@ def test_imagenet_squeeze_and_block_type_mismatch(resnet18_ticket):
 
 # cifar_vgg_13 layers: [0 1] pool [3 4] pool [6 7] pool [9 10] pool [12 13]
 # cifar_vgg_16 layers: [0 1] pool [3 4] pool [6 7 8] pool [10 11 12] pool [14 15 16]
-VGG_13_TO_16 = {0: 0, 1: 1, 3: 3, 4: 4, 6: 6, 7: 7, 8: 7, 10: 9, 11: 10, 12: 10, 14: 12, 15: 13,
-                16: 13}  # fmt: skip
+VGG_13_TO_16 = {
+    0: 0,
+    1: 1,
+    3: 3,
+    4: 4,
+    6: 6,
+    7: 7,
+    8: 7,
+    10: 9,
+    11: 10,
+    12: 10,
+    14: 12,
+    15: 13,
+    16: 13,
+}
 
 
 def test_vgg_per_stage_interpolate():

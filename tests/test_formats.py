@@ -83,8 +83,11 @@ def test_group_pack_from_mask_alone_and_from_regroup(g):
 
 def test_schedule_puts_widest_groups_first_then_fill(g):
     weight = conv_weight(10, 4, 1, g)
-    layout = [{"rows": [0], "cols": [0]}, {"rows": [1, 2], "cols": [0, 1, 2, 3]},
-              {"rows": [3], "cols": [1, 2]}]  # fmt: skip
+    layout = [
+        {"rows": [0], "cols": [0]},
+        {"rows": [1, 2], "cols": [0, 1, 2, 3]},
+        {"rows": [3], "cols": [1, 2]},
+    ]
     pack = pack_groups(weight, None, layout, block_n=16, k_pad=16)
     # all three groups pad to 16 columns; ties keep group order; then one fill tile
     assert pack.tile_group.tolist() == [0, 1, 2, -1]
@@ -157,8 +160,7 @@ def test_launchers_take_only_the_format_types(g):
 
 
 def test_to_moves_weights_only(g):
-    plan = pack_channels(conv_weight(8, 4, 3, g), channel_mask(8, 4, 3, "both", g),
-                                   torch.randn(8))  # fmt: skip
+    plan = pack_channels(conv_weight(8, 4, 3, g), channel_mask(8, 4, 3, "both", g), torch.randn(8))
     half = plan.to(dtype=torch.float16)
     assert half.weight.dtype == torch.float16 and half.bias.dtype == torch.float32
     assert half.out_idx.dtype == torch.int32 and plan.weight.dtype == torch.float32
@@ -351,8 +353,9 @@ def test_crafted_schedules_and_pointers_refused(g):
     refused("exactly once", tile_group=twice_group, tile_row=twice_row)
     for name in ("row_ptr", "col_ptr"):
         refused("offsets from 0", **{name: getattr(pack, name) - 16})
-    refused("offsets from 0", val_ptr=pack.val_ptr + 4,
-            values=torch.cat([torch.zeros(4), pack.values]))  # fmt: skip
+    refused(
+        "offsets from 0", val_ptr=pack.val_ptr + 4, values=torch.cat([torch.zeros(4), pack.values])
+    )
     refused("must be ≥ 1", k_pad=0)
     refused("exceed what a column code holds", in_channels=70000)
 
@@ -363,8 +366,9 @@ def test_padding_columns_never_read_the_input(g):
     from sparse_ops_kernels import group_conv, launch
 
     weight = conv_weight(16, 16, 3, g)
-    layout = [{"rows": list(range(16)), "cols": [tap * 16 + c for tap in range(9)
-                                                 for c in range(8, 12)]}]  # fmt: skip
+    layout = [
+        {"rows": list(range(16)), "cols": [tap * 16 + c for tap in range(9) for c in range(8, 12)]}
+    ]
     pack = pack_groups(weight, None, layout, padding=1, k_pad=16)
     assert bool((pack.col_idx < 0).any())
     x = torch.randn(1, 16, 5, 5, generator=g)

@@ -133,8 +133,9 @@ def test_workers_do_not_change_the_batches(tmp_path):
     states = []
     for workers in (0, 2):
         torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(),
-                                    torch.nn.Linear(4 * 14 * 14, 3))  # fmt: skip
+        model = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 14 * 14, 3)
+        )
         trainer = Trainer(ds, TrainConfig(epochs=2, batch_size=4, lr=0.05), workers=workers)
         result = trainer.fit(model)
         states.append((model.state_dict(), result["best_val"], trainer.accuracy(model)))
@@ -147,9 +148,30 @@ def test_workers_do_not_change_the_batches(tmp_path):
 def test_cli_prune_on_an_image_folder(tmp_path, capsys):
     root = imagenet_tree(tmp_path / "tree")
     out = tmp_path / "out"
-    argv = ["prune", "--arch", "res20s", "--data", "imagefolder", "--data-dir", str(root),
-            "--image-size", "16", "--rounds", "1", "--epochs", "1", "--batch-size", "8",
-            "--workers", "1", "--device", "cpu", "--out", str(out), "--json"]  # fmt: skip
+    argv = [
+        "prune",
+        "--arch",
+        "res20s",
+        "--data",
+        "imagefolder",
+        "--data-dir",
+        str(root),
+        "--image-size",
+        "16",
+        "--rounds",
+        "1",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--workers",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--json",
+    ]
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["data"] == "imagefolder" and len(summary["rounds"]) == 2
@@ -195,15 +217,16 @@ def _break(root, how):
 
 @pytest.mark.parametrize(
     ("how", "fragment"),
-    [("no root", r"missing: no such directory"),
-     ("no val", r"val: missing; imagefolder expects"),
-     ("empty class", r"train: class folders without images .*'n04'"),
-     ("val extra class", r"val: val classes differ from train/'s \(classes train/ lacks: 'n09'"),
-     ("val lacks class", r"train/ classes it lacks: 'n03'"),
-     ("no classes", r"train: no class folders"),
-     ("annotation names a missing file", r"val_annotations.txt:7: .*val_99.JPEG does not exist"),
-     ],
-)  # fmt: skip
+    [
+        ("no root", r"missing: no such directory"),
+        ("no val", r"val: missing; imagefolder expects"),
+        ("empty class", r"train: class folders without images .*'n04'"),
+        ("val extra class", r"val: val classes differ from train/'s \(classes train/ lacks: 'n09'"),
+        ("val lacks class", r"train/ classes it lacks: 'n03'"),
+        ("no classes", r"train: no class folders"),
+        ("annotation names a missing file", r"val_annotations.txt:7: .*val_99.JPEG does not exist"),
+    ],
+)
 def test_bad_trees_name_what_is_wrong(tmp_path, how, fragment):
     root = _break(tmp_path, how)
     with pytest.raises(data.DatasetError, match=fragment):

@@ -151,8 +151,16 @@ def test_capture_rewind_after_round_zero_is_refused():
 
 def test_run_with_refill_gives_channel_masks():
     torch.manual_seed(0)
-    tickets = list(imp.run(Net(), 2, _fake_training({}), lambda m: {"accuracy": 1.0, "loss": 2},
-                           post="refill", post_options={"criterion": "l1"}))  # fmt: skip
+    tickets = list(
+        imp.run(
+            Net(),
+            2,
+            _fake_training({}),
+            lambda m: {"accuracy": 1.0, "loss": 2},
+            post="refill",
+            post_options={"criterion": "l1"},
+        )
+    )
     last = tickets[-1]
     assert last.meta["method"] == "refill" and last.meta["metrics"]["loss"] == 2
     for mask in last.masks.values():
@@ -161,8 +169,16 @@ def test_run_with_refill_gives_channel_masks():
 
 def test_run_with_regroup_records_layouts():
     torch.manual_seed(0)
-    tickets = list(imp.run(Net(), 2, _fake_training({}), lambda m: 1.0, post="regroup",
-                           post_options={"min_rows": 4}))  # fmt: skip
+    tickets = list(
+        imp.run(
+            Net(),
+            2,
+            _fake_training({}),
+            lambda m: 1.0,
+            post="regroup",
+            post_options={"min_rows": 4},
+        )
+    )
     last = tickets[-1]
     assert last.meta["method"] == "regroup"
     assert set(last.meta["groups"]) == set(last.masks)
@@ -207,8 +223,16 @@ def test_custom_post_and_bad_post():
 def test_bad_refill_options_fail_before_any_training(post_options, message):
     trained = []
     with pytest.raises(imp.IMPError, match=message):
-        next(imp.run(Net(), 1, lambda m, ctx: trained.append(ctx.round), lambda m: 1.0,
-                     post="refill", post_options=post_options))  # fmt: skip
+        next(
+            imp.run(
+                Net(),
+                1,
+                lambda m, ctx: trained.append(ctx.round),
+                lambda m: 1.0,
+                post="refill",
+                post_options=post_options,
+            )
+        )
     assert trained == []
 
 

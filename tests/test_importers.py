@@ -148,8 +148,11 @@ def test_prune_pair_without_mask_rejected():
 
 
 def test_buffers_ending_in_mask_are_not_prune_pairs():
-    state = {"attn_mask": torch.ones(2, 2), "d.weight_orig": torch.ones(2, 2),
-             "d.weight_mask": torch.ones(2, 2)}  # fmt: skip
+    state = {
+        "attn_mask": torch.ones(2, 2),
+        "d.weight_orig": torch.ones(2, 2),
+        "d.weight_mask": torch.ones(2, 2),
+    }
     t = load_ticket(state)
     assert list(t.masks) == ["d.weight"] and "attn_mask" in t.weights
 
@@ -337,8 +340,9 @@ def _our_imp_ticket(arch: str, state: int = 2, meta: dict | None = None) -> Tick
     torch.manual_seed(3)
     model = models.create(arch)
     rewind = imp.capture_state(model)
-    trained = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
-               for k, v in rewind.items()}  # fmt: skip
+    trained = {
+        k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in rewind.items()
+    }
     names = imp.prunable(model)
     masks = imp.magnitude_masks(trained, imp.current_masks(model, names), 0.5)
     return Ticket(masks, trained, arch, dict(meta or {}, round=state), rewind=rewind)
@@ -351,8 +355,11 @@ def test_structure_lth_export_resumes_in_their_loader(tmp_path, arch, stem):
     path = save_structure_lth(ticket, tmp_path / "2checkpoint.pth.tar", epoch=7)
     got = structure_lth_resume(path, arch)  # KeyError / load_state_dict error if incomplete
     assert got["state"] == 2 and got["epoch"] == 7
-    expected = {n for n, m in models.create(arch).named_modules()
-                if isinstance(m, nn.Conv2d) and n != "conv1"}  # fmt: skip
+    expected = {
+        n
+        for n, m in models.create(arch).named_modules()
+        if isinstance(m, nn.Conv2d) and n != "conv1"
+    }
     assert set(got["masks"]) == {f"{n}.weight" for n in expected}
     for name, mask in got["masks"].items():
         want = ticket.masks.get(name, torch.ones(mask.shape, dtype=torch.bool))
@@ -373,8 +380,14 @@ def test_structure_lth_export_resumes_in_their_loader(tmp_path, arch, stem):
 
 @pytest.mark.parametrize(("epoch", "lr"), [(0, 0.05), (5, 0.005), (9, 0.0005)])
 def test_structure_lth_export_takes_our_recipe(tmp_path, epoch, lr):
-    train = {"lr": 0.05, "momentum": 0.8, "weight_decay": 5e-4, "epochs": 10,
-             "milestones": [0.5, 0.75], "gamma": 0.1}  # fmt: skip
+    train = {
+        "lr": 0.05,
+        "momentum": 0.8,
+        "weight_decay": 5e-4,
+        "epochs": 10,
+        "milestones": [0.5, 0.75],
+        "gamma": 0.1,
+    }
     ticket = _our_imp_ticket("res20s", meta={"train": train})
     path = save_structure_lth(ticket, tmp_path / "c.pth.tar", epoch=epoch)
     group = structure_lth_resume(path, "res20s")["optimizer"].param_groups[0]
@@ -632,8 +645,10 @@ def test_torchscript_archive(tmp_path):
 
 
 def test_object_array_is_refused_naming_object(tmp_path):
-    torch.save({"state_dict": {"a.weight": torch.ones(1, 1)},
-                "junk": np.array([object()], dtype=object)}, tmp_path / "o.pt")  # fmt: skip
+    torch.save(
+        {"state_dict": {"a.weight": torch.ones(1, 1)}, "junk": np.array([object()], dtype=object)},
+        tmp_path / "o.pt",
+    )
     with pytest.raises(TicketFormatError, match="it pickles builtins.object,"):
         load_ticket(tmp_path / "o.pt")
 

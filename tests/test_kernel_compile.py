@@ -65,9 +65,12 @@ def _spills(stats) -> bool:
 
 def test_no_config_spills(ci_report):
     payload, _, _ = ci_report
-    spilled = [f"{_describe(r)}: {r['stats']['spill_stores']} B stores, "
-               f"{r['stats']['spill_loads']} B loads"
-               for r in payload["rows"] if r["ok"] and _spills(r["stats"])]  # fmt: skip
+    spilled = [
+        f"{_describe(r)}: {r['stats']['spill_stores']} B stores, "
+        f"{r['stats']['spill_loads']} B loads"
+        for r in payload["rows"]
+        if r["ok"] and _spills(r["stats"])
+    ]
     assert not spilled, "register spills:\n" + "\n".join(spilled)
 
 
@@ -76,8 +79,11 @@ def test_aligned_channel_launches_use_vector_async_copies(ci_report):
     from sparse_ops_bench.static_report import floor_failures
 
     payload, returncode, output = ci_report
-    missed = [f"{_describe(r)}: {'; '.join(floor_failures(r))}" for r in payload["rows"]
-              if r["ok"] and floor_failures(r)]  # fmt: skip
+    missed = [
+        f"{_describe(r)}: {'; '.join(floor_failures(r))}"
+        for r in payload["rows"]
+        if r["ok"] and floor_failures(r)
+    ]
     assert not missed, "floors missed:\n" + "\n".join(missed)
     aligned = [r for r in payload["rows"] if CASE_BY_NAME[r["case"]].aligned]
     assert aligned and all(r["stats"]["loop"] for r in aligned)

@@ -29,8 +29,9 @@ DTYPES = [torch.float32, torch.float16]
 EPILOGUES = [(False, False), (True, False), (False, True), (True, True)]  # (residual, relu)
 
 
-def _run_channel(shape, mask_mode, dtype, residual_on, relu, seed=0, nchw=False, config=None,
-                 force_wide=None):  # fmt: skip
+def _run_channel(
+    shape, mask_mode, dtype, residual_on, relu, seed=0, nchw=False, config=None, force_wide=None
+):
     n, cin, cout, h, w, k, s, p, d = shape
     g = torch.Generator().manual_seed(seed)
     weight = conv_weight(cout, cin, k, g)
@@ -46,8 +47,9 @@ def _run_channel(shape, mask_mode, dtype, residual_on, relu, seed=0, nchw=False,
     xin = x.to(DEVICE) if nchw else x.to(DEVICE).contiguous(memory_format=torch.channels_last)
     out = poisoned_output((n, cout, oh, ow), dtype)
     residual = None if res is None else res.to(DEVICE)
-    spec = channel_conv_launch(xin, plan, residual=residual, relu=relu, out=out,
-                               allow_tf32=False, force_wide=force_wide)  # fmt: skip
+    spec = channel_conv_launch(
+        xin, plan, residual=residual, relu=relu, out=out, allow_tf32=False, force_wide=force_wide
+    )
     y = launch.run(spec, config, channel_conv.INTERPRETED)
     assert y is out
     assert_matches(y, ref, dtype)
@@ -72,15 +74,17 @@ def test_channel_conv_nchw_input_is_converted():
     _run_channel((2, 17, 33, 7, 6, 3, 2, 1, 1), "both", torch.float32, True, True, nchw=True)
 
 
-def _run_group(shape, layout_mode, dtype, residual_on, relu, seed=0, block_n=32, k_pad=32,
-               force_wide=None):  # fmt: skip
+def _run_group(
+    shape, layout_mode, dtype, residual_on, relu, seed=0, block_n=32, k_pad=32, force_wide=None
+):
     n, cin, cout, h, w, k, s, p, d = shape
     g = torch.Generator().manual_seed(seed)
     weight = conv_weight(cout, cin, k, g)
     bias = torch.randn(cout, generator=g)
     layout, mask = group_layout(cout, cin, k, layout_mode, g)
-    pack = pack_groups(weight, mask, layout, bias, stride=s, padding=p, dilation=d,
-                                 block_n=block_n, k_pad=k_pad)  # fmt: skip
+    pack = pack_groups(
+        weight, mask, layout, bias, stride=s, padding=p, dilation=d, block_n=block_n, k_pad=k_pad
+    )
     pack = pack.to(DEVICE, dtype)
     x = torch.randn(n, cin, h, w, generator=g).to(dtype)
     oh = (h + 2 * p - d * (k - 1) - 1) // s + 1
@@ -89,8 +93,15 @@ def _run_group(shape, layout_mode, dtype, residual_on, relu, seed=0, block_n=32,
     ref = expected(x, pack.dense_weight(), bias, (s, p, d), res, relu)
     out = poisoned_output((n, cout, oh, ow), dtype)
     residual = None if res is None else res.to(DEVICE)
-    spec = group_conv_launch(x.to(DEVICE), pack, residual=residual, relu=relu, out=out,
-                             allow_tf32=False, force_wide=force_wide)  # fmt: skip
+    spec = group_conv_launch(
+        x.to(DEVICE),
+        pack,
+        residual=residual,
+        relu=relu,
+        out=out,
+        allow_tf32=False,
+        force_wide=force_wide,
+    )
     y = launch.run(spec, None, group_conv.INTERPRETED)
     assert_matches(y, ref, dtype)
     return pack
@@ -119,9 +130,13 @@ def test_group_conv_block_sizes(block_n, k_pad):
 
 # Column runs (col_run = 8 packs): runs of 8 channels within one tap; on a GPU both operands
 # load as 16-byte vectors. Shapes: 1x1/3x3/7x7, stride, padding, dilation, batch 1.
-RUN_SHAPES = [(2, 16, 40, 7, 6, 3, 1, 1, 1), (1, 24, 33, 9, 7, 3, 2, 1, 1),
-              (2, 8, 20, 6, 6, 1, 1, 0, 1), (1, 8, 17, 9, 9, 7, 1, 3, 1),
-              (2, 16, 24, 9, 8, 3, 1, 2, 2)]  # fmt: skip
+RUN_SHAPES = [
+    (2, 16, 40, 7, 6, 3, 1, 1, 1),
+    (1, 24, 33, 9, 7, 3, 2, 1, 1),
+    (2, 8, 20, 6, 6, 1, 1, 0, 1),
+    (1, 8, 17, 9, 9, 7, 1, 3, 1),
+    (2, 16, 24, 9, 8, 3, 1, 2, 2),
+]
 
 
 @pytest.mark.parametrize("shape", RUN_SHAPES, ids=shape_id)
@@ -129,8 +144,9 @@ RUN_SHAPES = [(2, 16, 40, 7, 6, 3, 1, 1, 1), (1, 24, 33, 9, 7, 3, 2, 1, 1),
 def test_group_conv_column_runs(shape, block_n, k_pad):
     i = RUN_SHAPES.index(shape)
     residual_on, relu = EPILOGUES[i % 4]
-    pack = _run_group(shape, "runs", torch.float16, residual_on, relu, seed=i, block_n=block_n,
-                      k_pad=k_pad)  # fmt: skip
+    pack = _run_group(
+        shape, "runs", torch.float16, residual_on, relu, seed=i, block_n=block_n, k_pad=k_pad
+    )
     assert pack.col_run == 8
     spec = group_conv_launch(torch.randn(shape[:2] + shape[3:5]).to(DEVICE, torch.float16), pack)
     assert spec.constexprs["COL_RUN"] == 8
@@ -199,17 +215,24 @@ def test_alignment_claims_are_exact():
 
 def test_channel_candidate_configs_by_launch_class():
     def flags(in_idx=False, out_idx=False, align=8, precision="ieee"):
-        return {"HAS_IN_IDX": in_idx, "HAS_OUT_IDX": out_idx, "X_ALIGN": align,
-                "W_ALIGN": align, "INPUT_PRECISION": precision}  # fmt: skip
+        return {
+            "HAS_IN_IDX": in_idx,
+            "HAS_OUT_IDX": out_idx,
+            "X_ALIGN": align,
+            "W_ALIGN": align,
+            "INPUT_PRECISION": precision,
+        }
 
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         p = "tf32" if dtype == torch.float32 else "ieee"
         assert channel_conv.launch_class(dtype, flags(precision=p)) == "vector"
         assert channel_conv.launch_class(dtype, flags(out_idx=True, precision=p)) == (
-            "vector-scatter")  # fmt: skip
+            "vector-scatter"
+        )
         assert channel_conv.launch_class(dtype, flags(in_idx=True, precision=p)) == "scalar"
         assert channel_conv.launch_class(dtype, flags(align=1, out_idx=True, precision=p)) == (
-            "scalar-scatter")  # fmt: skip
+            "scalar-scatter"
+        )
         for kind in channel_conv.CONFIG_SETS:
             if kind == "fma":
                 continue
@@ -238,25 +261,44 @@ def test_every_launch_keeps_a_config_on_every_triton(version, monkeypatch):
     import triton
 
     monkeypatch.setattr(triton, "__version__", version)
-    for dtype, precision in ((torch.float16, "ieee"), (torch.bfloat16, "ieee"),
-                             (torch.float32, "tf32"), (torch.float32, "ieee")):  # fmt: skip
+    for dtype, precision in (
+        (torch.float16, "ieee"),
+        (torch.bfloat16, "ieee"),
+        (torch.float32, "tf32"),
+        (torch.float32, "ieee"),
+    ):
         for in_idx, out_idx, align in itertools.product((False, True), (False, True), (1, 8)):
-            flags = {"HAS_IN_IDX": in_idx, "HAS_OUT_IDX": out_idx, "X_ALIGN": align,
-                     "W_ALIGN": align, "INPUT_PRECISION": precision}  # fmt: skip
+            flags = {
+                "HAS_IN_IDX": in_idx,
+                "HAS_OUT_IDX": out_idx,
+                "X_ALIGN": align,
+                "W_ALIGN": align,
+                "INPUT_PRECISION": precision,
+            }
             assert channel_conv.candidate_configs(dtype, flags), (version, dtype, flags)
         for k_pad in (16, 32, 64):
             flags = {"K_PAD": k_pad, "INPUT_PRECISION": precision}
             chosen = group_conv.candidate_configs(dtype, flags)
             assert chosen and all(k_pad % c.kwargs["BLOCK_K"] == 0 for c in chosen)
     if version != "3.7.0":  # measured versions keep more than a fallback
-        flags = {"HAS_IN_IDX": False, "HAS_OUT_IDX": False, "X_ALIGN": 8, "W_ALIGN": 8,
-                 "INPUT_PRECISION": "ieee"}  # fmt: skip
+        flags = {
+            "HAS_IN_IDX": False,
+            "HAS_OUT_IDX": False,
+            "X_ALIGN": 8,
+            "W_ALIGN": 8,
+            "INPUT_PRECISION": "ieee",
+        }
         assert len(channel_conv.candidate_configs(torch.float16, flags)) >= 6
 
 
 def test_quick_tuning_offers_the_ranked_configs(monkeypatch):
-    flags = {"HAS_IN_IDX": False, "HAS_OUT_IDX": False, "X_ALIGN": 8, "W_ALIGN": 8,
-             "INPUT_PRECISION": "ieee"}  # fmt: skip
+    flags = {
+        "HAS_IN_IDX": False,
+        "HAS_OUT_IDX": False,
+        "X_ALIGN": 8,
+        "W_ALIGN": 8,
+        "INPUT_PRECISION": "ieee",
+    }
     full = channel_conv.candidate_configs(torch.float16, flags)
     monkeypatch.setenv("SPARSE_OPS_TUNING", "quick")
     quick = channel_conv.candidate_configs(torch.float16, flags)
@@ -296,12 +338,20 @@ settings_kernel = settings(
 
 @settings_kernel
 @given(
-    n=st.integers(1, 2), cin=st.integers(1, 20), cout=st.integers(1, 40),
-    h=st.integers(1, 8), w=st.integers(1, 8), k=st.sampled_from([1, 3, 5]),
-    s=st.integers(1, 2), p=st.integers(0, 2), d=st.integers(1, 2),
+    n=st.integers(1, 2),
+    cin=st.integers(1, 20),
+    cout=st.integers(1, 40),
+    h=st.integers(1, 8),
+    w=st.integers(1, 8),
+    k=st.sampled_from([1, 3, 5]),
+    s=st.integers(1, 2),
+    p=st.integers(0, 2),
+    d=st.integers(1, 2),
     mode=st.sampled_from(["dense", "in", "out", "both", "empty"]),
-    residual_on=st.booleans(), relu=st.booleans(), seed=st.integers(0, 99),
-)  # fmt: skip
+    residual_on=st.booleans(),
+    relu=st.booleans(),
+    seed=st.integers(0, 99),
+)
 def test_channel_conv_property(n, cin, cout, h, w, k, s, p, d, mode, residual_on, relu, seed):
     if (h + 2 * p - d * (k - 1) - 1) < 0 or (w + 2 * p - d * (k - 1) - 1) < 0:
         return  # no output pixel: covered by the launcher error test
@@ -310,12 +360,20 @@ def test_channel_conv_property(n, cin, cout, h, w, k, s, p, d, mode, residual_on
 
 @settings_kernel
 @given(
-    n=st.integers(1, 2), cin=st.integers(1, 12), cout=st.integers(1, 40),
-    h=st.integers(1, 7), w=st.integers(1, 7), k=st.sampled_from([1, 3]),
-    s=st.integers(1, 2), p=st.integers(0, 1), d=st.integers(1, 2),
+    n=st.integers(1, 2),
+    cin=st.integers(1, 12),
+    cout=st.integers(1, 40),
+    h=st.integers(1, 7),
+    w=st.integers(1, 7),
+    k=st.sampled_from([1, 3]),
+    s=st.integers(1, 2),
+    p=st.integers(0, 1),
+    d=st.integers(1, 2),
     mode=st.sampled_from(["one-row", "no-groups", "dense", "mixed"]),
-    residual_on=st.booleans(), relu=st.booleans(), seed=st.integers(0, 99),
-)  # fmt: skip
+    residual_on=st.booleans(),
+    relu=st.booleans(),
+    seed=st.integers(0, 99),
+)
 def test_group_conv_property(n, cin, cout, h, w, k, s, p, d, mode, residual_on, relu, seed):
     if (h + 2 * p - d * (k - 1) - 1) < 0 or (w + 2 * p - d * (k - 1) - 1) < 0:
         return
@@ -333,7 +391,9 @@ def _plan(dtype=torch.float32, **kw):
 
 def test_launcher_rejects_dtype_mismatch():
     with pytest.raises(KernelInputError, match=r"plan weight dtype torch.float32 ≠ input dtype"):
-        channel_conv.channel_conv(torch.randn(1, 4, 5, 5, dtype=torch.float16, device=DEVICE), _plan())
+        channel_conv.channel_conv(
+            torch.randn(1, 4, 5, 5, dtype=torch.float16, device=DEVICE), _plan()
+        )
 
 
 def test_launcher_rejects_wrong_channels_and_shapes():
@@ -343,8 +403,11 @@ def test_launcher_rejects_wrong_channels_and_shapes():
     with pytest.raises(KernelInputError, match=r"must be a 4-D tensor"):
         channel_conv.channel_conv(torch.randn(4, 5, 5, device=DEVICE), plan)
     with pytest.raises(KernelInputError, match=r"residual has shape \(1, 8, 4, 4\)"):
-        channel_conv.channel_conv(torch.randn(1, 4, 5, 5, device=DEVICE), plan,
-                       residual=torch.randn(1, 8, 4, 4, device=DEVICE))  # fmt: skip
+        channel_conv.channel_conv(
+            torch.randn(1, 4, 5, 5, device=DEVICE),
+            plan,
+            residual=torch.randn(1, 8, 4, 4, device=DEVICE),
+        )
     with pytest.raises(KernelInputError, match="too small"):
         channel_conv.channel_conv(torch.randn(1, 4, 1, 1, device=DEVICE), _plan(dilation=3))
     with pytest.raises(KernelInputError, match="dtype torch.int64 not supported"):
@@ -400,8 +463,11 @@ def test_both_backends_refuse_the_same_bad_calls(backend):
     with pytest.raises(KernelInputError, match="input has 16 channels, pack expects 6"):
         _group_entry(backend)(torch.randn(2, 16, 5, 5, device=DEVICE), pack)
     with pytest.raises(KernelInputError, match=r"residual has shape \(2, 20, 5, 6\)"):
-        _group_entry(backend)(torch.randn(2, 6, 5, 5, device=DEVICE), pack,
-                              residual=torch.randn(2, 20, 5, 6, device=DEVICE))  # fmt: skip
+        _group_entry(backend)(
+            torch.randn(2, 6, 5, 5, device=DEVICE),
+            pack,
+            residual=torch.randn(2, 20, 5, 6, device=DEVICE),
+        )
 
 
 def test_launcher_refuses_an_overlapping_out():
@@ -431,8 +497,9 @@ def test_launcher_refuses_an_out_that_shares_memory_with_an_input():
         channel_conv.channel_conv(x, plan, out=buffer[100:300].view(2, 4, 5, 5))  # partly
     maps = torch.randn(300, device=DEVICE)
     with pytest.raises(KernelInputError, match="out overlaps the memory of bias_map"):
-        channel_conv.channel_conv(x, plan, bias_map=maps[:100].view(4, 5, 5),
-                       out=maps[50:250].view(2, 4, 5, 5))  # fmt: skip
+        channel_conv.channel_conv(
+            x, plan, bias_map=maps[:100].view(4, 5, 5), out=maps[50:250].view(2, 4, 5, 5)
+        )
     # the buffer's third part is separate: accepted, and the result is right
     out = buffer[400:].view(2, 4, 5, 5)
     expected = channel_conv.channel_conv(x, plan, residual=residual)
@@ -490,8 +557,9 @@ def test_every_autotune_config(which):
             n, cin, cout, h, w, k, s, p, d = shape
             g = torch.Generator().manual_seed(1)
             layout, mask = group_layout(cout, cin, k, "mixed", g)
-            pack = pack_groups(conv_weight(cout, cin, k, g), mask, layout, padding=p,
-                                         k_pad=64).to("cuda", torch.float16)  # fmt: skip
+            pack = pack_groups(conv_weight(cout, cin, k, g), mask, layout, padding=p, k_pad=64).to(
+                "cuda", torch.float16
+            )
             x = torch.randn(n, cin, h, w, generator=g).half()
             ref = expected(x, pack.dense_weight(), None, (s, p, d), None, True)
             out = poisoned_output(tuple(ref.shape), torch.float16, "cuda")
@@ -552,8 +620,14 @@ def test_bias_map_is_added_per_position(backend):
     res = torch.randn(2, 12, 5, 4, generator=g)
     ref = expected(x, plan.dense_weight(), bias, (1, 1, 1), res + bias_map, True)
     if backend == "triton" or DEVICE == "cuda":
-        y = channel_conv.channel_conv(x.to(DEVICE), plan, residual=res.to(DEVICE), relu=True,
-                           bias_map=bias_map.to(DEVICE), allow_tf32=False)  # fmt: skip
+        y = channel_conv.channel_conv(
+            x.to(DEVICE),
+            plan,
+            residual=res.to(DEVICE),
+            relu=True,
+            bias_map=bias_map.to(DEVICE),
+            allow_tf32=False,
+        )
     else:
         y = ops.channel_conv(x, plan, residual=res, relu=True, bias_map=bias_map, backend="torch")
     assert_matches(y, ref, torch.float32)

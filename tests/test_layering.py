@@ -81,8 +81,10 @@ def scripts_imports(path: Path) -> list[int]:
                 names = [module]
         else:
             continue
-        if any(n.split(".")[:2] in (["sparse_ops_bench", "scripts"], ["bench", "scripts"])
-               for n in names):  # fmt: skip
+        if any(
+            n.split(".")[:2] in (["sparse_ops_bench", "scripts"], ["bench", "scripts"])
+            for n in names
+        ):
             lines.append(node.lineno)
     return sorted(lines)
 
@@ -96,7 +98,9 @@ def test_bench_library_never_imports_its_scripts():
 
 def test_the_scripts_check_sees_a_violation(tmp_path):
     module = tmp_path / "probe.py"
-    module.write_text("def f():\n    from .scripts import kernel_static\n"
-                      "from . import scripts\nimport sparse_ops_bench.scripts.summary\n"
-                      "from . import harness\nfrom .static_cases import CASES\n")  # fmt: skip
+    module.write_text(
+        "def f():\n    from .scripts import kernel_static\n"
+        "from . import scripts\nimport sparse_ops_bench.scripts.summary\n"
+        "from . import harness\nfrom .static_cases import CASES\n"
+    )
     assert scripts_imports(module) == [2, 3, 4]

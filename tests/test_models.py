@@ -189,8 +189,13 @@ def test_structure_lth_vgg_conv_indices():
 
 def test_res_s_ignores_normalize_but_res18_applies_it():
     x = torch.rand(2, 3, 32, 32)
-    for name, applied in [("res20s", False), ("res18", True), ("vgg16_bn", True),
-                          ("wrn32", True), ("mobilenet", False)]:  # fmt: skip
+    for name, applied in [
+        ("res20s", False),
+        ("res18", True),
+        ("vgg16_bn", True),
+        ("wrn32", True),
+        ("mobilenet", False),
+    ]:
         model = models.create(name).eval()
         with torch.no_grad():
             before = model(x)
@@ -255,9 +260,14 @@ def test_meta_build_allocates_nothing():
     assert all(p.is_meta for p in model.parameters())
 
 
-@pytest.mark.parametrize(("name", "first"), [("resnet20", "res20s, cifar_resnet_20"),
-                                             ("vgg16", "vgg16_bn, cifar_vgg_16"),
-                                             ("mobilenetv1", "mobilenet")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "first"),
+    [
+        ("resnet20", "res20s, cifar_resnet_20"),
+        ("vgg16", "vgg16_bn, cifar_vgg_16"),
+        ("mobilenetv1", "mobilenet"),
+    ],
+)
 def test_unknown_names_suggest_the_same_depth_first(name, first):
     with pytest.raises(UnknownArchitectureError, match=f"did you mean {first}"):
         models.info(name)

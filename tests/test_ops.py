@@ -30,8 +30,9 @@ def test_torch_paths_match_reference(shape, residual_on):
     oh = (h + 2 * p - d * (k - 1) - 1) // s + 1
     ow = (w + 2 * p - d * (k - 1) - 1) // s + 1
     res = torch.randn(n, cout, oh, ow, generator=g) if residual_on else None
-    plan = pack_channels(weight, channel_mask(cout, cin, k, "both", g), bias,
-                                   stride=s, padding=p, dilation=d)  # fmt: skip
+    plan = pack_channels(
+        weight, channel_mask(cout, cin, k, "both", g), bias, stride=s, padding=p, dilation=d
+    )
     y = ops.channel_conv(x, plan, residual=res, relu=True)
     ref = expected(x, plan.dense_weight(), bias, (s, p, d), res, True)
     torch.testing.assert_close(y.double(), ref, **TOLERANCES[torch.float32])
@@ -63,8 +64,7 @@ def test_unknown_backend():
 @pytest.mark.parametrize("layout_kind", ["no-groups", "dense", "one-row", "mixed"])
 @pytest.mark.parametrize("gemm_penalty", [0.0, 1e9], ids=["gather-gemm", "conv"])
 @pytest.mark.parametrize("epilogue", ["none", "bias-residual-relu", "residual"])
-def test_group_torch_path_both_strategies(shape, layout_kind, gemm_penalty, epilogue,
-                                          monkeypatch):  # fmt: skip
+def test_group_torch_path_both_strategies(shape, layout_kind, gemm_penalty, epilogue, monkeypatch):
     """Each column set runs either as a gathered GEMM (bias and residual inside the GEMM
     when one set covers every row) or as a conv over its channels."""
     monkeypatch.setattr(ops.group, "_GEMM_PENALTY", gemm_penalty)
@@ -194,8 +194,9 @@ def test_group_gather_path_reuses_its_padded_buffer_safely(monkeypatch):
     for _ in range(2):  # two units with the same input shape share the buffer
         weight, bias = conv_weight(cout, cin, k, g), torch.randn(cout, generator=g)
         layout, mask = group_layout(cout, cin, k, "mixed", g)
-        packs.append((pack_groups(weight, mask, layout, bias, stride=s, padding=p,
-                                            dilation=d), bias))  # fmt: skip
+        packs.append(
+            (pack_groups(weight, mask, layout, bias, stride=s, padding=p, dilation=d), bias)
+        )
     inputs = [torch.randn(n, cin, h, w, generator=g) for _ in range(3)]
     for mode in (torch.inference_mode, torch.no_grad):
         with mode():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from importlib import metadata
+from pathlib import Path
 
 OURS = {"sparse_ops", "sparse_ops_kernels", "sparse_ops_bench"}
 
@@ -39,7 +40,36 @@ def test_another_kernels_package_and_ours_both_import(tmp_path):
         "print('both import')\n"
     )
     env = {"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "both import" in done.stdout
+
+
+def test_built_package_carries_the_kernel_config_tables(tmp_path):
+    """The kernels read their autotune tables from JSON next to their modules: a build
+    (what a wheel holds) must ship them, under the installed package name."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    built = tmp_path / "sparse_ops_kernels"
+    assert sorted(p.name for p in built.glob("*.json")) == ["channel_conv.json", "group_conv.json"]
+    probe = (
+        "from sparse_ops_kernels import configs\n"
+        f"table = configs.load_table({str(built / 'group_conv.py')!r})\n"
+        "assert table.config_ids['tensor'] and (3, 9) in table.spills\n"
+    )
+    check = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr[-2000:]

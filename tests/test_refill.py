@@ -208,8 +208,9 @@ def _rows_with_counts(counts: list[int], width: int = 9) -> torch.Tensor:
     return mask.reshape(len(counts), 1, 3, 3)
 
 
-@pytest.mark.parametrize("counts", [[9, 8, 7, 6, 5, 4, 3, 2], [1, 3, 5, 7, 9, 2, 4, 6],
-                                    [9, 9, 8, 0, 0, 1, 2, 3]])  # fmt: skip
+@pytest.mark.parametrize(
+    "counts", [[9, 8, 7, 6, 5, 4, 3, 2], [1, 3, 5, 7, 9, 2, 4, 6], [9, 9, 8, 0, 0, 1, 2, 3]]
+)
 def test_original_keeps_one_channel_more_without_ties(counts):
     from origin_formats import structure_lth_refill_layer
 

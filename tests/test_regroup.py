@@ -217,8 +217,11 @@ def test_same_seed_same_result_for_both_models():
 
 def test_more_parts_than_rows():
     with pytest.raises(PartitionerError, match=r"layer\.x: cannot split 4 non-empty rows into 8"):
-        regroup_mask(torch.ones(4, 3, 3, 3).bool() & (torch.rand(4, 3, 3, 3) < 0.5),
-                     RegroupConfig(parts=8), name="layer.x")  # fmt: skip
+        regroup_mask(
+            torch.ones(4, 3, 3, 3).bool() & (torch.rand(4, 3, 3, 3) < 0.5),
+            RegroupConfig(parts=8),
+            name="layer.x",
+        )
 
 
 def test_unsatisfiable_parameters_name_the_layer():
@@ -284,7 +287,9 @@ def test_ticket_regroup_skips_linear_and_depthwise_and_round_trips(tmp_path):
         "linear.weight": "skipped: linear",
     }
     layout = out.meta["groups"]["layers.1.conv2.weight"]
-    assert torch.equal(GroupLayout.of(layout).to_mask((128, 64, 1, 1)), out.masks["layers.1.conv2.weight"])
+    assert torch.equal(
+        GroupLayout.of(layout).to_mask((128, 64, 1, 1)), out.masks["layers.1.conv2.weight"]
+    )
     back = load_ticket(out.save(tmp_path / "g.safetensors"))
     assert back.meta["groups"] == out.meta["groups"]
     assert back.meta["structure_report"]["params"]["parts"] == 2
@@ -311,7 +316,8 @@ def test_regroup_of_a_real_ticket_keeps_rows_disjoint():
         rows = [r for g in layout for r in g["rows"]]
         assert len(rows) == len(set(rows)), name
         assert np.array_equal(
-            GroupLayout.of(layout).to_mask(tuple(masks[name].shape)).numpy(), out.masks[name].numpy()
+            GroupLayout.of(layout).to_mask(tuple(masks[name].shape)).numpy(),
+            out.masks[name].numpy(),
         )
 
 

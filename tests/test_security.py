@@ -46,8 +46,14 @@ def converted(tmp_path_factory):
     for name, (arch, kind, policy, device) in SOURCES.items():
         torch.manual_seed(0)
         model = _trained_like(arch)
-        fast = convert(model, _ticket(model, arch, kind), on_unstructured=policy,
-                       regroup=FAST_REGROUP, input_size=(3, 32, 32), device=device)  # fmt: skip
+        fast = convert(
+            model,
+            _ticket(model, arch, kind),
+            on_unstructured=policy,
+            regroup=FAST_REGROUP,
+            input_size=(3, 32, 32),
+            device=device,
+        )
         path = save_converted(fast, folder / f"{name}.safetensors")
         with torch.no_grad():
             files[name] = (path, fast(X))
@@ -89,49 +95,86 @@ def _payloads(marker: Path) -> list[tuple[str, object]]:
         ("placeholder shadowing torch", lambda g, m: g[0].update(target="torch")),
         ("placeholder named self", lambda g, m: g[0].update(target="self")),
         ("node name", lambda g, m: g[1].update(name=f"a=({touch})")),
-        ("module kwarg key", lambda g, m: g[1].update(
-            kwargs={"dict": {f"z={touch},w": None}})),
-        ("function kwarg key", lambda g, m: _on_function(g, "F.", lambda e: e.update(
-            kwargs={"dict": {f"z={touch},w": None}}))),
-        ("module target", lambda g, m: _rename_module(
-            g, m, f'conv1")({touch})or getattr(self,"conv1')),
+        ("module kwarg key", lambda g, m: g[1].update(kwargs={"dict": {f"z={touch},w": None}})),
+        (
+            "function kwarg key",
+            lambda g, m: _on_function(
+                g, "F.", lambda e: e.update(kwargs={"dict": {f"z={touch},w": None}})
+            ),
+        ),
+        (
+            "module target",
+            lambda g, m: _rename_module(g, m, f'conv1")({touch})or getattr(self,"conv1'),
+        ),
         ("module target keyword", lambda g, m: _rename_module(g, m, "conv1.import")),
         ("module target dunder", lambda g, m: _rename_module(g, m, "__class__")),
         ("module target shadowing forward", lambda g, m: _rename_module(g, m, "forward")),
-        ("get_attr target", lambda g, m: _insert_get_attr(
-            g, m, f'a")or({touch})or getattr(self,"b')),
+        (
+            "get_attr target",
+            lambda g, m: _insert_get_attr(g, m, f'a")or({touch})or getattr(self,"b'),
+        ),
         ("get_attr target dunder", lambda g, m: _insert_get_attr(g, m, "fc.__class__")),
         ("getattr __class__", lambda g, m: _getattr_chain(g, ["__class__"])),
-        ("getattr chain to globals", lambda g, m: _getattr_chain(
-            g, ["__class__", "__init__", "__globals__"])),
-        ("getattr non-identifier", lambda g, m: _getattr_chain(g, [f'x;{touch}'])),
-        ("getattr three args", lambda g, m: _on_getattr(g, lambda e: e["args"]["tuple"].append(
-            None))),
-        ("function os.system", lambda g, m: _on_function(g, lambda e: e.update(
-            target="os.system"))),
-        ("function builtins.eval", lambda g, m: _on_function(g, lambda e: e.update(
-            target="builtins.eval", args={"tuple": [touch]}))),
-        ("function builtins.exec", lambda g, m: _on_function(g, lambda e: e.update(
-            target="builtins.exec"))),
-        ("function as a list", lambda g, m: _on_function(g, lambda e: e.update(
-            target=["operator", "add"]))),
-        ("method __reduce_ex__", lambda g, m: g[-2].update(op="call_method",
-                                                            target="__reduce_ex__")),
-        ("method with a dotted name", lambda g, m: g[-2].update(op="call_method",
-                                                                 target="numpy.tofile")),
-        ("dtype payload", lambda g, m: _on_function(g, lambda e: e["args"]["tuple"].append(
-            {"dtype": "__class__"}))),
+        (
+            "getattr chain to globals",
+            lambda g, m: _getattr_chain(g, ["__class__", "__init__", "__globals__"]),
+        ),
+        ("getattr non-identifier", lambda g, m: _getattr_chain(g, [f"x;{touch}"])),
+        (
+            "getattr three args",
+            lambda g, m: _on_getattr(g, lambda e: e["args"]["tuple"].append(None)),
+        ),
+        (
+            "function os.system",
+            lambda g, m: _on_function(g, lambda e: e.update(target="os.system")),
+        ),
+        (
+            "function builtins.eval",
+            lambda g, m: _on_function(
+                g, lambda e: e.update(target="builtins.eval", args={"tuple": [touch]})
+            ),
+        ),
+        (
+            "function builtins.exec",
+            lambda g, m: _on_function(g, lambda e: e.update(target="builtins.exec")),
+        ),
+        (
+            "function as a list",
+            lambda g, m: _on_function(g, lambda e: e.update(target=["operator", "add"])),
+        ),
+        (
+            "method __reduce_ex__",
+            lambda g, m: g[-2].update(op="call_method", target="__reduce_ex__"),
+        ),
+        (
+            "method with a dotted name",
+            lambda g, m: g[-2].update(op="call_method", target="numpy.tofile"),
+        ),
+        (
+            "dtype payload",
+            lambda g, m: _on_function(
+                g, lambda e: e["args"]["tuple"].append({"dtype": "__class__"})
+            ),
+        ),
         ("module type", lambda g, m: m["fc"].update(type="os.system")),
         ("module type path", lambda g, m: m["fc"].update(type="torch.nn.modules.Module")),
         ("op kind", lambda g, m: g[1].update(op="call_module_code")),
         ("placeholder default node", lambda g, m: g[0].update(args={"tuple": [{"node": "x"}]})),
         ("output not last", lambda g, m: g.insert(1, copy.deepcopy(g[-1]))),
-    ]  # fmt: skip
+    ]
 
 
 def _insert_get_attr(graph, modules, target):
-    graph.insert(1, {"op": "get_attr", "name": "t", "target": target,
-                     "args": {"tuple": []}, "kwargs": {"dict": {}}})  # fmt: skip
+    graph.insert(
+        1,
+        {
+            "op": "get_attr",
+            "name": "t",
+            "target": target,
+            "args": {"tuple": []},
+            "kwargs": {"dict": {}},
+        },
+    )
     modules["<attrs>"] = target  # the tensor the node reads is added to the file too
 
 
@@ -150,10 +193,16 @@ def _on_getattr(graph, change):
 def _getattr_chain(graph, attributes):
     previous = graph[0]["name"]
     for i, attribute in enumerate(attributes):
-        graph.insert(1 + i, {"op": "call_function", "name": f"chain{i}",
-                             "target": "builtins.getattr",
-                             "args": {"tuple": [{"node": previous}, attribute]},
-                             "kwargs": {"dict": {}}})  # fmt: skip
+        graph.insert(
+            1 + i,
+            {
+                "op": "call_function",
+                "name": f"chain{i}",
+                "target": "builtins.getattr",
+                "args": {"tuple": [{"node": previous}, attribute]},
+                "kwargs": {"dict": {}},
+            },
+        )
         previous = f"chain{i}"
 
 
@@ -208,10 +257,26 @@ def test_an_honest_file_loads_with_names_fx_chose(converted):
 
 # ---------------------------------------------------------------- tampered files
 
-BAD_VALUES = [None, -1, 0, 1 << 40, "x", [], [1], [1, 2, 3], [-1, -1], [1 << 40, 1], 1.5,
-              {"a": 1}, True]  # fmt: skip
-UNIT_TYPES = {"channel": ["ChannelPrunedConv2d", "Relayout", "Linear"],
-              "group": ["GroupSparseConv2d"], "depthwise": ["TorchConv2d"]}  # fmt: skip
+BAD_VALUES = [
+    None,
+    -1,
+    0,
+    1 << 40,
+    "x",
+    [],
+    [1],
+    [1, 2, 3],
+    [-1, -1],
+    [1 << 40, 1],
+    1.5,
+    {"a": 1},
+    True,
+]
+UNIT_TYPES = {
+    "channel": ["ChannelPrunedConv2d", "Relayout", "Linear"],
+    "group": ["GroupSparseConv2d"],
+    "depthwise": ["TorchConv2d"],
+}
 TYPE_CASES = [(f, t) for f, types in UNIT_TYPES.items() for t in types]
 
 
@@ -314,12 +379,18 @@ def _graph_mutations(graph):
     yield "empty graph", []
     yield "not a list", {"op": "output"}
     yield "a node that is a list", [[1, 2], *graph[1:]]
-    yield "a node without args", [graph[0], {k: v for k, v in graph[1].items() if k != "args"},
-                                  *graph[2:]]  # fmt: skip
-    yield "a reference to a later node", [graph[0], dict(graph[1], args={
-        "tuple": [{"node": graph[-2]["name"]}]}), *graph[2:]]  # fmt: skip
-    yield "two encodings in one", [graph[0], dict(graph[1], args={
-        "tuple": [{"node": "x", "float": "nan"}]}), *graph[2:]]  # fmt: skip
+    yield (
+        "a node without args",
+        [graph[0], {k: v for k, v in graph[1].items() if k != "args"}, *graph[2:]],
+    )
+    yield (
+        "a reference to a later node",
+        [graph[0], dict(graph[1], args={"tuple": [{"node": graph[-2]["name"]}]}), *graph[2:]],
+    )
+    yield (
+        "two encodings in one",
+        [graph[0], dict(graph[1], args={"tuple": [{"node": "x", "float": "nan"}]}), *graph[2:]],
+    )
     yield "an unknown encoding", [graph[0], dict(graph[1], args={"set": [1]}), *graph[2:]]
     yield (
         "a bad slice",
@@ -331,11 +402,17 @@ def _graph_mutations(graph):
         ],
     )
     yield "a repeated name", [graph[0], dict(graph[1], name="x"), *graph[2:]]
-    yield "an unknown kwarg", [graph[0], dict(graph[1], kwargs={"dict": {"bogus": 1}}),
-                               *graph[2:]]  # fmt: skip
+    yield "an unknown kwarg", [graph[0], dict(graph[1], kwargs={"dict": {"bogus": 1}}), *graph[2:]]
     yield "deep nesting", [graph[0], dict(graph[1], args=_nested(200)), *graph[2:]]
-    yield "huge int", [e if e["target"] != "flatten" else dict(e, args={
-        "tuple": [e["args"]["tuple"][0], 1 << 62]}) for e in graph]  # fmt: skip
+    yield (
+        "huge int",
+        [
+            e
+            if e["target"] != "flatten"
+            else dict(e, args={"tuple": [e["args"]["tuple"][0], 1 << 62]})
+            for e in graph
+        ],
+    )
     yield "a module call to a tensor", [graph[0], dict(graph[1], target="nothing"), *graph[2:]]
     yield (
         "getattr of weight",
@@ -359,18 +436,31 @@ def test_tampered_graph_and_metadata(converted, tmp_path):
     path, reference = converted["channel"]
     tensors, metadata, graph, modules = _parts(path)
     failures = []
-    cases = [(f"graph: {label}", dict(metadata, graph=json.dumps(g)))
-             for label, g in _graph_mutations(graph)]  # fmt: skip
+    cases = [
+        (f"graph: {label}", dict(metadata, graph=json.dumps(g)))
+        for label, g in _graph_mutations(graph)
+    ]
     for key in ("graph", "modules", "format_version", "format"):
         cases.append((f"{key} deleted", {k: v for k, v in metadata.items() if k != key}))
         cases.append((f"{key} not JSON", dict(metadata, **{key: "{"})))
         cases.append((f"{key} a JSON list", dict(metadata, **{key: "[]"})))
     cases.append(("graph nested 100000 deep", dict(metadata, graph="[" * 100000 + "]" * 100000)))
     cases.append(("modules not objects", dict(metadata, modules=json.dumps({"fc": 1}))))
-    cases.append(("module without a type", dict(metadata, modules=json.dumps(
-        {k: {"config": v["config"]} for k, v in modules.items()}))))  # fmt: skip
-    cases.append(("a module missing", dict(metadata, modules=json.dumps(
-        {k: v for k, v in modules.items() if k != "fc"}))))  # fmt: skip
+    cases.append(
+        (
+            "module without a type",
+            dict(
+                metadata,
+                modules=json.dumps({k: {"config": v["config"]} for k, v in modules.items()}),
+            ),
+        )
+    )
+    cases.append(
+        (
+            "a module missing",
+            dict(metadata, modules=json.dumps({k: v for k, v in modules.items() if k != "fc"})),
+        )
+    )
     for label, changed in cases:
         file = _write(tmp_path / "t.safetensors", tensors, changed)
         failure = _check_refused_or_right(file, reference, label)
@@ -417,8 +507,11 @@ _MEMORY_PROBE = textwrap.dedent("""
 def _peak_growth(path: Path, kind: str, honest: Path) -> dict:
     result = subprocess.run(
         [sys.executable, "-c", _MEMORY_PROBE, str(path), kind, str(honest)],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -436,8 +529,10 @@ def _converted_bombs(converted, tmp_path):
     big[unit]["config"]["input_hw"] = [16384, 16384]
     yield "input_hw", _write(tmp_path / "hw.safetensors", tensors, metadata, modules=big)
     no_map = {k: v for k, v in tensors.items() if k != f"modules/{unit}/bias_map"}
-    yield "input_hw without bias_map", _write(tmp_path / "hw2.safetensors", no_map, metadata,
-                                              modules=big)  # fmt: skip
+    yield (
+        "input_hw without bias_map",
+        _write(tmp_path / "hw2.safetensors", no_map, metadata, modules=big),
+    )
     huge = copy.deepcopy(modules)
     huge["fc"]["config"]["dict"].update(in_features=1 << 20, out_features=1 << 20)
     yield "Linear sizes", _write(tmp_path / "fc.safetensors", tensors, metadata, modules=huge)
@@ -484,8 +579,9 @@ def test_legacy_file_declaring_more_than_it_holds_is_refused_before_allocating(t
     bomb.write_bytes(full.read_bytes()[:4096])  # the pickles, without the 128 MB of data
     full.unlink()
     honest = tmp_path / "honest.pth"
-    torch.save({"conv.weight": torch.zeros(4, 3, 3, 3)}, honest,
-               _use_new_zipfile_serialization=False)  # fmt: skip
+    torch.save(
+        {"conv.weight": torch.zeros(4, 3, 3, 3)}, honest, _use_new_zipfile_serialization=False
+    )
     result = _peak_growth(bomb, "ticket", honest)
     assert (
         result["outcome"].startswith("refused")
@@ -522,9 +618,16 @@ def _specials(tmp_path: Path):
     yield "device", Path("/dev/zero")
 
 
-@pytest.mark.parametrize("loader", [load_ticket, load_converted, checkpoint_io.sniff,
-                                    checkpoint_io.load_torch,
-                                    checkpoint_io.read_safetensors])  # fmt: skip
+@pytest.mark.parametrize(
+    "loader",
+    [
+        load_ticket,
+        load_converted,
+        checkpoint_io.sniff,
+        checkpoint_io.load_torch,
+        checkpoint_io.read_safetensors,
+    ],
+)
 def test_special_files_are_refused_before_open(loader, tmp_path):
     for kind, path in _specials(tmp_path):
         with pytest.raises(SparseOpsError, match=f"{kind}, not a checkpoint file"):
@@ -535,8 +638,13 @@ def test_special_files_are_refused_before_open(loader, tmp_path):
 
 
 def _cli(*argv, timeout=120):
-    return subprocess.run([sys.executable, "-m", "sparse_ops", *argv], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "sparse_ops", *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def test_cli_inspect_of_a_fifo_exits_2_with_one_line(tmp_path):
@@ -587,8 +695,12 @@ _SLOW_WRITER = textwrap.dedent("""
 
 
 def _start_slow_write(target: Path) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-c", _SLOW_WRITER, str(target)],
-                               stdout=subprocess.PIPE, text=True, cwd=ROOT)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_WRITER, str(target)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     assert process.stdout.readline().strip() == "written"
     temp = target.with_name(f".{target.name}.sparse-ops-tmp-{process.pid}")
     assert temp.is_file()

@@ -180,14 +180,18 @@ def test_unserialisable_meta_rejected(tmp_path):
     shapes=st.lists(
         st.one_of(
             st.tuples(st.integers(1, 6), st.integers(1, 6)),
-            st.tuples(st.integers(1, 5), st.integers(1, 5), st.sampled_from([1, 3]),
-                      st.sampled_from([1, 3])),
+            st.tuples(
+                st.integers(1, 5),
+                st.integers(1, 5),
+                st.sampled_from([1, 3]),
+                st.sampled_from([1, 3]),
+            ),
         ),
         min_size=0,
         max_size=4,
     ),
     dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]),
-)  # fmt: skip
+)
 def test_round_trip_property(tmp_path, shapes, dtype):
     masks = {f"l{i}.weight": torch.rand(s) < 0.5 for i, s in enumerate(shapes)}
     weights = {f"l{i}.weight": torch.randn(s).to(dtype) for i, s in enumerate(shapes)}

@@ -15,8 +15,14 @@ from sparse_ops.structure import RegroupConfig
 
 
 def _options(tmp_path) -> TuneOptions:
-    return TuneOptions(warmup=1, min_repeats=1, max_repeats=1, site_budget_s=0,
-                       network_repeats=1, cache=tmp_path / "cache.json")  # fmt: skip
+    return TuneOptions(
+        warmup=1,
+        min_repeats=1,
+        max_repeats=1,
+        site_budget_s=0,
+        network_repeats=1,
+        cache=tmp_path / "cache.json",
+    )
 
 
 def test_network_cache_key_tells_apart_networks_with_the_same_choices(monkeypatch, tmp_path):
@@ -27,13 +33,13 @@ def test_network_cache_key_tells_apart_networks_with_the_same_choices(monkeypatc
     model = _model()
     ticket = _ticket(model, "random")
     times = {"tuned": 1.0, "folded": 2.0, "narrow": 2.0}
-    fake = FakeTimes(lambda label, unit: 0.5 if label == "regroup" else 1.0,
-                     lambda name, module: times[name])  # fmt: skip
+    fake = FakeTimes(
+        lambda label, unit: 0.5 if label == "regroup" else 1.0, lambda name, module: times[name]
+    )
     monkeypatch.setattr(tune_module, "time_interleaved", fake)
     _, first = _convert(model, ticket, _options(tmp_path), regroup=RegroupConfig(parts=1))
     times["tuned"] = 9.0
-    _, second = _convert(model, ticket, _options(tmp_path),
-                         regroup=RegroupConfig(parts=1, t1=3.0))  # fmt: skip
+    _, second = _convert(model, ticket, _options(tmp_path), regroup=RegroupConfig(parts=1, t1=3.0))
     # Each site's fastest label (its choice before the network check) is the same in both.
     fastest = [
         {
@@ -51,8 +57,10 @@ def test_network_cache_key_tells_apart_networks_with_the_same_choices(monkeypatc
 def test_a_cached_network_verdict_keeps_its_warning(monkeypatch, tmp_path):
     model = _model()
     ticket = _ticket(model, "regroup")
-    fake = FakeTimes(lambda label, unit: 0.5 if label == "group" else 1.0,
-                     lambda name, module: 10.0 if name == "tuned" else 1.0)  # fmt: skip
+    fake = FakeTimes(
+        lambda label, unit: 0.5 if label == "group" else 1.0,
+        lambda name, module: 10.0 if name == "tuned" else 1.0,
+    )
     monkeypatch.setattr(tune_module, "time_interleaved", fake)
     _, first = _convert(model, ticket, _options(tmp_path))
     _, second = _convert(model, ticket, _options(tmp_path))
@@ -89,9 +97,9 @@ def test_leftover_pack_follows_load_state_dict():
     must reach both, the leftover pack (no bias) included."""
     model = _model()
     ticket = _ticket(model, "random")
-    fast = __import__("sparse_ops").convert(model, ticket, device="cpu",
-                                           on_unstructured="regroup",
-                                           regroup=RegroupConfig(parts=1))  # fmt: skip
+    fast = __import__("sparse_ops").convert(
+        model, ticket, device="cpu", on_unstructured="regroup", regroup=RegroupConfig(parts=1)
+    )
     unit = next(m for m in fast.modules() if isinstance(m, GroupSparseConv2d) and m.has_leftover)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, unit.in_channels, 8, 8, generator=g)

@@ -294,11 +294,15 @@ class InvertedResidual(nn.Module):
         hidden = cin * expand
         self.use_res = stride == 1 and cin == cout
         self.conv = nn.Sequential(
-            nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
+            nn.Conv2d(cin, hidden, 1, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(),
             nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
-            nn.BatchNorm2d(hidden), nn.ReLU6(),
-            nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout),
-        )  # fmt: skip
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(),
+            nn.Conv2d(hidden, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        )
 
     def forward(self, x):
         return x + self.conv(x) if self.use_res else self.conv(x)
@@ -336,15 +340,23 @@ class ShuffleUnit(nn.Module):
         half = cout // 2
         if stride > 1:
             self.branch1 = nn.Sequential(
-                nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), nn.BatchNorm2d(cin),
-                nn.Conv2d(cin, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(),
-            )  # fmt: skip
+                nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False),
+                nn.BatchNorm2d(cin),
+                nn.Conv2d(cin, half, 1, bias=False),
+                nn.BatchNorm2d(half),
+                nn.ReLU(),
+            )
         inner = cin if stride > 1 else half
         self.branch2 = nn.Sequential(
-            nn.Conv2d(inner, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(),
-            nn.Conv2d(half, half, 3, stride, 1, groups=half, bias=False), nn.BatchNorm2d(half),
-            nn.Conv2d(half, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(),
-        )  # fmt: skip
+            nn.Conv2d(inner, half, 1, bias=False),
+            nn.BatchNorm2d(half),
+            nn.ReLU(),
+            nn.Conv2d(half, half, 3, stride, 1, groups=half, bias=False),
+            nn.BatchNorm2d(half),
+            nn.Conv2d(half, half, 1, bias=False),
+            nn.BatchNorm2d(half),
+            nn.ReLU(),
+        )
 
     def forward(self, x):
         if self.stride == 1:
@@ -442,10 +454,14 @@ class CNBlock(nn.Module):
     def __init__(self, c: int):
         super().__init__()
         self.block = nn.Sequential(
-            nn.Conv2d(c, c, 3, padding=1, groups=c), Permute([0, 2, 3, 1]),
-            nn.LayerNorm(c, eps=1e-6), nn.Linear(c, 3 * c), nn.GELU(), nn.Linear(3 * c, c),
+            nn.Conv2d(c, c, 3, padding=1, groups=c),
+            Permute([0, 2, 3, 1]),
+            nn.LayerNorm(c, eps=1e-6),
+            nn.Linear(c, 3 * c),
+            nn.GELU(),
+            nn.Linear(3 * c, c),
             Permute([0, 3, 1, 2]),
-        )  # fmt: skip
+        )
         self.layer_scale = nn.Parameter(torch.ones(c, 1, 1))
 
     def forward(self, x):
@@ -679,15 +695,17 @@ def zero_masks(*names: str) -> Callable[[nn.Module], dict[str, torch.Tensor]]:
 
     def masks(model: nn.Module) -> dict[str, torch.Tensor]:
         modules = dict(model.named_modules())
-        return {f"{n}.weight": torch.zeros_like(modules[n].weight, dtype=torch.bool)
-                for n in names}  # fmt: skip
+        return {f"{n}.weight": torch.zeros_like(modules[n].weight, dtype=torch.bool) for n in names}
 
     return masks
 
 
 def all_zero(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {f"{n}.weight": torch.zeros_like(m.weight, dtype=torch.bool)
-            for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}  # fmt: skip
+    return {
+        f"{n}.weight": torch.zeros_like(m.weight, dtype=torch.bool)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Conv2d)
+    }
 
 
 @dataclass(frozen=True)
@@ -724,19 +742,24 @@ CASES = [
     Case("option_a_pad_shortcut", OptionANet),
     Case("collapse_conv_before_pool", PlainCollapse, fixed=zero_masks("conv2.0")),
     Case("collapse_conv_after_pool", PlainCollapse, fixed=zero_masks("conv3.0")),
-    Case("collapse_residual_branch", ResidualCollapse,
-         fixed=zero_masks("layer1.0.conv2.0", "layer1.1.conv1.0")),
-    Case("collapse_stage", ResidualCollapse,
-         fixed=zero_masks("layer2.conv2.0", "layer2.shortcut.0")),
+    Case(
+        "collapse_residual_branch",
+        ResidualCollapse,
+        fixed=zero_masks("layer1.0.conv2.0", "layer1.1.conv1.0"),
+    ),
+    Case(
+        "collapse_stage", ResidualCollapse, fixed=zero_masks("layer2.conv2.0", "layer2.shortcut.0")
+    ),
     Case("collapse_everything", ResidualCollapse, fixed=all_zero),
-    Case("collapse_preact_stage", PreActResNet,
-         fixed=zero_masks("layer2.conv2", "layer2.shortcut")),
+    Case(
+        "collapse_preact_stage", PreActResNet, fixed=zero_masks("layer2.conv2", "layer2.shortcut")
+    ),
     Case("pruned_network_input", PlainCollapse, fixed=zero_masks("conv1.0")),
     Case("bn_into_flatten_linear", FlattenHead, unpruned=("fc_map", "fc_pool")),
     Case("channel_slice", ChannelSlice),
     Case("chunk", Chunked),  # torch.chunk, method chunk
     Case("scalar_ops", ScalarOps),  # rsub, pow
-]  # fmt: skip
+]
 
 
 # ---------------------------------------------------------------- tickets

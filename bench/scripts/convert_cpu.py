@@ -70,11 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         "latency_ratio_vs_channels_last": converted["median_ms"] / dense_cl["median_ms"],
         "environment": environment(),
     }
-    print(f"{args.arch} batch {args.batch}: masked dense {dense['median_ms']:.1f} ms "
-          f"(channels-last {dense_cl['median_ms']:.1f} ms), converted "
-          f"{converted['median_ms']:.1f} ms (×{ratio:.2f}; "
-          f"×{result['latency_ratio_vs_channels_last']:.2f} vs channels-last); FLOPs "
-          f"{100 * result['flops_ratio']:.1f}% of dense; max |diff| {max_diff:.2e}")  # fmt: skip
+    print(
+        f"{args.arch} batch {args.batch}: masked dense {dense['median_ms']:.1f} ms "
+        f"(channels-last {dense_cl['median_ms']:.1f} ms), converted "
+        f"{converted['median_ms']:.1f} ms (×{ratio:.2f}; "
+        f"×{result['latency_ratio_vs_channels_last']:.2f} vs channels-last); FLOPs "
+        f"{100 * result['flops_ratio']:.1f}% of dense; max |diff| {max_diff:.2e}"
+    )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         write_text(args.out, json.dumps(result, indent=2) + "\n")

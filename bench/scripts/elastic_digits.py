@@ -63,21 +63,34 @@ def train_dense(arch: str, trainer: Trainer, num_classes: int, seed: int) -> dic
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     progress = Progress()
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         weight_decay=args.weight_decay, seed=args.seed)  # fmt: skip
+    config = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+    )
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         imp = prune_job(
-            args.src, tmp, data="digits", image_size=args.image_size, rounds=args.rounds,
-            rate=args.rate, post="refill", train=config, progress=progress,
-        )  # fmt: skip
+            args.src,
+            tmp,
+            data="digits",
+            image_size=args.image_size,
+            rounds=args.rounds,
+            rate=args.rate,
+            post="refill",
+            train=config,
+            progress=progress,
+        )
         ticket = load_ticket(imp["final"]["ticket"])
     dataset = datasets.load("digits", image_size=args.image_size, seed=config.seed)
     trainer = Trainer(dataset, config, progress=progress)
     results: dict[str, Any] = {}
     for label, random_extra in (("stretched", False), ("stretched, random extra", True)):
-        stretched = transform(ticket, args.src, args.dst, args.mapping,
-                              random_extra=random_extra, seed=args.seed)  # fmt: skip
+        stretched = transform(
+            ticket, args.src, args.dst, args.mapping, random_extra=random_extra, seed=args.seed
+        )
         results[label] = train_ticket(stretched, trainer)
         progress.line(f"{label} {args.dst}: {results[label]['accuracy']:.2f}%")
     results["dense"] = train_dense(args.dst, trainer, dataset.num_classes, args.seed)
@@ -107,9 +120,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def render(summary: dict[str, Any]) -> str:
     imp = summary["imp"]
-    rows = [[f"{summary['src']} dense", 1.0, imp["dense_accuracy"]],
-            [f"{summary['src']} refill ticket (IMP)", imp["ticket_density"],
-             imp["ticket_accuracy"]]]  # fmt: skip
+    rows = [
+        [f"{summary['src']} dense", 1.0, imp["dense_accuracy"]],
+        [f"{summary['src']} refill ticket (IMP)", imp["ticket_density"], imp["ticket_accuracy"]],
+    ]
     rows += [
         [f"{summary['dst']} {label}", r["density"], r["accuracy"]]
         for label, r in summary["target"].items()

@@ -65,8 +65,11 @@ def conv_input_sizes(arch: str, hw: int = 32) -> dict[str, int]:
 
         return hook
 
-    hooks = [m.register_forward_pre_hook(record(name)) for name, m in model.named_modules()
-             if isinstance(m, torch.nn.Conv2d)]  # fmt: skip
+    hooks = [
+        m.register_forward_pre_hook(record(name))
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Conv2d)
+    ]
     with torch.no_grad():
         model(torch.zeros(1, 3, hw, hw))
     for h in hooks:
@@ -121,10 +124,20 @@ def _indexed_channel_row(arch, s, hw, scale, batch, device, dtype, timing, g) ->
     cudnn = lambda: F.conv2d(x_compact, w_compact, None, s.stride, s.padding)  # noqa: E731
     check = _checked(lambda: ours()[:, out_rows], cudnn, dtype)
     row = _timed(check, ours, cudnn, device, timing)
-    return {"kind": "channel-indexed", "arch": arch, "layer": s.source, "in_channels": cin,
-            "out_channels": cout, "kept_in": int(keep_in.numel()),
-            "kept_out": int(keep_out.numel()), "hw": hw, "stride": s.stride, "batch": batch,
-            "floor": CHANNEL_FLOOR, **row}  # fmt: skip
+    return {
+        "kind": "channel-indexed",
+        "arch": arch,
+        "layer": s.source,
+        "in_channels": cin,
+        "out_channels": cout,
+        "kept_in": int(keep_in.numel()),
+        "kept_out": int(keep_out.numel()),
+        "hw": hw,
+        "stride": s.stride,
+        "batch": batch,
+        "floor": CHANNEL_FLOOR,
+        **row,
+    }
 
 
 def run(dtype: torch.dtype, batch: int, device: torch.device, timing: dict, scale: int = 1):
@@ -146,9 +159,20 @@ def run(dtype: torch.dtype, batch: int, device: torch.device, timing: dict, scal
         ours = lambda x=x, plan=plan: channel_conv(x, plan)  # noqa: E731
         cudnn = lambda x=x, wd=wd, s=s: F.conv2d(x, wd, None, s.stride, s.padding)  # noqa: E731
         row = _timed(_checked(ours, cudnn, dtype), ours, cudnn, device, timing)
-        rows.append({"kind": "channel", "arch": arch, "layer": s.source, "in_channels": cin,
-                     "out_channels": cout, "hw": hw, "stride": s.stride, "batch": batch,
-                     "floor": CHANNEL_FLOOR, **row})  # fmt: skip
+        rows.append(
+            {
+                "kind": "channel",
+                "arch": arch,
+                "layer": s.source,
+                "in_channels": cin,
+                "out_channels": cout,
+                "hw": hw,
+                "stride": s.stride,
+                "batch": batch,
+                "floor": CHANNEL_FLOOR,
+                **row,
+            }
+        )
         rows.append(_indexed_channel_row(arch, s, hw, scale, batch, device, dtype, timing, g))
     for arch, s, hw in _layers(GROUP_ARCHS, min_out=256):
         cin, cout = max(1, s.in_channels // scale), max(1, s.out_channels // scale)
@@ -166,10 +190,21 @@ def run(dtype: torch.dtype, batch: int, device: torch.device, timing: dict, scal
         # Checked against the masked layer, timed against the *dense* one: what pruning saves.
         cudnn = lambda x=x, d=dense, s=s: F.conv2d(x, d, None, s.stride, s.padding)  # noqa: E731
         row = _timed(_checked(ours, masked, dtype), ours, cudnn, device, timing)
-        rows.append({"kind": "group", "arch": arch, "layer": s.source, "in_channels": cin,
-                     "out_channels": cout, "hw": hw, "stride": s.stride, "batch": batch,
-                     "block_density": float(mask.float().mean()), "floor": GROUP_FLOOR,
-                     **row})  # fmt: skip
+        rows.append(
+            {
+                "kind": "group",
+                "arch": arch,
+                "layer": s.source,
+                "in_channels": cin,
+                "out_channels": cout,
+                "hw": hw,
+                "stride": s.stride,
+                "batch": batch,
+                "block_density": float(mask.float().mean()),
+                "floor": GROUP_FLOOR,
+                **row,
+            }
+        )
     for r in rows:
         r["meets_floor"] = r["status"] == "ok" and r["speedup"] >= r["floor"]
     return rows
@@ -199,11 +234,19 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(dtype, batch, device, timing, scale)
     for r in rows:
         speed = f"{r['speedup']:.2f}×" if "speedup" in r else r["status"]
-        print(f"{r['kind']:15} {r['arch']:9} {r['layer']:18} {r['in_channels']:4}→"
-              f"{r['out_channels']:<4} {r['hw']:3}px  {speed:>8}  floor {r['floor']}×  "
-              f"{'ok' if r['meets_floor'] else 'BELOW'}")  # fmt: skip
-    result = {"benchmark": "kernel_floors", "dtype": args.dtype, "smoke": args.smoke,
-              "timing": timing, "environment": environment(), "rows": rows}  # fmt: skip
+        print(
+            f"{r['kind']:15} {r['arch']:9} {r['layer']:18} {r['in_channels']:4}→"
+            f"{r['out_channels']:<4} {r['hw']:3}px  {speed:>8}  floor {r['floor']}×  "
+            f"{'ok' if r['meets_floor'] else 'BELOW'}"
+        )
+    result = {
+        "benchmark": "kernel_floors",
+        "dtype": args.dtype,
+        "smoke": args.smoke,
+        "timing": timing,
+        "environment": environment(),
+        "rows": rows,
+    }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         write_text(args.out, json.dumps(result, indent=1) + "\n")

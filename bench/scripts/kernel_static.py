@@ -66,8 +66,13 @@ def compile_one(job) -> dict:
 
     case_name, dtype, index, target = job
     case = CASE_BY_NAME[case_name]
-    row = {"kernel": case.kernel, "case": case_name, "dtype": dtype, "target": target,
-           "triton": triton.__version__}  # fmt: skip
+    row = {
+        "kernel": case.kernel,
+        "case": case_name,
+        "dtype": dtype,
+        "target": target,
+        "triton": triton.__version__,
+    }
     try:
         key = (case_name, dtype)
         if key not in _launches:
@@ -75,20 +80,23 @@ def compile_one(job) -> dict:
         spec = _launches[key]
         config = candidate_configs(case, dtype, spec)[index]
         tiles = {**spec.constexprs, **config.kwargs}
-        row["config"] = {**config.kwargs, "num_warps": config.num_warps,
-                         "num_stages": config.num_stages}  # fmt: skip
+        row["config"] = {
+            **config.kwargs,
+            "num_warps": config.num_warps,
+            "num_stages": config.num_stages,
+        }
         row["config"].setdefault("BLOCK_N", tiles.get("BLOCK_N"))
         row["config_id"] = config_id(config)
-        row["launch_class"] = kernel_module(case).launch_class(torch_dtype(dtype),
-                                                               spec.constexprs)  # fmt: skip
+        row["launch_class"] = kernel_module(case).launch_class(torch_dtype(dtype), spec.constexprs)
         start = time.perf_counter()
         compiled, log = kernel_compile.compile_launch(spec, config, target)
         row["compile_s"] = round(time.perf_counter() - start, 2)
         stats = kernel_compile.analyse(compiled, log)
         row.update(ok=True, stats=stats.to_json())
         operand = {"float16": "fp16", "bfloat16": "bf16"}.get(dtype, "tf32")
-        ceiling = kernel_compile.issue_ceiling(stats, tiles, config.num_warps,
-                                               kernel_compile.TARGETS[target], operand)  # fmt: skip
+        ceiling = kernel_compile.issue_ceiling(
+            stats, tiles, config.num_warps, kernel_compile.TARGETS[target], operand
+        )
         row["ceiling"] = None if ceiling is None else round(ceiling, 4)
     except Exception as e:  # a failing compile is a result, reported with its message
         text = f"{type(e).__name__}: {str(e).strip()}"
@@ -123,8 +131,9 @@ def run_matrix(jobs, workers: int | None = None, progress=True, all_configs=Fals
             # spawn, not fork: a forked child of a process that has run torch ops can
             # deadlock in the inherited OpenMP thread pool.
             context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                     initargs=(all_configs,)) as pool:  # fmt: skip
+            with ProcessPoolExecutor(
+                workers, mp_context=context, initializer=_init_worker, initargs=(all_configs,)
+            ) as pool:
                 rows = _collect(pool.map(compile_one, jobs), len(jobs), progress)
     return rows
 
@@ -137,9 +146,13 @@ def _collect(results, total: int, progress: bool) -> list[dict]:
             status = "ok" if row["ok"] else "FAILED"
             if row["ok"] and row["stats"]["spill_stores"]:
                 status = f"SPILLS {row['stats']['spill_stores']} B"
-            print(f"[{i}/{total} {time.perf_counter() - start:5.0f}s] {row['kernel']} "
-                  f"{row['case']} {row['dtype']} {row['target']} {config_label(row)}: "
-                  f"{status}", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"[{i}/{total} {time.perf_counter() - start:5.0f}s] {row['kernel']} "
+                f"{row['case']} {row['dtype']} {row['target']} {config_label(row)}: "
+                f"{status}",
+                file=sys.stderr,
+                flush=True,
+            )
     return rows
 
 
@@ -154,9 +167,14 @@ def environment() -> dict:
 
     from sparse_ops_bench.env import git_commit
 
-    return {"triton": triton.__version__, "torch": torch.__version__,
-            "python": platform.python_version(), "commit": git_commit(),
-            "machine": platform.machine(), "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+    return {
+        "triton": triton.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "commit": git_commit(),
+        "machine": platform.machine(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
 
 
 def _write(payload: dict, out: str) -> None:
@@ -170,21 +188,28 @@ def _write(payload: dict, out: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sparse_ops_bench.scripts.kernel_static",
-                                description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m sparse_ops_bench.scripts.kernel_static",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--matrix", choices=["full", "ci"], default="full")
     p.add_argument("--targets", nargs="+", default=list(("sm_90a", "sm_80")))
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
-    p.add_argument("--kernels", nargs="+", default=["channel", "group"],
-                   choices=["channel", "group"])  # fmt: skip
+    p.add_argument(
+        "--kernels", nargs="+", default=["channel", "group"], choices=["channel", "group"]
+    )
     p.add_argument("--cases", nargs="+", default=None, choices=sorted(CASE_BY_NAME))
     p.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: CPUs)")
-    p.add_argument("--out", default=None, help=f"output folder (default {DEFAULT_OUT}/"
-                                                "triton-<version>)")  # fmt: skip
+    p.add_argument(
+        "--out", default=None, help=f"output folder (default {DEFAULT_OUT}/triton-<version>)"
+    )
     p.add_argument("--json", action="store_true", help="print the rows as JSON on stdout")
-    p.add_argument("--all-configs", action="store_true",
-                   help="also the configs the kernels' SPILLS tables withhold")  # fmt: skip
+    p.add_argument(
+        "--all-configs",
+        action="store_true",
+        help="also the configs the kernels' SPILLS tables withhold",
+    )
     p.add_argument(
         "--spill-table",
         nargs="+",
@@ -192,10 +217,11 @@ def main(argv=None) -> int:
         help="print the SPILLS tables these --all-configs reports imply, and exit",
     )
     p.add_argument(
-        "--render", metavar="JSON",
+        "--render",
+        metavar="JSON",
         help="re-mark withheld configs in a report (after a SPILLS table edit), rewrite "
-             "its JSON and Markdown in --out; compiles nothing",
-    )  # fmt: skip
+        "its JSON and Markdown in --out; compiles nothing",
+    )
     args = p.parse_args(argv)
     if args.render:
         with open(args.render, encoding="utf-8") as f:
@@ -227,15 +253,20 @@ def main(argv=None) -> int:
     for row in rows:
         row["withheld"] = withheld(row)
     env = environment()
-    env.update(matrix=args.matrix, all_configs=args.all_configs,
-               seconds=round(time.perf_counter() - start, 1))  # fmt: skip
+    env.update(
+        matrix=args.matrix,
+        all_configs=args.all_configs,
+        seconds=round(time.perf_counter() - start, 1),
+    )
     out = args.out or os.path.join(DEFAULT_OUT, f"triton-{env['triton']}")
     os.makedirs(out, exist_ok=True)
     payload = {"environment": env, "rows": rows, "best_configs": best_configs(rows)}
     _write(payload, out)
     bad = [r for r in rows if floor_failures(r)]
-    print(f"{len(rows)} compiles in {env['seconds']} s, {len(bad)} miss a floor; "
-          f"report in {out}", file=sys.stderr)  # fmt: skip
+    print(
+        f"{len(rows)} compiles in {env['seconds']} s, {len(bad)} miss a floor; report in {out}",
+        file=sys.stderr,
+    )
     if args.json:
         print(json.dumps(payload))
     return 1 if bad else 0

@@ -99,8 +99,9 @@ print(json.dumps(result))
 
 
 def _extract(rev: str, folder: str) -> None:
-    archive = subprocess.run(["git", "archive", rev, "kernels", "sparse_ops"], cwd=ROOT,
-                             capture_output=True, check=True).stdout  # fmt: skip
+    archive = subprocess.run(
+        ["git", "archive", rev, "kernels", "sparse_ops"], cwd=ROOT, capture_output=True, check=True
+    ).stdout
     subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
     # The folder installs as sparse_ops_kernels; without this name in the extracted tree
     # a baseline that imports it would get this tree's installed kernels instead.
@@ -110,17 +111,20 @@ def _extract(rev: str, folder: str) -> None:
 def _measure(path: str, calls: int, repeats: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     command = [sys.executable, "-c", _PROBE, path, str(calls), str(repeats)]
-    out = subprocess.run(command, cwd=tempfile.gettempdir(), env=env, capture_output=True,
-                         text=True)  # fmt: skip
+    out = subprocess.run(
+        command, cwd=tempfile.gettempdir(), env=env, capture_output=True, text=True
+    )
     if out.returncode:
         raise RuntimeError(f"probe failed for {path}:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sparse_ops_bench.scripts.launch_overhead",
-                                description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m sparse_ops_bench.scripts.launch_overhead",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--baseline", default=DEFAULT_BASELINE, help="git revision to compare with")
     p.add_argument("--calls", type=int, default=2000)
     p.add_argument("--repeats", type=int, default=5, help="timed batches per round")
@@ -145,28 +149,48 @@ def main(argv=None) -> int:
     rows = []
     for what in sides["baseline"][0]:
         old, new = rounds_of("baseline", what), rounds_of("this tree", what)
-        rows.append({"call": what, "baseline_us": round(statistics.median(old), 1),
-                     "this_tree_us": round(statistics.median(new), 1),
-                     "speedup": round(statistics.median(old) / statistics.median(new), 2),
-                     "baseline_min_us": round(min(old), 1), "this_tree_min_us": round(min(new), 1),
-                     "speedup_of_min": round(min(old) / min(new), 2)})  # fmt: skip
-    env = {"commit": git_commit(), "baseline": args.baseline, "cpu": cpu_name(),
-           "python": sys.version.split()[0], "calls": args.calls, "repeats": args.repeats,
-           "rounds": args.rounds, "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+        rows.append(
+            {
+                "call": what,
+                "baseline_us": round(statistics.median(old), 1),
+                "this_tree_us": round(statistics.median(new), 1),
+                "speedup": round(statistics.median(old) / statistics.median(new), 2),
+                "baseline_min_us": round(min(old), 1),
+                "this_tree_min_us": round(min(new), 1),
+                "speedup_of_min": round(min(old) / min(new), 2),
+            }
+        )
+    env = {
+        "commit": git_commit(),
+        "baseline": args.baseline,
+        "cpu": cpu_name(),
+        "python": sys.version.split()[0],
+        "calls": args.calls,
+        "repeats": args.repeats,
+        "rounds": args.rounds,
+        "date": time.strftime("%Y-%m-%d"),
+    }
     from sparse_ops.checkpoint_io import write_text
 
     os.makedirs(args.out, exist_ok=True)
     payload = {"environment": env, "rows": rows, "raw": sides}
     write_text(os.path.join(args.out, "launch_overhead.json"), json.dumps(payload, indent=1))
-    lines = [f"# Host cost per conv call, launch stubbed ({env['cpu']}, 1 thread)", "",
-             f"Baseline `{args.baseline}` vs this tree (`{env['commit']}`): per side, the "
-             f"median over {args.rounds} alternating rounds of the median of {args.repeats} "
-             f"batches of {args.calls} calls; µs per call.", "",
-             "| call | baseline µs | this tree µs | less by | fastest rounds: baseline, "
-             "this tree, less by |", "|---|---|---|---|---|"]  # fmt: skip
-    lines += [f"| {r['call']} | {r['baseline_us']} | {r['this_tree_us']} | {r['speedup']}× "
-              f"| {r['baseline_min_us']}, {r['this_tree_min_us']}, {r['speedup_of_min']}× |"
-              for r in rows]  # fmt: skip
+    lines = [
+        f"# Host cost per conv call, launch stubbed ({env['cpu']}, 1 thread)",
+        "",
+        f"Baseline `{args.baseline}` vs this tree (`{env['commit']}`): per side, the "
+        f"median over {args.rounds} alternating rounds of the median of {args.repeats} "
+        f"batches of {args.calls} calls; µs per call.",
+        "",
+        "| call | baseline µs | this tree µs | less by | fastest rounds: baseline, "
+        "this tree, less by |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['call']} | {r['baseline_us']} | {r['this_tree_us']} | {r['speedup']}× "
+        f"| {r['baseline_min_us']}, {r['this_tree_min_us']}, {r['speedup_of_min']}× |"
+        for r in rows
+    ]
     text = "\n".join(lines) + "\n"
     write_text(os.path.join(args.out, "launch_overhead.md"), text)
     print(text)

@@ -101,9 +101,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write results JSON here")
     args = parser.parse_args(argv)
     rows = measure(args.repeats)
-    print(format_table(["workload", "median s", "samples s"],
-                       [[r["workload"], f"{r['median_s']:.2f}",
-                         " ".join(f"{s:.2f}" for s in r["samples_s"])] for r in rows]))  # fmt: skip
+    print(
+        format_table(
+            ["workload", "median s", "samples s"],
+            [
+                [
+                    r["workload"],
+                    f"{r['median_s']:.2f}",
+                    " ".join(f"{s:.2f}" for s in r["samples_s"]),
+                ]
+                for r in rows
+            ],
+        )
+    )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         result = {"benchmark": "structure_speed", "environment": environment(), "results": rows}

@@ -103,16 +103,26 @@ def convert(
         module, report = replace_modules(dense, masks, mode, dtype, example, exc)
     else:
         check_trace_follows_the_model(dense, traced, example)
-        module, ctx = build(traced, example, masks, layouts, mode=mode,
-                            on_unstructured=on_unstructured, dtype=dtype, cost=cost,
-                            regroup=regroup)  # fmt: skip
+        module, ctx = build(
+            traced,
+            example,
+            masks,
+            layouts,
+            mode=mode,
+            on_unstructured=on_unstructured,
+            dtype=dtype,
+            cost=cost,
+            regroup=regroup,
+        )
         notes = dict(ctx.notes)
         notes["narrowed_activations"] = sum(
-            1 for node, layout in ctx.layout.items()
+            1
+            for node, layout in ctx.layout.items()
             if node.op != "placeholder" and layout.numel() < ctx.const[node].numel()
-        )  # fmt: skip
-        report = ConversionReport(mode, on_unstructured, True, tuple(example.shape), ctx.rows,
-                                  notes, cost.channel_align)  # fmt: skip
+        )
+        report = ConversionReport(
+            mode, on_unstructured, True, tuple(example.shape), ctx.rows, notes, cost.channel_align
+        )
     if device is not None:
         module = module.to(device)
     if tune is not None and not report.traced:
@@ -129,8 +139,15 @@ def convert(
                 "narrow": convert(model, ticket, mode="channel", on_unstructured="dense", **size),
             }
 
-        module, record = tune_network(module, ctx, tune, target, tune_options or TuneOptions(),
-                                      baselines, dtype or torch.float32)  # fmt: skip
+        module, record = tune_network(
+            module,
+            ctx,
+            tune,
+            target,
+            tune_options or TuneOptions(),
+            baselines,
+            dtype or torch.float32,
+        )
         module.sparse_ops_tuning = record
         report.notes["tuning"] = record
     module.eval()

@@ -172,8 +172,11 @@ class Context:
             return self.folded[site.name]
         conv: nn.Conv2d = self.modules[site.conv.target]
         w = conv.weight.detach().to(torch.float64)
-        b = (conv.bias.detach().to(torch.float64) if conv.bias is not None
-             else torch.zeros(w.shape[0], dtype=torch.float64))  # fmt: skip
+        b = (
+            conv.bias.detach().to(torch.float64)
+            if conv.bias is not None
+            else torch.zeros(w.shape[0], dtype=torch.float64)
+        )
         if site.bn is not None:
             scale, shift = batchnorm_affine(self.modules[site.bn.target])
             w = w * scale.view(-1, 1, 1, 1)

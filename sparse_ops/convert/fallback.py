@@ -36,8 +36,18 @@ def replace_modules(dense, masks, mode, dtype, example, exc):
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, unit)
         kept = int((w != 0).sum())
-        row = LayerRow(name, "conv", "replaced", type(unit).__name__, module.in_channels,
-                       module.out_channels, 0, 0, w.numel(), kept)  # fmt: skip
+        row = LayerRow(
+            name,
+            "conv",
+            "replaced",
+            type(unit).__name__,
+            module.in_channels,
+            module.out_channels,
+            0,
+            0,
+            w.numel(),
+            kept,
+        )
         rows.append(row)
     if dtype is not None:
         model = model.to(dtype)

@@ -46,8 +46,9 @@ MAX_PAD = 1 << 12  # F.pad amounts: the padded tensor is allocated on every forw
 
 
 # Globals the code fx generates refers to: an input of that name would shadow them.
-_GENERATED_GLOBALS = frozenset({"self", "torch", "operator", "math", "builtins", "fx_pytree",
-                                "pytree", "inf", "nan", "device"})  # fmt: skip
+_GENERATED_GLOBALS = frozenset(
+    {"self", "torch", "operator", "math", "builtins", "fx_pytree", "pytree", "inf", "nan", "device"}
+)
 
 
 def _is_input_name(text: Any) -> bool:
@@ -157,9 +158,9 @@ class _Loader:
         missing, extra = set(expected) - set(state), set(state) - set(expected)
         if missing or extra:
             raise self.error(
-                where, f"tensors missing {listing(sorted(missing))}, unexpected "
-                f"{listing(sorted(extra))}"
-            )  # fmt: skip
+                where,
+                f"tensors missing {listing(sorted(missing))}, unexpected {listing(sorted(extra))}",
+            )
         for key, meta in expected.items():
             got = state[key]
             if tuple(got.shape) != tuple(meta.shape) or got.dtype.is_floating_point != (
@@ -241,20 +242,22 @@ class _Loader:
                 raise self.error(where, f"node kind {_short(op)} is not allowed")
             stray = set(kwargs) - allowed_keys
             if stray:
-                raise self.error(where, f"keyword arguments {listing(sorted(stray))} are not "
-                                 "parameters of the op")  # fmt: skip
+                raise self.error(
+                    where,
+                    f"keyword arguments {listing(sorted(stray))} are not parameters of the op",
+                )
             env[name] = graph.create_node(op, target, args, kwargs)
         return graph
 
     def check_call(self, target: str, args: tuple, where: str) -> None:
         if target == "builtins.getattr" and (
-            len(args) != 2 or not isinstance(args[0], fx.Node)
-            or args[1] not in GETATTR_ATTRIBUTES
-        ):  # fmt: skip
+            len(args) != 2 or not isinstance(args[0], fx.Node) or args[1] not in GETATTR_ATTRIBUTES
+        ):
             raise self.error(
-                where, f"getattr may only read {', '.join(sorted(GETATTR_ATTRIBUTES))} of a "
-                f"node, not {_short(args[1:])}"
-            )  # fmt: skip
+                where,
+                f"getattr may only read {', '.join(sorted(GETATTR_ATTRIBUTES))} of a "
+                f"node, not {_short(args[1:])}",
+            )
         if target == "F.pad" and len(args) > 1:
             pads = args[1] if isinstance(args[1], list | tuple) else [args[1]]
             if not all(type(p) is int and abs(p) <= MAX_PAD for p in pads):

@@ -129,9 +129,12 @@ def _loadable_paths(module: fx.GraphModule) -> dict[str, str]:
         if target in renamed:
             continue
         parts = target.split(".")
-        safe = [p if _is_name(p) or (i and _INDEX.match(p)) else
-                "m_" + re.sub(r"[^A-Za-z0-9_]", "_", p).strip("_")[:100]
-                for i, p in enumerate(parts)]  # fmt: skip
+        safe = [
+            p
+            if _is_name(p) or (i and _INDEX.match(p))
+            else "m_" + re.sub(r"[^A-Za-z0-9_]", "_", p).strip("_")[:100]
+            for i, p in enumerate(parts)
+        ]
         new, k = ".".join(safe), 1
         while new in taken:
             k += 1

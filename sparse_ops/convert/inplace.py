@@ -20,23 +20,73 @@ from torch import fx, nn
 
 from .prepare import ConvertError
 
-INPLACE_FUNCTIONS = frozenset({
-    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
-    operator.ipow, torch.relu_, F.relu_, torch.sigmoid_, torch.tanh_, F.hardtanh_, F.elu_,
-    F.leaky_relu_, torch.clamp_,
-})  # fmt: skip
+INPLACE_FUNCTIONS = frozenset(
+    {
+        operator.iadd,
+        operator.isub,
+        operator.imul,
+        operator.itruediv,
+        operator.ifloordiv,
+        operator.ipow,
+        torch.relu_,
+        F.relu_,
+        torch.sigmoid_,
+        torch.tanh_,
+        F.hardtanh_,
+        F.elu_,
+        F.leaky_relu_,
+        torch.clamp_,
+    }
+)
 
 # Ops whose result may share memory with their input (a view, or the input itself).
-ALIAS_METHODS = frozenset({
-    "view", "view_as", "reshape", "flatten", "unflatten", "permute", "transpose", "t",
-    "expand", "expand_as", "squeeze", "unsqueeze", "narrow", "chunk", "split", "unbind",
-    "select", "contiguous", "detach", "as_strided", "diagonal", "movedim", "swapaxes",
-})  # fmt: skip
-ALIAS_FUNCTIONS = frozenset({
-    operator.getitem, torch.flatten, torch.reshape, torch.permute, torch.transpose,
-    torch.squeeze, torch.unsqueeze, torch.chunk, torch.split, torch.narrow, torch.unbind,
-    torch.select, torch.movedim, torch.swapaxes, F.dropout, torch.detach,
-})  # fmt: skip
+ALIAS_METHODS = frozenset(
+    {
+        "view",
+        "view_as",
+        "reshape",
+        "flatten",
+        "unflatten",
+        "permute",
+        "transpose",
+        "t",
+        "expand",
+        "expand_as",
+        "squeeze",
+        "unsqueeze",
+        "narrow",
+        "chunk",
+        "split",
+        "unbind",
+        "select",
+        "contiguous",
+        "detach",
+        "as_strided",
+        "diagonal",
+        "movedim",
+        "swapaxes",
+    }
+)
+ALIAS_FUNCTIONS = frozenset(
+    {
+        operator.getitem,
+        torch.flatten,
+        torch.reshape,
+        torch.permute,
+        torch.transpose,
+        torch.squeeze,
+        torch.unsqueeze,
+        torch.chunk,
+        torch.split,
+        torch.narrow,
+        torch.unbind,
+        torch.select,
+        torch.movedim,
+        torch.swapaxes,
+        F.dropout,
+        torch.detach,
+    }
+)
 ALIAS_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout2d)
 
 

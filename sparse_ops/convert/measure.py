@@ -105,11 +105,19 @@ def environment_key(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
-             else f"{platform.processor() or platform.machine()}/{os.cpu_count()} cpus/"
-                  f"{torch.get_num_threads()} threads")  # fmt: skip
-    return {"device": where, "torch": torch.__version__, "triton": triton_version,
-            "dtype": str(dtype), "code": _code_digest()}  # fmt: skip
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()}/{os.cpu_count()} cpus/"
+        f"{torch.get_num_threads()} threads"
+    )
+    return {
+        "device": where,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "dtype": str(dtype),
+        "code": _code_digest(),
+    }
 
 
 @functools.cache
@@ -190,8 +198,9 @@ class TuneCache:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_text(self.path, json.dumps({"version": CACHE_VERSION,
-                                              "entries": self.entries}) + "\n")  # fmt: skip
+            write_text(
+                self.path, json.dumps({"version": CACHE_VERSION, "entries": self.entries}) + "\n"
+            )
         except OSError:
             pass  # a read-only home: tuning still worked, only nothing is remembered
 

@@ -76,10 +76,11 @@ def find_sites(gm: fx.GraphModule, shape_of) -> list[Site]:
         cur = node
         user = _only_user(cur)
         if (
-            user is not None and user.op == "call_module"
+            user is not None
+            and user.op == "call_module"
             and type(modules[user.target]) is nn.BatchNorm2d
             and modules[user.target].running_mean is not None
-        ):  # fmt: skip
+        ):
             bn = cur = user
             user = _only_user(cur)
         if user is not None and is_relu(user, modules):

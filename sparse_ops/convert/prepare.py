@@ -124,8 +124,9 @@ def check_masked_modules(model: nn.Module, masks: dict[str, torch.Tensor]) -> No
         if type(module) is nn.Conv2d and (
             module.padding_mode != "zeros" or isinstance(module.padding, str)
         ):
-            bad.append(f"{name!r} (padding={module.padding!r}, "
-                       f"padding_mode={module.padding_mode!r})")  # fmt: skip
+            bad.append(
+                f"{name!r} (padding={module.padding!r}, padding_mode={module.padding_mode!r})"
+            )
     if bad:
         raise ConvertError(
             f"convs the converter cannot run (zero padding of fixed size only): {', '.join(bad)}"

@@ -39,14 +39,14 @@ class ConversionReport:
     def flops_kernel(self) -> int:
         """The work the units' GEMMs really do: ``flops_after`` plus zero-weight rows and
         columns (channel alignment) and group tiles' padding."""
-        return sum(r.flops_after if r.flops_kernel is None else r.flops_kernel
-                   for r in self.layers)  # fmt: skip
+        return sum(r.flops_after if r.flops_kernel is None else r.flops_kernel for r in self.layers)
 
     @property
     def params_stored(self) -> int:
         """Weights the units store, zero-weight padding included."""
-        return sum(r.params_after if r.params_stored is None else r.params_stored
-                   for r in self.layers)  # fmt: skip
+        return sum(
+            r.params_after if r.params_stored is None else r.params_stored for r in self.layers
+        )
 
     @property
     def alignment(self) -> tuple[int, int]:
@@ -101,8 +101,9 @@ class ConversionReport:
         ]
         table = format_table(
             ["layer", "mask", "runs as", "MFLOPs before", "after", "params before", "after"],
-            rows, align="lllrrrr",
-        )  # fmt: skip
+            rows,
+            align="lllrrrr",
+        )
         ratio = self.flops_after / self.flops_dense if self.flops_dense else 1.0
         lines = [
             table,

@@ -122,8 +122,14 @@ def candidates(ctx: Context, site: patterns.Site, device: torch.device) -> list[
         out.append(Candidate(label, unit, row))
         return out[-1]
 
-    add(built.kind if built.kind == "group" and not built.leftover else
-        "regroup" if built.leftover else "channel", built)  # fmt: skip
+    add(
+        built.kind
+        if built.kind == "group" and not built.leftover
+        else "regroup"
+        if built.leftover
+        else "channel",
+        built,
+    )
     mask = ctx.masks.get(f"{site.name}.weight")
     structure = built.structure
     channel_ok = ctx.mode in ("auto", "channel") or structure in ("dense", "empty")
@@ -142,11 +148,22 @@ def candidates(ctx: Context, site: patterns.Site, device: torch.device) -> list[
                 out.append(Candidate("cudnn", torch_unit, row))
     whole = _whole_layouts(ctx, site)
     labels = {c.label for c in out}
-    if (mask is not None and whole and ctx.mode in ("auto", "group") and "group" not in labels
-            and structure in ("channel", "group")):  # fmt: skip
+    if (
+        mask is not None
+        and whole
+        and ctx.mode in ("auto", "group")
+        and "group" not in labels
+        and structure in ("channel", "group")
+    ):
         add("group", Choice("group", structure, group_layout(ctx, site, mask)))
-    if (mask is not None and whole and ctx.mode == "auto" and "regroup" not in labels
-            and ctx.on_unstructured == "regroup" and structure == "unstructured"):  # fmt: skip
+    if (
+        mask is not None
+        and whole
+        and ctx.mode == "auto"
+        and "regroup" not in labels
+        and ctx.on_unstructured == "regroup"
+        and structure == "unstructured"
+    ):
         add("regroup", regrouped(ctx, site, mask, structure))
     return out
 
@@ -154,8 +171,10 @@ def candidates(ctx: Context, site: patterns.Site, device: torch.device) -> list[
 def _whole_layouts(ctx: Context, site: patterns.Site) -> bool:
     """Group units read and write every channel (they keep no bias map)."""
     conv = ctx.modules[site.conv.target]
-    return (ctx.layout[site.conv.args[0]].numel() == conv.in_channels
-            and ctx.layout[site.out].numel() == conv.out_channels)  # fmt: skip
+    return (
+        ctx.layout[site.conv.args[0]].numel() == conv.in_channels
+        and ctx.layout[site.out].numel() == conv.out_channels
+    )
 
 
 # ---------------------------------------------------------------------------- per site
@@ -199,9 +218,15 @@ def _check_same(site: str, label: str, got: torch.Tensor, want: torch.Tensor) ->
 
 
 def tune_site(
-    site: str, cands: list[Candidate], args: tuple, want: torch.Tensor,
-    device: torch.device, options: TuneOptions, cache: TuneCache, env: dict,
-) -> dict[str, Any]:  # fmt: skip
+    site: str,
+    cands: list[Candidate],
+    args: tuple,
+    want: torch.Tensor,
+    device: torch.device,
+    options: TuneOptions,
+    cache: TuneCache,
+    env: dict,
+) -> dict[str, Any]:
     """Time ``cands`` on ``args`` and return the decision record (chosen label first)."""
     for c in cands:
         try:
@@ -235,8 +260,10 @@ def tune_site(
     if chosen is fastest:
         reason = "fastest"
     else:
-        reason = (f"within {100 * options.noise:.0f}% of {fastest.label} "
-                  f"({fastest.median_ms:.3f} ms), fewer multiply-adds")  # fmt: skip
+        reason = (
+            f"within {100 * options.noise:.0f}% of {fastest.label} "
+            f"({fastest.median_ms:.3f} ms), fewer multiply-adds"
+        )
     return {
         "chosen": chosen.label,
         "reason": reason,
@@ -283,8 +310,20 @@ def tune_network(
     visit_units(module, list(site_of), example, visit)
     for name, record in per_site.items():  # installed after the pass that measured them
         _install(module, ctx, rows, name, fallbacks[name][record["chosen"]], record)
-    network = _check_network(module, ctx, rows, example, device, options, baselines,
-                             per_site, fallbacks, cache, env, progress)  # fmt: skip
+    network = _check_network(
+        module,
+        ctx,
+        rows,
+        example,
+        device,
+        options,
+        baselines,
+        per_site,
+        fallbacks,
+        cache,
+        env,
+        progress,
+    )
     cache.save()
     record = {
         "device": env["device"],
@@ -307,9 +346,11 @@ def tune_network(
 def _numbers(entry: Any, labels: set[str]) -> bool:
     """A cache entry holding a finite time for each of ``labels`` (at least): anything
     else (an edited or foreign file) is timed again."""
-    return (isinstance(entry, dict) and set(entry) >= labels
-            and all(type(entry[k]) in (int, float) and math.isfinite(entry[k])
-                    for k in labels))  # fmt: skip
+    return (
+        isinstance(entry, dict)
+        and set(entry) >= labels
+        and all(type(entry[k]) in (int, float) and math.isfinite(entry[k]) for k in labels)
+    )
 
 
 def _install(module, ctx, rows, name: str, cand: Candidate, record: dict) -> None:
@@ -319,37 +360,67 @@ def _install(module, ctx, rows, name: str, cand: Candidate, record: dict) -> Non
     ctx.rows[rows[name]] = row
 
 
-def _check_network(module, ctx, rows, example, device, options, baselines, per_site,
-                   fallbacks, cache, env, progress) -> dict[str, Any]:  # fmt: skip
+def _check_network(
+    module,
+    ctx,
+    rows,
+    example,
+    device,
+    options,
+    baselines,
+    per_site,
+    fallbacks,
+    cache,
+    env,
+    progress,
+) -> dict[str, Any]:
     progress.update("timing the tuned network against the baselines")
     base = baselines()
     names = ["tuned", *base]
     # The tuned network itself, not only its labels: the same labels over other units
     # (another ticket, regroup or cost configuration) are another network. The noise
     # decides the fallbacks kept with the times.
-    key = cache_key("network", env, list(example.shape), options.noise,
-               {name: r["chosen"] for name, r in per_site.items()}, network_signature(module),
-               [(name, network_signature(m)) for name, m in base.items()])  # fmt: skip
-    cached = cache.get(key, lambda entry: isinstance(entry, dict)
-                       and _numbers(entry.get("times_ms"), set(names))
-                       and isinstance(entry.get("fallbacks", {}), dict))  # fmt: skip
+    key = cache_key(
+        "network",
+        env,
+        list(example.shape),
+        options.noise,
+        {name: r["chosen"] for name, r in per_site.items()},
+        network_signature(module),
+        [(name, network_signature(m)) for name, m in base.items()],
+    )
+    cached = cache.get(
+        key,
+        lambda entry: (
+            isinstance(entry, dict)
+            and _numbers(entry.get("times_ms"), set(names))
+            and isinstance(entry.get("fallbacks", {}), dict)
+        ),
+    )
     if cached is not None:
         times = cached["times_ms"]
         for name, label in cached.get("fallbacks", {}).items():
             if name in fallbacks and isinstance(label, str) and label in fallbacks[name]:
-                per_site[name] = {**per_site[name], "chosen": label,
-                                  "reason": "network fallback (cached)"}  # fmt: skip
+                per_site[name] = {
+                    **per_site[name],
+                    "chosen": label,
+                    "reason": "network fallback (cached)",
+                }
                 _install(module, ctx, rows, name, fallbacks[name][label], per_site[name])
-        return {"times_ms": times, "fallbacks": cached.get("fallbacks", {}),
-                "verdict": str(cached.get("verdict", "")),
-                "slower_than_baseline": cached.get("slower_than_baseline") is True,
-                "cached": True}  # fmt: skip
+        return {
+            "times_ms": times,
+            "fallbacks": cached.get("fallbacks", {}),
+            "verdict": str(cached.get("verdict", "")),
+            "slower_than_baseline": cached.get("slower_than_baseline") is True,
+            "cached": True,
+        }
 
     def measure() -> dict[str, float]:
         nets = {"tuned": module, **base}
         calls = {name: (lambda m=m: m(example)) for name, m in nets.items()}
-        samples = time_interleaved(calls, device, options, options.network_budget_s,
-                                   repeats=options.network_repeats)  # fmt: skip
+        samples = time_interleaved(
+            calls, device, options, options.network_budget_s, repeats=options.network_repeats
+        )
         return {name: statistics.median(s) for name, s in samples.items()}
 
     times = measure()
@@ -384,10 +455,15 @@ def _check_network(module, ctx, rows, example, device, options, baselines, per_s
         progress.update(f"network slower than {best_name}: {name} back to {label}")
         times = measure()
     slower = times["tuned"] > times[best_name] * (1 + options.noise)
-    verdict = (f"tuned network {times['tuned']:.3f} ms vs {best_name} {times[best_name]:.3f} ms"
-               + (": STILL SLOWER after every fallback" if slower else ""))  # fmt: skip
-    result = {"times_ms": {k: round(v, 4) for k, v in times.items()}, "fallbacks": undone,
-              "verdict": verdict, "slower_than_baseline": slower}  # fmt: skip
+    verdict = f"tuned network {times['tuned']:.3f} ms vs {best_name} {times[best_name]:.3f} ms" + (
+        ": STILL SLOWER after every fallback" if slower else ""
+    )
+    result = {
+        "times_ms": {k: round(v, 4) for k, v in times.items()},
+        "fallbacks": undone,
+        "verdict": verdict,
+        "slower_than_baseline": slower,
+    }
     cache.put(key, result)
     return {**result, "cached": False}
 

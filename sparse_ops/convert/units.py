@@ -124,22 +124,34 @@ def make_conv_unit(
     spatial = _spatial(ctx, site)
     kh, kw = conv.kernel_size
     cout, cin = conv.out_channels, conv.in_channels
-    row = LayerRow(site.name, "conv", choice.structure, choice.kind, cin, cout,
-                   2 * cout * (cin // conv.groups) * kh * kw * spatial,
-                   0, conv.weight.numel(), 0, {})  # fmt: skip
+    row = LayerRow(
+        site.name,
+        "conv",
+        choice.structure,
+        choice.kind,
+        cin,
+        cout,
+        2 * cout * (cin // conv.groups) * kh * kw * spatial,
+        0,
+        conv.weight.numel(),
+        0,
+        {},
+    )
     if choice.note:
         row.detail["note"] = choice.note
     if choice.kind == "torch":
-        unit = TorchConv2d(w.to(dtype), b.float(), groups=conv.groups, relu=relu,
-                           name=site.name, **geometry)  # fmt: skip
+        unit = TorchConv2d(
+            w.to(dtype), b.float(), groups=conv.groups, relu=relu, name=site.name, **geometry
+        )
         row.flops_after = row.flops_kernel = row.flops_dense
         row.params_after = int((w != 0).sum())
         row.params_stored = int(w.numel())
     elif choice.kind == "group":
         unit, row = _group_unit(ctx, site, choice, w, b, relu, dtype, geometry, row)
     else:
-        unit, row = _channel_unit(ctx, site, w, b, relu, dtype, geometry, row, in_node, out_node,
-                                  zero_pad=zero_pad)  # fmt: skip
+        unit, row = _channel_unit(
+            ctx, site, w, b, relu, dtype, geometry, row, in_node, out_node, zero_pad=zero_pad
+        )
     return unit, row
 
 
@@ -186,8 +198,7 @@ def _channel_unit(ctx, site, w, b, relu, dtype, geometry, row, in_node, out_node
     const_in = torch.nonzero(keep_in & ~varying_in & (in_const != 0) & ~is_read).flatten()
     in_pos = ctx.positions(in_node, read)
     assert bool((in_pos >= 0).all()), f"{site.name}: a channel it reads is not stored"
-    identity_in = in_pos.numel() == n_in_phys and bool(
-        (in_pos == torch.arange(n_in_phys)).all())  # fmt: skip
+    identity_in = in_pos.numel() == n_in_phys and bool((in_pos == torch.arange(n_in_phys)).all())
     # Output rows computed. With alignment every stored output channel becomes a GEMM
     # row (zero weights where no weight reaches it: its epilogue is bias + residual,
     # as a fill channel's) when those zero rows are few: no scatter, no fill tiles.
@@ -219,9 +230,14 @@ def _channel_unit(ctx, site, w, b, relu, dtype, geometry, row, in_node, out_node
         const_weight = w[out_layout][:, const_in].float()
         const_values = in_const[const_in].float()
     in_shape = ctx.shape(in_node)
-    unit = ChannelPrunedConv2d(plan, relu=relu, const_weight=const_weight,
-                               const_values=const_values, input_hw=tuple(in_shape[2:]),
-                               name=site.name)  # fmt: skip
+    unit = ChannelPrunedConv2d(
+        plan,
+        relu=relu,
+        const_weight=const_weight,
+        const_values=const_values,
+        input_hw=tuple(in_shape[2:]),
+        name=site.name,
+    )
     kh, kw = w.shape[2], w.shape[3]
     per_weight = 2 * kh * kw * _spatial(ctx, site)
     row.flops_after = per_weight * rows_logical * int(in_logical.numel())
@@ -232,15 +248,25 @@ def _channel_unit(ctx, site, w, b, relu, dtype, geometry, row, in_node, out_node
     row.representation = "dense" if computed_all else "channel"
     # 16-byte rows in the unit's dtype: 8 elements at fp16/bf16, 4 at fp32.
     per_16_bytes = max(1, 16 // torch.empty((), dtype=dtype).element_size())
-    aligned = (plan.in_idx is None and plan.out_idx is None and n_in_phys % per_16_bytes == 0
-               and n_out_phys % per_16_bytes == 0)  # fmt: skip
-    row.detail.update({
-        "inputs_used": int(in_logical.numel()), "rows_computed": rows_logical,
-        "input_width": n_in_phys, "output_width": n_out_phys,
-        "stored_inputs_with_weights": used, "bias_map_channels": int(const_in.numel()),
-        "input_gather": plan.in_idx is not None, "output_scatter": plan.out_idx is not None,
-        "aligned": aligned,
-    })  # fmt: skip
+    aligned = (
+        plan.in_idx is None
+        and plan.out_idx is None
+        and n_in_phys % per_16_bytes == 0
+        and n_out_phys % per_16_bytes == 0
+    )
+    row.detail.update(
+        {
+            "inputs_used": int(in_logical.numel()),
+            "rows_computed": rows_logical,
+            "input_width": n_in_phys,
+            "output_width": n_out_phys,
+            "stored_inputs_with_weights": used,
+            "bias_map_channels": int(const_in.numel()),
+            "input_gather": plan.in_idx is not None,
+            "output_scatter": plan.out_idx is not None,
+            "aligned": aligned,
+        }
+    )
     return unit, row
 
 
@@ -256,15 +282,20 @@ def _group_unit(ctx, site, choice, w, b, relu, dtype, geometry, row):
     keep = (w != 0) if mask is None else mask.bool()
     blocks = choice.layout.to_mask(tuple(w.shape))
     main_mask = blocks & keep
-    common = dict(stride=geometry["stride"], padding=geometry["padding"],
-                  dilation=geometry["dilation"], name=site.name)  # fmt: skip
+    common = dict(
+        stride=geometry["stride"],
+        padding=geometry["padding"],
+        dilation=geometry["dilation"],
+        name=site.name,
+    )
     blocking = {"block_n": ctx.cost.block_n, "k_pad": ctx.cost.k_pad}
     pack = pack_groups(w, main_mask, choice.layout, b.float(), **blocking, **common)
     leftover = None
     if choice.leftover:
         left_mask = keep & ~blocks
-        leftover = pack_groups(w, left_mask, choice.leftover, None, block_n=16, k_pad=16,
-                               **common).to(dtype=dtype)  # fmt: skip
+        leftover = pack_groups(
+            w, left_mask, choice.leftover, None, block_n=16, k_pad=16, **common
+        ).to(dtype=dtype)
     unit = GroupSparseConv2d(pack.to(dtype=dtype), relu=relu, leftover=leftover, name=site.name)
     spatial = _spatial(ctx, site)
     nnz_groups = choice.layout.padded_size(1, 1)
@@ -287,15 +318,28 @@ def linear_unit(ctx, node: fx.Node, *, narrow: bool) -> nn.Linear:
     layout = ctx.layout.get(src)
     c = old.in_features
     weight = old.weight.detach().double()
-    bias = (old.bias.detach().double() if old.bias is not None
-            else torch.zeros(old.out_features, dtype=torch.float64))  # fmt: skip
+    bias = (
+        old.bias.detach().double()
+        if old.bias is not None
+        else torch.zeros(old.out_features, dtype=torch.float64)
+    )
     dtype = ctx.dtype or old.weight.dtype
     mask = ctx.masks.get(f"{node.target}.weight")
     # A pruned Linear stays a dense Linear (its zeros kept): the structure is reported,
     # the FLOPs and parameters are those it runs with.
     structure = "dense" if mask is None else mask_stats(mask).structure
-    row = LayerRow(node.target, "linear", structure, "linear", c, old.out_features,
-                   2 * c * old.out_features, 0, old.weight.numel(), 0)  # fmt: skip
+    row = LayerRow(
+        node.target,
+        "linear",
+        structure,
+        "linear",
+        c,
+        old.out_features,
+        2 * c * old.out_features,
+        0,
+        old.weight.numel(),
+        0,
+    )
     if mask is not None:
         row.detail["kept_weights"] = int(mask.sum())
     if not narrow or layout.numel() == c:

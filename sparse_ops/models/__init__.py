@@ -84,9 +84,13 @@ class _Pattern:
         if width <= 0:
             return None
         return ArchInfo(
-            name, self.origin, self.family, self.input_size, self.describe(depth, width),
+            name,
+            self.origin,
+            self.family,
+            self.input_size,
+            self.describe(depth, width),
             lambda nc: self.build(depth, width, nc),
-        )  # fmt: skip
+        )
 
 
 def _cifar_depth(d: int) -> bool:
@@ -94,57 +98,135 @@ def _cifar_depth(d: int) -> bool:
 
 
 _PATTERNS = [
-    _Pattern(re.compile(r"res(\d+)s"), _cifar_depth, 16, "Structure-LTH", "cifar_resnet_a", CIFAR,
-             lambda d, w: f"ResNet-{d} for CIFAR, option-A shortcuts, widths 16/32/64",
-             lambda d, w, nc: ResNetS(d, nc)),
-    _Pattern(re.compile(r"cifar_resnet_(\d+)(?:_(\d+))?"), _cifar_depth, 16, "open_lth",
-             "cifar_resnet_b", CIFAR,
-             lambda d, w: f"ResNet-{d} for CIFAR, 1×1 conv shortcuts, widths {w}/{2 * w}/{4 * w}",
-             lambda d, w, nc: OpenLTHResNet(d, w, nc)),
-    _Pattern(re.compile(r"cifar_vgg_(\d+)(?:_(\d+))?"), lambda d: d in PLANS, 64, "open_lth",
-             "cifar_vgg", CIFAR,
-             lambda d, w: f"VGG-{d} with BN for CIFAR, widths {w}..{8 * w}, keys layers.{{i}}",
-             lambda d, w, nc: OpenLTHVGG(d, w, nc)),
-    _Pattern(re.compile(r"imagenet_resnet_(\d+)(?:_(\d+))?"), lambda d: d in LAYOUTS, 64,
-             "open_lth", "imagenet_resnet", IMAGENET,
-             lambda d, w: f"ImageNet ResNet-{d}, first width {w}, torchvision keys under 'model.'",
-             lambda d, w, nc: OpenLTHImageNetResNet(d, w, nc)),
-    _Pattern(re.compile(r"resnet(\d+)"), lambda d: d in LAYOUTS, 64, "torchvision",
-             "imagenet_resnet", IMAGENET,
-             lambda d, w: f"ImageNet ResNet-{d} with torchvision's key names",
-             lambda d, w, nc: ResNet(d, nc)),
-]  # fmt: skip
+    _Pattern(
+        re.compile(r"res(\d+)s"),
+        _cifar_depth,
+        16,
+        "Structure-LTH",
+        "cifar_resnet_a",
+        CIFAR,
+        lambda d, w: f"ResNet-{d} for CIFAR, option-A shortcuts, widths 16/32/64",
+        lambda d, w, nc: ResNetS(d, nc),
+    ),
+    _Pattern(
+        re.compile(r"cifar_resnet_(\d+)(?:_(\d+))?"),
+        _cifar_depth,
+        16,
+        "open_lth",
+        "cifar_resnet_b",
+        CIFAR,
+        lambda d, w: f"ResNet-{d} for CIFAR, 1×1 conv shortcuts, widths {w}/{2 * w}/{4 * w}",
+        lambda d, w, nc: OpenLTHResNet(d, w, nc),
+    ),
+    _Pattern(
+        re.compile(r"cifar_vgg_(\d+)(?:_(\d+))?"),
+        lambda d: d in PLANS,
+        64,
+        "open_lth",
+        "cifar_vgg",
+        CIFAR,
+        lambda d, w: f"VGG-{d} with BN for CIFAR, widths {w}..{8 * w}, keys layers.{{i}}",
+        lambda d, w, nc: OpenLTHVGG(d, w, nc),
+    ),
+    _Pattern(
+        re.compile(r"imagenet_resnet_(\d+)(?:_(\d+))?"),
+        lambda d: d in LAYOUTS,
+        64,
+        "open_lth",
+        "imagenet_resnet",
+        IMAGENET,
+        lambda d, w: f"ImageNet ResNet-{d}, first width {w}, torchvision keys under 'model.'",
+        lambda d, w, nc: OpenLTHImageNetResNet(d, w, nc),
+    ),
+    _Pattern(
+        re.compile(r"resnet(\d+)"),
+        lambda d: d in LAYOUTS,
+        64,
+        "torchvision",
+        "imagenet_resnet",
+        IMAGENET,
+        lambda d, w: f"ImageNet ResNet-{d} with torchvision's key names",
+        lambda d, w, nc: ResNet(d, nc),
+    ),
+]
 
 _FIXED: dict[str, ArchInfo] = {
     a.name: a
     for a in [
-        ArchInfo("res18", "Structure-LTH", "cifar_resnet_tv", CIFAR,
-                 "ResNet-18 for CIFAR (3×3 stem, no max-pool), normalize applied",
-                 lambda nc: ResNet(18, nc, stem="cifar", normalize=True)),
-        ArchInfo("res50", "Structure-LTH", "cifar_resnet_tv", CIFAR,
-                 "ResNet-50 for CIFAR (3×3 stem, no max-pool), normalize applied",
-                 lambda nc: ResNet(50, nc, stem="cifar", normalize=True)),
-        ArchInfo("vgg16_bn", "Structure-LTH", "structure_lth_vgg", CIFAR,
-                 "VGG-16 with BN for CIFAR, keys features.{i}, classifier Linear(512)",
-                 lambda nc: StructureLTHVGG(16, nc)),
-        ArchInfo("wrn32", "Structure-LTH", "wrn", CIFAR,
-                 "WRN-32-2: GraSP's post-activation ResNet-32 at widths 32/64/128",
-                 lambda nc: WRN32(nc)),
-        ArchInfo("mobilenet", "Structure-LTH", "mobilenet_v1", CIFAR,
-                 "MobileNet-v1 for CIFAR: 13 depthwise-separable blocks to 1024",
-                 lambda nc: MobileNetV1(nc)),
+        ArchInfo(
+            "res18",
+            "Structure-LTH",
+            "cifar_resnet_tv",
+            CIFAR,
+            "ResNet-18 for CIFAR (3×3 stem, no max-pool), normalize applied",
+            lambda nc: ResNet(18, nc, stem="cifar", normalize=True),
+        ),
+        ArchInfo(
+            "res50",
+            "Structure-LTH",
+            "cifar_resnet_tv",
+            CIFAR,
+            "ResNet-50 for CIFAR (3×3 stem, no max-pool), normalize applied",
+            lambda nc: ResNet(50, nc, stem="cifar", normalize=True),
+        ),
+        ArchInfo(
+            "vgg16_bn",
+            "Structure-LTH",
+            "structure_lth_vgg",
+            CIFAR,
+            "VGG-16 with BN for CIFAR, keys features.{i}, classifier Linear(512)",
+            lambda nc: StructureLTHVGG(16, nc),
+        ),
+        ArchInfo(
+            "wrn32",
+            "Structure-LTH",
+            "wrn",
+            CIFAR,
+            "WRN-32-2: GraSP's post-activation ResNet-32 at widths 32/64/128",
+            lambda nc: WRN32(nc),
+        ),
+        ArchInfo(
+            "mobilenet",
+            "Structure-LTH",
+            "mobilenet_v1",
+            CIFAR,
+            "MobileNet-v1 for CIFAR: 13 depthwise-separable blocks to 1024",
+            lambda nc: MobileNetV1(nc),
+        ),
     ]
-}  # fmt: skip
+}
 
 _CANONICAL = [
-    "res20s", "res32s", "res44s", "res56s", "res110s",
-    "res18", "res50", "vgg16_bn", "wrn32", "mobilenet",
-    "cifar_resnet_20", "cifar_resnet_32", "cifar_resnet_44", "cifar_resnet_56",
+    "res20s",
+    "res32s",
+    "res44s",
+    "res56s",
+    "res110s",
+    "res18",
+    "res50",
+    "vgg16_bn",
+    "wrn32",
+    "mobilenet",
+    "cifar_resnet_20",
+    "cifar_resnet_32",
+    "cifar_resnet_44",
+    "cifar_resnet_56",
     "cifar_resnet_110",
-    "cifar_vgg_11", "cifar_vgg_13", "cifar_vgg_16", "cifar_vgg_19",
-    "imagenet_resnet_18", "imagenet_resnet_26", "imagenet_resnet_34", "imagenet_resnet_50",
-    "resnet18", "resnet26", "resnet34", "resnet50", "resnet101", "resnet152",
-]  # fmt: skip
+    "cifar_vgg_11",
+    "cifar_vgg_13",
+    "cifar_vgg_16",
+    "cifar_vgg_19",
+    "imagenet_resnet_18",
+    "imagenet_resnet_26",
+    "imagenet_resnet_34",
+    "imagenet_resnet_50",
+    "resnet18",
+    "resnet26",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+]
 
 PATTERN_HELP = (
     "res{N}s, cifar_resnet_{N}[_{W}] (N = 6k+2), cifar_vgg_{11,13,16,19}[_{W}], "

@@ -16,9 +16,20 @@ from .common import Normalize, conv3x3, init_weights
 
 # (output channels, stride) of each depthwise-separable block.
 BLOCKS: tuple[tuple[int, int], ...] = (
-    (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
-    (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1),
-)  # fmt: skip
+    (64, 1),
+    (128, 2),
+    (128, 1),
+    (256, 2),
+    (256, 1),
+    (512, 2),
+    (512, 1),
+    (512, 1),
+    (512, 1),
+    (512, 1),
+    (512, 1),
+    (1024, 2),
+    (1024, 1),
+)
 
 
 class SeparableBlock(nn.Module):

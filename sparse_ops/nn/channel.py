@@ -39,8 +39,19 @@ def channel_conv_impl(
 ) -> Tensor:
     """``sparse_ops::channel_conv``: a ChannelPlan's conv with its fused epilogue."""
     # Indices were checked when the unit was built or loaded: not again on every call.
-    plan = ChannelPlan(weight, bias, in_idx, out_idx, fill_idx, in_channels, out_channels,
-                       tuple(stride), tuple(padding), tuple(dilation), validate=False)  # fmt: skip
+    plan = ChannelPlan(
+        weight,
+        bias,
+        in_idx,
+        out_idx,
+        fill_idx,
+        in_channels,
+        out_channels,
+        tuple(stride),
+        tuple(padding),
+        tuple(dilation),
+        validate=False,
+    )
     y = ops.channel_conv(x, plan, residual=residual, relu=relu, bias_map=bias_map)
     return y.contiguous(memory_format=memory_format(x))
 
@@ -51,8 +62,22 @@ channel_conv_op = torch.library.custom_op("sparse_ops::channel_conv", mutates_ar
 
 
 @channel_conv_op.register_fake
-def _channel_conv_fake(x, weight, bias, in_idx, out_idx, fill_idx, bias_map, residual, in_channels, out_channels,
-      stride, padding, dilation, relu):  # fmt: skip
+def _channel_conv_fake(
+    x,
+    weight,
+    bias,
+    in_idx,
+    out_idx,
+    fill_idx,
+    bias_map,
+    residual,
+    in_channels,
+    out_channels,
+    stride,
+    padding,
+    dilation,
+    relu,
+):
     kernel = weight.shape[1:3]
     oh, ow = launch.conv_output_size(x.shape[2], x.shape[3], kernel, stride, padding, dilation)
     shape = (x.shape[0], out_channels, oh, ow)
@@ -60,8 +85,16 @@ def _channel_conv_fake(x, weight, bias, in_idx, out_idx, fill_idx, bias_map, res
 
 
 class ChannelPrunedConv2d(Unit):
-    _buffer_names = ("weight", "bias", "in_idx", "out_idx", "fill_idx", "const_weight",
-                     "const_values", "bias_map")  # fmt: skip
+    _buffer_names = (
+        "weight",
+        "bias",
+        "in_idx",
+        "out_idx",
+        "fill_idx",
+        "const_weight",
+        "const_values",
+        "bias_map",
+    )
 
     def __init__(
         self,
@@ -81,11 +114,18 @@ class ChannelPrunedConv2d(Unit):
         bias_map = None
         if const_weight is not None and input_hw is not None:
             bias_map = self._compute_bias_map(const_weight, const_values, *input_hw)
-        self._set_buffers({
-            "weight": plan.weight, "bias": plan.bias, "in_idx": plan.in_idx,
-            "out_idx": plan.out_idx, "fill_idx": plan.fill_idx, "const_weight": const_weight,
-            "const_values": const_values, "bias_map": bias_map,
-        })  # fmt: skip
+        self._set_buffers(
+            {
+                "weight": plan.weight,
+                "bias": plan.bias,
+                "in_idx": plan.in_idx,
+                "out_idx": plan.out_idx,
+                "fill_idx": plan.fill_idx,
+                "const_weight": const_weight,
+                "const_values": const_values,
+                "bias_map": bias_map,
+            }
+        )
         self.eval()
 
     @property
@@ -94,9 +134,18 @@ class ChannelPrunedConv2d(Unit):
 
     @property
     def plan(self) -> ChannelPlan:
-        return ChannelPlan(self.weight, self.bias, self.in_idx, self.out_idx, self.fill_idx,
-                           self.in_channels, self.out_channels, self.stride, self.padding,
-                           self.dilation)  # fmt: skip
+        return ChannelPlan(
+            self.weight,
+            self.bias,
+            self.in_idx,
+            self.out_idx,
+            self.fill_idx,
+            self.in_channels,
+            self.out_channels,
+            self.stride,
+            self.padding,
+            self.dilation,
+        )
 
     def _compute_bias_map(
         self, const_weight: Tensor, const_values: Tensor, h: int, w: int
@@ -120,14 +169,26 @@ class ChannelPrunedConv2d(Unit):
         b = self._buffers  # not getattr: nn.Module's __getattr__ costs per lookup
         if plain_eager_call(x, residual, b["weight"], b["bias"], bias_map):
             # What channel_conv_impl does, on a plan kept between calls.
-            y = ops.channel_conv(x, self._eager_plan(), residual=residual, relu=self.relu,
-                                 bias_map=fp32(bias_map))  # fmt: skip
+            y = ops.channel_conv(
+                x, self._eager_plan(), residual=residual, relu=self.relu, bias_map=fp32(bias_map)
+            )
             return y.contiguous(memory_format=torch.channels_last)
         return channel_conv_op(
-            x, self.weight, fp32(self.bias), self.in_idx, self.out_idx, self.fill_idx,
-            fp32(bias_map), residual, self.in_channels, self.out_channels,
-            list(self.stride), list(self.padding), list(self.dilation), self.relu,
-        )  # fmt: skip
+            x,
+            self.weight,
+            fp32(self.bias),
+            self.in_idx,
+            self.out_idx,
+            self.fill_idx,
+            fp32(bias_map),
+            residual,
+            self.in_channels,
+            self.out_channels,
+            list(self.stride),
+            list(self.padding),
+            list(self.dilation),
+            self.relu,
+        )
 
     def _eager_plan(self) -> ChannelPlan:
         """The unit's plan, rebuilt only when a buffer was replaced (``.to()``, loading)."""
@@ -137,21 +198,36 @@ class ChannelPrunedConv2d(Unit):
         # an in-place update of the buffer (load_state_dict) would not reach.
         version = version_of(tensors[1])
         cached = self.__dict__.get("_plan_cache")
-        if (cached is None or cached[1] != version
-                or any(a is not c for a, c in zip(cached[0], tensors, strict=True))):  # fmt: skip
-            plan = ChannelPlan(tensors[0], fp32(tensors[1]), *tensors[2:], self.in_channels,
-                               self.out_channels, tuple(self.stride), tuple(self.padding),
-                               tuple(self.dilation), validate=False)  # fmt: skip
+        if (
+            cached is None
+            or cached[1] != version
+            or any(a is not c for a, c in zip(cached[0], tensors, strict=True))
+        ):
+            plan = ChannelPlan(
+                tensors[0],
+                fp32(tensors[1]),
+                *tensors[2:],
+                self.in_channels,
+                self.out_channels,
+                tuple(self.stride),
+                tuple(self.padding),
+                tuple(self.dilation),
+                validate=False,
+            )
             cached = self.__dict__["_plan_cache"] = (tensors, version, plan)
         return cached[2]
 
     def config(self) -> dict[str, Any]:
         return {
-            "in_channels": self.in_channels, "out_channels": self.out_channels,
-            "stride": list(self.stride), "padding": list(self.padding),
-            "dilation": list(self.dilation), "relu": self.relu, "name": self.name,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "stride": list(self.stride),
+            "padding": list(self.padding),
+            "dilation": list(self.dilation),
+            "relu": self.relu,
+            "name": self.name,
             "input_hw": list(self.input_hw) if self.input_hw else None,
-        }  # fmt: skip
+        }
 
     @classmethod
     def from_state(cls, tensors, config):
@@ -160,41 +236,60 @@ class ChannelPrunedConv2d(Unit):
         saved.check_tensor_names(tensors, config, cls._buffer_names)
         weight = saved.tensor_field(tensors, config, "weight", "float", 4)
         bias = saved.tensor_field(tensors, config, "bias", "float", 1, optional=True)
-        idx = {k: saved.exact_int32(saved.tensor_field(tensors, config, k, "int", 1, optional=True), config, k)
-               for k in ("in_idx", "out_idx", "fill_idx")}  # fmt: skip
+        idx = {
+            k: saved.exact_int32(
+                saved.tensor_field(tensors, config, k, "int", 1, optional=True), config, k
+            )
+            for k in ("in_idx", "out_idx", "fill_idx")
+        }
         rows, kh, kw, ins = weight.shape
         if not (1 <= kh <= saved.MAX_KERNEL and 1 <= kw <= saved.MAX_KERNEL):
             raise FormatError(f"{saved.where(config)}: kernel {kh}×{kw} out of range")
         saved.check_shape(idx["in_idx"], (ins,), config, "in_idx")
         saved.check_shape(idx["out_idx"], (rows,), config, "out_idx")
         if idx["in_idx"] is None and ins != cin:
-            raise FormatError(f"{saved.where(config)}: weight reads {ins} of {cin} inputs, no in_idx")
+            raise FormatError(
+                f"{saved.where(config)}: weight reads {ins} of {cin} inputs, no in_idx"
+            )
         filled = 0 if idx["fill_idx"] is None else idx["fill_idx"].numel()
         if rows + filled != cout:
             raise FormatError(f"{saved.where(config)}: {rows} rows + {filled} filled ≠ {cout}")
         saved.check_shape(bias, (cout,), config, "bias")
-        const_weight = saved.tensor_field(tensors, config, "const_weight", "float", 4, optional=True)
-        const_values = saved.tensor_field(tensors, config, "const_values", "float", 1, optional=True)
+        const_weight = saved.tensor_field(
+            tensors, config, "const_weight", "float", 4, optional=True
+        )
+        const_values = saved.tensor_field(
+            tensors, config, "const_values", "float", 1, optional=True
+        )
         bias_map = saved.tensor_field(tensors, config, "bias_map", "float", 3, optional=True)
         if (const_weight is None) != (const_values is None):
             raise FormatError(f"{saved.where(config)}: const_weight and const_values come together")
         if const_weight is not None:
-            saved.check_shape(const_weight, (cout, const_values.numel(), kh, kw), config, "const_weight")
+            saved.check_shape(
+                const_weight, (cout, const_values.numel(), kh, kw), config, "const_weight"
+            )
         if bias_map is not None:
             if const_weight is None or input_hw is None:
                 raise FormatError(f"{saved.where(config)}: bias_map without constants and input_hw")
-            oh, ow = launch.conv_output_size(*input_hw, (kh, kw), geometry["stride"],
-                                             geometry["padding"], geometry["dilation"])  # fmt: skip
+            oh, ow = launch.conv_output_size(
+                *input_hw, (kh, kw), geometry["stride"], geometry["padding"], geometry["dilation"]
+            )
             saved.check_shape(bias_map, (cout, oh, ow), config, "bias_map")
 
         def build():
-            plan = ChannelPlan(weight, bias, idx["in_idx"], idx["out_idx"], idx["fill_idx"],
-                               cin, cout, **geometry)  # fmt: skip
+            plan = ChannelPlan(
+                weight, bias, idx["in_idx"], idx["out_idx"], idx["fill_idx"], cin, cout, **geometry
+            )
             # No input_hw here: the saved bias map is used as it is. Recomputing it would
             # cost memory quadratic in a number the file states; without a saved map the
             # unit computes one per input size on its first call.
-            unit = cls(plan, relu=saved.flag_field(config, "relu"), const_weight=const_weight,
-                       const_values=const_values, name=saved.name_field(config))  # fmt: skip
+            unit = cls(
+                plan,
+                relu=saved.flag_field(config, "relu"),
+                const_weight=const_weight,
+                const_values=const_values,
+                name=saved.name_field(config),
+            )
             if bias_map is not None or const_weight is None:
                 unit.input_hw = input_hw
             if bias_map is not None:
@@ -206,8 +301,13 @@ class ChannelPrunedConv2d(Unit):
     def extra_repr(self) -> str:
         rows = self.weight.shape[0]
         ins = self.weight.shape[3]
-        bits = [f"{ins}/{self.in_channels} in", f"{rows}/{self.out_channels} out",
-                f"k={self.kernel_size}", f"s={self.stride}", f"p={self.padding}"]  # fmt: skip
+        bits = [
+            f"{ins}/{self.in_channels} in",
+            f"{rows}/{self.out_channels} out",
+            f"k={self.kernel_size}",
+            f"s={self.stride}",
+            f"p={self.padding}",
+        ]
         if self.dilation != (1, 1):
             bits.append(f"d={self.dilation}")
         if self.const_weight is not None:

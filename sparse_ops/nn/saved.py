@@ -46,8 +46,11 @@ def pair_field(config: dict, key: str, low: int, high: int, optional: bool = Fal
     value = config.get(key)
     if value is None and optional:
         return None
-    if (not isinstance(value, list) or len(value) != 2
-            or not all(type(v) is int and low <= v <= high for v in value)):  # fmt: skip
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not all(type(v) is int and low <= v <= high for v in value)
+    ):
         raise FormatError(
             f"{where(config)}: config {key!r} must be two ints in [{low}, {high}], got {value!r}"
         )

@@ -37,9 +37,14 @@ class TorchConv2d(Unit):
         return torch.relu(y) if self.relu else y
 
     def config(self) -> dict[str, Any]:
-        return {"stride": list(self.stride), "padding": list(self.padding),
-                "dilation": list(self.dilation), "groups": self.groups, "relu": self.relu,
-                "name": self.name}  # fmt: skip
+        return {
+            "stride": list(self.stride),
+            "padding": list(self.padding),
+            "dilation": list(self.dilation),
+            "groups": self.groups,
+            "relu": self.relu,
+            "name": self.name,
+        }
 
     @classmethod
     def from_state(cls, tensors, config):
@@ -48,14 +53,24 @@ class TorchConv2d(Unit):
         saved.check_tensor_names(tensors, config, cls._buffer_names)
         weight = saved.tensor_field(tensors, config, "weight", "float", 4)
         bias = saved.tensor_field(tensors, config, "bias", "float", 1, optional=True)
-        if weight.shape[0] % groups or not all(1 <= k <= saved.MAX_KERNEL for k in weight.shape[2:]):
+        if weight.shape[0] % groups or not all(
+            1 <= k <= saved.MAX_KERNEL for k in weight.shape[2:]
+        ):
             raise FormatError(
                 f"{saved.where(config)}: weight {tuple(weight.shape)} does not fit groups={groups}"
             )
         saved.check_shape(bias, (weight.shape[0],), config, "bias")
-        return saved.checked(lambda: cls(weight, bias, **geometry, groups=groups,
-                                    relu=saved.flag_field(config, "relu"), name=saved.name_field(config)),
-                        config)  # fmt: skip
+        return saved.checked(
+            lambda: cls(
+                weight,
+                bias,
+                **geometry,
+                groups=groups,
+                relu=saved.flag_field(config, "relu"),
+                name=saved.name_field(config),
+            ),
+            config,
+        )
 
     def extra_repr(self) -> str:
         out, per_group = self.weight.shape[:2]
@@ -106,8 +121,8 @@ class Relayout(Unit):
         saved.check_shape(fill, tuple(index.shape), config, "fill")
         if index.numel() and not -1 <= int(index.min()) <= int(index.max()) < saved.MAX_CHANNELS:
             raise FormatError(
-                f"{saved.where(config)}: Relayout index values must lie in [-1, {saved.MAX_CHANNELS}), "
-                f"found {int(index.min())}..{int(index.max())}"
+                f"{saved.where(config)}: Relayout index values must lie in "
+                f"[-1, {saved.MAX_CHANNELS}), found {int(index.min())}..{int(index.max())}"
             )
         return saved.checked(lambda: cls(index, fill, name=saved.name_field(config)), config)
 

@@ -75,7 +75,9 @@ class Unit(nn.Module):
 
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         tensors = {n: getattr(self, n) for n in self._buffer_names if getattr(self, n) is not None}
-        return tensors, dict(self.config(), format_version=UNIT_CONFIG_VERSION, tensors=sorted(tensors))
+        return tensors, dict(
+            self.config(), format_version=UNIT_CONFIG_VERSION, tensors=sorted(tensors)
+        )
 
     @classmethod
     def from_state(cls, tensors: dict[str, Tensor], config: dict[str, Any]):

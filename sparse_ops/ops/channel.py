@@ -68,8 +68,15 @@ def channel_conv(
     elif plan.bias is not None:
         # A fresh tensor, never a view of the bias: y is updated in place below (an
         # expanded [1, C, 1, 1] view already counts as channels-last contiguous).
-        y = torch.empty(n, plan.out_channels, oh, ow, dtype=compact.dtype,
-                        device=compact.device, memory_format=torch.channels_last)  # fmt: skip
+        y = torch.empty(
+            n,
+            plan.out_channels,
+            oh,
+            ow,
+            dtype=compact.dtype,
+            device=compact.device,
+            memory_format=torch.channels_last,
+        )
         y.copy_(plan.bias.to(x.dtype).view(1, -1, 1, 1).expand_as(y))
     else:
         y = compact.new_zeros(n, plan.out_channels, oh, ow).contiguous(
@@ -88,8 +95,13 @@ def _has_onednn_pointwise() -> bool:
 def _onednn_fusion(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> bool:
     """Whether oneDNN's fused conv (the op torch.compile's CPU backend emits) can run this
     layer: CPU fp32 tensors, channels-last input and residual of the output's shape."""
-    if not (_FUSE_ON_CPU and x.device.type == "cpu" and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and _has_onednn_pointwise()):  # fmt: skip
+    if not (
+        _FUSE_ON_CPU
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and _has_onednn_pointwise()
+    ):
         return False
     if not x.is_contiguous(memory_format=torch.channels_last) or x.numel() == 0:
         return False

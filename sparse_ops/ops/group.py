@@ -124,9 +124,7 @@ class _ColumnSet:
         if residual is None:
             out = flat @ weight_t
         else:
-            rows = pixel_rows(
-                residual.to(flat.dtype).contiguous(memory_format=torch.channels_last)
-            )
+            rows = pixel_rows(residual.to(flat.dtype).contiguous(memory_format=torch.channels_last))
             out = torch.addmm(rows, flat, weight_t)
         if bias is not None and relu:
             torch.ops.aten._add_relu_(out, bias)
@@ -198,8 +196,10 @@ def _prepare_column_sets(pack: GroupPack, device, dtype) -> list[_ColumnSet] | N
     sets = _column_sets(pack)
     if sets is None:
         return None
-    return [_ColumnSet(rows, cols, torch.cat(tiles).float(), pack, device, dtype)
-            for rows, cols, tiles in sets]  # fmt: skip
+    return [
+        _ColumnSet(rows, cols, torch.cat(tiles).float(), pack, device, dtype)
+        for rows, cols, tiles in sets
+    ]
 
 
 def _column_sets(pack: GroupPack):

@@ -256,9 +256,14 @@ def regroup_mask(
         )
 
     partitioner = RowPartitioner(
-        view, model=config.model, neighbors=config.neighbors, epsilon=config.epsilon,
-        objective=config.objective, seed=config.seed, layer=name,
-    )  # fmt: skip
+        view,
+        model=config.model,
+        neighbors=config.neighbors,
+        epsilon=config.epsilon,
+        objective=config.objective,
+        seed=config.seed,
+        layer=name,
+    )
     n_rows = partitioner.rows.size
     if isinstance(config.parts, int):
         counts, min_rows = [config.parts], config.min_rows
@@ -291,10 +296,17 @@ def regroup_mask(
         detail["part_scores"] = [[t.parts, round(t.score, 4)] for t in tried]
     new_mask = groups.to_mask(tuple(mask.shape))
     report = LayerChange.compare(
-        name, mask, new_mask, "regrouped", parts=best.parts, groups=len(groups),
+        name,
+        mask,
+        new_mask,
+        "regrouped",
+        parts=best.parts,
+        groups=len(groups),
         blocks=[[int(r.size), int(c.size)] for r, c, _ in best.blocks],
-        dropped_parts=best.dropped, col_runs=[run for _, _, run in best.blocks], **detail,
-    )  # fmt: skip
+        dropped_parts=best.dropped,
+        col_runs=[run for _, _, run in best.blocks],
+        **detail,
+    )
     return new_mask, groups, report
 
 

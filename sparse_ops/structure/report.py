@@ -70,8 +70,15 @@ def render_changes(changes: list[LayerChange], extra: tuple[str, ...] = ()) -> s
     headers = ["layer", "shape", "status", "density before", "after", "dropped", "refilled"]
     rows = []
     for c in changes:
-        row = [c.name, shape_text(c.shape), c.status, c.density_before, c.density_after,
-               c.dropped, c.refilled]  # fmt: skip
+        row = [
+            c.name,
+            shape_text(c.shape),
+            c.status,
+            c.density_before,
+            c.density_after,
+            c.dropped,
+            c.refilled,
+        ]
         row += [_text(c.detail.get(k, "")) for k in extra]
         rows.append(row)
     return format_table(headers + list(extra), rows, align="lllrrrr" + "l" * len(extra))

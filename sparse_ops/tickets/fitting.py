@@ -85,8 +85,7 @@ def check_fits(ticket: TicketSections, model_or_arch: nn.Module | str) -> None:
     not_maskable = [n for n in ticket.masks if n not in maskable]
     if not_maskable:
         errors.append(
-            f"masks for names that are not conv/linear weights of {label}: "
-            f"{listing(not_maskable)}"
+            f"masks for names that are not conv/linear weights of {label}: {listing(not_maskable)}"
         )
     mismatched = [
         f"{n} {tuple(m.shape)} vs {maskable[n]}"
@@ -141,9 +140,7 @@ def num_classes_for(arch: str, ticket: TicketSections) -> int:
     return 10
 
 
-def model_prefix_change(
-    names: set[str], keys: set[str]
-) -> tuple[Callable[[str], str], str] | None:
+def model_prefix_change(names: set[str], keys: set[str]) -> tuple[Callable[[str], str], str] | None:
     """``(rename, description)`` adding or dropping a ``model.`` key prefix when that
     alone makes ``names`` a subset of ``keys``; None when no such change is needed or
     helps.

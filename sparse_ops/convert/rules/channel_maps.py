@@ -40,8 +40,7 @@ class _ChannelMap(Rule):
         index[inside] = ctx.positions(source, logical[inside])
         fill = torch.nan_to_num(ctx.const[node][ctx.layout[node]], nan=0.0)
         name = ctx.fresh_name(f"relayout_{node.name}")
-        return ctx.call_module(name, Relayout(index, fill, name=str(node.name)),
-                               (ctx.env[source],))  # fmt: skip
+        return ctx.call_module(name, Relayout(index, fill, name=str(node.name)), (ctx.env[source],))
 
 
 class ChannelPad(_ChannelMap):
@@ -53,9 +52,14 @@ class ChannelPad(_ChannelMap):
 
     def understands(self, node, ctx):
         pads = _constant_pads(node)
-        return (pads is not None and len(pads) == 6 and list(pads[:4]) == [0, 0, 0, 0]
-                and min(pads[4:]) >= 0 and _first_channel_arg(node, ctx) is not None
-                and len(ctx.shape(node)) == 4)  # fmt: skip
+        return (
+            pads is not None
+            and len(pads) == 6
+            and list(pads[:4]) == [0, 0, 0, 0]
+            and min(pads[4:]) >= 0
+            and _first_channel_arg(node, ctx) is not None
+            and len(ctx.shape(node)) == 4
+        )
 
     def source_channels(self, node, ctx):
         before = _constant_pads(node)[4]
@@ -74,11 +78,17 @@ class ChannelSlice(_ChannelMap):
         if _first_channel_arg(node, ctx) is None or len(node.args) != 2:
             return False
         index = node.args[1]
-        return (isinstance(index, tuple) and len(index) >= 2 and index[0] == slice(None)
-                and isinstance(index[1], slice) and index[1] != slice(None)
-                and all(i == slice(None) for i in index[2:])
-                and all(v is None or type(v) is int for v in
-                        (index[1].start, index[1].stop, index[1].step)))  # fmt: skip
+        return (
+            isinstance(index, tuple)
+            and len(index) >= 2
+            and index[0] == slice(None)
+            and isinstance(index[1], slice)
+            and index[1] != slice(None)
+            and all(i == slice(None) for i in index[2:])
+            and all(
+                v is None or type(v) is int for v in (index[1].start, index[1].stop, index[1].step)
+            )
+        )
 
     def source_channels(self, node, ctx):
         c_in = int(ctx.shape(node.args[0])[1])

@@ -19,36 +19,69 @@ class Unary(_KeepsChannels):
     channel stays constant, its value mapped through the same function."""
 
     kind = "unary"
-    functions = frozen({
-        "F.relu": (F.relu, ("input", "inplace")), "torch.relu": (torch.relu, ("input",)),
-        "torch.relu_": (torch.relu_, ("input",)), "F.relu6": (F.relu6, ("input", "inplace")),
-        "F.hardtanh": (F.hardtanh, ("input", "min_val", "max_val", "inplace")),
-        "F.silu": (F.silu, ("input", "inplace")), "F.gelu": (F.gelu, ("input", "approximate")),
-        "F.sigmoid": (F.sigmoid, ("input",)), "torch.sigmoid": (torch.sigmoid, ("input",)),
-        "torch.tanh": (torch.tanh, ("input",)),
-        "F.dropout": (F.dropout, ("input", "p", "training", "inplace")),
-        "F.leaky_relu": (F.leaky_relu, ("input", "negative_slope", "inplace")),
-        "F.elu": (F.elu, ("input", "alpha", "inplace")),
-        "F.hardswish": (F.hardswish, ("input", "inplace")),
-        "F.hardsigmoid": (F.hardsigmoid, ("input", "inplace")),
-        "F.mish": (F.mish, ("input", "inplace")),
-        "torch.sqrt": (torch.sqrt, ("input",)), "torch.rsqrt": (torch.rsqrt, ("input",)),
-        "torch.exp": (torch.exp, ("input",)), "torch.abs": (torch.abs, ("input",)),
-        "torch.neg": (torch.neg, ("input",)), "operator.neg": (operator.neg, ()),
-        "torch.clamp": (torch.clamp, ("input", "min", "max")),
-    })  # fmt: skip
-    methods = frozen({"relu": (), "relu_": (), "sigmoid": (), "tanh": (), "contiguous": (),
-                      "clamp": ("min", "max"), "clamp_": ("min", "max"), "float": (),
-                      "sqrt": (), "rsqrt": (), "exp": (), "abs": (), "neg": ()})  # fmt: skip
-    modules = frozen({
-        "ReLU": (nn.ReLU, ("inplace",)), "ReLU6": (nn.ReLU6, ("inplace",)),
-        "Hardtanh": (nn.Hardtanh, ("min_val", "max_val")), "SiLU": (nn.SiLU, ()),
-        "GELU": (nn.GELU, ("approximate",)), "Sigmoid": (nn.Sigmoid, ()), "Tanh": (nn.Tanh, ()),
-        "Dropout": (nn.Dropout, ("p",)), "Identity": (nn.Identity, ()),
-        "LeakyReLU": (nn.LeakyReLU, ("negative_slope",)), "ELU": (nn.ELU, ("alpha",)),
-        "Hardswish": (nn.Hardswish, ()), "Hardsigmoid": (nn.Hardsigmoid, ()),
-        "Mish": (nn.Mish, ()), "Dropout2d": (nn.Dropout2d, ("p",)),
-    })  # fmt: skip
+    functions = frozen(
+        {
+            "F.relu": (F.relu, ("input", "inplace")),
+            "torch.relu": (torch.relu, ("input",)),
+            "torch.relu_": (torch.relu_, ("input",)),
+            "F.relu6": (F.relu6, ("input", "inplace")),
+            "F.hardtanh": (F.hardtanh, ("input", "min_val", "max_val", "inplace")),
+            "F.silu": (F.silu, ("input", "inplace")),
+            "F.gelu": (F.gelu, ("input", "approximate")),
+            "F.sigmoid": (F.sigmoid, ("input",)),
+            "torch.sigmoid": (torch.sigmoid, ("input",)),
+            "torch.tanh": (torch.tanh, ("input",)),
+            "F.dropout": (F.dropout, ("input", "p", "training", "inplace")),
+            "F.leaky_relu": (F.leaky_relu, ("input", "negative_slope", "inplace")),
+            "F.elu": (F.elu, ("input", "alpha", "inplace")),
+            "F.hardswish": (F.hardswish, ("input", "inplace")),
+            "F.hardsigmoid": (F.hardsigmoid, ("input", "inplace")),
+            "F.mish": (F.mish, ("input", "inplace")),
+            "torch.sqrt": (torch.sqrt, ("input",)),
+            "torch.rsqrt": (torch.rsqrt, ("input",)),
+            "torch.exp": (torch.exp, ("input",)),
+            "torch.abs": (torch.abs, ("input",)),
+            "torch.neg": (torch.neg, ("input",)),
+            "operator.neg": (operator.neg, ()),
+            "torch.clamp": (torch.clamp, ("input", "min", "max")),
+        }
+    )
+    methods = frozen(
+        {
+            "relu": (),
+            "relu_": (),
+            "sigmoid": (),
+            "tanh": (),
+            "contiguous": (),
+            "clamp": ("min", "max"),
+            "clamp_": ("min", "max"),
+            "float": (),
+            "sqrt": (),
+            "rsqrt": (),
+            "exp": (),
+            "abs": (),
+            "neg": (),
+        }
+    )
+    modules = frozen(
+        {
+            "ReLU": (nn.ReLU, ("inplace",)),
+            "ReLU6": (nn.ReLU6, ("inplace",)),
+            "Hardtanh": (nn.Hardtanh, ("min_val", "max_val")),
+            "SiLU": (nn.SiLU, ()),
+            "GELU": (nn.GELU, ("approximate",)),
+            "Sigmoid": (nn.Sigmoid, ()),
+            "Tanh": (nn.Tanh, ()),
+            "Dropout": (nn.Dropout, ("p",)),
+            "Identity": (nn.Identity, ()),
+            "LeakyReLU": (nn.LeakyReLU, ("negative_slope",)),
+            "ELU": (nn.ELU, ("alpha",)),
+            "Hardswish": (nn.Hardswish, ()),
+            "Hardsigmoid": (nn.Hardsigmoid, ()),
+            "Mish": (nn.Mish, ()),
+            "Dropout2d": (nn.Dropout2d, ("p",)),
+        }
+    )
 
     def understands(self, node, ctx):
         if not super().understands(node, ctx):
@@ -81,16 +114,22 @@ class Binary(Rule):
     channel tensor and a number act as a unary op."""
 
     kind = "elementwise"
-    functions = frozen({
-        "operator.add": (operator.add, ()), "operator.iadd": (operator.iadd, ()),
-        "operator.sub": (operator.sub, ()), "operator.mul": (operator.mul, ()),
-        "operator.imul": (operator.imul, ()), "operator.truediv": (operator.truediv, ()),
-        "torch.add": (torch.add, ("input", "other", "alpha")),
-        "torch.sub": (torch.sub, ("input", "other", "alpha")),
-        "torch.mul": (torch.mul, ("input", "other")),
-        "torch.div": (torch.div, ("input", "other", "rounding_mode")),
-        "operator.pow": (operator.pow, ()), "torch.pow": (torch.pow, ("input", "exponent")),
-    })  # fmt: skip
+    functions = frozen(
+        {
+            "operator.add": (operator.add, ()),
+            "operator.iadd": (operator.iadd, ()),
+            "operator.sub": (operator.sub, ()),
+            "operator.mul": (operator.mul, ()),
+            "operator.imul": (operator.imul, ()),
+            "operator.truediv": (operator.truediv, ()),
+            "torch.add": (torch.add, ("input", "other", "alpha")),
+            "torch.sub": (torch.sub, ("input", "other", "alpha")),
+            "torch.mul": (torch.mul, ("input", "other")),
+            "torch.div": (torch.div, ("input", "other", "rounding_mode")),
+            "operator.pow": (operator.pow, ()),
+            "torch.pow": (torch.pow, ("input", "exponent")),
+        }
+    )
     methods = frozen(
         {
             "add": ("other", "alpha"),
@@ -102,15 +141,29 @@ class Binary(Rule):
             "pow": ("exponent",),
         }
     )
-    _OPS = frozen({
-        operator.add: operator.add, operator.iadd: operator.add, torch.add: operator.add,
-        "add": operator.add, "add_": operator.add, operator.sub: operator.sub,
-        torch.sub: operator.sub, "sub": operator.sub, operator.mul: operator.mul,
-        operator.imul: operator.mul, torch.mul: operator.mul, "mul": operator.mul,
-        "mul_": operator.mul, operator.truediv: operator.truediv, torch.div: operator.truediv,
-        "div": operator.truediv, operator.pow: operator.pow, torch.pow: operator.pow,
-        "pow": operator.pow,
-    })  # fmt: skip
+    _OPS = frozen(
+        {
+            operator.add: operator.add,
+            operator.iadd: operator.add,
+            torch.add: operator.add,
+            "add": operator.add,
+            "add_": operator.add,
+            operator.sub: operator.sub,
+            torch.sub: operator.sub,
+            "sub": operator.sub,
+            operator.mul: operator.mul,
+            operator.imul: operator.mul,
+            torch.mul: operator.mul,
+            "mul": operator.mul,
+            "mul_": operator.mul,
+            operator.truediv: operator.truediv,
+            torch.div: operator.truediv,
+            "div": operator.truediv,
+            operator.pow: operator.pow,
+            torch.pow: operator.pow,
+            "pow": operator.pow,
+        }
+    )
 
     def understands(self, node, ctx):
         if node.kwargs or len(node.args) != 2:

@@ -39,8 +39,9 @@ class BatchNorm(_KeepsChannels):
         narrow = type(bn)(int(keep.numel()), eps=bn.eps, momentum=bn.momentum, affine=bn.affine)
         state = {k: (v[keep] if v.dim() == 1 else v) for k, v in bn.state_dict().items()}
         narrow.load_state_dict(state)
-        return ctx.call_module(ctx.own_name(node), ctx.cast(narrow.eval()),
-                               (ctx.env[node.args[0]],))  # fmt: skip
+        return ctx.call_module(
+            ctx.own_name(node), ctx.cast(narrow.eval()), (ctx.env[node.args[0]],)
+        )
 
 
 class Linear(Rule):

@@ -46,8 +46,12 @@ class ShapeAccess(Rule):
             return False
         for user in node.users:
             index = user.args[1] if len(user.args) > 1 else None
-            if not (user.op == "call_function" and user.target is operator.getitem
-                    and isinstance(index, int) and index % rank != 1):  # fmt: skip
+            if not (
+                user.op == "call_function"
+                and user.target is operator.getitem
+                and isinstance(index, int)
+                and index % rank != 1
+            ):
                 return True
         return False
 
@@ -57,43 +61,73 @@ class Passthrough(Rule):
     LayerNorm, splits, matmuls): opaque, and saved like any other."""
 
     kind = "opaque (known)"
-    functions = frozen({
-        "torch.permute": (torch.permute, ("input", "dims")),
-        "torch.transpose": (torch.transpose, ("input", "dim0", "dim1")),
-        "torch.reshape": (torch.reshape, ("input", "shape")),
-        "torch.chunk": (torch.chunk, ("input", "chunks", "dim")),
-        "torch.split": (torch.split, ("tensor", "split_size_or_sections", "dim")),
-        "torch.matmul": (torch.matmul, ("input", "other")),
-        "torch.sum": (torch.sum, ("input", "dim", "keepdim", "dtype")),
-        "torch.softmax": (torch.softmax, ("input", "dim", "dtype")),
-        "F.softmax": (F.softmax, ("input", "dim", "dtype")),
-        "F.layer_norm": (F.layer_norm, ("input", "normalized_shape", "weight", "bias", "eps")),
-        "F.group_norm": (F.group_norm, ("input", "num_groups", "weight", "bias", "eps")),
-        "torch.cat": Cat.functions["torch.cat"], "torch.flatten": Flatten.functions[
-            "torch.flatten"], "operator.getitem": (operator.getitem, ()),
-        "torch.mean": Spatial.functions["torch.mean"], "F.pad": ZeroPad.functions["F.pad"],
-        "F.avg_pool2d": Spatial.functions["F.avg_pool2d"],
-        "operator.floordiv": (operator.floordiv, ()),  # channels // groups in a shuffle
-        "torch.stack": (torch.stack, ("tensors", "dim")),
-        "F.linear": (F.linear, ("input", "weight", "bias")),
-    })  # fmt: skip
-    methods = frozen({
-        "permute": ("dims",), "transpose": ("dim0", "dim1"), "view": ("dtype",),
-        "reshape": ("shape",), "chunk": ("chunks", "dim"), "split": ("split_size", "dim"),
-        "flatten": ("start_dim", "end_dim"), "mean": ("dim", "keepdim", "dtype"),
-        "sum": ("dim", "keepdim", "dtype"), "squeeze": ("dim",), "unsqueeze": ("dim",),
-        "expand_as": ("other",), "softmax": ("dim", "dtype"),
-    })  # fmt: skip
-    modules = frozen({
-        "LayerNorm": (nn.LayerNorm, ("normalized_shape", "eps", "elementwise_affine")),
-        "GroupNorm": (nn.GroupNorm, ("num_groups", "num_channels", "eps", "affine")),
-        "ChannelShuffle": (nn.ChannelShuffle, ("groups",)),
-        "Softmax": (nn.Softmax, ("dim",)), "Flatten": Flatten.modules["Flatten"],
-        "Conv2d": (nn.Conv2d, ("in_channels", "out_channels", "kernel_size", "stride", "padding",
-                               "dilation", "groups", "padding_mode")),
-        "AvgPool2d": Spatial.modules["AvgPool2d"],
-        "InstanceNorm2d": (nn.InstanceNorm2d, ("num_features", "eps", "momentum", "affine",
-                                               "track_running_stats")),
-        "LocalResponseNorm": (nn.LocalResponseNorm, ("size", "alpha", "beta", "k")),
-        "PixelShuffle": (nn.PixelShuffle, ("upscale_factor",)),
-    })  # fmt: skip
+    functions = frozen(
+        {
+            "torch.permute": (torch.permute, ("input", "dims")),
+            "torch.transpose": (torch.transpose, ("input", "dim0", "dim1")),
+            "torch.reshape": (torch.reshape, ("input", "shape")),
+            "torch.chunk": (torch.chunk, ("input", "chunks", "dim")),
+            "torch.split": (torch.split, ("tensor", "split_size_or_sections", "dim")),
+            "torch.matmul": (torch.matmul, ("input", "other")),
+            "torch.sum": (torch.sum, ("input", "dim", "keepdim", "dtype")),
+            "torch.softmax": (torch.softmax, ("input", "dim", "dtype")),
+            "F.softmax": (F.softmax, ("input", "dim", "dtype")),
+            "F.layer_norm": (F.layer_norm, ("input", "normalized_shape", "weight", "bias", "eps")),
+            "F.group_norm": (F.group_norm, ("input", "num_groups", "weight", "bias", "eps")),
+            "torch.cat": Cat.functions["torch.cat"],
+            "torch.flatten": Flatten.functions["torch.flatten"],
+            "operator.getitem": (operator.getitem, ()),
+            "torch.mean": Spatial.functions["torch.mean"],
+            "F.pad": ZeroPad.functions["F.pad"],
+            "F.avg_pool2d": Spatial.functions["F.avg_pool2d"],
+            "operator.floordiv": (operator.floordiv, ()),  # channels // groups in a shuffle
+            "torch.stack": (torch.stack, ("tensors", "dim")),
+            "F.linear": (F.linear, ("input", "weight", "bias")),
+        }
+    )
+    methods = frozen(
+        {
+            "permute": ("dims",),
+            "transpose": ("dim0", "dim1"),
+            "view": ("dtype",),
+            "reshape": ("shape",),
+            "chunk": ("chunks", "dim"),
+            "split": ("split_size", "dim"),
+            "flatten": ("start_dim", "end_dim"),
+            "mean": ("dim", "keepdim", "dtype"),
+            "sum": ("dim", "keepdim", "dtype"),
+            "squeeze": ("dim",),
+            "unsqueeze": ("dim",),
+            "expand_as": ("other",),
+            "softmax": ("dim", "dtype"),
+        }
+    )
+    modules = frozen(
+        {
+            "LayerNorm": (nn.LayerNorm, ("normalized_shape", "eps", "elementwise_affine")),
+            "GroupNorm": (nn.GroupNorm, ("num_groups", "num_channels", "eps", "affine")),
+            "ChannelShuffle": (nn.ChannelShuffle, ("groups",)),
+            "Softmax": (nn.Softmax, ("dim",)),
+            "Flatten": Flatten.modules["Flatten"],
+            "Conv2d": (
+                nn.Conv2d,
+                (
+                    "in_channels",
+                    "out_channels",
+                    "kernel_size",
+                    "stride",
+                    "padding",
+                    "dilation",
+                    "groups",
+                    "padding_mode",
+                ),
+            ),
+            "AvgPool2d": Spatial.modules["AvgPool2d"],
+            "InstanceNorm2d": (
+                nn.InstanceNorm2d,
+                ("num_features", "eps", "momentum", "affine", "track_running_stats"),
+            ),
+            "LocalResponseNorm": (nn.LocalResponseNorm, ("size", "alpha", "beta", "k")),
+            "PixelShuffle": (nn.PixelShuffle, ("upscale_factor",)),
+        }
+    )

@@ -26,9 +26,20 @@ CONV_SITE = ConvSite()
 # Tried in this order; the first whose ``matches`` holds is the node's rule. The
 # specific rules for an op come before the general ones naming the same op (a channel
 # slice before an opaque getitem), and Passthrough last of all.
-RULES: tuple[Rule, ...] = (Unary(), BatchNorm(), Spatial(), ZeroPad(), ChannelPad(),
-                           ChannelSlice(), Flatten(), Binary(), Cat(), Linear(),
-                           ShapeAccess(), Passthrough())  # fmt: skip
+RULES: tuple[Rule, ...] = (
+    Unary(),
+    BatchNorm(),
+    Spatial(),
+    ZeroPad(),
+    ChannelPad(),
+    ChannelSlice(),
+    Flatten(),
+    Binary(),
+    Cat(),
+    Linear(),
+    ShapeAccess(),
+    Passthrough(),
+)
 _RULE_NAMES = {"unary": CustomUnary(), "spatial": Spatial(), "opaque": OPAQUE}
 _CUSTOM: dict[type, Rule] = {}
 

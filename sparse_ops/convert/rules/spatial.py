@@ -22,37 +22,58 @@ class Spatial(_KeepsChannels):
 
     kind = "spatial"
     _pool_max = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
-    _pool_avg = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
-                 "divisor_override")  # fmt: skip
+    _pool_avg = (
+        "kernel_size",
+        "stride",
+        "padding",
+        "ceil_mode",
+        "count_include_pad",
+        "divisor_override",
+    )
     _resample = ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor")
-    functions = frozen({
-        "F.max_pool2d": (F.max_pool2d, ("input", *_pool_max)),
-        "F.avg_pool2d": (F.avg_pool2d, ("input", *_pool_avg)),
-        "F.adaptive_avg_pool2d": (F.adaptive_avg_pool2d, ("input", "output_size")),
-        "F.adaptive_max_pool2d": (F.adaptive_max_pool2d,
-                                  ("input", "output_size", "return_indices")),
-        "F.interpolate": (F.interpolate, ("input", *_resample, "antialias")),
-        "torch.mean": (torch.mean, ("input", "dim", "keepdim", "dtype")),
-        "torch.amax": (torch.amax, ("input", "dim", "keepdim")),
-        "operator.getitem": (operator.getitem, ()),
-    })  # fmt: skip
+    functions = frozen(
+        {
+            "F.max_pool2d": (F.max_pool2d, ("input", *_pool_max)),
+            "F.avg_pool2d": (F.avg_pool2d, ("input", *_pool_avg)),
+            "F.adaptive_avg_pool2d": (F.adaptive_avg_pool2d, ("input", "output_size")),
+            "F.adaptive_max_pool2d": (
+                F.adaptive_max_pool2d,
+                ("input", "output_size", "return_indices"),
+            ),
+            "F.interpolate": (F.interpolate, ("input", *_resample, "antialias")),
+            "torch.mean": (torch.mean, ("input", "dim", "keepdim", "dtype")),
+            "torch.amax": (torch.amax, ("input", "dim", "keepdim")),
+            "operator.getitem": (operator.getitem, ()),
+        }
+    )
     methods = frozen({"mean": ("dim", "keepdim", "dtype"), "amax": ("dim", "keepdim")})
-    modules = frozen({
-        "MaxPool2d": (nn.MaxPool2d, _pool_max), "AvgPool2d": (nn.AvgPool2d, _pool_avg),
-        "AdaptiveAvgPool2d": (nn.AdaptiveAvgPool2d, ("output_size",)),
-        "AdaptiveMaxPool2d": (nn.AdaptiveMaxPool2d, ("output_size", "return_indices")),
-        "Upsample": (nn.Upsample, _resample),
-    })  # fmt: skip
+    modules = frozen(
+        {
+            "MaxPool2d": (nn.MaxPool2d, _pool_max),
+            "AvgPool2d": (nn.AvgPool2d, _pool_avg),
+            "AdaptiveAvgPool2d": (nn.AdaptiveAvgPool2d, ("output_size",)),
+            "AdaptiveMaxPool2d": (nn.AdaptiveMaxPool2d, ("output_size", "return_indices")),
+            "Upsample": (nn.Upsample, _resample),
+        }
+    )
 
     def understands(self, node, ctx):
         if not super().understands(node, ctx) or len(ctx.shape(node.args[0])) != 4:
             return False
         if node.op == "call_function" and node.target is operator.getitem:
             index = node.args[1]
-            return (isinstance(index, tuple) and len(index) >= 2 and index[1] == slice(None)
-                    and all(isinstance(i, slice) for i in index))  # fmt: skip
-        reductions = {("call_function", torch.mean), ("call_function", torch.amax),
-                      ("call_method", "mean"), ("call_method", "amax")}  # fmt: skip
+            return (
+                isinstance(index, tuple)
+                and len(index) >= 2
+                and index[1] == slice(None)
+                and all(isinstance(i, slice) for i in index)
+            )
+        reductions = {
+            ("call_function", torch.mean),
+            ("call_function", torch.amax),
+            ("call_method", "mean"),
+            ("call_method", "amax"),
+        }
         if (node.op, node.target) in reductions:
             dims = _arg(node, 1, "dim")
             dims = [dims] if isinstance(dims, int) else dims

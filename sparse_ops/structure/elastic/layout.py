@@ -168,18 +168,36 @@ def check_compatible(src: ArchLayout, dst: ArchLayout) -> None:
     dst_fixed = {rel: dst.shapes[k] for k, rel in dst.fixed.items()}
     _compare(where, "stem/classifier", src_fixed, dst_fixed, src.root, dst.root)
     for s, (n_src, n_dst) in enumerate(zip(src.counts, dst.counts, strict=True)):
-        _compare(where, f"stage {s} block 0", src.block_shapes(s, 0), dst.block_shapes(s, 0),
-                 f"{src.stages[s][0]}.", f"{dst.stages[s][0]}.")  # fmt: skip
+        _compare(
+            where,
+            f"stage {s} block 0",
+            src.block_shapes(s, 0),
+            dst.block_shapes(s, 0),
+            f"{src.stages[s][0]}.",
+            f"{dst.stages[s][0]}.",
+        )
         if n_dst < 2:
             continue
         # Any source block may land on any later target block: all must look alike.
         template = dst.block_shapes(s, 1)
         for b in range(1, n_src):
-            _compare(where, f"stage {s} block {b}", src.block_shapes(s, b), template,
-                     f"{src.stages[s][b]}.", f"{dst.stages[s][1]}.")  # fmt: skip
+            _compare(
+                where,
+                f"stage {s} block {b}",
+                src.block_shapes(s, b),
+                template,
+                f"{src.stages[s][b]}.",
+                f"{dst.stages[s][1]}.",
+            )
         for b in range(2, n_dst):
-            _compare(where, f"stage {s} block {b}", template, dst.block_shapes(s, b),
-                     f"{dst.stages[s][1]}.", f"{dst.stages[s][b]}.")  # fmt: skip
+            _compare(
+                where,
+                f"stage {s} block {b}",
+                template,
+                dst.block_shapes(s, b),
+                f"{dst.stages[s][1]}.",
+                f"{dst.stages[s][b]}.",
+            )
 
 
 def _compare(

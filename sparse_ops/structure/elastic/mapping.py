@@ -53,10 +53,12 @@ class StageMapping:
     @classmethod
     def from_dict(cls, mapping: Mapping[int, int | Sequence[int]]) -> StageMapping:
         """From ``{source: [targets]}`` (a single target may be a bare int)."""
-        return cls(tuple(
-            (src, (targets,) if isinstance(targets, int) else tuple(targets))
-            for src, targets in mapping.items()
-        ))  # fmt: skip
+        return cls(
+            tuple(
+                (src, (targets,) if isinstance(targets, int) else tuple(targets))
+                for src, targets in mapping.items()
+            )
+        )
 
     def as_dict(self) -> dict[int, list[int]]:
         return {src: list(targets) for src, targets in self.pairs}
@@ -225,10 +227,11 @@ def named_mapping(strategy: str, n_src: int, n_dst: int) -> StageMapping:
         "interpolate": _interpolate,
         "append": _append,
         "drop-last": lambda m, big_m: {i: [i] for i in range(1, big_m + 1)},
-        "drop-interleaved": lambda m, big_m: {1 + (j - 1) * m // big_m: [j]
-                                              for j in range(1, big_m + 1)},
+        "drop-interleaved": lambda m, big_m: {
+            1 + (j - 1) * m // big_m: [j] for j in range(1, big_m + 1)
+        },
         "drop-first": lambda m, big_m: {m - big_m + j: [j] for j in range(1, big_m + 1)},
-    }[strategy]  # fmt: skip
+    }[strategy]
     return StageMapping.from_dict({0: [0], **build(m, big_m)})
 
 
@@ -317,6 +320,7 @@ def _stage_spec(part: StageSpec) -> str | StageMapping:
     if isinstance(part, str):
         return part.strip() if part.strip() in STRATEGIES else parse_stage_mapping(part)
     raise BlockMappingError(f"cannot use {part!r} as a stage mapping")
+
 
 def _per_stage(parts: Sequence[Any], read: Callable[[Any], _T]) -> list[_T]:
     """``read`` of each stage's part. One part stands for every stage, so only with

@@ -116,20 +116,32 @@ class ElasticReport:
             + f"): density {self.density_before:.4f} → {self.density_after:.4f}"
         )
         rows = [
-            [s.stage, s.kind, f"{s.source_blocks} → {s.target_blocks}", s.mapping,
-             " ".join(map(str, s.sources)), _density(s.density_before),
-             _density(s.density_after)]
+            [
+                s.stage,
+                s.kind,
+                f"{s.source_blocks} → {s.target_blocks}",
+                s.mapping,
+                " ".join(map(str, s.sources)),
+                _density(s.density_before),
+                _density(s.density_after),
+            ]
             for s in self.stages
-        ]  # fmt: skip
-        headers = ["stage", "kind", "blocks", "mapping", "source of each block", "density before",
-                   "after"]  # fmt: skip
+        ]
+        headers = [
+            "stage",
+            "kind",
+            "blocks",
+            "mapping",
+            "source of each block",
+            "density before",
+            "after",
+        ]
         out = [head, "", format_table(headers, rows, align="rllllrr")]
         if layers:
             rows = [
-                [c.name, shape_text(c.shape), c.source, c.role, c.density_before,
-                 c.density_after]
+                [c.name, shape_text(c.shape), c.source, c.role, c.density_before, c.density_after]
                 for c in self.layers
-            ]  # fmt: skip
+            ]
             headers = ["layer", "shape", "from", "role", "density before", "after"]
             out += ["", format_table(headers, rows, align="llllrr")]
         return "\n".join(out)

@@ -15,8 +15,15 @@ from .mapping import STRATEGIES, MappingSpec, StageMapping, resolve_mapping
 from .report import ElasticReport, LayerCopy, StageChange
 
 # Meta entries that describe the source network as measured, not the new ticket.
-_SOURCE_ONLY = ("accuracy", "metrics", "density", "imp_density", "sparsity", "source",
-                "key_prefix_change")  # fmt: skip
+_SOURCE_ONLY = (
+    "accuracy",
+    "metrics",
+    "density",
+    "imp_density",
+    "sparsity",
+    "source",
+    "key_prefix_change",
+)
 
 
 def transform(
@@ -52,9 +59,17 @@ def transform(
     shuffled = _shuffle_extras(masks, dst, stages, seed) if random_extra else set()
     weights, rewind = (_copy_state(state, sources) for state in (source.weights, source.rewind))
     report = _report(
-        source, masks, src, dst, stages, sources, shuffled,
-        strategy=_strategy_name(mapping), random_extra=random_extra, seed=seed,
-    )  # fmt: skip
+        source,
+        masks,
+        src,
+        dst,
+        stages,
+        sources,
+        shuffled,
+        strategy=_strategy_name(mapping),
+        random_extra=random_extra,
+        seed=seed,
+    )
     meta = _meta(source, report, sources, shuffled)
     result = Ticket(masks, weights, dst.arch, meta, rewind=rewind)
     result.check_fits(dst.arch)
@@ -142,28 +157,42 @@ def _report(
         src_key = sources[key]
         place = dst.blocks.get(key)
         stage, block = (place[0], place[1]) if place else (None, None)
-        layers.append(LayerCopy(
-            name=key, source=src_key, shape=tuple(mask.shape), stage=stage, block=block,
-            source_block=None if place is None else src.blocks[src_key][1],
-            role=_role(key, block, stages[stage] if place else None, shuffled),
-            nnz_before=before[src_key], nnz_after=after[key], numel=mask.numel(),
-        ))  # fmt: skip
+        layers.append(
+            LayerCopy(
+                name=key,
+                source=src_key,
+                shape=tuple(mask.shape),
+                stage=stage,
+                block=block,
+                source_block=None if place is None else src.blocks[src_key][1],
+                role=_role(key, block, stages[stage] if place else None, shuffled),
+                nnz_before=before[src_key],
+                nnz_after=after[key],
+                numel=mask.numel(),
+            )
+        )
     changes = tuple(
         StageChange(
-            stage=s, source_blocks=src.counts[s], target_blocks=dst.counts[s], mapping=str(m),
+            stage=s,
+            source_blocks=src.counts[s],
+            target_blocks=dst.counts[s],
+            mapping=str(m),
             sources=tuple(m.source_of()[t] for t in range(dst.counts[s])),
             extras=tuple(sorted(m.extras())),
             density_before=_density_over(before, source.masks, lambda k, s=s: src.stage_of(k) == s),
             density_after=_density_over(after, masks, lambda k, s=s: dst.stage_of(k) == s),
         )
         for s, m in enumerate(stages)
-    )  # fmt: skip
+    )
     return ElasticReport(
-        source_arch=src.arch, target_arch=dst.arch,
+        source_arch=src.arch,
+        target_arch=dst.arch,
         density_before=_density_over(before, source.masks, default=1.0),
         density_after=_density_over(after, masks, default=1.0),
-        stages=changes, layers=tuple(layers), **params,
-    )  # fmt: skip
+        stages=changes,
+        layers=tuple(layers),
+        **params,
+    )
 
 
 def _role(key: str, block: int | None, mapping: StageMapping | None, shuffled: set[str]) -> str:
