@@ -423,7 +423,7 @@ def test_convert_command_lists_unstructured_layers(slth_checkpoint, tmp_path, ca
 
 
 def test_a_folder_named_like_a_command_package_is_named_in_the_error(tmp_path, monkeypatch):
-    from sparse_ops.cli import _import_advice
+    from sparse_ops.cli.arguments import import_advice as _import_advice
 
     # What `sparse-ops bench --out bench/...` run in a user's folder used to leave behind:
     # a folder without __init__.py, which imports as an empty namespace package.
