@@ -53,6 +53,7 @@ from .epilogue import multiple_of, store_with_epilogue
 
 @triton.jit
 def channel_conv_kernel(
+    # tensors: input, plan weight, bias, bias map, residual, output; plan index maps
     x_ptr,
     w_ptr,
     bias_ptr,
@@ -62,6 +63,7 @@ def channel_conv_kernel(
     in_idx_ptr,
     out_idx_ptr,
     fill_idx_ptr,
+    # problem size (M = N·OH·OW output pixels)
     M,
     H,
     W,
@@ -70,6 +72,7 @@ def channel_conv_kernel(
     C_IN,
     C_OUT,
     N_FILL,
+    # strides, in elements: input, output, residual (NHWC order), bias map
     stride_xn,
     stride_xh,
     stride_xw,
@@ -85,12 +88,14 @@ def channel_conv_kernel(
     stride_bc,
     stride_bh,
     stride_bw,
+    # conv geometry (runtime: one compiled kernel serves every stride/padding)
     STRIDE_H,
     STRIDE_W,
     PAD_H,
     PAD_W,
     DIL_H,
     DIL_W,
+    # kernel taps and the plan's features
     KH: tl.constexpr,
     KW: tl.constexpr,
     HAS_IN_IDX: tl.constexpr,
@@ -100,12 +105,14 @@ def channel_conv_kernel(
     HAS_BIAS_MAP: tl.constexpr,
     HAS_RES: tl.constexpr,
     RELU: tl.constexpr,
+    # numerics and the alignment the launcher proved
     INPUT_PRECISION: tl.constexpr,
     X_ALIGN: tl.constexpr,
     W_ALIGN: tl.constexpr,
     Y_ALIGN: tl.constexpr,
     WIDE: tl.constexpr,
     FLAT: tl.constexpr,
+    # tile (autotuned)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,

@@ -52,9 +52,11 @@ def _input_tile(
 
 @triton.jit
 def conv_tile(
+    # tensors
     x_ptr,
     w_ptr,
     in_idx_ptr,
+    # the tile: its pixels (flat, image, row, column) and its rows, with their masks
     rm,
     m_mask,
     nb,
@@ -62,6 +64,7 @@ def conv_tile(
     ow,
     rn,
     n_mask,
+    # input size and strides (elements)
     H,
     W,
     C_IN,
@@ -69,12 +72,14 @@ def conv_tile(
     stride_xh,
     stride_xw,
     stride_xc,
+    # conv geometry
     STRIDE_H,
     STRIDE_W,
     PAD_H,
     PAD_W,
     DIL_H,
     DIL_W,
+    # kernel taps, features, numerics, tile
     KH: tl.constexpr,
     KW: tl.constexpr,
     HAS_IN_IDX: tl.constexpr,

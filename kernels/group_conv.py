@@ -66,11 +66,13 @@ MAX_TAPS_PER_AXIS = 16  # tap bits: 16 for rows, 16 for columns, in one int32 pe
 
 @triton.jit
 def group_conv_kernel(
+    # tensors: input, pack values, bias, residual, output
     x_ptr,
     val_ptr,
     bias_ptr,
     res_ptr,
     y_ptr,
+    # pack index arrays and the tile schedule
     row_idx_ptr,
     row_ptr_ptr,
     col_code_ptr,
@@ -79,6 +81,7 @@ def group_conv_kernel(
     tile_group_ptr,
     tile_row_ptr,
     fill_idx_ptr,
+    # problem size (M = N·OH·OW output pixels) and schedule size
     M,
     H,
     W,
@@ -87,6 +90,7 @@ def group_conv_kernel(
     N_FILL,
     NUM_TILES,
     MAX_COLS,
+    # strides, in elements: input, output, residual (NHWC order)
     stride_xn,
     stride_xh,
     stride_xw,
@@ -99,6 +103,7 @@ def group_conv_kernel(
     stride_rh,
     stride_rw,
     stride_rc,
+    # conv geometry (constexpr: the column codes are decoded per tap)
     KH: tl.constexpr,
     KW: tl.constexpr,
     STRIDE_H: tl.constexpr,
@@ -107,15 +112,18 @@ def group_conv_kernel(
     PAD_W: tl.constexpr,
     DIL_H: tl.constexpr,
     DIL_W: tl.constexpr,
+    # epilogue features
     HAS_BIAS: tl.constexpr,
     HAS_RES: tl.constexpr,
     RELU: tl.constexpr,
+    # numerics, the pack's blocking and the alignment the launcher proved
     INPUT_PRECISION: tl.constexpr,
     K_PAD: tl.constexpr,
     COL_RUN: tl.constexpr,
     X_ALIGN: tl.constexpr,
     WIDE: tl.constexpr,
     GATHER_TRANSPOSED: tl.constexpr,
+    # tile: BLOCK_M autotuned, BLOCK_N the pack's block_n, BLOCK_K dividing K_PAD
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
