@@ -379,7 +379,8 @@ def test_opcheck_every_call_a_converted_network_makes(name, monkeypatch):
     monkeypatch.setattr(channel_unit, "channel_conv_op", recorder(CHANNEL_OP, channel_key))
     monkeypatch.setattr(group_unit, "group_conv_op", recorder(GROUP_OP, group_key))
     # Plain eager units skip the dispatcher; here every call goes through the op.
-    monkeypatch.setattr(units, "_plain_eager_call", lambda *tensors: False)
+    monkeypatch.setattr(channel_unit, "plain_eager_call", lambda *tensors: False)
+    monkeypatch.setattr(group_unit, "plain_eager_call", lambda *tensors: False)
     with torch.no_grad():
         fast(_x())
     assert calls
