@@ -139,7 +139,9 @@ def _ours(case: Case) -> Built:
     return Built(fast, "masked", note, details)
 
 
-def _triton_dense(case: Case) -> Built:
+def _dense_converted(case: Case, backend: str) -> Built:
+    """The dense network converted (BatchNorm folded, epilogues fused), run on ``backend``:
+    the same module for triton-dense (our kernel) and folded (torch / cuDNN)."""
     dense_ticket = Ticket({}, None, case.ticket.arch)
     fast = convert(
         case.model,
@@ -149,20 +151,15 @@ def _triton_dense(case: Case) -> Built:
         device=case.device,
         input_size=case.input_shape[1:],
     )
-    return Built(_on_backend("triton", fast), "dense")
+    return Built(_on_backend(backend, fast), "dense")
+
+
+def _triton_dense(case: Case) -> Built:
+    return _dense_converted(case, "triton")
 
 
 def _folded(case: Case) -> Built:
-    dense_ticket = Ticket({}, None, case.ticket.arch)
-    fast = convert(
-        case.model,
-        dense_ticket,
-        mode="channel",
-        dtype=case.dtype,
-        device=case.device,
-        input_size=case.input_shape[1:],
-    )
-    return Built(_on_backend("torch", fast), "dense")
+    return _dense_converted(case, "torch")
 
 
 def _compile(case: Case) -> Built:

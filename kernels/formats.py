@@ -256,6 +256,19 @@ class GroupPack(_Packed):
     validate: InitVar[bool] = True
 
     VERSION: ClassVar[int] = 2
+    # The int32 index arrays the kernel reads (val_ptr is int64), and every tensor field
+    # in field order: what the launchers check and what a converted unit stores.
+    INDEX_FIELDS: ClassVar[tuple[str, ...]] = (
+        "row_idx",
+        "row_ptr",
+        "col_idx",
+        "col_code",
+        "col_ptr",
+        "tile_group",
+        "tile_row",
+        "fill_idx",
+    )
+    TENSOR_FIELDS: ClassVar[tuple[str, ...]] = ("values", "val_ptr", *INDEX_FIELDS, "bias")
 
     def __post_init__(self, validate: bool) -> None:
         if self.col_code is None:  # a version-1 pack: derive what version 2 stores

@@ -59,7 +59,7 @@ import triton.language as tl
 from . import configs, launch
 from .epilogue import multiple_of, store_with_epilogue
 from .errors import KernelInputError
-from .formats import COL_RUN
+from .formats import COL_RUN, GroupPack
 
 MAX_TAPS_PER_AXIS = 16  # tap bits: 16 for rows, 16 for columns, in one int32 per pixel
 
@@ -316,7 +316,7 @@ group_conv_tuned, CONFIGS = configs.autotuned(
 )
 
 # What the kernel reads besides x, the residual and the bias (an out= may not overlap them).
-GROUP_PACK_TENSORS = ("values", "val_ptr", *(name for name, _ in launch.GROUP_PACK_INDEX))
+GROUP_PACK_TENSORS = GroupPack.TENSOR_FIELDS[:-1]
 
 INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_K": 16}
 

@@ -360,29 +360,14 @@ def _check_index(t: torch.Tensor, length: int, x: torch.Tensor, what: str, label
     check_same(t, x, what, label, dtype=torch.int32)
 
 
-GROUP_PACK_INDEX = tuple(
-    (name, f"pack {name}")
-    for name in (
-        "row_idx",
-        "row_ptr",
-        "col_idx",
-        "col_code",
-        "col_ptr",
-        "tile_group",
-        "tile_row",
-        "fill_idx",
-    )
-)
-
-
 def check_group_call(x, pack, residual, what: str, interpreted: bool | None) -> CallShape:
     """Every check a GroupPack call needs before touching memory (see
     :func:`check_channel_call`)."""
     check_format(pack, GroupPack, what)
     check_activation(x, what, interpreted)
     check_same(pack.values, x, what, "pack values")
-    for name, label in GROUP_PACK_INDEX:
-        check_same(getattr(pack, name), x, what, label, dtype=torch.int32)
+    for name in GroupPack.INDEX_FIELDS:
+        check_same(getattr(pack, name), x, what, f"pack {name}", dtype=torch.int32)
     check_same(pack.val_ptr, x, what, "pack val_ptr", dtype=torch.int64)
     check_bias(pack.bias, pack.out_channels, x, what, "pack bias")
     c = x.shape[1]

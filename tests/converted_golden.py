@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import torch
+from model_cases import perturb_batchnorm
 from safetensors.torch import save_file
 from torch import nn
 
@@ -48,13 +49,7 @@ def model_and_ticket(kind: str):
     from sparse_ops import Ticket, structure
 
     torch.manual_seed(0)
-    model = Tiny().eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 2.0)
-                m.bias.normal_(0, 0.3)
+    model = perturb_batchnorm(Tiny(), scale=False)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     g = torch.Generator().manual_seed(1)
     names = [f"conv{i}.weight" for i in range(1, 5)]

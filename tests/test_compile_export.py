@@ -19,11 +19,12 @@ import sys
 import pytest
 import torch
 from kernel_cases import channel_mask, conv_weight, group_layout
+from model_cases import trained_like
 from torch import nn
 from torch.library import opcheck
 
 import sparse_ops.nn as units
-from sparse_ops import Ticket, imp, models, ops, structure
+from sparse_ops import Ticket, imp, ops, structure
 from sparse_ops.convert import convert, masked_model
 from sparse_ops.masks import from_gemm_view
 from sparse_ops.nn import channel as channel_unit
@@ -254,21 +255,6 @@ def test_ops_are_inference_only(which):
 # ---------------------------------------------------------------- converted networks
 
 
-def _trained_like(arch: str) -> nn.Module:
-    """BatchNorm statistics that are not the identity, so folded biases and the constant
-    outputs of pruned channels (bias maps) are not zero."""
-    torch.manual_seed(0)
-    model = models.create(arch)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.3)
-    return model.eval()
-
-
 # The smallest input at which res20s's last stage is still wider than 1×1 (8, 4, 2):
 # bias maps still vary at the border, and the compile stays cheap.
 HW = 8
@@ -292,7 +278,7 @@ def _network(name: str, dtype: torch.dtype = torch.float32):
     """``(converted, masked reference)``, built once per session (conversion is pure)."""
     if (name, dtype) not in _converted:
         kind, mode, policy, device = NETWORKS[name]
-        model = _trained_like("res20s")
+        model = trained_like("res20s")
         state = imp.capture_state(model)
         g = torch.Generator().manual_seed(1)
         masks = {n: torch.rand(state[n].shape, generator=g) < 0.4 for n in imp.prunable(model)}

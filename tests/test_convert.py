@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from model_cases import trained_like
 from torch import nn
 
 from sparse_ops import Ticket, imp, models, ops, structure
@@ -22,20 +23,6 @@ from sparse_ops.structure import RegroupConfig
 
 TOL = {"atol": 1e-4, "rtol": 1e-4}
 FAST_REGROUP = RegroupConfig(parts=1)  # the partitioner has its own tests; keep CI fast
-
-
-def _trained_like(arch: str, seed: int = 0) -> nn.Module:
-    """A model whose BatchNorm statistics are not the identity (so folding matters)."""
-    torch.manual_seed(seed)
-    model = models.create(arch)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.3)  # many pruned channels become nonzero constants
-    return model.eval()
 
 
 def _ticket(model: nn.Module, arch: str, kind: str, density: float = 0.4) -> Ticket:
@@ -57,7 +44,7 @@ CASES = [("refill", "error"), ("regroup", "error"), ("random", "regroup"), ("ran
 @pytest.mark.parametrize(("kind", "policy"), CASES, ids=[f"{k}-{p}" for k, p in CASES])
 @pytest.mark.parametrize("arch", models.names())
 def test_converted_equals_masked_dense(arch, kind, policy):
-    model = _trained_like(arch)
+    model = trained_like(arch)
     ticket = _ticket(model, arch, kind)
     options = {"input_size": (3, 32, 32), "regroup": FAST_REGROUP, "return_report": True}
     fast, report = convert(model, ticket, mode="auto", on_unstructured=policy, **options)
@@ -69,7 +56,7 @@ def test_converted_equals_masked_dense(arch, kind, policy):
 
 @pytest.mark.parametrize("mode", ["channel", "group", "auto"])
 def test_modes_on_res20s_with_default_regroup(mode):
-    model = _trained_like("res20s")
+    model = trained_like("res20s")
     for kind in ("refill", "regroup"):
         ticket = _ticket(model, "res20s", kind)
         if kind == "regroup":
@@ -81,7 +68,7 @@ def test_modes_on_res20s_with_default_regroup(mode):
 
 
 def test_channel_mode_narrows_and_folds():
-    model = _trained_like("res20s")
+    model = trained_like("res20s")
     ticket = _ticket(model, "res20s", "refill")
     fast, report = convert(model, ticket, mode="channel", return_report=True)
     assert report.notes["bn_folded"] == 19 and report.notes["residual_fused"] == 9
@@ -93,7 +80,7 @@ def test_channel_mode_narrows_and_folds():
 
 
 def test_res56s_refill_half_channels_flops():
-    model = _trained_like("res56s")
+    model = trained_like("res56s")
     names = imp.prunable(model)
     state = imp.capture_state(model)
     masks = {n: torch.rand(state[n].shape) < 0.5 for n in names}
@@ -104,7 +91,7 @@ def test_res56s_refill_half_channels_flops():
 
 
 def test_group_mode_uses_group_units_and_ticket_layouts():
-    model = _trained_like("vgg16_bn")
+    model = trained_like("vgg16_bn")
     ticket = _ticket(model, "vgg16_bn", "regroup")
     fast, report = convert(model, ticket, mode="group", return_report=True)
     units = [m for m in fast.modules() if isinstance(m, GroupSparseConv2d)]
@@ -114,7 +101,7 @@ def test_group_mode_uses_group_units_and_ticket_layouts():
 
 def test_through_triton_kernels_under_the_interpreter():
     # 8×8 inputs keep the interpreter fast; every layer type still runs (stride 2 included)
-    model = _trained_like("res20s")
+    model = trained_like("res20s")
     x = torch.randn(1, 3, 8, 8)
     for kind, policy in [("refill", "error"), ("random", "regroup")]:
         ticket = _ticket(model, "res20s", kind)
@@ -133,7 +120,7 @@ def test_through_triton_kernels_under_the_interpreter():
 
 
 def test_save_and_load_give_identical_outputs(tmp_path):
-    model = _trained_like("mobilenet")
+    model = trained_like("mobilenet")
     for kind, policy in [("refill", "error"), ("random", "regroup")]:
         ticket = _ticket(model, "mobilenet", kind)
         fast = convert(model, ticket, on_unstructured=policy, regroup=FAST_REGROUP)
@@ -151,7 +138,7 @@ ROUND_TRIP_ARCHS = ["res20s", "vgg16_bn", "wrn32", "mobilenet", "cifar_resnet_20
 def test_save_and_load_are_bitwise_identical(arch, kind, policy, tmp_path):
     """The property test's models (one per family), saved and loaded: the same bits out,
     at the conversion's input size (saved bias maps) and at another (recomputed ones)."""
-    model = _trained_like(arch)
+    model = trained_like(arch)
     fast = convert(
         model,
         _ticket(model, arch, kind),
@@ -194,7 +181,7 @@ def test_saved_file_from_a_newer_version(tmp_path):
 
     from sparse_ops.checkpoint_io import read_safetensors
 
-    model = _trained_like("res20s")
+    model = trained_like("res20s")
     path = save_converted(convert(model, _ticket(model, "res20s", "refill")), tmp_path / "c.st")
     _, metadata = read_safetensors(path)
     save_file(load_file(str(path)), str(path), metadata={**metadata, "format_version": "9"})
@@ -207,7 +194,7 @@ def test_loading_refuses_functions_outside_the_allowlist(tmp_path):
 
     from sparse_ops.checkpoint_io import read_safetensors
 
-    model = _trained_like("res20s")
+    model = trained_like("res20s")
     path = save_converted(convert(model, _ticket(model, "res20s", "refill")), tmp_path / "c.st")
     _, metadata = read_safetensors(path)
     graph = json.loads(metadata["graph"])
@@ -224,14 +211,14 @@ def test_model_in_training_mode():
 
 
 def test_hooks_we_cannot_honour():
-    model = _trained_like("res20s")
+    model = trained_like("res20s")
     model.layer1[0].conv1.register_forward_hook(lambda *a: None)
     with pytest.raises(ConvertError, match="'layer1.0.conv1' carry forward/backward hooks"):
         convert(model, Ticket({}))
 
 
 def test_ticket_that_does_not_fit():
-    model = _trained_like("res20s")
+    model = trained_like("res20s")
     bad = Ticket({"layer1.0.conv1.weight": torch.ones(16, 8, 3, 3)})
     with pytest.raises(
         ConvertError, match=r"does not fit.*layer1\.0\.conv1\.weight \(16, 8, 3, 3\)"
@@ -240,7 +227,7 @@ def test_ticket_that_does_not_fit():
 
 
 def test_unstructured_masks_error_lists_layers():
-    model = _trained_like("res20s")
+    model = trained_like("res20s")
     with pytest.raises(ConvertError, match=r"cannot run: 'layer1\.0\.conv1 \(unstructured\)'"):
         convert(model, _ticket(model, "res20s", "random"), mode="channel")
 
@@ -253,13 +240,13 @@ def test_unsupported_layer_type_in_a_pruned_path():
 
 
 def test_input_size_the_model_cannot_run():
-    model = _trained_like("cifar_vgg_11")
+    model = trained_like("cifar_vgg_11")
     with pytest.raises(ConvertError, match=r"does not run on an input of shape \(1, 3, 64, 64\)"):
         convert(model, _ticket(model, "cifar_vgg_11", "refill"), input_size=(3, 64, 64))
 
 
 def test_bad_mode_and_policy():
-    model = _trained_like("res20s")
+    model = trained_like("res20s")
     with pytest.raises(ConvertError, match="mode must be one of"):
         convert(model, Ticket({}), mode="fast")
     with pytest.raises(ConvertError, match="on_unstructured must be one of"):
@@ -296,7 +283,7 @@ def test_fallback_when_tracing_fails():
 
 
 def test_torch_compile_sees_no_graph_break():
-    model = _trained_like("res20s")
+    model = trained_like("res20s")
     for kind, mode in [("refill", "channel"), ("regroup", "group")]:
         fast = convert(model, _ticket(model, "res20s", kind), mode=mode)
         compiled = torch.compile(fast, backend="eager", fullgraph=True)
@@ -306,13 +293,13 @@ def test_torch_compile_sees_no_graph_break():
 
 
 def test_converted_module_is_eval_only():
-    fast = convert(_trained_like("res20s"), Ticket({}))
+    fast = convert(trained_like("res20s"), Ticket({}))
     with pytest.raises(RuntimeError, match="inference module"):
         fast.train()
 
 
 def test_report_is_json_ready():
-    model = _trained_like("res20s")
+    model = trained_like("res20s")
     _, report = convert(model, _ticket(model, "res20s", "refill"), return_report=True)
     d = json.loads(json.dumps(report.as_dict()))
     assert d["flops_after"] < d["flops_dense"] and d["layers"][0]["name"] == "conv1"
@@ -341,7 +328,7 @@ def test_torchvision_models(name):
 
 @pytest.mark.gpu
 def test_gpu_path_cuda_graphs_and_inductor():
-    model = _trained_like("res20s")
+    model = trained_like("res20s")
     ticket = _ticket(model, "res20s", "refill")
     fast = convert(model, ticket, mode="channel", dtype=torch.float16, device="cuda")
     ref = masked_model(model, ticket).cuda().half()
@@ -386,7 +373,7 @@ def test_auto_mode_prices_group_units_for_the_target_device():
 def test_a_model_pruned_by_ticket_apply_converts():
     """The README flow: ticket.apply (torch.nn.utils.prune hooks, ``weight`` a non-leaf
     tensor) then convert, on the model itself and with the ticket."""
-    model = _trained_like("res20s")
+    model = trained_like("res20s")
     ticket = _ticket(model, "res20s", "refill")
     pruned = ticket.apply(models.create("res20s"), "weights").eval()
     assert not pruned.layer1[0].conv1.weight.is_leaf  # what copy.deepcopy refuses
@@ -433,7 +420,7 @@ def test_same_and_valid_padding_run_as_the_integers_they_mean():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_save_and_load_keep_a_half_precision_module_whole(dtype, tmp_path):
-    model = _trained_like("res20s")
+    model = trained_like("res20s")
     fast = convert(model, _ticket(model, "res20s", "refill"), dtype=dtype)
     back = load_converted(save_converted(fast, tmp_path / "half.safetensors"))
     assert {p.dtype for p in back.parameters()} == {dtype}
@@ -484,7 +471,7 @@ def test_group_units_written_before_column_codes_still_load(tmp_path):
 
     from sparse_ops.checkpoint_io import read_safetensors
 
-    model = _trained_like("res20s")
+    model = trained_like("res20s")
     fast = convert(model, _ticket(model, "res20s", "regroup"), mode="group", regroup=FAST_REGROUP)
     path = save_converted(fast, tmp_path / "new.safetensors")
     tensors, metadata = read_safetensors(path)

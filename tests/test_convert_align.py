@@ -12,7 +12,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from test_convert import TOL, _ticket, _trained_like
+from model_cases import trained_like
+from test_convert import TOL, _ticket
 from torch import nn
 
 from sparse_ops import Ticket, ops
@@ -218,7 +219,7 @@ def _check_rule(fast, report, cost: CostModel) -> None:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_refill_ticket_is_aligned_for_the_gpu(arch):
-    model = _trained_like(arch)
+    model = trained_like(arch)
     ticket = _ticket(model, arch, "refill")
     fast, report = convert(
         model, ticket, mode="channel", input_size=(3, 32, 32), return_report=True
@@ -238,7 +239,7 @@ def test_refill_ticket_is_aligned_for_the_gpu(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cpu_cost_model_keeps_the_narrowest_layouts(arch):
-    model = _trained_like(arch)
+    model = trained_like(arch)
     ticket = _ticket(model, arch, "refill")
     options = {"mode": "channel", "input_size": (3, 32, 32), "return_report": True}
     cpu, cpu_report = convert(model, ticket, device="cpu", **options)
@@ -260,7 +261,7 @@ def test_cpu_cost_model_keeps_the_narrowest_layouts(arch):
 def test_report_accounting_with_alignment(arch):
     """flops_after/params_after: the useful work, whatever the alignment. flops_kernel /
     params_stored: what the GEMMs multiply and store, zero-weight rows and columns included."""
-    model = _trained_like(arch)
+    model = trained_like(arch)
     ticket = _ticket(model, arch, "refill")
     options = {"mode": "channel", "input_size": (3, 32, 32), "return_report": True}
     gpu, gpu_report = convert(model, ticket, **options)
@@ -304,7 +305,7 @@ def _output_hw(fast, units) -> dict[str, tuple[int, int]]:
 
 
 def test_aligned_module_saves_and_loads(tmp_path):
-    model = _trained_like("res20s")
+    model = trained_like("res20s")
     ticket = _ticket(model, "res20s", "refill")
     fast = convert(model, ticket, mode="channel")
     back = load_converted(save_converted(fast, tmp_path / "aligned.safetensors"))
@@ -318,7 +319,7 @@ def test_aligned_module_saves_and_loads(tmp_path):
 
 def test_every_zero_row_and_column_can_be_forced():
     """max_zero_rows = max_zero_inputs = 1: no gather, no scatter anywhere; still exact."""
-    model = _trained_like("res20s")
+    model = trained_like("res20s")
     ticket = _ticket(model, "res20s", "refill")
     cost = CostModel(max_zero_rows=1.0, max_zero_inputs=1.0)
     fast, report = convert(model, ticket, mode="channel", cost=cost, return_report=True)

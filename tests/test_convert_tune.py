@@ -7,9 +7,10 @@ import json
 
 import pytest
 import torch
+from model_cases import trained_like
 from torch import nn
 
-from sparse_ops import Ticket, imp, models, structure
+from sparse_ops import Ticket, imp, structure
 from sparse_ops.cli import main
 from sparse_ops.convert import (
     ConvertError,
@@ -36,15 +37,7 @@ SHAPE = (2, 3, 16, 16)
 
 
 def _model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    model = models.create("res20s")
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 2.0)
-                m.bias.normal_(0, 0.3)
-    return model.eval()
+    return trained_like("res20s", seed, scale=False)
 
 
 def _ticket(model: nn.Module, kind: str, density: float = 0.3) -> Ticket:

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_cases import trained_like
 from safetensors.torch import load_file, save_file
-from test_convert import FAST_REGROUP, _ticket, _trained_like
+from test_convert import FAST_REGROUP, _ticket
 
 from sparse_ops import Ticket, checkpoint_io, load_ticket
 from sparse_ops.convert import SaveError, convert, load_converted, save_converted
@@ -45,7 +46,7 @@ def converted(tmp_path_factory):
     files = {}
     for name, (arch, kind, policy, device) in SOURCES.items():
         torch.manual_seed(0)
-        model = _trained_like(arch)
+        model = trained_like(arch)
         fast = convert(
             model,
             _ticket(model, arch, kind),

@@ -124,18 +124,23 @@ def _indexed_channel_row(arch, s, hw, scale, batch, device, dtype, timing, g) ->
     cudnn = lambda: F.conv2d(x_compact, w_compact, None, s.stride, s.padding)  # noqa: E731
     check = _checked(lambda: ours()[:, out_rows], cudnn, dtype)
     row = _timed(check, ours, cudnn, device, timing)
+    kept = {"kept_in": int(keep_in.numel()), "kept_out": int(keep_out.numel())}
+    return _layer_row("channel-indexed", arch, s, cin, cout, hw, batch, CHANNEL_FLOOR, row, **kept)
+
+
+def _layer_row(kind, arch, s, cin, cout, hw, batch, floor, row, **extra) -> dict:
+    """One result row: the layer, its (scaled) sizes, the floor it is held to, timings."""
     return {
-        "kind": "channel-indexed",
+        "kind": kind,
         "arch": arch,
         "layer": s.source,
         "in_channels": cin,
         "out_channels": cout,
-        "kept_in": int(keep_in.numel()),
-        "kept_out": int(keep_out.numel()),
+        **extra,
         "hw": hw,
         "stride": s.stride,
         "batch": batch,
-        "floor": CHANNEL_FLOOR,
+        "floor": floor,
         **row,
     }
 
@@ -159,20 +164,7 @@ def run(dtype: torch.dtype, batch: int, device: torch.device, timing: dict, scal
         ours = lambda x=x, plan=plan: channel_conv(x, plan)  # noqa: E731
         cudnn = lambda x=x, wd=wd, s=s: F.conv2d(x, wd, None, s.stride, s.padding)  # noqa: E731
         row = _timed(_checked(ours, cudnn, dtype), ours, cudnn, device, timing)
-        rows.append(
-            {
-                "kind": "channel",
-                "arch": arch,
-                "layer": s.source,
-                "in_channels": cin,
-                "out_channels": cout,
-                "hw": hw,
-                "stride": s.stride,
-                "batch": batch,
-                "floor": CHANNEL_FLOOR,
-                **row,
-            }
-        )
+        rows.append(_layer_row("channel", arch, s, cin, cout, hw, batch, CHANNEL_FLOOR, row))
         rows.append(_indexed_channel_row(arch, s, hw, scale, batch, device, dtype, timing, g))
     for arch, s, hw in _layers(GROUP_ARCHS, min_out=256):
         cin, cout = max(1, s.in_channels // scale), max(1, s.out_channels // scale)
@@ -190,21 +182,8 @@ def run(dtype: torch.dtype, batch: int, device: torch.device, timing: dict, scal
         # Checked against the masked layer, timed against the *dense* one: what pruning saves.
         cudnn = lambda x=x, d=dense, s=s: F.conv2d(x, d, None, s.stride, s.padding)  # noqa: E731
         row = _timed(_checked(ours, masked, dtype), ours, cudnn, device, timing)
-        rows.append(
-            {
-                "kind": "group",
-                "arch": arch,
-                "layer": s.source,
-                "in_channels": cin,
-                "out_channels": cout,
-                "hw": hw,
-                "stride": s.stride,
-                "batch": batch,
-                "block_density": float(mask.float().mean()),
-                "floor": GROUP_FLOOR,
-                **row,
-            }
-        )
+        density = {"block_density": float(mask.float().mean())}
+        rows.append(_layer_row("group", arch, s, cin, cout, hw, batch, GROUP_FLOOR, row, **density))
     for r in rows:
         r["meets_floor"] = r["status"] == "ok" and r["speedup"] >= r["floor"]
     return rows

@@ -108,19 +108,7 @@ def _group_conv_fake(
     return x.new_empty(shape).contiguous(memory_format=memory_format(x))
 
 
-_PACK_FIELDS = (
-    "values",
-    "val_ptr",
-    "row_idx",
-    "row_ptr",
-    "col_idx",
-    "col_code",
-    "col_ptr",
-    "tile_group",
-    "tile_row",
-    "fill_idx",
-    "bias",
-)
+_PACK_FIELDS = GroupPack.TENSOR_FIELDS
 
 
 _BUFFERS_OF = {prefix: tuple(f"{prefix}_{f}" for f in _PACK_FIELDS) for prefix in ("main", "left")}
