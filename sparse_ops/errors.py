@@ -13,6 +13,7 @@ import nothing from sparse_ops. Anything else escaping is a bug in sparse_ops.
 from __future__ import annotations
 
 from sparse_ops_kernels.errors import KernelInputError
+from sparse_ops_kernels.formats import FormatError
 
 
 class SparseOpsError(ValueError):
@@ -20,6 +21,12 @@ class SparseOpsError(ValueError):
 
 
 USER_ERRORS = (SparseOpsError, KernelInputError)
+
+
+class UnitFormatError(SparseOpsError, FormatError):
+    """A converted unit's stored state that does not hold together: a saved config or
+    tensor out of range, or an index that does not fit the input it is asked to read.
+    Both a ``SparseOpsError`` and the kernels' ``FormatError``."""
 
 
 class TicketFormatError(SparseOpsError):

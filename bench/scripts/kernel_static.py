@@ -62,7 +62,7 @@ def compile_one(job) -> dict:
     import triton
 
     from sparse_ops_bench import kernel_compile
-    from sparse_ops_kernels.launch import config_id
+    from sparse_ops_kernels.configs import config_id
 
     case_name, dtype, index, target = job
     case = CASE_BY_NAME[case_name]

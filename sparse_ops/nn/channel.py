@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparse_ops_kernels import launch
-from sparse_ops_kernels.formats import ChannelPlan, FormatError
+from sparse_ops_kernels.formats import ChannelPlan
 
 from .. import ops
+from ..errors import UnitFormatError
 from . import saved
 from .unit import Unit, fp32, memory_format, plain_eager_call, version_of
 
@@ -244,16 +245,16 @@ class ChannelPrunedConv2d(Unit):
         }
         rows, kh, kw, ins = weight.shape
         if not (1 <= kh <= saved.MAX_KERNEL and 1 <= kw <= saved.MAX_KERNEL):
-            raise FormatError(f"{saved.where(config)}: kernel {kh}×{kw} out of range")
+            raise UnitFormatError(f"{saved.where(config)}: kernel {kh}×{kw} out of range")
         saved.check_shape(idx["in_idx"], (ins,), config, "in_idx")
         saved.check_shape(idx["out_idx"], (rows,), config, "out_idx")
         if idx["in_idx"] is None and ins != cin:
-            raise FormatError(
+            raise UnitFormatError(
                 f"{saved.where(config)}: weight reads {ins} of {cin} inputs, no in_idx"
             )
         filled = 0 if idx["fill_idx"] is None else idx["fill_idx"].numel()
         if rows + filled != cout:
-            raise FormatError(f"{saved.where(config)}: {rows} rows + {filled} filled ≠ {cout}")
+            raise UnitFormatError(f"{saved.where(config)}: {rows} rows + {filled} filled ≠ {cout}")
         saved.check_shape(bias, (cout,), config, "bias")
         const_weight = saved.tensor_field(
             tensors, config, "const_weight", "float", 4, optional=True
@@ -263,14 +264,18 @@ class ChannelPrunedConv2d(Unit):
         )
         bias_map = saved.tensor_field(tensors, config, "bias_map", "float", 3, optional=True)
         if (const_weight is None) != (const_values is None):
-            raise FormatError(f"{saved.where(config)}: const_weight and const_values come together")
+            raise UnitFormatError(
+                f"{saved.where(config)}: const_weight and const_values come together"
+            )
         if const_weight is not None:
             saved.check_shape(
                 const_weight, (cout, const_values.numel(), kh, kw), config, "const_weight"
             )
         if bias_map is not None:
             if const_weight is None or input_hw is None:
-                raise FormatError(f"{saved.where(config)}: bias_map without constants and input_hw")
+                raise UnitFormatError(
+                    f"{saved.where(config)}: bias_map without constants and input_hw"
+                )
             oh, ow = launch.conv_output_size(
                 *input_hw, (kh, kw), geometry["stride"], geometry["padding"], geometry["dilation"]
             )

@@ -10,9 +10,10 @@ import torch
 from torch import Tensor
 
 from sparse_ops_kernels import launch
-from sparse_ops_kernels.formats import FormatError, GroupPack
+from sparse_ops_kernels.formats import GroupPack
 
 from .. import ops
+from ..errors import UnitFormatError
 from . import saved
 from .unit import Unit, fp32, memory_format, plain_eager_call, version_of
 
@@ -268,14 +269,14 @@ class GroupSparseConv2d(Unit):
                 if t is None:
                     continue
                 if t.dtype != (torch.int64 if f == "val_ptr" else torch.int32):
-                    raise FormatError(
+                    raise UnitFormatError(
                         f"{saved.where(config)}: tensor '{prefix}_{f}' has dtype {t.dtype}"
                     )
 
         def pack(prefix, block, key):
             meta = config.get(key, {})
             if not isinstance(meta, dict):
-                raise FormatError(f"config {key!r} must be an object")
+                raise UnitFormatError(f"config {key!r} must be an object")
             # Files without a pack's meta (older writers) get max_cols read off col_ptr;
             # without col_code or col_run (GroupPack version 1) both are derived.
             packed = GroupPack(
@@ -294,7 +295,7 @@ class GroupSparseConv2d(Unit):
             ptr = packed.col_ptr
             widest = int((ptr[1:] - ptr[:-1]).max()) if ptr.numel() > 1 else 0
             if packed.max_cols != widest:
-                raise FormatError(
+                raise UnitFormatError(
                     f"{prefix} pack: groups_meta max_cols {packed.max_cols} ≠ widest group {widest}"
                 )
             return packed

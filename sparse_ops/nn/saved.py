@@ -1,7 +1,7 @@
 """Reading a unit's saved config and tensors, as a (possibly crafted) file states them.
 
 Every config value and tensor is checked before anything is built from it, so a bad file
-raises a FormatError naming the layer and field instead of an IndexError deep inside a
+raises a UnitFormatError naming the layer and field instead of an IndexError deep inside a
 kernel, and no size read from a file allocates memory the file's own tensors do not
 account for."""
 
@@ -11,7 +11,7 @@ import torch
 
 from sparse_ops_kernels.formats import COL_RUN, FormatError
 
-from ..errors import listing
+from ..errors import UnitFormatError, listing
 
 MAX_CHANNELS = 1 << 24
 
@@ -36,7 +36,7 @@ def where(config: dict) -> str:
 def int_field(config: dict, key: str, low: int, high: int) -> int:
     value = config.get(key)
     if type(value) is not int or not low <= value <= high:
-        raise FormatError(
+        raise UnitFormatError(
             f"{where(config)}: config {key!r} must be an int in [{low}, {high}], got {value!r}"
         )
     return value
@@ -51,7 +51,7 @@ def pair_field(config: dict, key: str, low: int, high: int, optional: bool = Fal
         or len(value) != 2
         or not all(type(v) is int and low <= v <= high for v in value)
     ):
-        raise FormatError(
+        raise UnitFormatError(
             f"{where(config)}: config {key!r} must be two ints in [{low}, {high}], got {value!r}"
         )
     return tuple(value)
@@ -59,21 +59,23 @@ def pair_field(config: dict, key: str, low: int, high: int, optional: bool = Fal
 
 def col_run_field(config: dict, value):
     if value is not None and (type(value) is not int or value not in (1, COL_RUN)):
-        raise FormatError(f"{where(config)}: config col_run must be 1 or {COL_RUN}, got {value!r}")
+        raise UnitFormatError(
+            f"{where(config)}: config col_run must be 1 or {COL_RUN}, got {value!r}"
+        )
     return value
 
 
 def flag_field(config: dict, key: str) -> bool:
     value = config.get(key)  # required: a missing flag would silently change the output
     if type(value) is not bool:
-        raise FormatError(f"{where(config)}: config {key!r} must be true or false")
+        raise UnitFormatError(f"{where(config)}: config {key!r} must be true or false")
     return value
 
 
 def name_field(config: dict) -> str:
     value = config.get("name", "")
     if not isinstance(value, str) or len(value) > 1024:
-        raise FormatError("layer: config 'name' must be a string")
+        raise UnitFormatError("layer: config 'name' must be a string")
     return value
 
 
@@ -83,14 +85,14 @@ def tensor_field(tensors: dict, config: dict, key: str, kind: str, dims: int, op
     if t is None:
         if optional:
             return None
-        raise FormatError(f"{where(config)}: tensor {key!r} is missing")
+        raise UnitFormatError(f"{where(config)}: tensor {key!r} is missing")
     good = (
         t.dtype.is_floating_point
         if kind == "float"
         else (not t.dtype.is_floating_point and not t.dtype.is_complex and t.dtype != torch.bool)
     )
     if not good or t.dim() != dims:
-        raise FormatError(
+        raise UnitFormatError(
             f"{where(config)}: tensor {key!r} must be a {dims}-D {kind} tensor, got "
             f"{str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}"
         )
@@ -99,13 +101,13 @@ def tensor_field(tensors: dict, config: dict, key: str, kind: str, dims: int, op
 
 def exact_int32(t, config: dict, key: str):
     if t is not None and t.dtype != torch.int32:
-        raise FormatError(f"{where(config)}: tensor {key!r} must be int32, got {t.dtype}")
+        raise UnitFormatError(f"{where(config)}: tensor {key!r} must be int32, got {t.dtype}")
     return t
 
 
 def check_shape(t, shape: tuple, config: dict, key: str) -> None:
     if t is not None and tuple(t.shape) != tuple(shape):
-        raise FormatError(
+        raise UnitFormatError(
             f"{where(config)}: tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(shape)}"
         )
 
@@ -115,15 +117,15 @@ def check_tensor_names(tensors: dict, config: dict, known) -> None:
     optional tensors (a bias) would otherwise go missing without a word."""
     extra = sorted(set(tensors) - set(known))
     if extra:
-        raise FormatError(f"{where(config)}: unexpected tensors {extra[:8]}")
+        raise UnitFormatError(f"{where(config)}: unexpected tensors {extra[:8]}")
     listed = config.get("tensors")
     if listed is None:
         return  # written before the list was kept
     if not isinstance(listed, list):
-        raise FormatError(f"{where(config)}: config 'tensors' must be a list of names")
+        raise UnitFormatError(f"{where(config)}: config 'tensors' must be a list of names")
     if sorted(map(str, listed)) != sorted(tensors):
         missing = sorted(set(map(str, listed)) - set(tensors))
-        raise FormatError(
+        raise UnitFormatError(
             f"{where(config)}: the file lists tensors {listing(sorted(map(str, listed)))} but "
             f"holds {listing(sorted(tensors))}; missing {listing(missing)}"
         )
@@ -135,10 +137,10 @@ def checked(build, config: dict):
     try:
         return build()
     except FormatError as exc:
-        raise FormatError(f"{where(config)}: {exc}") from None
+        raise UnitFormatError(f"{where(config)}: {exc}") from None
     except (IndexError, KeyError, RuntimeError, TypeError, ValueError, ZeroDivisionError) as exc:
         line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise FormatError(f"{where(config)}: inconsistent tensors ({line})") from None
+        raise UnitFormatError(f"{where(config)}: inconsistent tensors ({line})") from None
 
 
 def geometry_fields(config: dict) -> dict:

@@ -10,9 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparse_ops_kernels.formats import FormatError
-
 from .. import ops
+from ..errors import UnitFormatError
 from . import saved
 from .unit import Unit
 
@@ -56,7 +55,7 @@ class TorchConv2d(Unit):
         if weight.shape[0] % groups or not all(
             1 <= k <= saved.MAX_KERNEL for k in weight.shape[2:]
         ):
-            raise FormatError(
+            raise UnitFormatError(
                 f"{saved.where(config)}: weight {tuple(weight.shape)} does not fit groups={groups}"
             )
         saved.check_shape(bias, (weight.shape[0],), config, "bias")
@@ -96,7 +95,7 @@ class Relayout(Unit):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() < 2 or x.shape[1] < self.reads:
-            raise FormatError(
+            raise UnitFormatError(
                 f"Relayout {self.name!r}: reads channel {self.reads - 1}, input has shape "
                 f"{tuple(x.shape)}"
             )
@@ -120,7 +119,7 @@ class Relayout(Unit):
         fill = saved.tensor_field(tensors, config, "fill", "float", 1)
         saved.check_shape(fill, tuple(index.shape), config, "fill")
         if index.numel() and not -1 <= int(index.min()) <= int(index.max()) < saved.MAX_CHANNELS:
-            raise FormatError(
+            raise UnitFormatError(
                 f"{saved.where(config)}: Relayout index values must lie in "
                 f"[-1, {saved.MAX_CHANNELS}), found {int(index.min())}..{int(index.max())}"
             )
