@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from sparse_ops import Ticket, imp, structure
-from sparse_ops.masks import from_gemm_view
+from sparse_ops.layouts import Group, GroupLayout
 
 from . import BenchError
 
@@ -36,18 +36,18 @@ METHODS = ("refill", "regroup", "random")
 def group_mask(
     shape: tuple[int, ...], density: float, generator: torch.Generator, rows_per_group: int = 32
 ) -> tuple[torch.Tensor, list[dict]]:
-    """A regroup-shaped mask of ``shape`` at ``density``, and its group layout."""
+    """A regroup-shaped mask of ``shape`` at ``density``, and its group layout (the form a
+    ticket's ``meta["groups"]`` holds)."""
     cout = shape[0]
     n = int(torch.tensor(shape[1:]).prod())
     keep = max(1, round(density * n))
     order = torch.randperm(cout, generator=generator)
-    view = torch.zeros(cout, n, dtype=torch.bool)
     groups = []
     for rows in order.split(rows_per_group):
         cols = torch.randperm(n, generator=generator)[:keep].sort().values
-        view[rows[:, None], cols[None, :]] = True
-        groups.append({"rows": rows.sort().values.tolist(), "cols": cols.tolist()})
-    return from_gemm_view(view, shape), groups
+        groups.append(Group(tuple(rows.sort().values.tolist()), tuple(cols.tolist())))
+    layout = GroupLayout(tuple(groups))
+    return layout.to_mask(tuple(shape)), layout.as_meta()
 
 
 def make_ticket(
