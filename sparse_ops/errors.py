@@ -23,6 +23,12 @@ class SparseOpsError(ValueError):
 USER_ERRORS = (SparseOpsError, KernelInputError)
 
 
+class PackingError(SparseOpsError, FormatError):
+    """A weight, mask or group layout that cannot be packed as asked (``sparse_ops.packing``,
+    ``sparse_ops.layouts``). Both a ``SparseOpsError``, like every error of the converter,
+    and the kernels' ``FormatError``."""
+
+
 class UnitFormatError(SparseOpsError, FormatError):
     """A converted unit's stored state that does not hold together: a saved config or
     tensor out of range, or an index that does not fit the input it is asked to read.

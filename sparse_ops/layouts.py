@@ -15,9 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sparse_ops_kernels.formats import FormatError
-
-from .errors import listing
+from .errors import PackingError, listing
 from .masks import from_gemm_view, gemm_view, row_groups
 
 
@@ -122,7 +120,7 @@ class GroupLayout:
         bad_c = (cols < 0) | (cols >= k_total)
         if bad_r.any() or bad_c.any():
             g = int(group_of_row[bad_r][0]) if bad_r.any() else int(group_of_col[bad_c][0])
-            raise FormatError(
+            raise PackingError(
                 f"{name}: group {g} has indices out of range (rows must be in [0, {cout}), "
                 f"columns in [0, {k_total})): rows "
                 f"{listing(rows[bad_r & (group_of_row == g)], 4)}, "
@@ -132,7 +130,7 @@ class GroupLayout:
         cols, group_of_col = cols[order], group_of_col[order]
         repeated = (cols[1:] == cols[:-1]) & (group_of_col[1:] == group_of_col[:-1])
         if repeated.any():
-            raise FormatError(
+            raise PackingError(
                 f"{name}: group {int(group_of_col[1:][repeated][0])} lists a column twice"
             )
         if rows.size:
@@ -145,7 +143,7 @@ class GroupLayout:
                     int(group_of_row[by_row][k]),
                     int(group_of_row[by_row][k + 1]),
                 )
-                raise FormatError(
+                raise PackingError(
                     f"{name}: rows shared by two groups: row {row} is in groups {first} and "
                     f"{second}"
                 )

@@ -8,7 +8,8 @@ weight, so a layer run from a pack equals the masked dense conv (:mod:`sparse_op
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import functools
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -25,9 +26,25 @@ from sparse_ops_kernels.formats import (
     ranks,
 )
 
-from .errors import listing
+from .errors import PackingError, listing
 from .layouts import Group, GroupLayout
 from .masks import gemm_view
+
+
+def _packing_errors(pack: Callable) -> Callable:
+    """The kernels' own format checks (column-code range, the built type's index checks)
+    reported as a PackingError too: every packing error is a SparseOpsError."""
+
+    @functools.wraps(pack)
+    def checked(*args, **kwargs):
+        try:
+            return pack(*args, **kwargs)
+        except PackingError:
+            raise
+        except FormatError as exc:
+            raise PackingError(str(exc)) from None
+
+    return checked
 
 
 def _pair(v: int | Iterable[int]) -> tuple[int, int]:
@@ -39,7 +56,7 @@ def _pair(v: int | Iterable[int]) -> tuple[int, int]:
 
 def _geometry(weight: torch.Tensor, stride, padding, dilation, name: str) -> dict[str, Any]:
     if weight.dim() != 4:
-        raise FormatError(
+        raise PackingError(
             f"{name}: expected a conv weight [Cout, Cin, kh, kw], got {tuple(weight.shape)}"
         )
     geometry = {
@@ -48,7 +65,7 @@ def _geometry(weight: torch.Tensor, stride, padding, dilation, name: str) -> dic
         "dilation": _pair(dilation),
     }
     if min(geometry["stride"]) < 1 or min(geometry["dilation"]) < 1 or min(geometry["padding"]) < 0:
-        raise FormatError(
+        raise PackingError(
             f"{name}: stride and dilation must be ≥ 1 and padding ≥ 0, got {geometry}"
         )
     return geometry
@@ -58,7 +75,7 @@ def _check_mask(weight: torch.Tensor, mask: torch.Tensor | None, name: str) -> t
     if mask is None:
         return torch.ones(weight.shape, dtype=torch.bool)
     if tuple(mask.shape) != tuple(weight.shape):
-        raise FormatError(
+        raise PackingError(
             f"{name}: mask shape {tuple(mask.shape)} ≠ weight shape {tuple(weight.shape)}"
         )
     return mask.detach().to("cpu").bool()
@@ -68,7 +85,7 @@ def _check_bias(bias: torch.Tensor | None, cout: int, name: str) -> torch.Tensor
     if bias is None:
         return None
     if tuple(bias.shape) != (cout,):
-        raise FormatError(f"{name}: bias shape {tuple(bias.shape)} ≠ ({cout},)")
+        raise PackingError(f"{name}: bias shape {tuple(bias.shape)} ≠ ({cout},)")
     return bias.detach().to(torch.float32).contiguous()
 
 
@@ -76,6 +93,7 @@ def _index(values) -> torch.Tensor:
     return torch.as_tensor(np.asarray(values, dtype=np.int32)).contiguous()
 
 
+@_packing_errors
 def pack_channels(
     weight: torch.Tensor,
     mask: torch.Tensor | None = None,
@@ -95,7 +113,7 @@ def pack_channels(
     product = keep_out[:, None, None, None] & keep_in[None, :, None, None]
     if not torch.equal(product.expand_as(m), m):
         partial = (product.expand_as(m) & ~m).flatten(1).any(1).nonzero().flatten().tolist()
-        raise FormatError(
+        raise PackingError(
             f"{name}: mask is not channel-structured (kept output channels × kept input "
             f"channels): output channels {listing(partial, 6)} keep only part of the "
             "kept input channels' weights"
@@ -116,6 +134,7 @@ def pack_channels(
     )
 
 
+@_packing_errors
 def pack_groups(
     weight: torch.Tensor,
     mask: torch.Tensor | None = None,
@@ -144,7 +163,7 @@ def pack_groups(
     """
     geometry = _geometry(weight, stride, padding, dilation, name)
     if block_n < 1 or k_pad < 1:
-        raise FormatError(f"{name}: block_n and k_pad must be ≥ 1")
+        raise PackingError(f"{name}: block_n and k_pad must be ≥ 1")
     cout, cin, kh, kw = (int(s) for s in weight.shape)
     k_total = kh * kw * cin
     if layout is None and mask is None:
@@ -175,7 +194,7 @@ def pack_groups(
         outside = gemm_view(m).numpy() & ~covered
         if outside.any():
             r, c = np.nonzero(outside)
-            raise FormatError(
+            raise PackingError(
                 f"{name}: mask is not the claimed group structure: {int(outside.sum())} "
                 f"nonzeros lie outside every group (e.g. row {int(r[0])}, column {int(c[0])}"
                 f" = (ky={int(c[0]) // cin // kw}, kx={int(c[0]) // cin % kw}, "
@@ -198,7 +217,7 @@ def pack_groups(
     if col_run is None:
         col_run = COL_RUN if runs else 1
     elif col_run == COL_RUN and not runs:
-        raise FormatError(
+        raise PackingError(
             f"{name}: col_run={COL_RUN} asked for, but a group's columns are not runs of "
             f"{COL_RUN} consecutive channels of one tap starting at multiples of {COL_RUN}"
         )

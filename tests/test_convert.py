@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from model_cases import trained_like
 from torch import nn
 
-from sparse_ops import Ticket, imp, models, ops, structure
+from sparse_ops import SparseOpsError, Ticket, imp, models, ops, structure
 from sparse_ops.convert import (
     ConvertError,
     SaveError,
@@ -494,3 +495,17 @@ def test_group_units_written_before_column_codes_still_load(tmp_path):
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert torch.equal(fast(x), back(x))
+
+
+def test_convert_with_a_bad_stored_group_layout_raises_a_sparse_ops_error():
+    """docs/CONVERT.md, 'Bad input': every error convert raises is a SparseOpsError, also
+    when the packer refuses a stored layout (a row in two groups): a PackingError, which
+    is the kernels' FormatError too (found by the review of the format move)."""
+    model = trained_like("res20s")
+    ticket = _ticket(model, "res20s", "regroup")
+    meta = copy.deepcopy(ticket.meta)
+    layer = "layer1.0.conv1.weight"
+    meta["groups"][layer].append(dict(meta["groups"][layer][0]))  # row 0 in two groups
+    bad = Ticket(dict(ticket.masks), ticket.weights, ticket.arch, meta=meta)
+    with pytest.raises(SparseOpsError, match="rows shared by two groups"):
+        convert(model, bad, mode="group", regroup=FAST_REGROUP, input_size=(3, 32, 32))

@@ -375,3 +375,18 @@ def test_padding_columns_never_read_the_input(g):
     x[0, :8] = float("inf")  # channels no column of the group reads
     y = launch.run(group_conv.group_conv_launch(x, pack), None, group_conv.INTERPRETED)
     assert bool(torch.isfinite(y).all())
+
+
+def test_packing_errors_are_sparse_ops_errors_and_format_errors(g):
+    """The packer's refusals and the kernels' own format checks it runs both arrive as a
+    PackingError: callers may catch SparseOpsError (the library's) or FormatError."""
+    from sparse_ops.errors import PackingError, SparseOpsError
+
+    weight = conv_weight(4, 3, 3, g)
+    shared = [{"rows": [0, 1], "cols": [0, 1]}, {"rows": [1], "cols": [2]}]
+    with pytest.raises(PackingError, match="rows shared by two groups") as caught:
+        pack_groups(weight, None, shared)
+    assert isinstance(caught.value, SparseOpsError) and isinstance(caught.value, FormatError)
+    wide = torch.zeros(1, 1 << 16, 1, 1)  # more input channels than a column code holds
+    with pytest.raises(PackingError, match="exceed what a column code holds"):
+        pack_groups(wide)
