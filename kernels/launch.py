@@ -33,7 +33,11 @@ _CHANNELS_LAST = torch.channels_last
 
 
 def pair(v) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+    """``(v, v)`` for an int, else the two values of ``v`` (a wrong count raises)."""
+    if isinstance(v, int):
+        return (int(v), int(v))
+    first, second = v
+    return (int(first), int(second))
 
 
 def cdiv(a: int, b: int) -> int:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sparse_ops_kernels import launch
 from sparse_ops_kernels.formats import (
     COL_RUN,
     ChannelPlan,
@@ -47,22 +48,15 @@ def _packing_errors(pack: Callable) -> Callable:
     return checked
 
 
-def _pair(v: int | Iterable[int]) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    a, b = v
-    return (int(a), int(b))
-
-
 def _geometry(weight: torch.Tensor, stride, padding, dilation, name: str) -> dict[str, Any]:
     if weight.dim() != 4:
         raise PackingError(
             f"{name}: expected a conv weight [Cout, Cin, kh, kw], got {tuple(weight.shape)}"
         )
     geometry = {
-        "stride": _pair(stride),
-        "padding": _pair(padding),
-        "dilation": _pair(dilation),
+        "stride": launch.pair(stride),
+        "padding": launch.pair(padding),
+        "dilation": launch.pair(dilation),
     }
     if min(geometry["stride"]) < 1 or min(geometry["dilation"]) < 1 or min(geometry["padding"]) < 0:
         raise PackingError(
